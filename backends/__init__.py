@@ -1,0 +1,7 @@
+"""One module per native runtime; the contract is in `backends.base`."""
+
+from __future__ import annotations
+
+from backends.base import Backend, ModelInfo, ModelSpec
+
+__all__ = ["Backend", "ModelInfo", "ModelSpec"]

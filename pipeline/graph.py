@@ -1,0 +1,169 @@
+"""Building and checking the graph before anything is consumed.
+
+For each model: construct its stages from their own parameter sections, load one backend
+instance per ``instances``, then walk the specs: declared request inputs → preprocess
+stages → the loaded model's inputs; the model's outputs → postprocess stages → what the
+result publishes. Any mismatch is a `GraphError` naming the file, the model and the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from backends.base import Backend, ModelInfo, ModelSpec
+from backends.registry import backend_class
+from pipeline.config import ModelSettings, StageSettings, Topology
+from pipeline.errors import GraphError, KpError
+from pipeline.loader import format_path
+from pipeline.tensors import TensorSpec
+from stages.base import Stage, StageContext
+from stages.registry import stage_class
+
+__all__ = ["ModelGraph", "build_graph", "build_model", "close_graph"]
+
+
+@dataclass
+class ModelGraph:
+    """One model, ready to serve: stages set up, instances loaded, specs checked."""
+
+    settings: ModelSettings
+    preprocess: list[Stage]
+    postprocess: list[Stage]
+    instances: list[Backend]
+    info: ModelInfo
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+    @property
+    def name(self) -> str:
+        """The model's name in the topology."""
+        return self.settings.name
+
+    def close(self) -> None:
+        """Close stages and unload instances."""
+        for stage in [*self.preprocess, *self.postprocess]:
+            stage.close()
+        for backend in self.instances:
+            backend.unload()
+
+
+def build_graph(topology: Topology, source: str, base_dir: Path) -> list[ModelGraph]:
+    """Build every model of the topology; on any error, release what was built."""
+    built: list[ModelGraph] = []
+    try:
+        for i, settings in enumerate(topology.models):
+            built.append(build_model(settings, f"{source}: models[{i}]", base_dir))
+    except BaseException:
+        close_graph(built)
+        raise
+    return built
+
+
+def close_graph(graph: Sequence[ModelGraph]) -> None:
+    """Release every model of a graph."""
+    for model in graph:
+        model.close()
+
+
+def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGraph:
+    """Build and check one model; ``where`` prefixes error messages."""
+    ctx = StageContext(model=settings.name, device=settings.device, base_dir=base_dir)
+    pre = _stages(settings.preprocess, f"{where}.preprocess", ctx)
+    post = _stages(settings.postprocess, f"{where}.postprocess", ctx)
+    instances: list[Backend] = []
+    try:
+        cls = backend_class(settings.backend)
+        spec = ModelSpec(settings.name, settings.artifact, settings.options)
+        info: ModelInfo | None = None
+        for _ in range(settings.instances):
+            backend = cls()
+            info = backend.load(spec, settings.device)
+            instances.append(backend)
+        assert info is not None
+    except KpError as e:
+        for b in instances:
+            b.unload()
+        raise GraphError(f"{where} ({settings.name}): {e}") from None
+
+    declared = {i.name: i.spec() for i in settings.inputs}
+    specs = _walk(pre, declared, f"{where}.preprocess")
+    _check_model_inputs(specs, info, f"{where} ({settings.name})")
+    if info.max_batch_size is not None and settings.batching.max_batch_size > info.max_batch_size:
+        raise GraphError(
+            f"{where}.batching.max_batch_size: {settings.batching.max_batch_size} is more "
+            f"than the model accepts ({info.max_batch_size})"
+        )
+    outputs = _walk(post, info.outputs, f"{where}.postprocess")
+    return ModelGraph(settings, pre, post, instances, info, declared, outputs)
+
+
+def _stages(items: Sequence[StageSettings], where: str, ctx: StageContext) -> list[Stage]:
+    stages: list[Stage] = []
+    for i, item in enumerate(items):
+        here = f"{where}[{i}]"
+        try:
+            cls = stage_class(item.stage)
+        except GraphError as e:
+            raise GraphError(f"{here}.stage: {e}") from None
+        try:
+            params = cls.Params.model_validate(item.params)
+        except ValidationError as e:
+            errs = e.errors()
+            lines = [f"{here}.{format_path(err['loc'])}: {_msg(err)}" for err in errs]
+            raise GraphError("\n".join(lines)) from None
+        try:
+            stage: Stage = cls(params)
+            stage.setup(ctx)
+        except GraphError as e:
+            raise GraphError(f"{here} ({item.stage}): {e}") from None
+        stages.append(stage)
+    return stages
+
+
+def _walk(
+    stages: Sequence[Stage], specs: Mapping[str, TensorSpec], where: str
+) -> dict[str, TensorSpec]:
+    current = dict(specs)
+    for i, stage in enumerate(stages):
+        try:
+            current = stage.signature(current)
+        except GraphError as e:
+            raise GraphError(f"{where}[{i}] ({stage.name}): {e}") from None
+    return current
+
+
+def _check_model_inputs(specs: Mapping[str, TensorSpec], info: ModelInfo, where: str) -> None:
+    for name, want in info.inputs.items():
+        have = specs.get(name)
+        if have is None:
+            raise GraphError(
+                f"{where}: the model needs input {name!r} {want}; after preprocessing the "
+                f"batch has {_list(specs)}"
+            )
+        if not have.fits(want):
+            raise GraphError(
+                f"{where}: input {name!r} is {have} after preprocessing; the model wants {want}"
+            )
+    extra = sorted(set(specs) - set(info.inputs))
+    if extra:
+        raise GraphError(
+            f"{where}: {', '.join(map(repr, extra))} reach the model but it has no such input "
+            f"(it takes {_list(info.inputs)})"
+        )
+
+
+def _list(specs: Mapping[str, TensorSpec]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in specs.items()) or "nothing"
+
+
+def _msg(err: Any) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown parameter"
+    if err["type"] == "missing":
+        return "required, missing"
+    return str(err["msg"]).removeprefix("Value error, ")

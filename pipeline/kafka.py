@@ -1,0 +1,108 @@
+"""librdkafka settings for our clients, and creating the topology's topics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from pipeline.broker import EMBEDDED_CLIENT_DEFAULTS
+from pipeline.config import KafkaSettings
+from pipeline.errors import BrokerError
+
+__all__ = ["admin_config", "consumer_config", "ensure_topics", "producer_config"]
+
+log = logging.getLogger(__name__)
+
+
+def _common(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "client.id": settings.client_id,
+        "security.protocol": settings.security.protocol,
+    }
+    sec = settings.security
+    if sec.sasl_mechanism:
+        conf["sasl.mechanism"] = sec.sasl_mechanism
+    if sec.sasl_username is not None:
+        conf["sasl.username"] = sec.sasl_username
+    if sec.sasl_password is not None:
+        conf["sasl.password"] = sec.sasl_password.get_secret_value()
+    if sec.ssl_ca_location:
+        conf["ssl.ca.location"] = sec.ssl_ca_location
+    return conf
+
+
+def consumer_config(settings: KafkaSettings, bootstrap: str, embedded: bool) -> dict[str, Any]:
+    """Consumer settings: manual commits of tracked offsets only (at-least-once)."""
+    conf = _common(settings, bootstrap)
+    conf.update(
+        {
+            "group.id": settings.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+        }
+    )
+    if embedded:
+        conf.update(EMBEDDED_CLIENT_DEFAULTS)
+    conf.update(settings.consumer)
+    return conf
+
+
+def producer_config(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:
+    """Producer settings: idempotent, acks from all replicas, small linger for batching."""
+    conf = _common(settings, bootstrap)
+    conf.update(
+        {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "batch.num.messages": 10000,
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
+    conf.update(settings.producer)
+    return conf
+
+
+def admin_config(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:
+    """Settings for the admin client."""
+    return _common(settings, bootstrap)
+
+
+def ensure_topics(
+    admin: AdminClient,
+    topics: Iterable[str],
+    partitions: int,
+    replication: int,
+    timeout: float = 15,
+) -> list[str]:
+    """Create the topics that do not exist yet; returns the ones created."""
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as e:
+        raise BrokerError(f"cannot list topics: {e}") from None
+    wanted = [t for t in dict.fromkeys(topics) if t not in existing]
+    if not wanted:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(t, num_partitions=partitions, replication_factor=replication) for t in wanted],
+        operation_timeout=timeout,
+    )
+    created = []
+    for topic, fut in futures.items():
+        try:
+            fut.result(timeout)
+            created.append(topic)
+        except KafkaException as e:
+            if e.args and getattr(e.args[0], "code", lambda: None)() == 36:  # TOPIC_ALREADY_EXISTS
+                continue
+            raise BrokerError(f"cannot create topic {topic!r}: {e}") from None
+    log.info("created topics %s", ", ".join(created))
+    return created

@@ -1,0 +1,195 @@
+"""Running one model's batches off the Kafka thread: preprocess, infer, postprocess.
+
+Per model, a preprocess thread feeds a small bounded queue that the model's instances
+(one thread each, each with its own backend session) drain, so preprocessing of the
+next batch overlaps inference of the current one. Outcomes (encoded results and dead
+letters) go back to the Kafka thread through ``emit``. Nothing here raises out of a
+thread: any failure becomes dead letters for the rows it touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from backends.base import Backend
+from pipeline.graph import ModelGraph
+from pipeline.messages import Envelope, Timings
+from pipeline.outcomes import Outcome, OutcomeEncoder
+from stages.base import Batch, Stage
+
+__all__ = ["ModelRuntime"]
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[list[Outcome]], None]
+
+
+@dataclass(slots=True)
+class _Prepared:
+    batch: Batch
+    started: float
+    preprocess_ms: float
+
+
+class _StageContractError(Exception):
+    pass
+
+
+class ModelRuntime:
+    """Threads serving one model: one preprocess thread, one thread per instance."""
+
+    def __init__(self, graph: ModelGraph, encoder: OutcomeEncoder, emit: Emit) -> None:
+        self.graph = graph
+        self.encoder = encoder
+        self.emit = emit
+        n = len(graph.instances)
+        # Bounded by the caller's in-flight limit; the hand-off to instances is kept short
+        # so preprocessing runs at most a couple of batches ahead of the model.
+        self._incoming: queue.Queue[list[Envelope] | None] = queue.Queue()
+        self._ready: queue.Queue[_Prepared | None] = queue.Queue(maxsize=2 * n)
+        self._threads: list[threading.Thread] = []
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        """The model's name."""
+        return self.graph.name
+
+    def start(self) -> None:
+        """Start the preprocess thread and one thread per instance."""
+        pre = threading.Thread(target=self._preprocess_loop, name=f"pre-{self.name}", daemon=True)
+        self._threads.append(pre)
+        for i, backend in enumerate(self.graph.instances):
+            t = threading.Thread(
+                target=self._infer_loop, args=(backend,), name=f"infer-{self.name}-{i}", daemon=True
+            )
+            self._threads.append(t)
+        for t in self._threads:
+            t.start()
+
+    def submit(self, rows: list[Envelope]) -> None:
+        """Queue a batch of routed requests (never blocks)."""
+        with self._lock:
+            self._busy += 1
+        self._incoming.put(rows)
+
+    @property
+    def busy(self) -> int:
+        """Batches submitted and not yet emitted."""
+        return self._busy
+
+    def stop(self, timeout: float) -> bool:
+        """Finish queued batches, then stop the threads; False if they did not stop in time."""
+        self._incoming.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    # -- threads --------------------------------------------------------------------------
+
+    def _preprocess_loop(self) -> None:
+        while True:
+            rows = self._incoming.get()
+            if rows is None:
+                for _ in self.graph.instances:
+                    self._ready.put(None)
+                return
+            started = time.monotonic()
+            try:
+                batch = self._assemble(rows)
+                batch = _run_stages(self.graph.preprocess, batch)
+            except Exception as e:
+                log.exception("model %s: preprocessing failed", self.name)
+                self._fail(rows, "preprocess_failed", f"{type(e).__name__}: {e}")
+                continue
+            pre_ms = (time.monotonic() - started) * 1000.0
+            letters = [
+                self.encoder.dead_letter(r, reason, msg) for r, reason, msg in batch.rejected
+            ]
+            if not batch.rows:
+                self._finish(letters)
+                continue
+            if letters:
+                self.emit(letters)
+            batch.rejected = []
+            self._ready.put(_Prepared(batch, started, pre_ms))
+
+    def _infer_loop(self, backend: Backend) -> None:
+        while True:
+            item = self._ready.get()
+            if item is None:
+                return
+            try:
+                outcomes = self._infer(backend, item)
+            except Exception as e:
+                log.exception(
+                    "model %s: inference failed for a batch of %d", self.name, len(item.batch)
+                )
+                self._fail(item.batch.rows, "inference_failed", f"{type(e).__name__}: {e}")
+                continue
+            self._finish(outcomes)
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _assemble(self, rows: list[Envelope]) -> Batch:
+        columns: dict[str, Any] = {}
+        for name in self.graph.inputs:
+            columns[name] = np.stack([r.request.inputs[name] for r in rows])  # type: ignore[union-attr]
+        return Batch(list(rows), columns)
+
+    def _infer(self, backend: Backend, item: _Prepared) -> list[Outcome]:
+        batch = item.batch
+        feeds = {name: np.asarray(batch.columns[name]) for name in self.graph.info.inputs}
+        t0 = time.monotonic()
+        outputs = backend.infer(feeds)
+        t1 = time.monotonic()
+        post = _run_stages(self.graph.postprocess, Batch(batch.rows, dict(outputs)))
+        t2 = time.monotonic()
+        outcomes = [self.encoder.dead_letter(r, reason, msg) for r, reason, msg in post.rejected]
+        size = len(batch.rows) + len(post.rejected)
+        compute_ms, post_ms = (t1 - t0) * 1000.0, (t2 - t1) * 1000.0
+        settings = self.graph.settings
+        names = list(post.columns)
+        cols = [post.columns[n] for n in names]
+        for i, env in enumerate(post.rows):
+            timings = Timings(
+                queue_ms=(item.started - env.consumed_at) * 1000.0,
+                preprocess_ms=item.preprocess_ms,
+                compute_ms=compute_ms,
+                postprocess_ms=post_ms,
+            )
+            row = {n: np.asarray(c[i]) for n, c in zip(names, cols, strict=True)}
+            outcomes.append(
+                self.encoder.result(env, settings.name, settings.version, row, timings, size)
+            )
+        return outcomes
+
+    def _fail(self, rows: Sequence[Envelope], reason: str, error: str) -> None:
+        self._finish([self.encoder.dead_letter(r, reason, error) for r in rows])
+
+    def _finish(self, outcomes: list[Outcome]) -> None:
+        self.emit(outcomes)
+        with self._lock:
+            self._busy -= 1
+
+
+def _run_stages(stages: Sequence[Stage], batch: Batch) -> Batch:
+    for stage in stages:
+        before = len(batch) + len(batch.rejected)
+        batch = stage.process(batch)
+        if len(batch) + len(batch.rejected) != before:
+            raise _StageContractError(
+                f"stage {stage.name} returned {len(batch)} rows and {len(batch.rejected)} "
+                f"rejects for {before} rows in"
+            )
+    return batch

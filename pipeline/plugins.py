@@ -1,0 +1,34 @@
+"""Plugin lookup shared by stages and backends: entry points first, then import strings."""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from pipeline.errors import GraphError
+
+__all__ = ["available", "load_plugin"]
+
+
+def available(group: str) -> dict[str, str]:
+    """Installed plugins of ``group``: name → ``module:attr``."""
+    return {ep.name: ep.value for ep in entry_points(group=group)}
+
+
+def load_plugin(group: str, name: str, kind: str) -> Any:
+    """Resolve ``name`` in ``group``, or import it when it looks like ``module:attr``."""
+    for ep in entry_points(group=group, name=name):
+        return ep.load()
+    if ":" not in name:
+        known = ", ".join(sorted(available(group))) or "none installed"
+        raise GraphError(f"unknown {kind} {name!r} (known: {known}; or give 'module:Class')")
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise GraphError(f"{kind} {name!r}: cannot import {module_name}: {e}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise GraphError(f"{kind} {name!r}: {module_name} has no {attr!r}") from None

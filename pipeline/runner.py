@@ -1,0 +1,303 @@
+"""The main loop: consume, decode, batch, dispatch, publish, commit, apply backpressure.
+
+All Kafka I/O happens on the thread that calls `Pipeline.run`; models run on their own
+threads (`pipeline.model_runtime`) and hand back encoded outcomes. A record's offset is
+committed only after its outcome (result or dead letter) is acknowledged by the broker,
+and only once every earlier record of its partition is too (`pipeline.tracker`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from pipeline.backpressure import Backpressure
+from pipeline.batcher import MicroBatcher
+from pipeline.config import Topology
+from pipeline.errors import BrokerError, RequestError
+from pipeline.graph import ModelGraph
+from pipeline.kafka import consumer_config, producer_config
+from pipeline.messages import Envelope
+from pipeline.model_runtime import ModelRuntime
+from pipeline.outcomes import Outcome, OutcomeEncoder
+from pipeline.routing import ModelRoute, Router
+from pipeline.tracker import OffsetTracker
+from schemas.codec import AvroCodec
+
+__all__ = ["Pipeline", "RunStats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunStats:
+    """Counters of one run, for the closing summary."""
+
+    consumed: int = 0
+    results: int = 0
+    dead_letters: int = 0
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    first_consumed: float | None = None
+    last_delivered: float | None = None
+
+
+class Pipeline:
+    """One replica: a consumer, the models' runtimes and a producer, wired to a topology."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        graph: list[ModelGraph],
+        bootstrap: str,
+        codec: AvroCodec | None = None,
+        embedded: bool = False,
+    ) -> None:
+        self.topology = topology
+        self.flow = topology.flow
+        self.codec = codec or AvroCodec()
+        self.encoder = OutcomeEncoder(
+            self.codec, topology.topics.output, topology.topics.dead_letter
+        )
+        self.consumer = Consumer(consumer_config(topology.kafka, bootstrap, embedded))
+        self.producer = Producer(producer_config(topology.kafka, bootstrap))
+        self.tracker = OffsetTracker()
+        self.backpressure = Backpressure(self.flow.max_in_flight, self.flow.low_mark)
+        self.stats = RunStats()
+        self._completed: queue.SimpleQueue[list[Outcome]] = queue.SimpleQueue()
+        self._pending: list[Outcome] = []
+        self._fatal: str | None = None
+        self._last_commit = time.monotonic()
+        self.router = Router(
+            {m.name: ModelRoute(m.name, m.settings.version, m.inputs) for m in graph}
+        )
+        self.batchers = {
+            m.name: MicroBatcher[Any, Envelope](
+                m.settings.batching.max_batch_size, m.settings.batching.max_delay_ms / 1000.0
+            )
+            for m in graph
+        }
+        self.runtimes = {m.name: ModelRuntime(m, self.encoder, self._completed.put) for m in graph}
+        self.assigned = threading.Event()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> RunStats:
+        """Serve until ``stop`` is set, then drain and commit; raises on a fatal Kafka error."""
+        for runtime in self.runtimes.values():
+            runtime.start()
+        self.consumer.subscribe(
+            self.topology.topics.input,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        try:
+            while not stop.is_set() and self._fatal is None:
+                self._pull()
+                self._dispatch(time.monotonic())
+                self._publish()
+                self.producer.poll(0)
+                self._commit(force=False)
+                self._apply_backpressure()
+        finally:
+            self._shutdown()
+        if self._fatal is not None:
+            raise BrokerError(self._fatal)
+        return self.stats
+
+    def _pull(self) -> None:
+        # Paused partitions return nothing; consuming anyway keeps the group protocol served.
+        n = min(self.flow.consume_batch, self.backpressure.capacity(self.tracker.in_flight))
+        msgs = self.consumer.consume(max(n, 1), self._wait_s())
+        now = time.monotonic()
+        if msgs and self.stats.first_consumed is None:
+            self.stats.first_consumed = now
+        for msg in msgs:
+            self._accept(msg, now)
+
+    def _accept(self, msg: Message, now: float) -> None:
+        err = msg.error()
+        if err is not None:
+            self._on_consume_error(err)
+            return
+        tp = (cast(str, msg.topic()), cast(int, msg.partition()))
+        generation = self.tracker.generation(tp)
+        if generation is None:  # prefetched before a revoke: the new owner will serve it
+            return
+        offset = cast(int, msg.offset())
+        self.tracker.track(tp, offset)
+        self.stats.consumed += 1
+        value = msg.value()
+        env = Envelope(
+            tp[0], tp[1], offset, msg.key(), value or b"", msg.timestamp()[1], now, generation
+        )
+        try:
+            if value is None:
+                raise RequestError("record has no value (tombstone)")
+            env.request = request = self.codec.decode_request(value)
+            route = self.router.route(request)
+            key = route.batch_key(request)
+        except RequestError as e:
+            self._pending.append(self.encoder.dead_letter(env, e.reason, str(e)))
+            return
+        flushed = self.batchers[route.name].add(key, env, now)
+        if flushed is not None:
+            self.runtimes[route.name].submit(flushed.items)
+
+    def _dispatch(self, now: float) -> None:
+        for name, batcher in self.batchers.items():
+            for flushed in batcher.due(now):
+                self.runtimes[name].submit(flushed.items)
+
+    def _publish(self) -> None:
+        outcomes = self._pending
+        self._pending = []
+        while True:
+            try:
+                outcomes.extend(self._completed.get_nowait())
+            except queue.Empty:
+                break
+        for out in outcomes:
+            self._produce(out)
+
+    def _produce(self, out: Outcome) -> None:
+        env = out.envelope
+        callback = functools.partial(self._delivered, env, out.reason is not None)
+        while True:
+            try:
+                self.producer.produce(
+                    out.topic, out.value, env.key, headers=out.headers, on_delivery=callback
+                )
+                return
+            except BufferError:  # the producer's queue is full: let it drain
+                self.producer.poll(0.05)
+
+    def _delivered(self, env: Envelope, dead: bool, err: KafkaError | None, _: Message) -> None:
+        if err is not None:
+            # Not marking it done keeps its offset (and everything after) uncommitted, so a
+            # restart serves it again; stop rather than run on with a hole.
+            self._fatal = f"delivery failed for {env.topic}/{env.partition}@{env.offset}: {err}"
+            return
+        self.tracker.done((env.topic, env.partition), env.offset, env.generation)
+        if dead:
+            self.stats.dead_letters += 1
+        else:
+            self.stats.results += 1
+        self.stats.last_delivered = time.monotonic()
+
+    def _commit(self, force: bool) -> None:
+        now = time.monotonic()
+        if not force and (now - self._last_commit) * 1000.0 < self.flow.commit_interval_ms:
+            return
+        self._last_commit = now
+        positions = self.tracker.committable()
+        if not positions:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+        try:
+            if force:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+        except Exception as e:  # a failed commit is retried with the next one
+            log.warning("commit failed (will retry): %s", e)
+            return
+        self.tracker.mark_committed(positions)
+        self.stats.committed.update(positions)
+
+    def _apply_backpressure(self) -> None:
+        decision = self.backpressure.update(self.tracker.in_flight)
+        if decision is None:
+            return
+        parts = [TopicPartition(t, p) for t, p in self.tracker.partitions()]
+        if decision:
+            self.consumer.pause(parts)
+        else:
+            self.consumer.resume(parts)
+
+    def _wait_s(self) -> float:
+        if self._pending or not self._completed.empty():
+            return 0.0
+        wait = self.flow.poll_timeout_ms / 1000.0
+        now = time.monotonic()
+        for batcher in self.batchers.values():
+            deadline = batcher.next_deadline()
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - now))
+        if any(r.busy for r in self.runtimes.values()):
+            wait = min(wait, 0.002)
+        return wait
+
+    # -- rebalance ------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self.tracker.assign((p.topic, p.partition))
+        consumer.assign(partitions)
+        if self.backpressure.paused:
+            consumer.pause(partitions)
+        self.assigned.set()
+        log.info("assigned %s", _names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Deliver what can be delivered now, commit it, then let the partitions go.
+        self._publish()
+        self.producer.flush(5.0)
+        self._commit(force=True)
+        for p in partitions:
+            self.tracker.revoke((p.topic, p.partition))
+        consumer.unassign()
+        log.info("revoked %s", _names(partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self.tracker.revoke((p.topic, p.partition))
+        log.warning("lost %s", _names(partitions))
+
+    def _on_consume_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = f"consumer: {err}"
+        else:
+            log.warning("consumer: %s", err)
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Stop pulling, finish in-flight work, deliver, commit, close."""
+        deadline = time.monotonic() + self.flow.drain_timeout_s
+        for name, batcher in self.batchers.items():
+            for flushed in batcher.drain():
+                self.runtimes[name].submit(flushed.items)
+        while self._fatal is None and time.monotonic() < deadline:
+            self._publish()
+            self.producer.poll(0.01)
+            busy = any(r.busy for r in self.runtimes.values())
+            if not busy and not self._pending and self._completed.empty():
+                break
+        self._publish()
+        remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
+        if remaining:
+            log.warning("%d outcomes undelivered at shutdown; they will be served again", remaining)
+        if self._fatal is None:
+            self._commit(force=True)
+        for runtime in self.runtimes.values():
+            runtime.stop(timeout=max(0.1, deadline - time.monotonic()))
+        self.consumer.close()
+        log.info(
+            "stopped: %d consumed, %d results, %d dead letters",
+            self.stats.consumed,
+            self.stats.results,
+            self.stats.dead_letters,
+        )
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"

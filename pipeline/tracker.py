@@ -1,0 +1,105 @@
+"""Per-partition offset tracking for at-least-once delivery.
+
+A request's offset may be committed only when it, and every request before it in its
+partition, has an outcome acknowledged by the broker (a result or a dead letter).
+Outcomes arrive out of order (batches of different models, retries), so each partition
+keeps its tracked offsets in arrival order and advances its commit position over the
+contiguous prefix that is done.
+
+Each assignment of a partition gets a new generation. An acknowledgement for an older
+generation (the partition was revoked and came back while a result was in flight) is
+ignored: the new owner re-reads from the last commit, so ignoring it is safe, and
+counting it could commit past an offset the new assignment has not served.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+__all__ = ["OffsetTracker", "TopicPartition"]
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(slots=True)
+class _Partition:
+    generation: int
+    pending: deque[int] = field(default_factory=deque)
+    done: set[int] = field(default_factory=set)
+    position: int | None = None  # next offset to commit (Kafka's "committed" convention)
+    committed: int | None = None
+
+
+class OffsetTracker:
+    """What may be committed, per partition; single-threaded (the Kafka thread owns it)."""
+
+    def __init__(self) -> None:
+        self._parts: dict[TopicPartition, _Partition] = {}
+        self._generation = 0
+        self.in_flight = 0
+
+    def assign(self, tp: TopicPartition) -> int:
+        """Start tracking a newly assigned partition; returns its generation."""
+        old = self._parts.get(tp)
+        if old is not None:
+            self.in_flight -= len(old.pending) - len(old.done)
+        self._generation += 1
+        self._parts[tp] = _Partition(self._generation)
+        return self._generation
+
+    def revoke(self, tp: TopicPartition) -> int | None:
+        """Stop tracking ``tp``; returns its last committable position, if any."""
+        part = self._parts.pop(tp, None)
+        if part is None:
+            return None
+        self.in_flight -= len(part.pending) - len(part.done)
+        return part.position
+
+    def generation(self, tp: TopicPartition) -> int | None:
+        """The current generation of ``tp``, or None when it is not assigned."""
+        part = self._parts.get(tp)
+        return None if part is None else part.generation
+
+    def track(self, tp: TopicPartition, offset: int) -> None:
+        """Record a consumed offset; offsets of a partition must arrive in increasing order."""
+        part = self._parts[tp]
+        if part.pending and offset <= part.pending[-1]:
+            raise ValueError(f"{tp}: offset {offset} after {part.pending[-1]}")
+        part.pending.append(offset)
+        self.in_flight += 1
+
+    def done(self, tp: TopicPartition, offset: int, generation: int) -> bool:
+        """Mark an offset's outcome delivered; False if it belongs to an old assignment."""
+        part = self._parts.get(tp)
+        if part is None or part.generation != generation or offset in part.done:
+            return False
+        if not part.pending or offset < part.pending[0]:
+            return False
+        part.done.add(offset)
+        self.in_flight -= 1
+        pending, done = part.pending, part.done
+        while pending and pending[0] in done:
+            first = pending.popleft()
+            done.discard(first)
+            part.position = first + 1
+        return True
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Positions that advanced since the last `mark_committed`."""
+        return {
+            tp: p.position
+            for tp, p in self._parts.items()
+            if p.position is not None and p.position != p.committed
+        }
+
+    def mark_committed(self, positions: dict[TopicPartition, int]) -> None:
+        """Record that ``positions`` were handed to the consumer's commit."""
+        for tp, pos in positions.items():
+            part = self._parts.get(tp)
+            if part is not None:
+                part.committed = pos
+
+    def partitions(self) -> list[TopicPartition]:
+        """The partitions being tracked."""
+        return list(self._parts)

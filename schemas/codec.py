@@ -1,0 +1,247 @@
+"""Avro encoding of requests, results and dead letters, with fastavro.
+
+Plain Avro (schemaless: the schemas in this folder are the contract) is the default. With
+a Schema Registry configured, every value carries the Confluent wire format's 5-byte
+header (magic byte 0, 4-byte big-endian schema id); requests may then have been written
+with any registered schema that resolves to ours, so the writer schema is looked up by id.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import fastavro
+
+from pipeline.errors import DecodeError, RequestError
+from pipeline.messages import DeadLetter, Request, Result, Status, Timings
+from pipeline.tensors import array_to_bytes, bytes_to_array
+from schemas import SCHEMA_DIR
+from schemas.wire import frame, unframe
+
+__all__ = ["AvroCodec", "SchemaLookup", "load_schema"]
+
+MAX_TENSORS = 64
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """The parsed JSON of ``schemas/<name>.avsc``."""
+    with open(SCHEMA_DIR / f"{name}.avsc", encoding="utf-8") as f:
+        schema: dict[str, Any] = json.load(f)
+    return schema
+
+
+class SchemaLookup(Protocol):
+    """The part of a Schema Registry client the codec needs."""
+
+    def schema_by_id(self, schema_id: int) -> dict[str, Any]:
+        """The writer schema registered under ``schema_id``."""
+        ...
+
+
+class AvroCodec:
+    """Encodes and decodes the three message kinds.
+
+    ``registry`` and the ``*_id`` arguments switch on the Schema Registry wire format: the
+    ids are the registered ids of our result and dead-letter schemas, written into every
+    value we produce.
+    """
+
+    def __init__(
+        self,
+        registry: SchemaLookup | None = None,
+        result_schema_id: int | None = None,
+        dead_letter_schema_id: int | None = None,
+        request_schema_id: int | None = None,
+    ) -> None:
+        self.request_schema = fastavro.parse_schema(load_schema("request"))
+        self.result_schema = fastavro.parse_schema(load_schema("result"))
+        self.dead_letter_schema = fastavro.parse_schema(load_schema("dead_letter"))
+        self._registry = registry
+        self._result_id = result_schema_id
+        self._dead_letter_id = dead_letter_schema_id
+        self._request_id = request_schema_id
+        self._writers: dict[int, Any] = {}
+
+    # -- requests -------------------------------------------------------------------------
+
+    def encode_request(self, request: Request) -> bytes:
+        """Avro bytes of a request (producers and tests use this)."""
+        record = {
+            "id": request.id,
+            "model": request.model,
+            "model_version": request.model_version,
+            "inputs": [_tensor_record(name, arr) for name, arr in request.inputs.items()],
+            "parameters": dict(request.parameters),
+            "deadline_ms": request.deadline_ms,
+            "reply_topic": request.reply_topic,
+        }
+        payload = self._write(self.request_schema, record)
+        return payload if self._request_id is None else frame(self._request_id, payload)
+
+    def decode_request(self, data: bytes) -> Request:
+        """Decode and check a request; any defect raises a `RequestError` subclass."""
+        record = self._read_request(data)
+        inputs = record["inputs"]
+        if len(inputs) > MAX_TENSORS:
+            raise DecodeError(f"request has {len(inputs)} tensors; at most {MAX_TENSORS}")
+        arrays = {}
+        for t in inputs:
+            name = t["name"]
+            if name in arrays:
+                raise DecodeError(f"input {name!r} appears twice")
+            try:
+                arrays[name] = bytes_to_array(t["datatype"], t["shape"], t["data"])
+            except RequestError as e:
+                raise type(e)(f"input {name!r}: {e}") from None
+        return Request(
+            id=record["id"],
+            model=record["model"],
+            model_version=record["model_version"],
+            inputs=arrays,
+            parameters=record["parameters"],
+            deadline_ms=record["deadline_ms"],
+            reply_topic=record["reply_topic"],
+        )
+
+    def _read_request(self, data: bytes) -> Any:
+        try:
+            if self._registry is None:
+                buf = io.BytesIO(data)
+                record: Any = fastavro.schemaless_reader(buf, self.request_schema)
+            else:
+                schema_id, payload = unframe(data)
+                writer = self._writer_schema(schema_id)
+                buf = io.BytesIO(payload)
+                record = fastavro.schemaless_reader(buf, writer, self.request_schema)
+        except RequestError:
+            raise
+        except Exception as e:  # fastavro raises many types on garbage; all mean "not Avro"
+            raise DecodeError(f"not an InferenceRequest: {type(e).__name__}: {e}") from None
+        if buf.tell() != len(buf.getbuffer()):
+            extra = len(buf.getbuffer()) - buf.tell()
+            raise DecodeError(f"not an InferenceRequest: {extra} bytes after the record")
+        return record
+
+    def _writer_schema(self, schema_id: int) -> Any:
+        writer = self._writers.get(schema_id)
+        if writer is None:
+            assert self._registry is not None
+            try:
+                raw = self._registry.schema_by_id(schema_id)
+            except Exception as e:
+                raise DecodeError(f"schema id {schema_id} not resolvable: {e}") from None
+            writer = fastavro.parse_schema(raw)
+            self._writers[schema_id] = writer
+        return writer
+
+    # -- results --------------------------------------------------------------------------
+
+    def encode_result(self, result: Result) -> bytes:
+        """Avro bytes of a result."""
+        t = result.timings
+        record = {
+            "id": result.id,
+            "model": result.model,
+            "model_version": result.model_version,
+            "status": result.status.value,
+            "outputs": [_tensor_record(name, arr) for name, arr in result.outputs.items()],
+            "error": result.error,
+            "timings": {
+                "queue_ms": t.queue_ms,
+                "preprocess_ms": t.preprocess_ms,
+                "compute_ms": t.compute_ms,
+                "postprocess_ms": t.postprocess_ms,
+                "end_to_end_ms": t.end_to_end_ms,
+            },
+            "batch_size": result.batch_size,
+            "source": {
+                "topic": result.topic,
+                "partition": result.partition,
+                "offset": result.offset,
+            },
+        }
+        payload = self._write(self.result_schema, record)
+        return payload if self._result_id is None else frame(self._result_id, payload)
+
+    def decode_result(self, data: bytes) -> Result:
+        """Decode a result (the `results` command and tests use this)."""
+        record = self._read(self.result_schema, data)
+        outputs = {
+            t["name"]: bytes_to_array(t["datatype"], t["shape"], t["data"])
+            for t in record["outputs"]
+        }
+        source = record["source"]
+        return Result(
+            id=record["id"],
+            model=record["model"],
+            model_version=record["model_version"],
+            status=Status(record["status"]),
+            outputs=outputs,
+            timings=Timings(**record["timings"]),
+            batch_size=record["batch_size"],
+            topic=source["topic"],
+            partition=source["partition"],
+            offset=source["offset"],
+            error=record["error"],
+        )
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    def encode_dead_letter(self, letter: DeadLetter) -> bytes:
+        """Avro bytes of a dead letter."""
+        record = {
+            "id": letter.id,
+            "model": letter.model,
+            "reason": letter.reason,
+            "error": letter.error,
+            "source": {
+                "topic": letter.topic,
+                "partition": letter.partition,
+                "offset": letter.offset,
+            },
+            "payload": letter.payload,
+            "failed_at_ms": letter.failed_at_ms,
+        }
+        payload = self._write(self.dead_letter_schema, record)
+        return payload if self._dead_letter_id is None else frame(self._dead_letter_id, payload)
+
+    def decode_dead_letter(self, data: bytes) -> DeadLetter:
+        """Decode a dead letter."""
+        r = self._read(self.dead_letter_schema, data)
+        src = r["source"]
+        return DeadLetter(
+            reason=r["reason"],
+            error=r["error"],
+            topic=src["topic"],
+            partition=src["partition"],
+            offset=src["offset"],
+            payload=r["payload"],
+            failed_at_ms=r["failed_at_ms"],
+            id=r["id"],
+            model=r["model"],
+        )
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _write(schema: Any, record: Mapping[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, schema, record)
+        return buf.getvalue()
+
+    def _read(self, schema: Any, data: bytes) -> dict[str, Any]:
+        if self._registry is not None:
+            schema_id, data = unframe(data)
+            writer = self._writer_schema(schema_id)
+            out: Any = fastavro.schemaless_reader(io.BytesIO(data), writer, schema)
+            return dict(out)
+        plain: Any = fastavro.schemaless_reader(io.BytesIO(data), schema)
+        return dict(plain)
+
+
+def _tensor_record(name: str, array: Any) -> dict[str, Any]:
+    datatype, shape, data = array_to_bytes(array)
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data}

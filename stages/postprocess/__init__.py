@@ -1,0 +1,1 @@
+"""Stages that run after the model: softmax, top-k with labels."""

@@ -1,0 +1,1 @@
+"""Stages that run before the model: decode, resize, crop, normalize, layout, cast."""
