@@ -119,7 +119,7 @@ class EmbeddedBroker:
         self.stop()
         raise BrokerError(f"tansu did not listen on {self.port} within {timeout}s")
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
         """Stop the process (SIGTERM, then SIGKILL)."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:

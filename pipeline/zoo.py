@@ -36,11 +36,11 @@ TINY_IN, TINY_HIDDEN, TINY_OUT = 64, 32, 10
 
 def _tiny_weights() -> tuple[np.ndarray[Any, Any], ...]:
     rng = np.random.default_rng(20261124)
-    w1 = rng.standard_normal((TINY_IN, TINY_HIDDEN)).astype(np.float32) / np.sqrt(TINY_IN)
-    b1 = rng.standard_normal(TINY_HIDDEN).astype(np.float32) * 0.1
-    w2 = rng.standard_normal((TINY_HIDDEN, TINY_OUT)).astype(np.float32) / np.sqrt(TINY_HIDDEN)
-    b2 = rng.standard_normal(TINY_OUT).astype(np.float32) * 0.1
-    return w1, b1, w2, b2
+    w1 = rng.standard_normal((TINY_IN, TINY_HIDDEN)) / np.sqrt(TINY_IN)
+    b1 = rng.standard_normal(TINY_HIDDEN) * 0.1
+    w2 = rng.standard_normal((TINY_HIDDEN, TINY_OUT)) / np.sqrt(TINY_HIDDEN)
+    b2 = rng.standard_normal(TINY_OUT) * 0.1
+    return tuple(a.astype(np.float32) for a in (w1, b1, w2, b2))
 
 
 def tiny_mlp_reference(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

@@ -1,0 +1,57 @@
+# kp-pipeline: every command a user or CI needs. `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup models demo run lint test test-unit test-e2e bench ci clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch==2.13.0 (the CPU build) is pinned in the extras; an unpinned torch pulls CUDA.
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) models/.exported  ## create .venv, install everything, export the models
+
+models/.exported: $(STAMP) pipeline/zoo.py
+	$(BIN)/kp-pipeline models export --out models
+	touch models/.exported
+
+models: models/.exported  ## export EfficientNet-Lite0 and the tiny MLP to ONNX
+
+demo: setup  ## THE demo: embedded broker, real image classifier, sample photos, results
+	$(BIN)/kp-pipeline demo topology.yaml
+
+run: setup  ## serve topology.yaml until Ctrl-C (embedded broker unless KP_BOOTSTRAP is set)
+	$(BIN)/kp-pipeline run topology.yaml
+
+lint: $(STAMP)  ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: setup lint  ## everything: lint, unit tests, end-to-end tests on a real broker
+	@$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the setup is broken" >&2; exit 1; fi; \
+	exit $$rc
+
+test-unit: setup  ## unit tests only (no broker)
+	$(BIN)/python -m pytest -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
+
+test-e2e: setup  ## end-to-end tests only
+	$(BIN)/python -m pytest -p no:cacheprovider -m e2e $(PYTEST_ARGS)
+
+bench: setup  ## side-by-side benchmark (prints figures, writes load/results/)
+	$(BIN)/python -m load.bench --scenario all
+
+ci: test  ## what .ci/run runs
+
+clean:  ## remove the venv, models and caches
+	rm -rf $(VENV) models .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,151 @@
+"""Helpers for end-to-end tests: topologies, producing, reading, offsets, processes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer, TopicPartition
+
+from pipeline.app import open_topology
+from pipeline.broker import EmbeddedBroker
+from pipeline.client import produce_requests, read_topic, tensor_request
+from pipeline.demo import BackgroundPipeline
+from schemas.codec import AvroCodec
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models"
+_ids = itertools.count()
+
+
+def new_topics() -> Topics:
+    n = next(_ids)
+    pid = os.getpid()
+    return Topics(f"in-{n}-{pid}", f"out-{n}-{pid}", f"dlq-{n}-{pid}", f"group-{n}-{pid}")
+
+
+@dataclass
+class Topics:
+    """A test's own topics and group, so tests never see each other's records."""
+
+    input: str
+    output: str
+    dead_letter: str
+    group: str
+
+
+TINY_TOPOLOGY = """
+kafka: {{bootstrap_servers: embedded, group_id: {group}}}
+topics: {{input: [{input}], output: {output}, dead_letter: {dead_letter}, create: false}}
+flow: {{max_in_flight: {max_in_flight}, commit_interval_ms: 200}}
+models:
+  - name: tiny-mlp
+    backend: onnxruntime
+    artifact: {models}/tiny_mlp.onnx
+    options: {{intra_op_threads: 1}}
+    inputs: [{{name: x, datatype: FP32, shape: [64]}}]
+    batching: {{max_batch_size: {batch}, max_delay_ms: 5}}
+    postprocess:
+      - {{stage: softmax, input: logits, output: probs}}
+      - {{stage: topk, input: probs, k: 3}}
+"""
+
+
+def write_tiny_topology(
+    path: Path, topics: Topics, batch: int = 64, max_in_flight: int = 2048
+) -> Path:
+    path.write_text(
+        TINY_TOPOLOGY.format(
+            group=topics.group,
+            input=topics.input,
+            output=topics.output,
+            dead_letter=topics.dead_letter,
+            models=MODELS,
+            batch=batch,
+            max_in_flight=max_in_flight,
+        )
+    )
+    return path
+
+
+def tiny_vectors(n: int, seed: int = 7) -> np.ndarray[Any, Any]:
+    return np.random.default_rng(seed).standard_normal((n, 64)).astype(np.float32)
+
+
+def produce_tiny(
+    broker: EmbeddedBroker, topic: str, vectors: np.ndarray[Any, Any], prefix: str = "r"
+) -> list[str]:
+    codec = AvroCodec()
+    ids = [f"{prefix}-{i}" for i in range(len(vectors))]
+    produce_requests(
+        broker.bootstrap_servers,
+        topic,
+        (
+            (rid.encode(), codec.encode_request(tensor_request(rid, "tiny-mlp", {"x": v})))
+            for rid, v in zip(ids, vectors, strict=True)
+        ),
+    )
+    return ids
+
+
+def read_all(broker: EmbeddedBroker, topic: str, count: int, timeout: float = 60) -> list[Any]:
+    return list(read_topic(broker.bootstrap_servers, topic, count=count, timeout=timeout))
+
+
+def end_offsets(broker: EmbeddedBroker, topic: str) -> dict[int, int]:
+    """1 + the last offset of each partition, read from the records themselves.
+
+    Tansu's ListOffsets high watermark is wrong (it advances per record batch), so the
+    records are the reliable source.
+    """
+    ends: dict[int, int] = {}
+    for msg in read_topic(broker.bootstrap_servers, topic, timeout=30, idle=1.5):
+        ends[msg.partition()] = max(ends.get(msg.partition(), 0), msg.offset() + 1)
+    return ends
+
+
+def committed_offsets(broker: EmbeddedBroker, group: str, topic: str) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": group})
+    try:
+        parts = [TopicPartition(topic, p) for p in range(4)]
+        return {tp.partition: tp.offset for tp in c.committed(parts, timeout=10)}
+    finally:
+        c.close()
+
+
+def start_background(topology: Path, broker: EmbeddedBroker) -> BackgroundPipeline:
+    return BackgroundPipeline(open_topology(topology), broker.bootstrap_servers).start()
+
+
+def spawn_run(topology: Path, broker: EmbeddedBroker, log: Path) -> subprocess.Popen[bytes]:
+    """`kp-pipeline run` in its own process, as a user (or Kubernetes) would start it."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            str(topology),
+            "--bootstrap",
+            broker.bootstrap_servers,
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

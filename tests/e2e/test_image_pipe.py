@@ -1,0 +1,69 @@
+"""The demo topology serving real photos: the right classes come back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from e2e.kit import MODELS, ROOT, Topics, committed_offsets, end_offsets, read_all, start_background
+
+from pipeline.broker import EmbeddedBroker
+from pipeline.client import image_request, produce_requests
+from pipeline.samples import SAMPLES, sample_jpegs
+from schemas.codec import AvroCodec
+
+pytestmark = pytest.mark.image_model
+
+
+def _demo_topology(tmp_path: Path, topics: Topics) -> Path:
+    """The shipped topology.yaml, pointed at this test's topics and group."""
+    text = (ROOT / "topology.yaml").read_text()
+    text = text.replace("${KP_GROUP:-kp-demo}", topics.group)
+    text = text.replace("input: [kp.requests]", f"input: [{topics.input}]")
+    text = text.replace("output: kp.results", f"output: {topics.output}")
+    text = text.replace("dead_letter: kp.dead-letters", f"dead_letter: {topics.dead_letter}")
+    text = text.replace("models/", f"{MODELS}/")
+    path = tmp_path / "topology.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_known_photos_get_their_class(
+    broker: EmbeddedBroker, topics: Topics, tmp_path: Path
+) -> None:
+    if not (MODELS / "efficientnet_lite0.onnx").exists():
+        pytest.fail("models/efficientnet_lite0.onnx missing: run `make models`")
+    codec = AvroCodec()
+    photos = sample_jpegs()
+    records: list[tuple[bytes | None, bytes]] = []
+    for rep in range(3):
+        for s in SAMPLES:
+            rid = f"{s.name}-{rep}"
+            records.append(
+                (
+                    rid.encode(),
+                    codec.encode_request(image_request(rid, "efficientnet-lite0", photos[s.name])),
+                )
+            )
+    truncated = image_request("truncated", "efficientnet-lite0", photos["cat"][:500])
+    records.append((b"truncated", codec.encode_request(truncated)))
+    produce_requests(broker.bootstrap_servers, topics.input, records)
+
+    served = start_background(_demo_topology(tmp_path, topics), broker)
+    results = [codec.decode_result(m.value()) for m in read_all(broker, topics.output, 9)]
+    letters = [codec.decode_dead_letter(m.value()) for m in read_all(broker, topics.dead_letter, 1)]
+    served.stop()
+
+    expected = {s.name: s.expected for s in SAMPLES}
+    assert len(results) == 9
+    for r in results:
+        top1 = int(r.outputs["classes"][0])
+        assert top1 in expected[r.id.split("-")[0]], (r.id, r.outputs["labels"].tolist())
+        assert r.outputs["labels"].shape == (5,)
+        assert r.outputs["scores"][0] >= r.outputs["scores"][4]
+        assert r.timings.compute_ms > 0
+        assert r.timings.end_to_end_ms > 0
+    assert [(d.id, d.reason) for d in letters] == [("truncated", "bad_image")]
+    assert committed_offsets(broker, topics.group, topics.input) == end_offsets(
+        broker, topics.input
+    )

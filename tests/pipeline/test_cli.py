@@ -1,0 +1,74 @@
+"""The command line: exit codes and messages a user sees for good and bad topologies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = (ROOT / "load" / "topologies" / "tiny-mlp.yaml").read_text()
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "topology.yaml"
+    path.write_text(text.replace("../../models/", f"{ROOT}/models/"))
+    return path
+
+
+def test_validate_prints_the_signature(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(_write(tmp_path, TINY))]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-mlp v1 (onnxruntime on cpu): x FP32[64] → classes INT64[3], scores FP32[3]" in out
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ("max_batch_size: 512", "max_batchsize: 512"),
+            "models[0].batching.max_batchsize: unknown key",
+        ),
+        (
+            ("shape: [64]", "shape: [63]"),
+            "input 'x' is FP32[63] after preprocessing; the model wants FP32[64]",
+        ),
+        (("k: 3", "k: 3, top: 1"), "models[0].postprocess[1].top: unknown parameter"),
+        (("tiny_mlp.onnx", "missing.onnx"), "no model file at"),
+        (
+            ("stage: softmax", "stage: sofmax"),
+            "models[0].postprocess[0].stage: unknown stage 'sofmax'",
+        ),
+        (
+            ("max_in_flight: 20000", "max_in_flight: lots"),
+            "flow.max_in_flight: Input should be a valid integer",
+        ),
+    ],
+)
+def test_bad_topology_is_refused_naming_file_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: tuple[str, str], message: str
+) -> None:
+    assert edit[0] in TINY
+    path = _write(tmp_path, TINY.replace(*edit))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err
+    assert message in err
+
+
+def test_run_refuses_a_bad_topology_before_consuming(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, TINY.replace("backend: onnxruntime", "backend: onnxrt"))
+    assert main(["run", str(path), "--bootstrap", "127.0.0.1:1"]) == 2
+    assert "unknown backend 'onnxrt'" in capsys.readouterr().err
+
+
+def test_produce_to_an_embedded_topology_explains_where_the_broker_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KP_BOOTSTRAP", raising=False)
+    assert main(["produce", str(_write(tmp_path, TINY))]) == 2
+    assert "kp-pipeline broker" in capsys.readouterr().err
