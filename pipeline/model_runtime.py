@@ -21,7 +21,7 @@ import numpy as np
 
 from backends.base import Backend
 from pipeline.graph import ModelGraph
-from pipeline.messages import Envelope, Timings
+from pipeline.messages import Envelope
 from pipeline.outcomes import Outcome, OutcomeEncoder
 from stages.base import Batch, Stage
 
@@ -156,22 +156,14 @@ class ModelRuntime:
         post = _run_stages(self.graph.postprocess, Batch(batch.rows, dict(outputs)))
         t2 = time.monotonic()
         outcomes = [self.encoder.dead_letter(r, reason, msg) for r, reason, msg in post.rejected]
-        size = len(batch.rows) + len(post.rejected)
-        compute_ms, post_ms = (t1 - t0) * 1000.0, (t2 - t1) * 1000.0
         settings = self.graph.settings
-        names = list(post.columns)
-        cols = [post.columns[n] for n in names]
-        for i, env in enumerate(post.rows):
-            timings = Timings(
-                queue_ms=(item.started - env.consumed_at) * 1000.0,
-                preprocess_ms=item.preprocess_ms,
-                compute_ms=compute_ms,
-                postprocess_ms=post_ms,
+        phases = (item.preprocess_ms, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0)
+        size = len(batch.rows) + len(post.rejected)
+        outcomes.extend(
+            self.encoder.results(
+                post.rows, settings.name, settings.version, post.columns, item.started, phases, size
             )
-            row = {n: np.asarray(c[i]) for n, c in zip(names, cols, strict=True)}
-            outcomes.append(
-                self.encoder.result(env, settings.name, settings.version, row, timings, size)
-            )
+        )
         return outcomes
 
     def _fail(self, rows: Sequence[Envelope], reason: str, error: str) -> None:

@@ -7,6 +7,7 @@ done only when its outcome is acknowledged by the broker.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,41 @@ class OutcomeEncoder:
         )
         topic = request.reply_topic or self.output_topic
         return Outcome(env, topic, self.codec.encode_result(result))
+
+    def results(
+        self,
+        rows: Sequence[Envelope],
+        model: str,
+        version: str,
+        columns: dict[str, Any],
+        started: float,
+        phase_ms: tuple[float, float, float],
+        batch_size: int,
+    ) -> list[Outcome]:
+        """OK results for every row of a batch, encoded in one pass (the hot path).
+
+        ``started`` is the monotonic time the batch left the batcher; ``phase_ms`` are
+        its preprocess, compute and postprocess times.
+        """
+        encoder = self.codec.result_batch(model, version, columns)
+        now_ms = time.time() * 1000.0
+        pre_ms, compute_ms, post_ms = phase_ms
+        out = []
+        for i, env in enumerate(rows):
+            request = env.request
+            assert request is not None
+            timings = (
+                (started - env.consumed_at) * 1000.0,
+                pre_ms,
+                compute_ms,
+                post_ms,
+                now_ms - env.timestamp_ms,
+            )
+            value = encoder.encode(
+                i, request.id, timings, batch_size, env.topic, env.partition, env.offset
+            )
+            out.append(Outcome(env, request.reply_topic or self.output_topic, value))
+        return out
 
     def dead_letter(self, env: Envelope, reason: str, error: str) -> Outcome:
         """A dead letter with the original bytes; the reason also travels in headers."""

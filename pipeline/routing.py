@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
 
 from pipeline.errors import RoutingError, TensorError
 from pipeline.messages import Request
-from pipeline.tensors import TensorSpec, oip_datatype
+from pipeline.tensors import TensorSpec, numpy_dtype, oip_datatype
 
 __all__ = ["ModelRoute", "Router"]
 
@@ -18,12 +21,27 @@ class ModelRoute:
         self.name = name
         self.version = version
         self.inputs = dict(inputs)
-        # With no free dimension every request of the model shares one signature.
+        # With no free dimension every request of the model shares one signature, and the
+        # check is a dtype and shape comparison per tensor (the common, hot case).
         self._fixed = all(None not in s.shape for s in self.inputs.values())
+        self._exact: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] | None = None
+        if self._fixed and "BYTES" not in {s.datatype for s in self.inputs.values()}:
+            self._exact = {
+                n: (numpy_dtype(s.datatype), tuple(d for d in s.shape if d is not None))
+                for n, s in self.inputs.items()
+            }
 
     def batch_key(self, request: Request) -> Hashable:
         """Check the request's tensors; return the key of the batch it may join."""
         tensors = request.inputs
+        exact = self._exact
+        if exact is not None and len(tensors) == len(exact):
+            for name, (dtype, shape) in exact.items():
+                arr = tensors.get(name)
+                if arr is None or arr.dtype != dtype or arr.shape != shape:
+                    break
+            else:
+                return self.name
         if tensors.keys() != self.inputs.keys():
             missing = sorted(self.inputs.keys() - tensors.keys())
             extra = sorted(tensors.keys() - self.inputs.keys())

@@ -9,6 +9,7 @@ which is the Open Inference Protocol's binary layout for BYTES.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ _NUMPY_BY_OIP: Final[dict[str, np.dtype[Any]]] = {
     "FP64": np.dtype(np.float64),
 }
 _OIP_BY_NUMPY: Final[dict[np.dtype[Any], str]] = {v: k for k, v in _NUMPY_BY_OIP.items()}
+_WIRE_DTYPE: Final[dict[str, np.dtype[Any]]] = {
+    k: v.newbyteorder("<") for k, v in _NUMPY_BY_OIP.items()
+}
 DATATYPES: Final[frozenset[str]] = frozenset([*_NUMPY_BY_OIP, "BYTES"])
 _LEN = struct.Struct("<I")
 
@@ -124,19 +128,21 @@ def unpack_bytes_elements(data: bytes, count: int) -> list[bytes]:
 
 def bytes_to_array(datatype: str, shape: Sequence[int], data: bytes) -> np.ndarray[Any, Any]:
     """A read-only array over a tensor's row-major bytes (no copy for numeric types)."""
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise TensorError(f"negative dimension in shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     if datatype == "BYTES":
         arr = np.empty(count, dtype=object)
         arr[:] = unpack_bytes_elements(data, count)
         return arr.reshape(shape)
-    dtype = numpy_dtype(datatype)
+    dtype = _WIRE_DTYPE.get(datatype)
+    if dtype is None:
+        raise TensorError(f"unsupported datatype {datatype!r}")
     if len(data) != count * dtype.itemsize:
         raise TensorError(
             f"{datatype}{list(shape)} needs {count * dtype.itemsize} bytes, got {len(data)}"
         )
-    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def array_to_bytes(array: np.ndarray[Any, Any]) -> tuple[str, list[int], bytes]:

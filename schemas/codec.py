@@ -19,9 +19,10 @@ from pipeline.errors import DecodeError, RequestError
 from pipeline.messages import DeadLetter, Request, Result, Status, Timings
 from pipeline.tensors import array_to_bytes, bytes_to_array
 from schemas import SCHEMA_DIR
+from schemas.binary import ResultBatchEncoder, read_request
 from schemas.wire import frame, unframe
 
-__all__ = ["AvroCodec", "SchemaLookup", "load_schema"]
+__all__ = ["AvroCodec", "ResultBatch", "SchemaLookup", "load_schema"]
 
 MAX_TENSORS = 64
 
@@ -109,21 +110,25 @@ class AvroCodec:
     def _read_request(self, data: bytes) -> Any:
         try:
             if self._registry is None:
-                buf = io.BytesIO(data)
-                record: Any = fastavro.schemaless_reader(buf, self.request_schema)
-            else:
-                schema_id, payload = unframe(data)
-                writer = self._writer_schema(schema_id)
-                buf = io.BytesIO(payload)
-                record = fastavro.schemaless_reader(buf, writer, self.request_schema)
+                # Our exact schema: the specialised reader (schemas.binary), ~3x fastavro.
+                return read_request(data)
+            schema_id, payload = unframe(data)
+            writer = self._writer_schema(schema_id)
+            buf = io.BytesIO(payload)
+            record = fastavro.schemaless_reader(buf, writer, self.request_schema)
         except RequestError:
             raise
-        except Exception as e:  # fastavro raises many types on garbage; all mean "not Avro"
+        except Exception as e:  # garbage raises many types; all mean "not a request"
             raise DecodeError(f"not an InferenceRequest: {type(e).__name__}: {e}") from None
-        if buf.tell() != len(buf.getbuffer()):
-            extra = len(buf.getbuffer()) - buf.tell()
-            raise DecodeError(f"not an InferenceRequest: {extra} bytes after the record")
+        if buf.tell() != len(payload):
+            raise DecodeError(
+                f"not an InferenceRequest: {len(payload) - buf.tell()} bytes after the record"
+            )
         return record
+
+    def result_batch(self, model: str, version: str, columns: dict[str, Any]) -> ResultBatch:
+        """An encoder for the OK results of one batch (the hot path; see schemas.binary)."""
+        return ResultBatch(ResultBatchEncoder(model, version, columns), self._result_id)
 
     def _writer_schema(self, schema_id: int) -> Any:
         writer = self._writers.get(schema_id)
@@ -240,6 +245,28 @@ class AvroCodec:
             return dict(out)
         plain: Any = fastavro.schemaless_reader(io.BytesIO(data), schema)
         return dict(plain)
+
+
+class ResultBatch:
+    """Encodes the rows of one batch, framed for the Schema Registry when configured."""
+
+    def __init__(self, encoder: ResultBatchEncoder, schema_id: int | None) -> None:
+        self._encoder = encoder
+        self._schema_id = schema_id
+
+    def encode(
+        self,
+        index: int,
+        rid: str,
+        timings: tuple[float, float, float, float, float],
+        batch_size: int,
+        topic: str,
+        partition: int,
+        offset: int,
+    ) -> bytes:
+        """Bytes of row ``index``'s result; timings in the schema's field order."""
+        payload = self._encoder.encode(index, rid, timings, batch_size, topic, partition, offset)
+        return payload if self._schema_id is None else frame(self._schema_id, payload)
 
 
 def _tensor_record(name: str, array: Any) -> dict[str, Any]:
