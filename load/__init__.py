@@ -1,0 +1,1 @@
+"""Load generation and benchmarks for kp-pipeline (figures are printed, never asserted)."""
