@@ -94,6 +94,11 @@ class FlowSettings(_Strict):
 
     Above ``max_in_flight`` consumed-but-undelivered requests the consumer pauses its
     partitions; below ``resume_below`` it resumes. What is not pulled stays in Kafka as lag.
+
+    Size ``resume_below`` to hold at least a second of work: after a resume, the first
+    records can take from ~15 ms up to ~1 s to arrive (measured with librdkafka 2.16 on
+    Tansu), and a window that drains faster than that leaves the model idle. On the tiny
+    benchmark model a 256 window gave ~500 req/s, a 2,048 window ~18,000.
     """
 
     max_in_flight: int = Field(2048, ge=1)

@@ -8,11 +8,13 @@ result publishes. Any mismatch is a `GraphError` naming the file, the model and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from backends.base import Backend, ModelInfo, ModelSpec
@@ -20,11 +22,13 @@ from backends.registry import backend_class
 from pipeline.config import ModelSettings, StageSettings, Topology
 from pipeline.errors import GraphError, KpError
 from pipeline.loader import format_path
-from pipeline.tensors import TensorSpec
+from pipeline.tensors import TensorSpec, numpy_dtype
 from stages.base import Stage, StageContext
 from stages.registry import stage_class
 
 __all__ = ["ModelGraph", "build_graph", "build_model", "close_graph"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,6 +88,7 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGra
             backend = cls()
             info = backend.load(spec, settings.device)
             instances.append(backend)
+            _warm_up(backend, info, settings.name)
         assert info is not None
     except KpError as e:
         for b in instances:
@@ -100,6 +105,24 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGra
         )
     outputs = _walk(post, info.outputs, f"{where}.postprocess")
     return ModelGraph(settings, pre, post, instances, info, declared, outputs)
+
+
+def _warm_up(backend: Backend, info: ModelInfo, name: str) -> None:
+    """Run one zero batch, so the first real batch does not pay for lazy initialisation.
+
+    Measured on the demo model: the first ONNX Runtime call took ~450 ms, later ones ~20.
+    A model that refuses zeros is not an error here; it only stays cold.
+    """
+    feeds = {}
+    for input_name, spec in info.inputs.items():
+        if spec.datatype == "BYTES":
+            return
+        shape = (1, *(1 if d is None else d for d in spec.shape))
+        feeds[input_name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
+    try:
+        backend.infer(feeds)
+    except Exception as e:
+        log.info("model %s: warm-up batch failed (%s); first batch will be slower", name, e)
 
 
 def _stages(items: Sequence[StageSettings], where: str, ctx: StageContext) -> list[Stage]:

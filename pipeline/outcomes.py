@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from pipeline.messages import DeadLetter, Envelope, Result, Status, Timings
+from pipeline.messages import DeadLetter, Envelope
 from schemas.codec import AvroCodec
 
 __all__ = ["Outcome", "OutcomeEncoder"]
@@ -39,34 +37,6 @@ class OutcomeEncoder:
         self.codec = codec
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
-
-    def result(
-        self,
-        env: Envelope,
-        model: str,
-        version: str,
-        outputs: dict[str, np.ndarray[Any, Any]],
-        timings: Timings,
-        batch_size: int,
-    ) -> Outcome:
-        """A successful result, sent to the request's reply topic or the output topic."""
-        request = env.request
-        assert request is not None
-        timings.end_to_end_ms = time.time() * 1000.0 - env.timestamp_ms
-        result = Result(
-            id=request.id,
-            model=model,
-            model_version=version,
-            status=Status.OK,
-            outputs=outputs,
-            timings=timings,
-            batch_size=batch_size,
-            topic=env.topic,
-            partition=env.partition,
-            offset=env.offset,
-        )
-        topic = request.reply_topic or self.output_topic
-        return Outcome(env, topic, self.codec.encode_result(result))
 
     def results(
         self,

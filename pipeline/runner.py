@@ -41,6 +41,7 @@ class RunStats:
     """Counters of one run, for the closing summary."""
 
     consumed: int = 0
+    pauses: int = 0
     results: int = 0
     dead_letters: int = 0
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -222,6 +223,8 @@ class Pipeline:
             self.consumer.pause(parts)
         else:
             self.consumer.resume(parts)
+        self.stats.pauses += decision
+        log.debug("%s at %d in flight", "paused" if decision else "resumed", self.tracker.in_flight)
 
     def _wait_s(self) -> float:
         if self._pending or not self._completed.empty():

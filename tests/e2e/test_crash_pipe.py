@@ -54,8 +54,8 @@ class ResultCounter:
 def test_sigkill_midway_then_restart_serves_every_request(
     broker: EmbeddedBroker, topics: Topics, tmp_path: Path
 ) -> None:
-    # Small batches and a small in-flight window keep the run long enough to kill midway.
-    topology = write_tiny_topology(tmp_path / "tiny.yaml", topics, batch=16, max_in_flight=256)
+    # Requests keep arriving while it runs, so the kill lands midway.
+    topology = write_tiny_topology(tmp_path / "tiny.yaml", topics, batch=16, max_in_flight=2048)
     log = tmp_path / "run.log"
     counter = ResultCounter(broker, topics.output)
     producer = threading.Thread(
@@ -82,8 +82,9 @@ def test_sigkill_midway_then_restart_serves_every_request(
 
     assert set(counter.seen) == {f"r-{i}" for i in range(N)}
     duplicates = sum(counter.seen.values()) - N
-    # At-least-once: only work in flight at the kill (or not yet committed) repeats.
-    assert duplicates <= 256 + 4 * 500 * 2, duplicates
+    # At-least-once repeats what was in flight at the kill (<= max_in_flight = 2,048) and
+    # what was delivered since the last commit (one 200 ms interval; ~18k req/s here).
+    assert duplicates <= 2048 + 4000, duplicates
     assert committed_offsets(broker, topics.group, topics.input) == end_offsets(
         broker, topics.input
     )
