@@ -8,6 +8,7 @@ and only once every earlier record of its partition is too (`pipeline.tracker`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import queue
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from pipeline.backpressure import Backpressure
 from pipeline.batcher import MicroBatcher
@@ -32,6 +33,20 @@ from pipeline.tracker import OffsetTracker
 from schemas.codec import AvroCodec
 
 __all__ = ["Pipeline", "RunStats"]
+
+# Broker answers that retrying the same bytes to the same topic will not change.
+_PERMANENT = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.INVALID_MSG_SIZE,
+    }
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +75,8 @@ class Pipeline:
         bootstrap: str,
         codec: AvroCodec | None = None,
         embedded: bool = False,
+        consumer: Consumer | None = None,
+        producer: Producer | None = None,
     ) -> None:
         self.topology = topology
         self.flow = topology.flow
@@ -67,8 +84,8 @@ class Pipeline:
         self.encoder = OutcomeEncoder(
             self.codec, topology.topics.output, topology.topics.dead_letter
         )
-        self.consumer = Consumer(consumer_config(topology.kafka, bootstrap, embedded))
-        self.producer = Producer(producer_config(topology.kafka, bootstrap))
+        self.consumer = consumer or Consumer(consumer_config(topology.kafka, bootstrap, embedded))
+        self.producer = producer or Producer(producer_config(topology.kafka, bootstrap))
         self.tracker = OffsetTracker()
         self.backpressure = Backpressure(self.flow.max_in_flight, self.flow.low_mark)
         self.stats = RunStats()
@@ -171,7 +188,7 @@ class Pipeline:
 
     def _produce(self, out: Outcome) -> None:
         env = out.envelope
-        callback = functools.partial(self._delivered, env, out.reason is not None)
+        callback = functools.partial(self._delivered, out)
         while True:
             try:
                 self.producer.produce(
@@ -180,19 +197,42 @@ class Pipeline:
                 return
             except BufferError:  # the producer's queue is full: let it drain
                 self.producer.poll(0.05)
+            except KafkaException as e:  # refused before sending (too large, bad topic)
+                self._undeliverable(out, e.args[0])
+                return
 
-    def _delivered(self, env: Envelope, dead: bool, err: KafkaError | None, _: Message) -> None:
+    def _delivered(self, out: Outcome, err: KafkaError | None, _: Message) -> None:
+        env = out.envelope
         if err is not None:
-            # Not marking it done keeps its offset (and everything after) uncommitted, so a
-            # restart serves it again; stop rather than run on with a hole.
-            self._fatal = f"delivery failed for {env.topic}/{env.partition}@{env.offset}: {err}"
+            self._undeliverable(out, err)
             return
         self.tracker.done((env.topic, env.partition), env.offset, env.generation)
-        if dead:
+        if out.reason is not None:
             self.stats.dead_letters += 1
         else:
             self.stats.results += 1
         self.stats.last_delivered = time.monotonic()
+
+    def _undeliverable(self, out: Outcome, err: KafkaError) -> None:
+        """A result the broker refuses for good makes its request a dead letter instead.
+
+        A dead letter that is too large is sent again without the request's bytes. Any
+        other failure stops the pipeline: the record stays uncommitted and a restart serves
+        it again, rather than running on with a hole in the partition.
+        """
+        env = out.envelope
+        where = f"{env.topic}/{env.partition}@{env.offset}"
+        if err.code() not in _PERMANENT:
+            self._fatal = f"delivery to {out.topic} failed for {where}: {err}"
+        elif out.reason is None:
+            error = f"its result cannot be written to {out.topic}: {err.str()}"
+            self._pending.append(self.encoder.dead_letter(env, "undeliverable", error))
+        elif env.value:
+            trimmed = dataclasses.replace(env, value=b"")
+            error = f"{err.str()}; the request's bytes were dropped from this dead letter"
+            self._pending.append(self.encoder.dead_letter(trimmed, out.reason, error))
+        else:
+            self._fatal = f"dead letter for {where} cannot be written to {out.topic}: {err}"
 
     def _commit(self, force: bool) -> None:
         now = time.monotonic()
@@ -287,6 +327,9 @@ class Pipeline:
                 break
         self._publish()
         remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
+        while self._pending and self._fatal is None and time.monotonic() < deadline:
+            self._publish()  # dead letters for results refused during the flush
+            remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
         if remaining:
             log.warning("%d outcomes undelivered at shutdown; they will be served again", remaining)
         if self._fatal is None:

@@ -71,7 +71,8 @@ def test_register_is_idempotent_and_lookups_are_cached(registry_url: str) -> Non
     gets = [c for c in _Registry.calls if c[0] == "GET"]
     assert len(gets) == 1  # ids never change: fetched once
     assert _Registry.calls[0] == (
-        "POST", "/subjects/kp.results-value/versions",
+        "POST",
+        "/subjects/kp.results-value/versions",
         "Basic " + base64.b64encode(b"user:secret").decode(),
     )
 

@@ -1,0 +1,122 @@
+"""The main loop's delivery decisions, with in-memory Kafka doubles (no broker)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+
+from pipeline.loader import parse_topology
+from pipeline.messages import Envelope, Request
+from pipeline.outcomes import Outcome
+from pipeline.runner import Pipeline
+from schemas.codec import AvroCodec
+
+ROOT = Path(__file__).resolve().parents[2]
+TOPOLOGY = """
+topics: {input: [in], output: out, dead_letter: dlq}
+flow: {max_in_flight: 10}
+models:
+  - name: m
+    backend: onnxruntime
+    artifact: x.onnx
+    inputs: [{name: x, datatype: FP32, shape: [1]}]
+"""
+
+
+class FakeProducer:
+    """Refuses values over ``limit`` bytes at produce(); acks the rest on poll()."""
+
+    def __init__(self, limit: int, late_error: KafkaError | None = None) -> None:
+        self.limit = limit
+        self.late_error = late_error
+        self.sent: list[tuple[str, bytes]] = []
+        self._acks: list[Any] = []
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: Any = None,
+        headers: Any = None,
+        on_delivery: Any = None,
+    ) -> None:
+        if len(value) > self.limit:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"))
+        self._acks.append((on_delivery, self.late_error if topic == "out" else None))
+        self.sent.append((topic, value))
+
+    def poll(self, _: float = 0) -> int:
+        acks, self._acks = self._acks, []
+        for callback, err in acks:
+            callback(err, None)
+        return len(acks)
+
+
+def _pipeline(producer: FakeProducer) -> Pipeline:
+    topology = parse_topology(TOPOLOGY, "t.yaml", {})
+    return Pipeline(topology, [], "unused:9092", consumer=object(), producer=producer)  # type: ignore[arg-type]
+
+
+def _envelope(p: Pipeline, value: bytes) -> Envelope:
+    generation = p.tracker.assign(("in", 0))
+    p.tracker.track(("in", 0), 7)
+    return Envelope(
+        "in", 0, 7, b"k", value, 0, time.monotonic(), generation, Request("r7", "m", {})
+    )
+
+
+def _settle(p: Pipeline) -> None:
+    for _ in range(3):
+        p._publish()
+        p.producer.poll(0)
+
+
+def test_a_result_too_large_to_send_becomes_a_dead_letter() -> None:
+    producer = FakeProducer(limit=400)
+    p = _pipeline(producer)
+    env = _envelope(p, b"small request")
+    p._pending.append(Outcome(env, "out", b"x" * 1000))
+    _settle(p)
+    [(topic, value)] = producer.sent
+    letter = AvroCodec().decode_dead_letter(value)
+    assert (topic, letter.reason, letter.payload) == ("dlq", "undeliverable", b"small request")
+    assert "cannot be written to out" in letter.error
+    assert p.tracker.committable() == {("in", 0): 8}
+    assert p._fatal is None
+
+
+def test_a_dead_letter_too_large_is_sent_without_the_request_bytes() -> None:
+    producer = FakeProducer(limit=400)
+    p = _pipeline(producer)
+    env = _envelope(p, b"y" * 1000)
+    p._pending.append(p.encoder.dead_letter(env, "bad_tensor", "wrong shape"))
+    _settle(p)
+    [(topic, value)] = producer.sent
+    letter = AvroCodec().decode_dead_letter(value)
+    assert (topic, letter.reason, letter.payload) == ("dlq", "bad_tensor", b"")
+    assert "bytes were dropped" in letter.error
+    assert p.tracker.committable() == {("in", 0): 8}
+
+
+def test_a_refused_result_reported_late_also_becomes_a_dead_letter() -> None:
+    producer = FakeProducer(
+        limit=10_000, late_error=KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    )
+    p = _pipeline(producer)
+    p._pending.append(Outcome(_envelope(p, b"req"), "out", b"result"))
+    _settle(p)
+    assert [t for t, _ in producer.sent] == ["out", "dlq"]
+    assert p.tracker.committable() == {("in", 0): 8}
+
+
+def test_a_transient_failure_stops_without_committing() -> None:
+    producer = FakeProducer(limit=10_000, late_error=KafkaError(KafkaError._MSG_TIMED_OUT))
+    p = _pipeline(producer)
+    p._pending.append(Outcome(_envelope(p, b"req"), "out", b"result"))
+    _settle(p)
+    assert p._fatal is not None
+    assert "delivery to out failed for in/0@7" in p._fatal
+    assert p.tracker.committable() == {}
