@@ -163,7 +163,11 @@ def run_scenario(sc: Scenario, broker: EmbeddedBroker) -> None:
             key=lambda r: r.rate,
         )
         sc.checks.append(
-            (f"kp-pipeline / best preprocess+model ({best.variant[-8:]})", kp.rate / best.rate, 1.0)
+            (
+                f"kp-pipeline / best preprocess+model ({best.variant.split(', ')[1]})",
+                kp.rate / best.rate,
+                1.0,
+            )
         )
     for backend in graph.instances:
         backend.unload()

@@ -131,13 +131,13 @@ def _report(
     results: list[Result], letters: list[DeadLetter], show: int, dlq: str, echo: Echo
 ) -> None:
     echo("")
-    echo(f"{'id':<22} {'top-5 (probability)':<78} {'batch':>5} {'compute':>9} {'e2e':>9}")
+    echo(f"{'id':<20} {'top-5 classes':<84} {'batch':>5} {'compute':>9} {'e2e':>9}")
     for r in sorted(results, key=lambda r: r.id)[:show]:
         labels = [b.decode() for b in r.outputs["labels"].tolist()]
         scores = r.outputs["scores"].tolist()
-        top = " | ".join(f"{lab} {s:.2f}" for lab, s in zip(labels, scores, strict=True))
+        top = " | ".join(f"{lab} {s:.0%}" for lab, s in zip(labels, scores, strict=True))
         echo(
-            f"{r.id:<22} {top[:78]:<78} {r.batch_size:>5} "
+            f"{r.id:<20} {top[:84]:<84} {r.batch_size:>5} "
             f"{r.timings.compute_ms:>7.1f}ms {r.timings.end_to_end_ms:>7.0f}ms"
         )
     if len(results) > show:
