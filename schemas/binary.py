@@ -69,6 +69,15 @@ def decode_long(buf: bytes, pos: int) -> tuple[int, int]:
     return (z >> 1) ^ -(z & 1), pos
 
 
+def _read_block_count(buf: bytes, pos: int) -> tuple[int, int]:
+    """Item count of the next array/map block; a negative count is followed by a byte size."""
+    count, pos = decode_long(buf, pos)
+    if count < 0:
+        count = -count
+        _, pos = decode_long(buf, pos)
+    return count, pos
+
+
 def _read_bytes(buf: bytes, pos: int) -> tuple[bytes, int]:
     n, pos = decode_long(buf, pos)
     end = pos + n
@@ -101,23 +110,17 @@ def read_request(buf: bytes) -> dict[str, Any]:
     version, pos = _read_optional_str(buf, pos)
     inputs = []
     while True:
-        count, pos = decode_long(buf, pos)
+        count, pos = _read_block_count(buf, pos)
         if count == 0:
             break
-        if count < 0:  # a block with its byte size: skip the size
-            count = -count
-            _, pos = decode_long(buf, pos)
         for _ in range(count):
             name, pos = _read_str(buf, pos)
             datatype, pos = _read_str(buf, pos)
             shape = []
             while True:
-                dims, pos = decode_long(buf, pos)
+                dims, pos = _read_block_count(buf, pos)
                 if dims == 0:
                     break
-                if dims < 0:
-                    dims = -dims
-                    _, pos = decode_long(buf, pos)
                 for _ in range(dims):
                     d, pos = decode_long(buf, pos)
                     shape.append(d)
@@ -125,12 +128,9 @@ def read_request(buf: bytes) -> dict[str, Any]:
             inputs.append({"name": name, "datatype": datatype, "shape": shape, "data": data})
     parameters = {}
     while True:
-        count, pos = decode_long(buf, pos)
+        count, pos = _read_block_count(buf, pos)
         if count == 0:
             break
-        if count < 0:
-            count = -count
-            _, pos = decode_long(buf, pos)
         for _ in range(count):
             k, pos = _read_str(buf, pos)
             v, pos = _read_str(buf, pos)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel
 
+from pipeline.errors import GraphError
 from pipeline.tensors import TensorSpec
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "StageBase",
     "StageContext",
     "StageParams",
+    "require",
     "stack_if_uniform",
 ]
 
@@ -81,6 +83,14 @@ class Batch:
     def with_columns(self, columns: dict[str, Column]) -> Batch:
         """The same rows with other columns."""
         return Batch(self.rows, columns, self.rejected)
+
+
+def require(inputs: Mapping[str, TensorSpec], name: str, stage: str) -> TensorSpec:
+    """The spec of column ``name``, or a `GraphError` listing what the batch has instead."""
+    if name not in inputs:
+        have = ", ".join(f"{k} {v}" for k, v in inputs.items()) or "nothing"
+        raise GraphError(f"{stage}: needs column {name!r}, but the batch has {have}")
+    return inputs[name]
 
 
 def stack_if_uniform(items: list[Any]) -> Column:

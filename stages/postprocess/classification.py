@@ -11,15 +11,13 @@ from pydantic import Field
 
 from pipeline.errors import GraphError
 from pipeline.tensors import TensorSpec
-from stages.base import Batch, StageBase, StageContext, StageParams
+from stages.base import Batch, StageBase, StageContext, StageParams, require
 
 __all__ = ["Softmax", "TopK", "load_labels"]
 
 
 def _need_vector(inputs: Mapping[str, TensorSpec], name: str, stage: str) -> TensorSpec:
-    if name not in inputs:
-        raise GraphError(f"{stage}: needs column {name!r}; the model gives {sorted(inputs)}")
-    spec = inputs[name]
+    spec = require(inputs, name, stage)
     if spec.datatype not in ("FP16", "FP32", "FP64") or len(spec.shape) != 1:
         raise GraphError(f"{stage}: {name!r} must be a float vector per row, got {spec}")
     return spec

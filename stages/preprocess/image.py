@@ -18,7 +18,7 @@ from pydantic import Field
 
 from pipeline.errors import GraphError
 from pipeline.tensors import TensorSpec
-from stages.base import Batch, StageBase, StageParams, stack_if_uniform
+from stages.base import Batch, StageBase, StageParams, require, stack_if_uniform
 
 __all__ = ["CenterCrop", "DecodeImage", "Normalize", "Resize", "ToNCHW"]
 
@@ -28,13 +28,6 @@ _FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
-
-
-def _need(inputs: Mapping[str, TensorSpec], name: str, stage: str) -> TensorSpec:
-    if name not in inputs:
-        have = ", ".join(f"{k}: {v}" for k, v in inputs.items()) or "nothing"
-        raise GraphError(f"{stage}: needs column {name!r}, but the batch has {have}")
-    return inputs[name]
 
 
 def _image_spec(spec: TensorSpec, stage: str, name: str) -> None:
@@ -64,7 +57,7 @@ class DecodeImage(StageBase):
 
     def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         """BYTES[1] (or BYTES[]) in, UINT8[h,w,c] out."""
-        spec = _need(inputs, self.p.input, self.name)
+        spec = require(inputs, self.p.input, self.name)
         if spec.datatype != "BYTES" or spec.shape not in ((), (1,)):
             raise GraphError(f"{self.name}: {self.p.input!r} must be BYTES[1], got {spec}")
         channels = 3 if self.p.mode == "RGB" else 1
@@ -140,7 +133,7 @@ class Resize(StageBase):
 
     def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         """UINT8[h,w,c] in; fixed [H,W,c] out for an exact size, free dims otherwise."""
-        spec = _need(inputs, self.p.input, self.name)
+        spec = require(inputs, self.p.input, self.name)
         _image_spec(spec, self.name, self.p.input)
         out = dict(inputs)
         if isinstance(self.p.size, tuple):
@@ -193,7 +186,7 @@ class CenterCrop(StageBase):
 
     def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         """UINT8[h,w,c] in, UINT8[H,W,c] out."""
-        spec = _need(inputs, self.p.input, self.name)
+        spec = require(inputs, self.p.input, self.name)
         _image_spec(spec, self.name, self.p.input)
         out = dict(inputs)
         out[self.p.input] = TensorSpec("UINT8", (self.h, self.w, spec.shape[2]))
@@ -251,7 +244,7 @@ class Normalize(StageBase):
 
     def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         """A fixed-shape HWC tensor in, FP32 of the same shape out."""
-        spec = _need(inputs, self.p.input, self.name)
+        spec = require(inputs, self.p.input, self.name)
         if len(spec.shape) != 3 or None in spec.shape:
             raise GraphError(f"{self.name}: {self.p.input!r} must be a fixed [h,w,c], got {spec}")
         c = spec.shape[2]
@@ -292,7 +285,7 @@ class ToNCHW(StageBase):
 
     def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         """[h,w,c] in, [c,h,w] out, same datatype."""
-        spec = _need(inputs, self.p.input, self.name)
+        spec = require(inputs, self.p.input, self.name)
         if len(spec.shape) != 3:
             raise GraphError(f"{self.name}: {self.p.input!r} must be [h,w,c], got {spec}")
         h, w, c = spec.shape

@@ -9,15 +9,9 @@ import numpy as np
 
 from pipeline.errors import GraphError
 from pipeline.tensors import DATATYPES, TensorSpec, numpy_dtype
-from stages.base import Batch, StageBase, StageParams
+from stages.base import Batch, StageBase, StageParams, require
 
 __all__ = ["Cast", "Rename"]
-
-
-def _need(inputs: Mapping[str, TensorSpec], name: str, stage: str) -> TensorSpec:
-    if name not in inputs:
-        raise GraphError(f"{stage}: needs column {name!r}; the batch has {sorted(inputs)}")
-    return inputs[name]
 
 
 class CastParams(StageParams):
@@ -42,7 +36,7 @@ class Cast(StageBase):
 
     def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         """Same shape, new datatype."""
-        spec = _need(inputs, self.p.input, self.name)
+        spec = require(inputs, self.p.input, self.name)
         if spec.datatype == "BYTES":
             raise GraphError(f"cast: {self.p.input!r} is BYTES; decode it first")
         out = dict(inputs)
@@ -75,7 +69,7 @@ class Rename(StageBase):
 
     def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         """The same specs under the new name."""
-        spec = _need(inputs, self.p.input, self.name)
+        spec = require(inputs, self.p.input, self.name)
         out = {k: v for k, v in inputs.items() if k != self.p.input}
         out[self.p.output] = spec
         return out
