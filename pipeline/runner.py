@@ -151,7 +151,9 @@ class Pipeline:
         if generation is None:  # prefetched before a revoke: the new owner will serve it
             return
         offset = cast(int, msg.offset())
-        self.tracker.track(tp, offset)
+        if not self.tracker.track(tp, offset):
+            log.warning("%s[%d]@%d re-delivered by the client; already served", *tp, offset)
+            return
         self.stats.consumed += 1
         value = msg.value()
         env = Envelope(

@@ -61,13 +61,19 @@ class OffsetTracker:
         part = self._parts.get(tp)
         return None if part is None else part.generation
 
-    def track(self, tp: TopicPartition, offset: int) -> None:
-        """Record a consumed offset; offsets of a partition must arrive in increasing order."""
+    def track(self, tp: TopicPartition, offset: int) -> bool:
+        """Record a consumed offset; False (and nothing recorded) if it is not past the last.
+
+        Offsets of one assignment arrive in increasing order; one that does not (the client
+        re-fetched after an offset reset) is already tracked and must not be served twice.
+        """
         part = self._parts[tp]
-        if part.pending and offset <= part.pending[-1]:
-            raise ValueError(f"{tp}: offset {offset} after {part.pending[-1]}")
+        last = part.pending[-1] if part.pending else (part.position or 0) - 1
+        if offset <= last:
+            return False
         part.pending.append(offset)
         self.in_flight += 1
+        return True
 
     def done(self, tp: TopicPartition, offset: int, generation: int) -> bool:
         """Mark an offset's outcome delivered; False if it belongs to an old assignment."""

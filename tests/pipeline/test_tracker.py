@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -78,12 +77,16 @@ def test_unknown_partition_duplicate_and_early_acks_are_ignored() -> None:
     assert t.in_flight == 0
 
 
-def test_offsets_must_increase() -> None:
+def test_offsets_that_do_not_increase_are_not_tracked_twice() -> None:
     t = OffsetTracker()
-    t.assign(TP)
-    t.track(TP, 3)
-    with pytest.raises(ValueError, match="offset 3 after 3"):
-        t.track(TP, 3)
+    gen = t.assign(TP)
+    assert t.track(TP, 3)
+    assert not t.track(TP, 3)
+    assert not t.track(TP, 1)
+    assert t.done(TP, 3, gen)
+    assert not t.track(TP, 2)  # below the committable position, even with nothing pending
+    assert t.in_flight == 0
+    assert t.committable() == {TP: 4}
 
 
 def test_revoke_of_unknown_partition_is_none() -> None:
