@@ -1,284 +1,212 @@
 """Side-by-side benchmark of kp-pipeline against its alternatives and limits.
 
-The naive consumer, the model alone, preprocessing plus model back to back, and a Kafka
-pass-through, all on one broker, one machine, in one run.
+    python -m load.bench [--scenario tiny|image|all]
 
-    python -m load.bench --scenario all
-
-Prints a table per scenario with ratios and the targets, and writes
-load/results/latest.{json,md}. Figures vary by 1.5x on shared machines: compare only
-figures from the same run.
+One embedded broker for the whole run. Per scenario the requests are produced once to an
+input topic; kp-pipeline, a naive consumer and a Kafka pass-through each read that topic
+with their own consumer group, then the model alone and (for images) preprocessing plus
+model run without Kafka. Prints a table per scenario with the ratios and the issue's
+targets, and writes load/results/latest.{json,md}. Figures vary by up to 1.5x on shared
+machines: compare only figures from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
-import platform
-import time
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib.metadata import version
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from confluent_kafka.admin import AdminClient
 
-from load import variants
-from pipeline.app import OpenTopology, open_topology
+from load import report, variants
+from load.report import Check, Row, ScenarioResult
+from pipeline.app import OpenTopology
 from pipeline.broker import EmbeddedBroker
 from pipeline.client import image_request, produce_requests, tensor_request
-from pipeline.kafka import ensure_topics
+from pipeline.config import ModelSettings
+from pipeline.kafka import ensure_topics, producer_config
+from pipeline.loader import load_topology
 from pipeline.messages import Request
 from pipeline.samples import sample_jpegs
 from schemas.codec import AvroCodec
 
 ROOT = Path(__file__).resolve().parents[1]
+PARTITIONS = 4
+IMAGE_BATCHES = (1, 8, 16, 32)
+TIMEOUT_S = 900.0  # per variant: a stuck variant fails the run instead of hanging it
+SEED = 20261124
 
 
-@dataclass
-class Row:
-    """One contender's figure."""
-
-    variant: str
-    requests: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        """Requests per second."""
-        return self.requests / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class Scenario:
-    """A model, its requests, and what kp-pipeline must reach."""
+@dataclass(frozen=True)
+class Plan:
+    """A scenario to run: its topology, its requests, and how many each variant gets."""
 
     name: str
+    title: str
     topology: Path
-    make: Callable[[int], list[Request]]
-    n: int
-    naive_n: int
-    rows: list[Row] = field(default_factory=list)
-    checks: list[tuple[str, float, float]] = field(default_factory=list)
+    make: Callable[[ModelSettings, int], list[Request]]
+    requests: int
+    naive_requests: int
 
 
-def tiny_requests(n: int) -> list[Request]:
-    x = np.random.default_rng(20261124).standard_normal((n, 64)).astype(np.float32)
-    return [tensor_request(f"t-{i}", "tiny-mlp", {"x": x[i]}) for i in range(n)]
+def tiny_requests(model: ModelSettings, n: int) -> list[Request]:
+    """Random FP32[64] vectors from a fixed seed, so every run sends the same data."""
+    name = model.inputs[0].name
+    x = np.random.default_rng(SEED).standard_normal((n, 64), dtype=np.float32)
+    return [tensor_request(f"tiny-{i:06d}", model.name, {name: x[i]}) for i in range(n)]
 
 
-def image_requests(n: int) -> list[Request]:
-    photos = list(sample_jpegs().values())
+def image_requests(model: ModelSettings, n: int) -> list[Request]:
+    """The sample photos (~57 KB JPEGs), cycled."""
+    photos = list(sample_jpegs().items())
+    name = model.inputs[0].name
     return [
-        image_request(f"i-{i}", "efficientnet-lite0", photos[i % len(photos)]) for i in range(n)
+        image_request(
+            f"img-{i:05d}-{photos[i % len(photos)][0]}",
+            model.name,
+            photos[i % len(photos)][1],
+            name,
+        )
+        for i in range(n)
     ]
 
 
-def _with_topics(opened: OpenTopology, topic: str, out: str, group: str) -> OpenTopology:
-    t = opened.topology
-    topology = t.model_copy(
-        update={
-            "topics": t.topics.model_copy(
-                update={
-                    "input": [topic],
-                    "output": out,
-                    "dead_letter": out + ".dlq",
-                    "create": True,
-                }
-            ),
-            "kafka": t.kafka.model_copy(update={"group_id": group}),
-        }
-    )
-    return dataclasses.replace(opened, topology=topology)
+def open_for_bench(plan: Plan, bootstrap: str) -> OpenTopology:
+    """The scenario's topology with bench topics and group, set through its ${VAR}s.
+
+    The image topology names its topics itself (kp.requests → kp.results); only the tiny
+    one reads KP_INPUT/KP_OUTPUT/KP_DLQ. Either way the input topic is the topology's.
+    """
+    prefix = f"bench.{plan.name}"
+    env = {
+        "KP_BOOTSTRAP": bootstrap,
+        "KP_GROUP": f"{prefix}.kp",
+        "KP_INPUT": f"{prefix}.requests",
+        "KP_OUTPUT": f"{prefix}.kp.results",
+        "KP_DLQ": f"{prefix}.kp.dead-letters",
+    }
+    topology = load_topology(plan.topology, env=env)
+    return OpenTopology(topology, str(plan.topology), plan.topology.resolve().parent)
 
 
-def run_scenario(sc: Scenario, broker: EmbeddedBroker) -> None:
-    bootstrap = broker.bootstrap_servers
-    stamp = int(time.time())
-    topic = f"bench.{sc.name}.{stamp}"
-    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic], 4, 1)
+def run_scenario(plan: Plan, bootstrap: str) -> ScenarioResult:
+    """Produce the scenario's requests once, then measure every variant on them."""
+    opened = open_for_bench(plan, bootstrap)
+    topology = opened.topology
+    settings = topology.models[0]
+    topic = topology.topics.input[0]
+    size = settings.batching.max_batch_size
+    n = plan.requests
+    print(f"\n== {plan.title}: {n} requests on {topic} ({PARTITIONS} partitions)", flush=True)
+
+    requests = plan.make(settings, n)
     codec = AvroCodec()
-    requests = sc.make(sc.n)
+    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic], PARTITIONS, 1)
     produce_requests(bootstrap, topic, ((r.id.encode(), codec.encode_request(r)) for r in requests))
-    opened = open_topology(sc.topology)
-    graph = variants.load_graph(opened)
-    size = opened.topology.models[0].batching.max_batch_size
-    print(f"\n== {sc.name}: {sc.n} requests on {topic}, max_batch_size {size}", flush=True)
+    print(f"   produced {n} requests", flush=True)
 
-    def add(variant: str, timing: tuple[int, float]) -> Row:
+    threads = settings.options.get("intra_op_threads", "default")
+    title = (
+        f"{plan.title}: {n:,} requests; kp-pipeline batch ≤ {size}, "
+        f"{settings.instances} instance(s) × {threads} thread(s)"
+    )
+    sc = ScenarioResult(plan.name, title)
+
+    def add(variant: str, timing: variants.Timing) -> Row:
         row = Row(variant, *timing)
         sc.rows.append(row)
-        print(f"   {variant:<34} {row.rate:>10.1f} req/s", flush=True)
+        note = f"  ({row.note})" if row.note else ""
+        print(f"   {variant:<34} {row.rate:>12,.1f} req/s{note}", flush=True)
         return row
 
-    kp = add(
-        "kp-pipeline",
-        variants.kp_pipeline(
-            _with_topics(opened, topic, f"{topic}.kp", f"{topic}.kp"), bootstrap, sc.n
-        ),
+    kp = add("kp-pipeline", variants.kp_pipeline(opened, bootstrap, n, TIMEOUT_S))
+    src = variants.Source(
+        bootstrap,
+        topic,
+        producer_config(topology.kafka, bootstrap),
+        TIMEOUT_S,
+        topology.flow.poll_timeout_ms / 1000.0,
     )
-    naive = add(
-        "naive consumer",
-        variants.naive(
-            opened.topology, graph, bootstrap, topic, f"{topic}.naive", f"{topic}.naive", sc.naive_n
-        ),
-    )
-    passthrough = add(
-        "Kafka pass-through (no inference)",
-        variants.passthrough(bootstrap, topic, f"{topic}.pass", f"{topic}.pass", sc.n),
-    )
-
-    sample = requests[:size]
-    from pipeline.model_runtime import _run_stages
-    from stages.base import Batch
-
-    batch = _run_stages(
-        graph.preprocess,
-        Batch(
-            list(range(len(sample))),
-            {k: np.stack([r.inputs[k] for r in sample]) for k in graph.inputs},
-        ),
-    )
-    feeds = {k: np.asarray(batch.columns[k]) for k in graph.info.inputs}
-    add(f"model alone, batch {size}", variants.model_alone(graph, feeds, sc.n))
-
-    sc.checks.append(
-        ("kp-pipeline / naive", kp.rate / naive.rate, 10.0 if sc.name == "tiny" else 1.0)
-    )
-    if sc.name == "tiny":
-        sc.checks.append(("kp-pipeline / pass-through", kp.rate / passthrough.rate, 0.5))
-    else:
-        best = max(
-            (
+    graph = variants.reference_graph(opened)
+    try:
+        naive = add("naive consumer", variants.naive(graph, src, plan.naive_requests))
+        passthrough = add("Kafka pass-through (no inference)", variants.passthrough(src, n))
+        add(f"model alone, batch {size}", variants.model_alone(graph, requests, size, n))
+        sc.checks.append(
+            Check("kp-pipeline ÷ naive", kp.rate / naive.rate, 10.0 if plan.name == "tiny" else 1.0)
+        )
+        if plan.name == "tiny":
+            sc.checks.append(Check("kp-pipeline ÷ pass-through", kp.rate / passthrough.rate, 0.5))
+        else:
+            rows = [
                 add(
                     f"preprocess + model, batch {b}",
-                    variants.preprocess_and_model(graph, requests, b, min(sc.n, 300)),
+                    variants.preprocess_and_model(graph, requests, b, n),
                 )
-                for b in (1, 4, 8, 16)
-            ),
-            key=lambda r: r.rate,
-        )
-        sc.checks.append(
-            (
-                f"kp-pipeline / best preprocess+model ({best.variant.split(', ')[1]})",
-                kp.rate / best.rate,
-                1.0,
+                for b in IMAGE_BATCHES
+            ]
+            best = max(rows, key=lambda r: r.rate)
+            label = best.variant.rsplit(", ", 1)[1]
+            sc.checks.insert(
+                0,
+                Check(f"kp-pipeline ÷ best preprocess + model ({label})", kp.rate / best.rate, 1.0),
             )
-        )
-    for backend in graph.instances:
-        backend.unload()
+    finally:
+        graph.close()
+    print("\n" + "\n".join(report.table(sc)), flush=True)
+    return sc
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    pkgs = ["confluent-kafka", "onnxruntime", "fastavro", "numpy", "pillow"]
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "memory_gib": round(mem_gib, 1),
-        "python": platform.python_version(),
-        "broker": "Tansu 0.6 (memory storage), loopback",
-        "packages": {p: version(p) for p in pkgs},
-    }
-
-
-def report(scenarios: list[Scenario], out: Path) -> str:
-    lines = []
-    for sc in scenarios:
-        kp = sc.rows[0].rate
-        lines += [
-            f"### {sc.name}",
-            "",
-            "| variant | requests | seconds | requests/s | kp-pipeline ÷ this |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for r in sc.rows:
-            lines.append(
-                f"| {r.variant} | {r.requests} | {r.seconds:.2f} | {r.rate:,.1f} | "
-                f"{kp / r.rate:.2f}x |"
-            )
-        lines += ["", "| target | measured | wanted | |", "|---|---:|---:|---|"]
-        for name, got, want in sc.checks:
-            lines.append(
-                f"| {name} | {got:.2f}x | ≥ {want:g}x | {'PASS' if got >= want else 'MISS'} |"
-            )
-        lines.append("")
-    m = machine()
-    lines += [
-        f"Machine: {m['cpus']} × {m['cpu']}, {m['memory_gib']} GiB, Python {m['python']}, "
-        f"{m['broker']}; {', '.join(f'{k} {v}' for k, v in m['packages'].items())}; {m['date']}."
-    ]
-    text = "\n".join(lines) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.md").write_text(text)
-    (out / "latest.json").write_text(
-        json.dumps(
-            {
-                "machine": m,
-                "scenarios": [
-                    {
-                        "name": sc.name,
-                        "rows": [dict(dataclasses.asdict(r), rate=r.rate) for r in sc.rows],
-                        "checks": [
-                            {"name": c[0], "measured": c[1], "wanted": c[2]} for c in sc.checks
-                        ],
-                    }
-                    for sc in scenarios
-                ],
-            },
-            indent=2,
-        )
-    )
-    return text
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the scenarios on one broker, write the results."""
+    p = argparse.ArgumentParser(prog="python -m load.bench", description=__doc__.splitlines()[0])
     p.add_argument("--scenario", choices=["tiny", "image", "all"], default="all")
     p.add_argument("--tiny-requests", type=int, default=100_000)
-    p.add_argument("--naive-tiny-requests", type=int, default=3_000)
     p.add_argument("--image-requests", type=int, default=600)
+    p.add_argument(
+        "--naive-tiny-requests",
+        type=int,
+        default=3_000,
+        help="the naive consumer is slow on the tiny model: it serves this many, and its "
+        "rate is compared",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "load" / "results")
-    args = p.parse_args()
-    scenarios = []
+    args = p.parse_args(argv)
+
+    plans = []
     if args.scenario in ("tiny", "all"):
-        scenarios.append(
-            Scenario(
+        plans.append(
+            Plan(
                 "tiny",
+                "Tiny model (64 floats → MLP → top-3)",
                 ROOT / "load/topologies/tiny-mlp.yaml",
                 tiny_requests,
                 args.tiny_requests,
-                args.naive_tiny_requests,
+                min(args.naive_tiny_requests, args.tiny_requests),
             )
         )
     if args.scenario in ("image", "all"):
-        scenarios.append(
-            Scenario(
+        plans.append(
+            Plan(
                 "image",
+                "Image demo (EfficientNet-Lite0 on sample JPEGs)",
                 ROOT / "topology.yaml",
                 image_requests,
                 args.image_requests,
-                min(args.image_requests, 300),
+                args.image_requests,
             )
         )
     with EmbeddedBroker() as broker:
-        for sc in scenarios:
-            run_scenario(sc, broker)
-    print("\n" + report(scenarios, args.out))
+        print(f"embedded Tansu broker on {broker.bootstrap_servers}", flush=True)
+        results = [run_scenario(plan, broker.bootstrap_servers) for plan in plans]
+    text = report.write(args.out, results, {k: str(v) for k, v in vars(args).items()})
+    print(text[text.index("Machine: ") :], end="")
+    print(f"wrote {args.out / 'latest.md'} and {args.out / 'latest.json'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

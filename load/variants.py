@@ -1,172 +1,323 @@
-"""The contenders of the side-by-side benchmark, each a function returning (requests, seconds).
+"""The contenders of the side-by-side benchmark; each returns a `Timing`.
 
 Every Kafka variant reads the same input topic with its own consumer group and writes its
-own output topic, on the same broker, and is timed from its first consumed record to its
-last acknowledged output: the group join (slow on Tansu) is not counted.
+own output topic on the same broker, and is timed from its first consumed record to its
+last output acknowledged by the broker: the group join (``session.timeout.ms / 2`` on
+Tansu) happens before the clock starts, so it is not counted.
+
+The reference variants (naive, model alone, preprocess + model) run the topology's own
+stages and model through `pipeline.graph.build_model`, so the work per request is the
+same as in kp-pipeline; only the way it is scheduled differs.
 """
 
 from __future__ import annotations
 
+import gc
 import time
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
 
 import numpy as np
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from pipeline.app import OpenTopology
-from pipeline.config import Topology
 from pipeline.demo import BackgroundPipeline
 from pipeline.graph import ModelGraph, build_model
-from pipeline.messages import Envelope
-from pipeline.model_runtime import _run_stages
-from pipeline.outcomes import OutcomeEncoder
+from pipeline.messages import Envelope, Request
+from pipeline.outcomes import Outcome, OutcomeEncoder
 from schemas.codec import AvroCodec
-from stages.base import Batch
+from stages.base import Batch, Stage
 
-__all__ = ["kp_pipeline", "model_alone", "naive", "passthrough", "preprocess_and_model"]
+__all__ = [
+    "BenchError",
+    "Source",
+    "Timing",
+    "kp_pipeline",
+    "model_alone",
+    "naive",
+    "passthrough",
+    "preprocess_and_model",
+    "reference_graph",
+]
 
-Timing = tuple[int, float]
-_CLIENT = {"session.timeout.ms": 6000}
-
-
-def _consumer(bootstrap: str, group: str, topic: str) -> Consumer:
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            **_CLIENT,
-        }
-    )
-    c.subscribe([topic])
-    return c
+Feeds = dict[str, np.ndarray[Any, Any]]
 
 
-def kp_pipeline(opened: OpenTopology, bootstrap: str, n: int) -> Timing:
-    """The pipeline as users run it, on a thread of this process."""
-    served = BackgroundPipeline(opened, bootstrap).start()
+class BenchError(RuntimeError):
+    """A variant did not finish, or lost records: its figure would be meaningless."""
+
+
+class Timing(NamedTuple):
+    """Requests served and the seconds they took; ``note`` flags anything odd."""
+
+    requests: int
+    seconds: float
+    note: str = ""
+
+
+# -- Kafka variants ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """The shared input topic and what every hand-written Kafka variant is given."""
+
+    bootstrap: str
+    topic: str
+    producer_conf: dict[str, Any]  # the pipeline's own producer settings
+    timeout: float
+    # consume(n, wait) returns only when n records are there or the wait is over, so a
+    # long wait would start the clock after a whole batch had been fetched: wait as long
+    # as kp-pipeline does (flow.poll_timeout_ms).
+    consume_wait_s: float
+
+    def out(self, variant: str) -> str:
+        """The variant's own output topic."""
+        return f"{self.topic}.{variant}"
+
+    def consumer(self, variant: str) -> Consumer:
+        """A plain consumer in the variant's own group, manual commits.
+
+        The short session makes Tansu group joins quick (they take half of it).
+        """
+        c = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"{self.topic}.{variant}",
+                "client.id": f"bench-{variant}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
+                "session.timeout.ms": 6000,
+            }
+        )
+        c.subscribe([self.topic])
+        return c
+
+
+def kp_pipeline(opened: OpenTopology, bootstrap: str, n: int, timeout: float) -> Timing:
+    """The pipeline as users run it, on a thread; timed by its own RunStats clocks."""
+    served = BackgroundPipeline(opened, bootstrap).start(timeout)
     assert served.pipeline is not None
     stats = served.pipeline.stats
-    while stats.results + stats.dead_letters < n:
-        time.sleep(0.01)
-    served.stop()
+    deadline = time.monotonic() + timeout
+    try:
+        while stats.results + stats.dead_letters < n:
+            if served.error is not None or time.monotonic() > deadline:
+                raise BenchError(
+                    f"kp-pipeline delivered {stats.results} results and {stats.dead_letters} "
+                    f"dead letters of {n} requests (error: {served.error!r})"
+                )
+            time.sleep(0.01)
+    finally:
+        served.stop()
+        del served
+        # The stopped pipeline's objects form reference cycles: collect them now, so its
+        # Kafka clients do not linger beside the variants measured next.
+        gc.collect()
     assert stats.first_consumed is not None
     assert stats.last_delivered is not None
-    return n, stats.last_delivered - stats.first_consumed
+    note = f"{stats.dead_letters} dead letters" if stats.dead_letters else ""
+    return Timing(n, stats.last_delivered - stats.first_consumed, note)
 
 
-def naive(
-    topology: Topology, graph: ModelGraph, bootstrap: str, topic: str, out: str, group: str, n: int
-) -> Timing:
-    """One message, one inference, one produce (flushed), one synchronous commit."""
+def naive(graph: ModelGraph, src: Source, n: int) -> Timing:
+    """One message, one inference, one produce (flushed), one synchronous commit.
+
+    The loop most first consumers are: correct and simple, and it pays a broker round
+    trip for the produce and another for the commit on every request.
+    """
+    out = src.out("naive")
     codec = AvroCodec()
-    encoder = OutcomeEncoder(codec, out, out + ".dlq")
+    encoder = OutcomeEncoder(codec, out, f"{out}.dlq")
     backend = graph.instances[0]
-    consumer = _consumer(bootstrap, group, topic)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+    consumer = src.consumer("naive")
+    producer = Producer({**src.producer_conf, "linger.ms": 0, "client.id": "bench-naive"})
+    failures = _Failures()
     done, start = 0, 0.0
-    while done < n:
-        msg = consumer.poll(0.5)
-        if msg is None or msg.error() is not None:
-            continue
-        if done == 0:
-            start = time.monotonic()
-        request = codec.decode_request(msg.value())
-        env = Envelope(
-            msg.topic(),
-            msg.partition(),
-            msg.offset(),
-            msg.key(),
-            msg.value(),
-            msg.timestamp()[1],
-            time.monotonic(),
-            0,
-            request,
-        )
-        batch = Batch([env], {k: np.stack([request.inputs[k]]) for k in graph.inputs})
-        batch = _run_stages(graph.preprocess, batch)
-        outputs = backend.infer({k: np.asarray(batch.columns[k]) for k in graph.info.inputs})
-        post = _run_stages(graph.postprocess, Batch(batch.rows, dict(outputs)))
-        [outcome] = encoder.results(
-            post.rows, graph.name, "1", post.columns, env.consumed_at, (0.0, 0.0, 0.0), 1
-        )
-        producer.produce(outcome.topic, outcome.value, msg.key())
-        producer.flush()
-        consumer.commit(message=msg, asynchronous=False)
-        done += 1
-    elapsed = time.monotonic() - start
-    consumer.close()
-    return done, elapsed
+    deadline = time.monotonic() + src.timeout
+    try:
+        while done < n:
+            _check_deadline("naive consumer", done, n, deadline)
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error() is not None:
+                continue
+            now = time.monotonic()
+            if done == 0:
+                start = now
+            env = _envelope(msg, now, codec.decode_request(msg.value() or b""))
+            for outcome in _serve_one(graph, backend, encoder, env):
+                producer.produce(outcome.topic, outcome.value, msg.key(), on_delivery=failures)
+            producer.flush()
+            consumer.commit(message=msg, asynchronous=False)
+            done += 1
+        elapsed = time.monotonic() - start
+    finally:
+        consumer.close()
+    if failures.errors:
+        raise BenchError(f"naive consumer: produce failed: {failures.errors[:3]}")
+    return Timing(done, elapsed)
 
 
-def passthrough(bootstrap: str, topic: str, out: str, group: str, n: int) -> Timing:
-    """Kafka's ceiling here: consume batches, produce each value unchanged, commit async."""
-    consumer = _consumer(bootstrap, group, topic)
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "linger.ms": 5,
-            "batch.num.messages": 10000,
-            "queue.buffering.max.messages": 1_000_000,
-        }
-    )
+def passthrough(src: Source, n: int) -> Timing:
+    """Kafka's ceiling for this payload: consume batches, produce each value unchanged.
+
+    Uses the pipeline's producer settings, so the gap to kp-pipeline is the pipeline's own
+    cost (decoding, batching, inference, encoding, offset tracking), not client tuning.
+    """
+    out = src.out("pass")
+    consumer = src.consumer("pass")
+    producer = Producer({**src.producer_conf, "client.id": "bench-pass"})
+    failures = _Failures()
     done, start = 0, 0.0
-    while done < n:
-        msgs = consumer.consume(500, 0.5)
-        if not msgs:
-            continue
-        if done == 0:
-            start = time.monotonic()
-        for m in msgs:
-            if m.error() is None:
-                producer.produce(out, m.value(), m.key())
+    deadline = time.monotonic() + src.timeout
+    try:
+        while done < n:
+            _check_deadline("pass-through", done, n, deadline)
+            msgs = consumer.consume(500, src.consume_wait_s)
+            if not msgs:
+                continue
+            if done == 0:
+                start = time.monotonic()
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                while True:
+                    try:
+                        producer.produce(out, m.value(), m.key(), on_delivery=failures)
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
                 done += 1
-        producer.poll(0)
-        consumer.commit(asynchronous=True)
-    producer.flush()
-    elapsed = time.monotonic() - start
-    consumer.close()
-    return done, elapsed
+            producer.poll(0)
+            consumer.commit(asynchronous=True)
+        left = producer.flush(src.timeout)
+        elapsed = time.monotonic() - start
+    finally:
+        consumer.close()
+    if left or failures.errors:
+        raise BenchError(f"pass-through: {left} unacknowledged, failed: {failures.errors[:3]}")
+    return Timing(done, elapsed)
 
 
-def model_alone(graph: ModelGraph, feeds: dict[str, Any], n: int) -> Timing:
-    """backend.infer on preloaded, preprocessed tensors at the topology's batch size."""
+# -- references without Kafka ------------------------------------------------------------
+
+
+def model_alone(graph: ModelGraph, requests: Sequence[Request], batch_size: int, n: int) -> Timing:
+    """backend.infer on one preprocessed batch, repeated: the model's own ceiling."""
     backend = graph.instances[0]
-    size = next(iter(feeds.values())).shape[0]
-    backend.infer(feeds)  # warm-up
-    start = time.monotonic()
-    done = 0
-    while done < n:
-        backend.infer(feeds)
-        done += size
-    return done, time.monotonic() - start
-
-
-def preprocess_and_model(graph: ModelGraph, requests: list[Any], batch_size: int, n: int) -> Timing:
-    """Decode, preprocess, infer and postprocess back to back in one thread, no Kafka."""
-    backend = graph.instances[0]
+    feeds = _feeds(graph, _run(graph.preprocess, _batch(graph, requests[:batch_size])))
+    backend.infer(feeds)  # warm-up: the first call at a new shape allocates
     done, start = 0, time.monotonic()
     while done < n:
-        chunk = requests[:batch_size]
-        batch = Batch(
-            list(range(len(chunk))),
-            {k: np.stack([r.inputs[k] for r in chunk]) for k in graph.inputs},
-        )
-        batch = _run_stages(graph.preprocess, batch)
-        outputs = backend.infer({k: np.asarray(batch.columns[k]) for k in graph.info.inputs})
-        _run_stages(graph.postprocess, Batch(batch.rows, dict(outputs)))
-        done += len(chunk)
-    return done, time.monotonic() - start
+        backend.infer(feeds)
+        done += batch_size
+    return Timing(done, time.monotonic() - start)
 
 
-def load_graph(opened: OpenTopology) -> ModelGraph:
-    """The topology's first model as one instance with the runtime's default threading.
+def preprocess_and_model(
+    graph: ModelGraph, requests: Sequence[Request], batch_size: int, n: int
+) -> Timing:
+    """Decode, preprocess, infer and postprocess back to back in one thread, no Kafka.
 
-    The reference variants (naive, model alone, back to back) run one stream of work, for
-    which ONNX Runtime's own default (all cores) is its best setting; the topology's
-    instance and thread settings are tuned for the pipeline's overlap instead.
+    Starts from the requests' tensors (the encoded JPEG bytes for images), so it does all
+    the per-request work kp-pipeline does except Kafka and Avro; a pipeline that overlaps
+    decoding with inference can beat it.
+    """
+    backend = graph.instances[0]
+
+    def one(first: int) -> int:
+        chunk = [requests[(first + j) % len(requests)] for j in range(batch_size)]
+        batch = _run(graph.preprocess, _batch(graph, chunk))
+        _run(graph.postprocess, Batch(batch.rows, dict(backend.infer(_feeds(graph, batch)))))
+        return len(chunk)
+
+    one(0)  # warm-up at this batch size
+    done, start = 0, time.monotonic()
+    while done < n:
+        done += one(done)
+    return Timing(done, time.monotonic() - start)
+
+
+def reference_graph(opened: OpenTopology) -> ModelGraph:
+    """The topology's first model as one instance with ONNX Runtime's default threading.
+
+    The reference variants run a single stream of work, for which the runtime's default
+    (a thread per core) is its best setting; the topology's instances and thread counts
+    are tuned for kp-pipeline's overlap of decoding and inference instead. Giving each
+    reference its own best setting keeps the comparison honest.
     """
     m = opened.topology.models[0]
     single = m.model_copy(update={"instances": 1, "options": {}})
-    return build_model(single, opened.source, opened.base_dir)
+    return build_model(single, f"{opened.source}: models[0]", opened.base_dir)
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+class _Failures:
+    """A delivery callback that keeps the errors: a lost output would flatter the rate."""
+
+    def __init__(self) -> None:
+        self.errors: list[KafkaError] = []
+
+    def __call__(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self.errors.append(err)
+
+
+def _check_deadline(name: str, done: int, n: int, deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise BenchError(f"{name}: only {done} of {n} records within the time limit")
+
+
+def _envelope(msg: Message, now: float, request: Request) -> Envelope:
+    return Envelope(
+        topic=cast(str, msg.topic()),
+        partition=cast(int, msg.partition()),
+        offset=cast(int, msg.offset()),
+        key=msg.key(),
+        value=msg.value() or b"",
+        timestamp_ms=msg.timestamp()[1],
+        consumed_at=now,
+        request=request,
+    )
+
+
+def _serve_one(
+    graph: ModelGraph, backend: Any, encoder: OutcomeEncoder, env: Envelope
+) -> list[Outcome]:
+    """The pipeline's per-batch work on a batch of one: stages, model, stages, encode."""
+    assert env.request is not None
+    t0 = time.monotonic()
+    batch = _run(graph.preprocess, _batch(graph, [env.request], rows=[env]))
+    t1 = time.monotonic()
+    outputs = backend.infer(_feeds(graph, batch))
+    t2 = time.monotonic()
+    post = _run(graph.postprocess, Batch(batch.rows, dict(outputs)))
+    t3 = time.monotonic()
+    rejected = [*batch.rejected, *post.rejected]
+    outcomes = [encoder.dead_letter(row, reason, error) for row, reason, error in rejected]
+    phases = ((t1 - t0) * 1000.0, (t2 - t1) * 1000.0, (t3 - t2) * 1000.0)
+    s = graph.settings
+    outcomes += encoder.results(post.rows, s.name, s.version, post.columns, t0, phases, 1)
+    return outcomes
+
+
+def _batch(graph: ModelGraph, requests: Sequence[Request], rows: list[Any] | None = None) -> Batch:
+    """Requests stacked into columns, as the pipeline's model runtime assembles them."""
+    columns: dict[str, Any] = {
+        name: np.stack([r.inputs[name] for r in requests]) for name in graph.inputs
+    }
+    return Batch(rows if rows is not None else list(range(len(requests))), columns)
+
+
+def _run(stages: Sequence[Stage], batch: Batch) -> Batch:
+    for stage in stages:
+        batch = stage.process(batch)
+    return batch
+
+
+def _feeds(graph: ModelGraph, batch: Batch) -> Feeds:
+    return {name: np.asarray(batch.columns[name]) for name in graph.info.inputs}
