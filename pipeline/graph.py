@@ -76,6 +76,11 @@ def close_graph(graph: Sequence[ModelGraph]) -> None:
 
 def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGraph:
     """Build and check one model; ``where`` prefixes error messages."""
+    if not settings.artifact.exists():
+        raise GraphError(
+            f"{where}.artifact: no such file {settings.artifact} (the demo and benchmark "
+            "models are made by `kp-pipeline models export`)"
+        )
     ctx = StageContext(model=settings.name, device=settings.device, base_dir=base_dir)
     pre = _stages(settings.preprocess, f"{where}.preprocess", ctx)
     post = _stages(settings.postprocess, f"{where}.postprocess", ctx)

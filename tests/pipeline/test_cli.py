@@ -36,7 +36,7 @@ def test_validate_prints_the_signature(tmp_path: Path, capsys: pytest.CaptureFix
             "input 'x' is FP32[63] after preprocessing; the model wants FP32[64]",
         ),
         (("k: 3", "k: 3, top: 1"), "models[0].postprocess[1].top: unknown parameter"),
-        (("tiny_mlp.onnx", "missing.onnx"), "no model file at"),
+        (("tiny_mlp.onnx", "missing.onnx"), "models[0].artifact: no such file"),
         (
             ("stage: softmax", "stage: sofmax"),
             "models[0].postprocess[0].stage: unknown stage 'sofmax'",

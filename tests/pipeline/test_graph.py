@@ -33,7 +33,7 @@ def test_the_tiny_topology_builds(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("tiny_mlp.onnx", "nope.onnx", "models[0] (tiny-mlp): model 'tiny-mlp': no model file at"),
+        ("tiny_mlp.onnx", "nope.onnx", "models[0].artifact: no such file"),
         (
             "{name: x, datatype: FP32",
             "{name: y, datatype: FP32",
