@@ -101,14 +101,22 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGra
         raise GraphError(f"{where} ({settings.name}): {e}") from None
 
     declared = {i.name: i.spec() for i in settings.inputs}
-    specs = _walk(pre, declared, f"{where}.preprocess")
-    _check_model_inputs(specs, info, f"{where} ({settings.name})")
-    if info.max_batch_size is not None and settings.batching.max_batch_size > info.max_batch_size:
-        raise GraphError(
-            f"{where}.batching.max_batch_size: {settings.batching.max_batch_size} is more "
-            f"than the model accepts ({info.max_batch_size})"
-        )
-    outputs = _walk(post, info.outputs, f"{where}.postprocess")
+    try:
+        specs = _walk(pre, declared, f"{where}.preprocess")
+        _check_model_inputs(specs, info, f"{where} ({settings.name})")
+        if (
+            info.max_batch_size is not None
+            and settings.batching.max_batch_size > info.max_batch_size
+        ):
+            raise GraphError(
+                f"{where}.batching.max_batch_size: {settings.batching.max_batch_size} is more "
+                f"than the model accepts ({info.max_batch_size})"
+            )
+        outputs = _walk(post, info.outputs, f"{where}.postprocess")
+    except BaseException:
+        for b in instances:
+            b.unload()
+        raise
     return ModelGraph(settings, pre, post, instances, info, declared, outputs)
 
 

@@ -158,7 +158,7 @@ class ModelRuntime:
         outcomes = [self.encoder.dead_letter(r, reason, msg) for r, reason, msg in post.rejected]
         settings = self.graph.settings
         phases = (item.preprocess_ms, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0)
-        size = len(batch.rows) + len(post.rejected)
+        size = len(batch.rows)  # the rows the model ran, postprocess rejects included
         outcomes.extend(
             self.encoder.results(
                 post.rows, settings.name, settings.version, post.columns, item.started, phases, size
@@ -177,6 +177,8 @@ class ModelRuntime:
 
 def _run_stages(stages: Sequence[Stage], batch: Batch) -> Batch:
     for stage in stages:
+        if not batch.rows:  # every row rejected: keep their reasons, run nothing more
+            break
         before = len(batch) + len(batch.rejected)
         batch = stage.process(batch)
         if len(batch) + len(batch.rejected) != before:

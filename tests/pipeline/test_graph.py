@@ -1,58 +1,149 @@
+"""Building the graph: stages, loaded models and declared inputs checked before consuming."""
+
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pipeline.errors import GraphError
-from pipeline.graph import build_graph
+from backends.onnx_runtime import OnnxRuntimeBackend
+from pipeline.errors import BackendError, GraphError
+from pipeline.graph import ModelGraph, build_graph
 from pipeline.loader import load_topology
+from pipeline.tensors import TensorSpec
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = (ROOT / "load" / "topologies" / "tiny-mlp.yaml").read_text()
+MODELS = ROOT / "models"
+TINY_ONNX = MODELS / "tiny_mlp.onnx"
+EFFNET_ONNX = MODELS / "efficientnet_lite0.onnx"
+
+TINY = """
+topics: {input: [in], output: out, dead_letter: dlq}
+models:
+  - name: tiny
+    backend: onnxruntime
+    artifact: ARTIFACT
+    instances: 2
+    options: {intra_op_threads: 1}
+    inputs:
+      - {name: x, datatype: FP32, shape: [64]}
+    batching: {max_batch_size: 64}
+    preprocess: []
+    postprocess:
+      - {stage: softmax, input: logits, output: probs}
+      - {stage: topk, input: probs, k: 3}
+"""
+
+pytestmark = pytest.mark.skipif(
+    not TINY_ONNX.exists(), reason="models/tiny_mlp.onnx missing: run `kp-pipeline models export`"
+)
 
 
-def _build(tmp_path: Path, text: str) -> None:
+def _build(tmp_path: Path, text: str, artifact: Path = TINY_ONNX) -> list[ModelGraph]:
     path = tmp_path / "t.yaml"
-    path.write_text(text.replace("../../models/", f"{ROOT}/models/"))
-    graph = build_graph(load_topology(path, env={}), str(path), tmp_path)
-    for model in graph:
+    path.write_text(text.replace("ARTIFACT", str(artifact)))
+    return build_graph(load_topology(path, env={}), str(path), tmp_path)
+
+
+def _error(tmp_path: Path, old: str, new: str, artifact: Path = TINY_ONNX) -> str:
+    assert old in TINY
+    with pytest.raises(GraphError) as e:
+        _build(tmp_path, TINY.replace(old, new), artifact)
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 't.yaml'}: models[0]")
+    return message
+
+
+def _fixed_batch_copy(tmp_path: Path, batch: int) -> Path:
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(TINY_ONNX))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = batch
+    path = tmp_path / "fixed.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_tiny_topology_builds_with_checked_specs(tmp_path: Path) -> None:
+    [model] = _build(tmp_path, TINY)
+    assert model.name == "tiny"
+    assert len(model.instances) == 2
+    assert model.info.inputs == {"x": TensorSpec("FP32", (64,))}
+    assert model.info.outputs == {"logits": TensorSpec("FP32", (10,))}
+    assert model.info.max_batch_size is None
+    assert model.inputs == {"x": TensorSpec("FP32", (64,))}
+    assert model.outputs == {
+        "classes": TensorSpec("INT64", (3,)),
+        "scores": TensorSpec("FP32", (3,)),
+    }
+    assert [s.name for s in model.postprocess] == ["softmax", "topk"]
+    model.close()
+    for backend in model.instances:
+        with pytest.raises(BackendError, match="before load"):
+            backend.infer({})
+
+
+@pytest.mark.image_model
+@pytest.mark.skipif(
+    not EFFNET_ONNX.exists(),
+    reason="models/efficientnet_lite0.onnx missing: run `kp-pipeline models export`",
+)
+def test_demo_topology_builds(tmp_path: Path) -> None:
+    path = ROOT / "topology.yaml"
+    [model] = build_graph(load_topology(path, env={}), str(path), ROOT)
+    try:
+        assert model.inputs == {"image": TensorSpec("BYTES", (1,))}
+        assert model.info.inputs == {"input": TensorSpec("FP32", (3, 224, 224))}
+        assert model.info.outputs == {"logits": TensorSpec("FP32", (1000,))}
+        assert [s.name for s in model.preprocess] == [
+            "decode_image",
+            "resize",
+            "center_crop",
+            "normalize",
+            "to_nchw",
+        ]
+        assert model.outputs == {
+            "classes": TensorSpec("INT64", (5,)),
+            "scores": TensorSpec("FP32", (5,)),
+            "labels": TensorSpec("BYTES", (5,)),
+        }
+    finally:
         model.close()
 
 
-def test_the_tiny_topology_builds(tmp_path: Path) -> None:
-    path = tmp_path / "t.yaml"
-    path.write_text(TINY.replace("../../models/", f"{ROOT}/models/"))
-    [model] = build_graph(load_topology(path, env={}), str(path), tmp_path)
-    assert len(model.instances) == 1
-    assert [s.name for s in model.postprocess] == ["softmax", "topk"]
-    assert str(model.outputs["classes"]) == "INT64[3]"
-    model.close()
+def test_missing_model_file(tmp_path: Path) -> None:
+    message = _error(tmp_path, "ARTIFACT", str(tmp_path / "nope.onnx"))
+    assert f"models[0].artifact: no such file {tmp_path / 'nope.onnx'}" in message
+    assert "kp-pipeline models export" in message
+
+
+def test_non_onnx_model_file(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    message = _error(tmp_path, "ARTIFACT", str(junk))
+    assert "models[0] (tiny): model 'tiny':" in message
+    assert "is not a loadable ONNX model" in message
 
 
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("tiny_mlp.onnx", "nope.onnx", "models[0].artifact: no such file"),
         (
-            "{name: x, datatype: FP32",
-            "{name: y, datatype: FP32",
-            "the model needs input 'x' FP32[64]; after preprocessing the batch has y FP32[64]",
+            "{stage: softmax, input: logits, output: probs}",
+            "{stage: sofmax, input: logits}",
+            "models[0].postprocess[0].stage: unknown stage 'sofmax' (known: ",
         ),
         (
-            "datatype: FP32, shape: [64]",
-            "datatype: FP64, shape: [64]",
-            "input 'x' is FP64[64] after preprocessing; the model wants FP32[64]",
-        ),
-        (
-            "{stage: topk, input: probs, k: 3}",
-            "{stage: topk, input: probs, k: 11}",
-            "models[0].postprocess[1] (topk): topk: k=11 is more than the 10 classes",
+            "preprocess: []",
+            "preprocess:\n      - {stage: cast, input: x, datatype: FP32}\n"
+            "      - {stage: center_crop, sizee: 3}",
+            "models[0].preprocess[1].sizee: unknown parameter",
         ),
         (
             "{stage: topk, input: probs, k: 3}",
-            "{stage: topk, input: prob, k: 3}",
-            "postprocess[1] (topk): topk: needs column 'prob'",
+            "{stage: topk, input: probs, k: 0}",
+            "models[0].postprocess[1].k: Input should be greater than or equal to 1",
         ),
         (
             "{stage: topk, input: probs, k: 3}",
@@ -60,29 +151,158 @@ def test_the_tiny_topology_builds(tmp_path: Path) -> None:
             "postprocess[1].stage: stage 'no.such.module:Stage': cannot import no.such.module",
         ),
         (
-            "    postprocess:",
-            "    preprocess:\n      - {stage: cast, input: x, datatype: FP64, extra: 1}\n"
-            "    postprocess:",
-            "models[0].preprocess[0].extra: unknown parameter",
+            "backend: onnxruntime",
+            "backend: tensorflowlite",
+            "models[0] (tiny): unknown backend 'tensorflowlite' (known: ",
         ),
-        ("options: {intra_op_threads: 1}", "options: {threads: 1}", "onnxruntime options"),
+        (
+            "options: {intra_op_threads: 1}",
+            "options: {threads: 1}",
+            "models[0] (tiny): model 'tiny': onnxruntime options",
+        ),
     ],
 )
-def test_graph_errors_name_the_model_and_the_step(
+def test_unknown_stages_parameters_and_backends(
     tmp_path: Path, old: str, new: str, message: str
 ) -> None:
-    assert old in TINY
-    with pytest.raises(GraphError) as e:
-        _build(tmp_path, TINY.replace(old, new))
-    assert message in str(e.value)
-    assert str(tmp_path / "t.yaml") in str(e.value)
+    assert message in _error(tmp_path, old, new)
+
+
+def test_unknown_parameter_lists_every_problem_of_the_stage(tmp_path: Path) -> None:
+    text = (
+        "preprocess:\n      - {stage: cast, input: x, datatype: FP32}\n"
+        "      - {stage: center_crop, sizee: 3}"
+    )
+    lines = _error(tmp_path, "preprocess: []", text).splitlines()
+    assert sorted(line.split(": ", 1)[1] for line in lines) == [
+        "models[0].preprocess[1].size: required, missing",
+        "models[0].preprocess[1].sizee: unknown parameter",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "datatype: FP32, shape: [64]",
+            "datatype: FP32, shape: [63]",
+            "models[0] (tiny): input 'x' is FP32[63] after preprocessing; the model wants FP32[64]",
+        ),
+        (
+            "preprocess: []",
+            "preprocess: [{stage: cast, input: x, datatype: FP64}]",
+            "input 'x' is FP64[64] after preprocessing; the model wants FP32[64]",
+        ),
+        (
+            "{name: x, datatype: FP32",
+            "{name: y, datatype: FP32",
+            "the model needs input 'x' FP32[64]; after preprocessing the batch has y FP32[64]",
+        ),
+        (
+            "preprocess: []",
+            "preprocess: [{stage: rename, input: x, output: features}]",
+            "the model needs input 'x' FP32[64]; after preprocessing the batch has features",
+        ),
+        (
+            "      - {name: x, datatype: FP32, shape: [64]}",
+            "      - {name: x, datatype: FP32, shape: [64]}\n"
+            "      - {name: mask, datatype: INT8, shape: [64]}",
+            "'mask' reach the model but it has no such input (it takes x FP32[64])",
+        ),
+        (
+            "preprocess: []",
+            "preprocess: [{stage: decode_image, input: x}]",
+            "models[0].preprocess[0] (decode_image): decode_image: 'x' must be BYTES[1], "
+            "got FP32[64]",
+        ),
+        (
+            "{stage: topk, input: probs, k: 3}",
+            "{stage: topk, input: probs, k: 11}",
+            "models[0].postprocess[1] (topk): topk: k=11 is more than the 10 classes of 'probs'",
+        ),
+        (
+            "{stage: topk, input: probs, k: 3}",
+            "{stage: topk, input: logits, k: 3}",
+            "postprocess[1] (topk): topk: needs column 'logits', but the batch has probs FP32[10]",
+        ),
+    ],
+)
+def test_chains_that_do_not_fit_the_model(tmp_path: Path, old: str, new: str, message: str) -> None:
+    assert message in _error(tmp_path, old, new)
 
 
 def test_labels_that_do_not_match_the_classes(tmp_path: Path) -> None:
-    (tmp_path / "labels.txt").write_text("a\nb\n")
-    text = TINY.replace(
-        "{stage: topk, input: probs, k: 3}",
-        f"{{stage: topk, input: probs, k: 2, labels: {tmp_path}/labels.txt}}",
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    new = "{stage: topk, input: probs, k: 3, labels: labels.txt}"  # relative to the topology
+    message = _error(tmp_path, "{stage: topk, input: probs, k: 3}", new)
+    assert "models[0].postprocess[1] (topk): topk: 3 labels for 10 classes in 'probs'" in message
+
+
+def test_missing_labels_file(tmp_path: Path) -> None:
+    new = "{stage: topk, input: probs, k: 3, labels: nope.txt}"
+    message = _error(tmp_path, "{stage: topk, input: probs, k: 3}", new)
+    assert (
+        f"models[0].postprocess[1] (topk): topk: cannot read labels {tmp_path / 'nope.txt'}"
+        in message
     )
-    with pytest.raises(GraphError, match="2 labels for 10 classes"):
-        _build(tmp_path, text)
+
+
+def test_labels_file_with_the_right_count_builds(tmp_path: Path) -> None:
+    (tmp_path / "labels.txt").write_text("".join(f"class {i}\n" for i in range(10)) + "\n\n")
+    text = TINY.replace(
+        "{stage: topk, input: probs, k: 3}", "{stage: topk, input: probs, k: 3, labels: labels.txt}"
+    )
+    [model] = _build(tmp_path, text)
+    assert model.outputs["labels"] == TensorSpec("BYTES", (3,))
+    model.close()
+
+
+def test_batch_size_above_a_fixed_model_batch(tmp_path: Path) -> None:
+    fixed = _fixed_batch_copy(tmp_path, 8)
+    message = _error(tmp_path, "max_batch_size: 64", "max_batch_size: 9", artifact=fixed)
+    assert "models[0].batching.max_batch_size: 9 is more than the model accepts (8)" in message
+    [model] = _build(tmp_path, TINY.replace("max_batch_size: 64", "max_batch_size: 8"), fixed)
+    assert model.info.max_batch_size == 8
+    model.close()
+
+
+def _record_load_and_unload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[list[OnnxRuntimeBackend], list[OnnxRuntimeBackend]]:
+    loaded: list[OnnxRuntimeBackend] = []
+    unloaded: list[OnnxRuntimeBackend] = []
+    original_load, original_unload = OnnxRuntimeBackend.load, OnnxRuntimeBackend.unload
+
+    def load(self: OnnxRuntimeBackend, *args: Any) -> Any:
+        loaded.append(self)
+        return original_load(self, *args)
+
+    def unload(self: OnnxRuntimeBackend) -> None:
+        unloaded.append(self)
+        original_unload(self)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "load", load)
+    monkeypatch.setattr(OnnxRuntimeBackend, "unload", unload)
+    return loaded, unloaded
+
+
+def test_a_failing_model_releases_the_models_built_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded, unloaded = _record_load_and_unload(monkeypatch)
+    second = TINY[TINY.index("  - name: tiny") :].replace("name: tiny", "name: tiny2")
+    second = second.replace("k: 3}", "k: 30}")
+    with pytest.raises(GraphError, match=r"models\[1\]\.postprocess\[1\] \(topk\)"):
+        _build(tmp_path, TINY + second)
+    assert len(loaded) == 4
+    first_model = {id(b) for b in loaded[:2]}
+    assert first_model <= {id(b) for b in unloaded}
+
+
+def test_a_model_failing_its_checks_unloads_its_own_instances(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded, unloaded = _record_load_and_unload(monkeypatch)
+    _error(tmp_path, "datatype: FP32, shape: [64]", "datatype: FP32, shape: [63]")
+    assert len(loaded) == 2
+    assert {id(b) for b in unloaded} == {id(b) for b in loaded}

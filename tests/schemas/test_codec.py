@@ -1,3 +1,5 @@
+"""Plain Avro requests, results and dead letters: round trips, and defects as RequestErrors."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,58 +14,35 @@ from hypothesis import strategies as st
 
 from pipeline.errors import DecodeError, RequestError, TensorError
 from pipeline.messages import DeadLetter, Request, Result, Status, Timings
-from schemas.codec import AvroCodec, load_schema
-from schemas.wire import frame, unframe
+from schemas.codec import MAX_TENSORS, AvroCodec, load_schema
 
 CODEC = AvroCodec()
+REQUEST_SCHEMA = fastavro.parse_schema(load_schema("request"))
+
+NUMERIC_DTYPES = [
+    np.bool_,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.float16,
+    np.float32,
+    np.float64,
+]
 
 
-def _bytes_tensor(*items: bytes) -> np.ndarray:
+def _objects(*items: bytes) -> np.ndarray:
     arr = np.empty(len(items), dtype=object)
     arr[:] = list(items)
     return arr
 
 
-def test_request_round_trip() -> None:
-    inputs = {
-        "x": np.arange(12, dtype=np.float32).reshape(3, 4),
-        "ids": np.array([1, -2, 3], np.int64),
-        "flags": np.array([True, False]),
-        "half": np.array([0.5], np.float16),
-        "image": _bytes_tensor(b"\xff\xd8jpeg", b""),
-    }
-    req = Request("id-1", "m", inputs, "7", {"a": "b"}, 1_900_000_000_000, "replies")
-    back = CODEC.decode_request(CODEC.encode_request(req))
-    assert (back.id, back.model, back.model_version) == ("id-1", "m", "7")
-    assert (back.parameters, back.deadline_ms, back.reply_topic) == (
-        {"a": "b"},
-        1_900_000_000_000,
-        "replies",
-    )
-    for name, arr in inputs.items():
-        assert back.inputs[name].dtype == arr.dtype
-        np.testing.assert_array_equal(back.inputs[name], arr)
-
-
-def test_result_and_dead_letter_round_trip() -> None:
-    outputs = {"scores": np.array([0.9, 0.1], np.float32), "labels": _bytes_tensor(b"cat", b"dog")}
-    result = Result("r", "m", "1", Status.OK, outputs, Timings(1, 2, 3, 4, 5), 8, "t", 3, 42)
-    back = CODEC.decode_result(CODEC.encode_result(result))
-    assert (back.id, back.status, back.batch_size, back.partition, back.offset) == (
-        "r",
-        Status.OK,
-        8,
-        3,
-        42,
-    )
-    assert back.timings == Timings(1, 2, 3, 4, 5)
-    assert back.outputs["labels"].tolist() == [b"cat", b"dog"]
-    letter = DeadLetter("bad_tensor", "why", "t", 1, 9, b"\x00raw", 123, "r", "m")
-    assert CODEC.decode_dead_letter(CODEC.encode_dead_letter(letter)) == letter
-
-
-def _record(**over: Any) -> bytes:
-    rec = {
+def _record(**over: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = {
         "id": "r",
         "model": "m",
         "model_version": None,
@@ -73,55 +52,163 @@ def _record(**over: Any) -> bytes:
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": b"\x00" * 8}],
     }
     rec.update(over)
+    return rec
+
+
+def _avro(rec: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, fastavro.parse_schema(load_schema("request")), rec)
+    fastavro.schemaless_writer(buf, REQUEST_SCHEMA, rec)
     return buf.getvalue()
+
+
+def _tensor(name: str, datatype: str, shape: list[int], data: bytes) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data}
+
+
+@pytest.mark.parametrize("dtype", NUMERIC_DTYPES)
+def test_request_round_trips_every_numeric_dtype(dtype: type) -> None:
+    arr = (np.arange(6) % 5).astype(dtype).reshape(2, 3)
+    back = CODEC.decode_request(CODEC.encode_request(Request("r", "m", {"t": arr})))
+    assert back.inputs["t"].dtype == np.dtype(dtype)
+    assert back.inputs["t"].shape == (2, 3)
+    np.testing.assert_array_equal(back.inputs["t"], arr)
+
+
+def test_request_round_trip_keeps_every_field() -> None:
+    inputs = {
+        "x": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
+        "ids": np.array([1, -2, 2**40], np.int64),
+        "scalar": np.array(7, np.int16),
+        "image": _objects(b"\xff\xd8jpeg", b"", b"\x00\x01"),
+    }
+    req = Request(
+        "id-1",
+        "resnet",
+        inputs,
+        model_version="7",
+        parameters={"tenant": "acme", "priority": "high"},
+        deadline_ms=1_900_000_000_000,
+        reply_topic="replies.acme",
+    )
+    back = CODEC.decode_request(CODEC.encode_request(req))
+    assert (back.id, back.model, back.model_version) == ("id-1", "resnet", "7")
+    assert back.parameters == {"tenant": "acme", "priority": "high"}
+    assert (back.deadline_ms, back.reply_topic) == (1_900_000_000_000, "replies.acme")
+    assert list(back.inputs) == ["x", "ids", "scalar", "image"]
+    for name, arr in inputs.items():
+        assert back.inputs[name].dtype == arr.dtype
+        assert back.inputs[name].shape == arr.shape
+        np.testing.assert_array_equal(back.inputs[name], arr)
+
+
+def test_request_optional_fields_default_to_none_and_empty() -> None:
+    back = CODEC.decode_request(CODEC.encode_request(Request("", "m", {})))
+    assert back == Request("", "m", {}, None, {}, None, None)
+
+
+def test_encoded_request_equals_fastavro_bytes() -> None:
+    req = Request("r", "m", {"x": np.zeros(2, np.float32)})
+    assert CODEC.encode_request(req) == _avro(_record())
+
+
+def test_result_round_trip() -> None:
+    outputs = {
+        "scores": np.array([[0.9, 0.1]], np.float32),
+        "classes": np.array([3, 1], np.int64),
+        "labels": _objects(b"cat", b"dog"),
+    }
+    result = Result(
+        "r", "m", "2", Status.OK, outputs, Timings(1.5, 2, 3, 4, 5.25), 8, "in", 3, 2**40
+    )
+    back = CODEC.decode_result(CODEC.encode_result(result))
+    assert (back.id, back.model, back.model_version, back.status) == ("r", "m", "2", Status.OK)
+    assert (back.batch_size, back.topic, back.partition, back.offset) == (8, "in", 3, 2**40)
+    assert back.timings == Timings(1.5, 2, 3, 4, 5.25)
+    assert back.error is None
+    assert back.outputs["scores"].dtype == np.float32
+    np.testing.assert_array_equal(back.outputs["scores"], outputs["scores"])
+    assert back.outputs["classes"].tolist() == [3, 1]
+    assert back.outputs["labels"].tolist() == [b"cat", b"dog"]
+
+
+def test_error_result_round_trip() -> None:
+    result = Result("r", "m", "1", Status.EXPIRED, {}, Timings(), 1, "t", 0, 0, "deadline passed")
+    back = CODEC.decode_result(CODEC.encode_result(result))
+    assert (back.status, back.error, back.outputs) == (Status.EXPIRED, "deadline passed", {})
+
+
+@pytest.mark.parametrize(("rid", "model"), [("r", "m"), (None, None)])
+def test_dead_letter_round_trip(rid: str | None, model: str | None) -> None:
+    letter = DeadLetter("bad_tensor", "why", "t", 1, 2**35, b"\x00raw\xff", 123, rid, model)
+    assert CODEC.decode_dead_letter(CODEC.encode_dead_letter(letter)) == letter
 
 
 @pytest.mark.parametrize(
     ("data", "error", "message"),
     [
         (b"", DecodeError, "not an InferenceRequest"),
-        (b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", DecodeError, "not an InferenceRequest"),
-        (_record() + b"!", DecodeError, "1 bytes after the record"),
-        (_record()[:-3], DecodeError, "not an InferenceRequest"),
+        (b"\xff" * 11, DecodeError, "not an InferenceRequest"),
+        (b"\x02r\x02m\x04", DecodeError, "not an InferenceRequest"),  # bad union branch
+        (_avro(_record()) + b"!", DecodeError, "1 bytes after the record"),
+        (_avro(_record()) + b"\x00\x00", DecodeError, "2 bytes after the record"),
+        (_avro(_record())[:-1], DecodeError, "not an InferenceRequest"),
+        (_avro(_record())[:-12], DecodeError, "not an InferenceRequest"),
+        (_avro(_record())[:3], DecodeError, "not an InferenceRequest"),
         (
-            _record(inputs=[{"name": "x", "datatype": "FP32", "shape": [3], "data": b"\x00" * 8}]),
+            _avro(_record(inputs=[_tensor("x", "FP32", [3], b"\x00" * 8)])),
             TensorError,
             "input 'x': FP32[3] needs 12 bytes, got 8",
         ),
         (
-            _record(inputs=[{"name": "x", "datatype": "COMPLEX", "shape": [1], "data": b""}]),
+            _avro(_record(inputs=[_tensor("x", "INT16", [2, 2], b"\x00" * 9)])),
             TensorError,
-            "unsupported datatype 'COMPLEX'",
+            "input 'x': INT16[2, 2] needs 8 bytes, got 9",
         ),
         (
-            _record(inputs=[{"name": "x", "datatype": "INT8", "shape": [-1], "data": b""}]),
+            _avro(_record(inputs=[_tensor("x", "COMPLEX", [1], b"")])),
+            TensorError,
+            "input 'x': unsupported datatype 'COMPLEX'",
+        ),
+        (
+            _avro(_record(inputs=[_tensor("x", "INT8", [-1], b"")])),
             TensorError,
             "negative dimension",
         ),
         (
-            _record(inputs=[{"name": "x", "datatype": "INT8", "shape": [1], "data": b"\x01"}] * 2),
+            _avro(_record(inputs=[_tensor("x", "INT8", [1], b"\x01")] * 2)),
             DecodeError,
             "input 'x' appears twice",
         ),
         (
-            _record(
-                inputs=[
-                    {"name": "s", "datatype": "BYTES", "shape": [2], "data": b"\x01\x00\x00\x00a"}
-                ]
-            ),
+            _avro(_record(inputs=[_tensor("s", "BYTES", [2], b"\x01\x00\x00\x00a")])),
             TensorError,
-            "BYTES tensor ends inside element 1",
+            "input 's': BYTES[2] needs at least 8 bytes of length prefixes, got 5",
+        ),
+        (
+            _avro(_record(inputs=[_tensor("s", "BYTES", [1], b"\x01\x00\x00\x00ab")])),
+            TensorError,
+            "input 's': BYTES tensor has 1 bytes after its 1 elements",
+        ),
+        (
+            _avro(_record(inputs=[_tensor(f"t{i}", "INT8", [], b"\x00") for i in range(65)])),
+            DecodeError,
+            f"request has 65 tensors; at most {MAX_TENSORS}",
         ),
     ],
 )
 def test_defects_become_request_errors_with_a_reason(
-    data: bytes, error: type, message: str
+    data: bytes, error: type[RequestError], message: str
 ) -> None:
     with pytest.raises(error) as e:
         CODEC.decode_request(data)
     assert message in str(e.value)
+    assert e.value.reason == {DecodeError: "undecodable", TensorError: "bad_tensor"}[error]
+
+
+def test_an_id_that_is_not_utf8_is_a_decode_error() -> None:
+    data = _avro(_record(id="é")).replace("é".encode(), b"\xff\xfe", 1)
+    with pytest.raises(DecodeError, match="not an InferenceRequest"):
+        CODEC.decode_request(data)
 
 
 @given(st.binary(max_size=300))
@@ -134,59 +221,44 @@ def test_random_bytes_never_raise_anything_but_request_errors(data: bytes) -> No
 @given(st.binary(min_size=1, max_size=60), st.integers(0, 200))
 @settings(max_examples=300)
 def test_mutated_requests_never_raise_anything_but_request_errors(noise: bytes, at: int) -> None:
-    good = _record()
+    good = _avro(_record())
     pos = at % len(good)
     with contextlib.suppress(RequestError):
         CODEC.decode_request(good[:pos] + noise + good[pos + len(noise) :])
 
 
-class FakeRegistry:
-    """In-memory Schema Registry: id → schema."""
-
-    def __init__(self, schemas: dict[int, dict[str, Any]]) -> None:
-        self.schemas = schemas
-        self.lookups = 0
-
-    def schema_by_id(self, schema_id: int) -> dict[str, Any]:
-        self.lookups += 1
-        return self.schemas[schema_id]
+well_formed_tensors = st.builds(
+    _tensor,
+    st.sampled_from(["x", "y", "image"]),
+    st.sampled_from(["FP32", "INT64", "UINT8", "BOOL", "FP16", "BYTES", "fp32", "STRING"]),
+    st.lists(st.integers(-1, 4), max_size=3),
+    st.binary(max_size=40),
+)
 
 
-def test_wire_format_frames_and_unframes() -> None:
-    framed = frame(258, b"payload")
-    assert framed == b"\x00\x00\x00\x01\x02payload"
-    assert unframe(framed) == (258, b"payload")
-    with pytest.raises(DecodeError, match="magic byte is 1"):
-        unframe(b"\x01\x00\x00\x00\x01x")
-    with pytest.raises(DecodeError, match="shorter than the wire-format header"):
-        unframe(b"\x00\x00")
+@given(st.lists(well_formed_tensors, max_size=4))
+@settings(max_examples=300)
+def test_valid_avro_with_any_tensor_decodes_or_is_a_request_error(
+    tensors: list[dict[str, Any]],
+) -> None:
+    try:
+        request = CODEC.decode_request(_avro(_record(inputs=tensors)))
+    except RequestError:
+        return
+    assert len(request.inputs) == len(tensors)
+    for t in tensors:
+        assert request.inputs[t["name"]].shape == tuple(t["shape"])
 
 
-def test_registry_codec_resolves_a_newer_writer_schema() -> None:
-    writer = load_schema("request")
-    writer["fields"].append({"name": "tenant", "type": "string", "default": ""})
-    registry = FakeRegistry({7: writer})
-    codec = AvroCodec(registry=registry, result_schema_id=8, dead_letter_schema_id=9)
-    rec = {
-        "id": "r",
-        "model": "m",
-        "model_version": None,
-        "parameters": {},
-        "deadline_ms": None,
-        "reply_topic": None,
-        "tenant": "acme",
-        "inputs": [{"name": "x", "datatype": "INT8", "shape": [2], "data": b"\x01\x02"}],
-    }
-    buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, fastavro.parse_schema(writer), rec)
-    for _ in range(2):
-        req = codec.decode_request(frame(7, buf.getvalue()))
-        assert req.inputs["x"].tolist() == [1, 2]
-    assert registry.lookups == 1  # ids are immutable: looked up once
-    with pytest.raises(DecodeError, match="schema id 99 not resolvable"):
-        codec.decode_request(frame(99, buf.getvalue()))
+# Each is valid Avro whose tensor header asks NumPy for something it cannot give.
+HOSTILE_SHAPES = [
+    pytest.param(_tensor("s", "BYTES", [2**50], b""), id="bytes-petabyte-count"),
+    pytest.param(_tensor("x", "FP32", [1] * 70, b"\x00" * 4), id="70-dims"),
+    pytest.param(_tensor("x", "FP32", [0, 2**62, 2**62], b""), id="empty-but-huge-dims"),
+]
 
-    letter = DeadLetter("r", "e", "t", 0, 1, b"", 0)
-    assert unframe(codec.encode_dead_letter(letter))[0] == 9
-    batch = codec.result_batch("m", "1", {"y": np.zeros((1, 2), np.float32)})
-    assert unframe(batch.encode(0, "r", (0.0,) * 5, 1, "t", 0, 0))[0] == 8
+
+@pytest.mark.parametrize("tensor", HOSTILE_SHAPES)
+def test_shapes_numpy_cannot_hold_are_tensor_errors(tensor: dict[str, Any]) -> None:
+    with pytest.raises(TensorError):
+        CODEC.decode_request(_avro(_record(inputs=[tensor])))
