@@ -63,7 +63,13 @@ class OnnxRuntimeBackend:
 
     def load(self, spec: ModelSpec, device: str) -> ModelInfo:
         """Create the session and read the signature from the graph."""
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError(
+                "onnxruntime is not installed: pip install 'kp-pipeline[cpu]' "
+                "(or 'kp-pipeline[gpu]' for onnxruntime-gpu; never both)"
+            ) from None
 
         try:
             opts = OnnxRuntimeOptions.model_validate(dict(spec.options))
