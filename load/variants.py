@@ -12,7 +12,6 @@ same as in kp-pipeline; only the way it is scheduled differs.
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,9 +24,10 @@ from pipeline.app import OpenTopology
 from pipeline.demo import BackgroundPipeline
 from pipeline.graph import ModelGraph, build_model
 from pipeline.messages import Envelope, Request
-from pipeline.outcomes import Outcome, OutcomeEncoder
+from pipeline.model_runtime import complete, prepare
+from pipeline.outcomes import OutcomeEncoder
 from schemas.codec import AvroCodec
-from stages.base import Batch, Stage
+from stages.base import Batch
 
 __all__ = [
     "BenchError",
@@ -112,10 +112,6 @@ def kp_pipeline(opened: OpenTopology, bootstrap: str, n: int, timeout: float) ->
             time.sleep(0.01)
     finally:
         served.stop()
-        del served
-        # The stopped pipeline's objects form reference cycles: collect them now, so its
-        # Kafka clients do not linger beside the variants measured next.
-        gc.collect()
     assert stats.first_consumed is not None
     assert stats.last_delivered is not None
     note = f"{stats.dead_letters} dead letters" if stats.dead_letters else ""
@@ -147,7 +143,8 @@ def naive(graph: ModelGraph, src: Source, n: int) -> Timing:
             if done == 0:
                 start = now
             env = _envelope(msg, now, codec.decode_request(msg.value() or b""))
-            for outcome in _serve_one(graph, backend, encoder, env):
+            item = prepare(graph, encoder, [env])
+            for outcome in item.dead_letters + complete(graph, encoder, backend, item):
                 producer.produce(outcome.topic, outcome.value, msg.key(), on_delivery=failures)
             producer.flush()
             consumer.commit(message=msg, asynchronous=False)
@@ -207,7 +204,8 @@ def passthrough(src: Source, n: int) -> Timing:
 def model_alone(graph: ModelGraph, requests: Sequence[Request], batch_size: int, n: int) -> Timing:
     """backend.infer on one preprocessed batch, repeated: the model's own ceiling."""
     backend = graph.instances[0]
-    feeds = _feeds(graph, _run(graph.preprocess, _batch(graph, requests[:batch_size])))
+    encoder = OutcomeEncoder(AvroCodec(), "out", "dlq")
+    feeds = _feeds(graph, prepare(graph, encoder, _rows(requests[:batch_size])).batch)
     backend.infer(feeds)  # warm-up: the first call at a new shape allocates
     done, start = 0, time.monotonic()
     while done < n:
@@ -222,15 +220,17 @@ def preprocess_and_model(
     """Decode, preprocess, infer and postprocess back to back in one thread, no Kafka.
 
     Starts from the requests' tensors (the encoded JPEG bytes for images), so it does all
-    the per-request work kp-pipeline does except Kafka and Avro; a pipeline that overlaps
+    the per-request work kp-pipeline does except Kafka and request decoding, through the
+    same steps (`prepare`, `complete`) its model threads run; a pipeline that overlaps
     decoding with inference can beat it.
     """
     backend = graph.instances[0]
+    encoder = OutcomeEncoder(AvroCodec(), "out", "dlq")
+    rows = _rows(requests)
 
     def one(first: int) -> int:
-        chunk = [requests[(first + j) % len(requests)] for j in range(batch_size)]
-        batch = _run(graph.preprocess, _batch(graph, chunk))
-        _run(graph.postprocess, Batch(batch.rows, dict(backend.infer(_feeds(graph, batch)))))
+        chunk = [rows[(first + j) % len(rows)] for j in range(batch_size)]
+        complete(graph, encoder, backend, prepare(graph, encoder, chunk))
         return len(chunk)
 
     one(0)  # warm-up at this batch size
@@ -285,38 +285,10 @@ def _envelope(msg: Message, now: float, request: Request) -> Envelope:
     )
 
 
-def _serve_one(
-    graph: ModelGraph, backend: Any, encoder: OutcomeEncoder, env: Envelope
-) -> list[Outcome]:
-    """The pipeline's per-batch work on a batch of one: stages, model, stages, encode."""
-    assert env.request is not None
-    t0 = time.monotonic()
-    batch = _run(graph.preprocess, _batch(graph, [env.request], rows=[env]))
-    t1 = time.monotonic()
-    outputs = backend.infer(_feeds(graph, batch))
-    t2 = time.monotonic()
-    post = _run(graph.postprocess, Batch(batch.rows, dict(outputs)))
-    t3 = time.monotonic()
-    rejected = [*batch.rejected, *post.rejected]
-    outcomes = [encoder.dead_letter(row, reason, error) for row, reason, error in rejected]
-    phases = ((t1 - t0) * 1000.0, (t2 - t1) * 1000.0, (t3 - t2) * 1000.0)
-    s = graph.settings
-    outcomes += encoder.results(post.rows, s.name, s.version, post.columns, t0, phases, 1)
-    return outcomes
-
-
-def _batch(graph: ModelGraph, requests: Sequence[Request], rows: list[Any] | None = None) -> Batch:
-    """Requests stacked into columns, as the pipeline's model runtime assembles them."""
-    columns: dict[str, Any] = {
-        name: np.stack([r.inputs[name] for r in requests]) for name in graph.inputs
-    }
-    return Batch(rows if rows is not None else list(range(len(requests))), columns)
-
-
-def _run(stages: Sequence[Stage], batch: Batch) -> Batch:
-    for stage in stages:
-        batch = stage.process(batch)
-    return batch
+def _rows(requests: Sequence[Request]) -> list[Envelope]:
+    """Requests as the envelopes the model runtime works on (no Kafka record behind them)."""
+    now = time.monotonic()
+    return [Envelope("in", 0, i, None, b"", 0, now, request=r) for i, r in enumerate(requests)]
 
 
 def _feeds(graph: ModelGraph, batch: Batch) -> Feeds:

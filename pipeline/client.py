@@ -7,7 +7,7 @@ to talk to a running pipeline.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -15,9 +15,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from pipeline.errors import BrokerError
 from pipeline.messages import Request
-from schemas.codec import AvroCodec
 
-__all__ = ["decode_all", "image_request", "produce_requests", "read_topic", "tensor_request"]
+__all__ = ["image_request", "produce_requests", "read_topic", "tensor_request"]
 
 
 def image_request(request_id: str, model: str, image: bytes, input_name: str = "image") -> Request:
@@ -109,11 +108,3 @@ def read_topic(
                     break
     finally:
         consumer.close()
-
-
-def decode_all(codec: AvroCodec, msgs: Iterable[Any], kind: str) -> list[Any]:
-    """Decode results (``kind='result'``) or dead letters (``'dead_letter'``)."""
-    decode: Callable[[bytes], Any] = (
-        codec.decode_result if kind == "result" else codec.decode_dead_letter
-    )
-    return [decode(m.value()) for m in msgs]

@@ -7,7 +7,6 @@ shuts everything down cleanly.
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 from collections.abc import Callable
@@ -56,11 +55,7 @@ class BackgroundPipeline:
         """Drain, commit and stop; re-raises what the pipeline raised."""
         self._stop.set()
         self._thread.join()
-        self.pipeline = None
-        # The consumer holds the pipeline's rebalance callbacks, a reference cycle: collect
-        # it now so the Kafka clients close here, not at some later GC pass (by then their
-        # broker may be gone, and librdkafka logs the disconnect).
-        gc.collect()
+        self.pipeline = None  # the last reference: its Kafka clients close here
         if self.error is not None:
             raise self.error
         assert self.stats is not None

@@ -25,7 +25,7 @@ from pipeline.messages import Envelope
 from pipeline.outcomes import Outcome, OutcomeEncoder
 from stages.base import Batch, Stage
 
-__all__ = ["ModelRuntime"]
+__all__ = ["ModelRuntime", "Prepared", "complete", "prepare", "run_stages"]
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,13 @@ Emit = Callable[[list[Outcome]], None]
 
 
 @dataclass(slots=True)
-class _Prepared:
+class Prepared:
+    """A preprocessed batch on its way to an instance, and the dead letters it shed."""
+
     batch: Batch
     started: float
     preprocess_ms: float
+    dead_letters: list[Outcome]
 
 
 class _StageContractError(Exception):
@@ -54,7 +57,7 @@ class ModelRuntime:
         # Bounded by the caller's in-flight limit; the hand-off to instances is kept short
         # so preprocessing runs at most a couple of batches ahead of the model.
         self._incoming: queue.Queue[list[Envelope] | None] = queue.Queue()
-        self._ready: queue.Queue[_Prepared | None] = queue.Queue(maxsize=2 * n)
+        self._ready: queue.Queue[Prepared | None] = queue.Queue(maxsize=2 * n)
         self._threads: list[threading.Thread] = []
         self._busy = 0
         self._lock = threading.Lock()
@@ -104,25 +107,18 @@ class ModelRuntime:
                 for _ in self.graph.instances:
                     self._ready.put(None)
                 return
-            started = time.monotonic()
             try:
-                batch = self._assemble(rows)
-                batch = _run_stages(self.graph.preprocess, batch)
+                item = prepare(self.graph, self.encoder, rows)
             except Exception as e:
                 log.exception("model %s: preprocessing failed", self.name)
                 self._fail(rows, "preprocess_failed", f"{type(e).__name__}: {e}")
                 continue
-            pre_ms = (time.monotonic() - started) * 1000.0
-            letters = [
-                self.encoder.dead_letter(r, reason, msg) for r, reason, msg in batch.rejected
-            ]
-            if not batch.rows:
-                self._finish(letters)
+            if not item.batch.rows:
+                self._finish(item.dead_letters)
                 continue
-            if letters:
-                self.emit(letters)
-            batch.rejected = []
-            self._ready.put(_Prepared(batch, started, pre_ms))
+            if item.dead_letters:
+                self.emit(item.dead_letters)
+            self._ready.put(item)
 
     def _infer_loop(self, backend: Backend) -> None:
         while True:
@@ -130,7 +126,7 @@ class ModelRuntime:
             if item is None:
                 return
             try:
-                outcomes = self._infer(backend, item)
+                outcomes = complete(self.graph, self.encoder, backend, item)
             except Exception as e:
                 log.exception(
                     "model %s: inference failed for a batch of %d", self.name, len(item.batch)
@@ -138,33 +134,6 @@ class ModelRuntime:
                 self._fail(item.batch.rows, "inference_failed", f"{type(e).__name__}: {e}")
                 continue
             self._finish(outcomes)
-
-    # -- steps ----------------------------------------------------------------------------
-
-    def _assemble(self, rows: list[Envelope]) -> Batch:
-        columns: dict[str, Any] = {}
-        for name in self.graph.inputs:
-            columns[name] = np.stack([r.request.inputs[name] for r in rows])  # type: ignore[union-attr]
-        return Batch(list(rows), columns)
-
-    def _infer(self, backend: Backend, item: _Prepared) -> list[Outcome]:
-        batch = item.batch
-        feeds = {name: np.asarray(batch.columns[name]) for name in self.graph.info.inputs}
-        t0 = time.monotonic()
-        outputs = backend.infer(feeds)
-        t1 = time.monotonic()
-        post = _run_stages(self.graph.postprocess, Batch(batch.rows, dict(outputs)))
-        t2 = time.monotonic()
-        outcomes = [self.encoder.dead_letter(r, reason, msg) for r, reason, msg in post.rejected]
-        settings = self.graph.settings
-        phases = (item.preprocess_ms, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0)
-        size = len(batch.rows)  # the rows the model ran, postprocess rejects included
-        outcomes.extend(
-            self.encoder.results(
-                post.rows, settings.name, settings.version, post.columns, item.started, phases, size
-            )
-        )
-        return outcomes
 
     def _fail(self, rows: Sequence[Envelope], reason: str, error: str) -> None:
         self._finish([self.encoder.dead_letter(r, reason, error) for r in rows])
@@ -175,7 +144,47 @@ class ModelRuntime:
             self._busy -= 1
 
 
-def _run_stages(stages: Sequence[Stage], batch: Batch) -> Batch:
+def prepare(graph: ModelGraph, encoder: OutcomeEncoder, rows: list[Envelope]) -> Prepared:
+    """Stack the rows' tensors into columns and run the preprocess stages.
+
+    Rows a stage rejects leave the batch as encoded dead letters in the result.
+    """
+    started = time.monotonic()
+    columns: dict[str, Any] = {
+        name: np.stack([r.request.inputs[name] for r in rows])  # type: ignore[union-attr]
+        for name in graph.inputs
+    }
+    batch = run_stages(graph.preprocess, Batch(list(rows), columns))
+    letters = [encoder.dead_letter(r, reason, msg) for r, reason, msg in batch.rejected]
+    batch.rejected = []
+    return Prepared(batch, started, (time.monotonic() - started) * 1000.0, letters)
+
+
+def complete(
+    graph: ModelGraph, encoder: OutcomeEncoder, backend: Backend, item: Prepared
+) -> list[Outcome]:
+    """Run the model on a prepared batch, then postprocess and encode every row's outcome."""
+    batch = item.batch
+    if not batch.rows:
+        return []
+    feeds = {name: np.asarray(batch.columns[name]) for name in graph.info.inputs}
+    t0 = time.monotonic()
+    outputs = backend.infer(feeds)
+    t1 = time.monotonic()
+    post = run_stages(graph.postprocess, Batch(batch.rows, dict(outputs)))
+    t2 = time.monotonic()
+    outcomes = [encoder.dead_letter(r, reason, msg) for r, reason, msg in post.rejected]
+    phases = (item.preprocess_ms, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0)
+    size = len(batch.rows)  # the rows the model ran, postprocess rejects included
+    s = graph.settings
+    outcomes += encoder.results(
+        post.rows, s.name, s.version, post.columns, item.started, phases, size
+    )
+    return outcomes
+
+
+def run_stages(stages: Sequence[Stage], batch: Batch) -> Batch:
+    """Run stages in order, checking each keeps every row accounted for (rows + rejects)."""
     for stage in stages:
         if not batch.rows:  # every row rejected: keep their reasons, run nothing more
             break

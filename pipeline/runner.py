@@ -14,6 +14,8 @@ import logging
 import queue
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -113,9 +115,9 @@ class Pipeline:
             runtime.start()
         self.consumer.subscribe(
             self.topology.topics.input,
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
+            on_assign=_weak(self._on_assign),
+            on_revoke=_weak(self._on_revoke),
+            on_lost=_weak(self._on_lost),
         )
         try:
             while not stop.is_set() and self._fatal is None:
@@ -349,3 +351,20 @@ class Pipeline:
 
 def _names(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"
+
+
+def _weak(method: Callable[..., None]) -> Callable[..., None]:
+    """A callback that does not keep its object alive.
+
+    The consumer keeps its rebalance callbacks; bound methods would make the pipeline and
+    its consumer a reference cycle, so its Kafka clients would close only at some later
+    garbage collection instead of when the pipeline is dropped.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return call

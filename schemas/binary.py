@@ -14,8 +14,8 @@ tests/schemas/test_binary.py; anything these do not handle falls back to fastavr
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from pipeline.tensors import oip_datatype, pack_bytes_elements
 
 __all__ = ["ResultBatchEncoder", "decode_long", "encode_long", "read_request"]
 
+T = TypeVar("T")
 _DOUBLES5 = struct.Struct("<5d")
 _SMALL = [bytes((((n << 1) ^ (n >> 63)) & 0xFF,)) for n in range(64)]
 
@@ -100,6 +101,34 @@ def _read_optional_str(buf: bytes, pos: int) -> tuple[str | None, int]:
     return _read_str(buf, pos)
 
 
+def _read_array(
+    buf: bytes, pos: int, read_item: Callable[[bytes, int], tuple[T, int]]
+) -> tuple[list[T], int]:
+    """An Avro array (or map, with a pair reader): blocks of items until a zero count."""
+    items: list[T] = []
+    while True:
+        count, pos = _read_block_count(buf, pos)
+        if count == 0:
+            return items, pos
+        for _ in range(count):
+            item, pos = read_item(buf, pos)
+            items.append(item)
+
+
+def _read_tensor(buf: bytes, pos: int) -> tuple[dict[str, Any], int]:
+    name, pos = _read_str(buf, pos)
+    datatype, pos = _read_str(buf, pos)
+    shape, pos = _read_array(buf, pos, decode_long)
+    data, pos = _read_bytes(buf, pos)
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data}, pos
+
+
+def _read_pair(buf: bytes, pos: int) -> tuple[tuple[str, str], int]:
+    key, pos = _read_str(buf, pos)
+    value, pos = _read_str(buf, pos)
+    return (key, value), pos
+
+
 def read_request(buf: bytes) -> dict[str, Any]:
     """Decode an InferenceRequest record (plain Avro, our schema) into fastavro's shape.
 
@@ -108,33 +137,8 @@ def read_request(buf: bytes) -> dict[str, Any]:
     rid, pos = _read_str(buf, 0)
     model, pos = _read_str(buf, pos)
     version, pos = _read_optional_str(buf, pos)
-    inputs = []
-    while True:
-        count, pos = _read_block_count(buf, pos)
-        if count == 0:
-            break
-        for _ in range(count):
-            name, pos = _read_str(buf, pos)
-            datatype, pos = _read_str(buf, pos)
-            shape = []
-            while True:
-                dims, pos = _read_block_count(buf, pos)
-                if dims == 0:
-                    break
-                for _ in range(dims):
-                    d, pos = decode_long(buf, pos)
-                    shape.append(d)
-            data, pos = _read_bytes(buf, pos)
-            inputs.append({"name": name, "datatype": datatype, "shape": shape, "data": data})
-    parameters = {}
-    while True:
-        count, pos = _read_block_count(buf, pos)
-        if count == 0:
-            break
-        for _ in range(count):
-            k, pos = _read_str(buf, pos)
-            v, pos = _read_str(buf, pos)
-            parameters[k] = v
+    inputs, pos = _read_array(buf, pos, _read_tensor)
+    pairs, pos = _read_array(buf, pos, _read_pair)
     branch, pos = decode_long(buf, pos)
     deadline: int | None = None
     if branch == 1:
@@ -149,7 +153,7 @@ def read_request(buf: bytes) -> dict[str, Any]:
         "model": model,
         "model_version": version,
         "inputs": inputs,
-        "parameters": parameters,
+        "parameters": dict(pairs),
         "deadline_ms": deadline,
         "reply_topic": reply,
     }

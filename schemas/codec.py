@@ -144,33 +144,6 @@ class AvroCodec:
 
     # -- results --------------------------------------------------------------------------
 
-    def encode_result(self, result: Result) -> bytes:
-        """Avro bytes of a result."""
-        t = result.timings
-        record = {
-            "id": result.id,
-            "model": result.model,
-            "model_version": result.model_version,
-            "status": result.status.value,
-            "outputs": [_tensor_record(name, arr) for name, arr in result.outputs.items()],
-            "error": result.error,
-            "timings": {
-                "queue_ms": t.queue_ms,
-                "preprocess_ms": t.preprocess_ms,
-                "compute_ms": t.compute_ms,
-                "postprocess_ms": t.postprocess_ms,
-                "end_to_end_ms": t.end_to_end_ms,
-            },
-            "batch_size": result.batch_size,
-            "source": {
-                "topic": result.topic,
-                "partition": result.partition,
-                "offset": result.offset,
-            },
-        }
-        payload = self._write(self.result_schema, record)
-        return payload if self._result_id is None else frame(self._result_id, payload)
-
     def decode_result(self, data: bytes) -> Result:
         """Decode a result (the `results` command and tests use this)."""
         record = self._read(self.result_schema, data)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import DecodeError, RequestError, TensorError
-from pipeline.messages import DeadLetter, Request, Result, Status, Timings
+from pipeline.messages import DeadLetter, Request, Status, Timings
 from schemas.codec import MAX_TENSORS, AvroCodec, load_schema
 
 CODEC = AvroCodec()
@@ -117,10 +117,10 @@ def test_result_round_trip() -> None:
         "classes": np.array([3, 1], np.int64),
         "labels": _objects(b"cat", b"dog"),
     }
-    result = Result(
-        "r", "m", "2", Status.OK, outputs, Timings(1.5, 2, 3, 4, 5.25), 8, "in", 3, 2**40
+    value = CODEC.result_batch("m", "2", {k: v[None] for k, v in outputs.items()}).encode(
+        0, "r", (1.5, 2, 3, 4, 5.25), 8, "in", 3, 2**40
     )
-    back = CODEC.decode_result(CODEC.encode_result(result))
+    back = CODEC.decode_result(value)
     assert (back.id, back.model, back.model_version, back.status) == ("r", "m", "2", Status.OK)
     assert (back.batch_size, back.topic, back.partition, back.offset) == (8, "in", 3, 2**40)
     assert back.timings == Timings(1.5, 2, 3, 4, 5.25)
@@ -132,8 +132,20 @@ def test_result_round_trip() -> None:
 
 
 def test_error_result_round_trip() -> None:
-    result = Result("r", "m", "1", Status.EXPIRED, {}, Timings(), 1, "t", 0, 0, "deadline passed")
-    back = CODEC.decode_result(CODEC.encode_result(result))
+    record = {
+        "id": "r",
+        "model": "m",
+        "model_version": "1",
+        "status": "EXPIRED",
+        "outputs": [],
+        "error": "deadline passed",
+        "batch_size": 1,
+        "timings": dict.fromkeys(Timings.__slots__, 0.0),
+        "source": {"topic": "t", "partition": 0, "offset": 0},
+    }
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(load_schema("result")), record)
+    back = CODEC.decode_result(buf.getvalue())
     assert (back.status, back.error, back.outputs) == (Status.EXPIRED, "deadline passed", {})
 
 

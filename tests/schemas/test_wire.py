@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.errors import DecodeError
-from pipeline.messages import DeadLetter, Request, Result, Status, Timings
+from pipeline.messages import DeadLetter, Request, Timings
 from schemas.codec import AvroCodec, load_schema
 from schemas.wire import MAGIC, frame, unframe
 
@@ -122,8 +122,10 @@ def test_codec_with_ids_frames_everything_it_writes() -> None:
     request = Request("r", "m", {"x": np.arange(3, dtype=np.float32)})
     assert codec.encode_request(request) == frame(7, plain.encode_request(request))
 
-    result = Result("r", "m", "1", Status.OK, {}, Timings(), 1, "t", 0, 5)
-    assert codec.encode_result(result) == frame(8, plain.encode_result(result))
+    row = (0, "r", (0.0,) * 5, 1, "t", 0, 5)
+    columns = {"y": np.zeros((1, 2), np.float32)}
+    ours = codec.result_batch("m", "1", columns).encode(*row)  # type: ignore[arg-type]
+    assert ours == frame(8, plain.result_batch("m", "1", columns).encode(*row))  # type: ignore[arg-type]
 
     letter = DeadLetter("bad_image", "e", "t", 0, 1, b"raw", 0)
     assert codec.encode_dead_letter(letter) == frame(9, plain.encode_dead_letter(letter))
