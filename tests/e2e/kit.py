@@ -44,7 +44,7 @@ class Topics:
 TINY_TOPOLOGY = """
 kafka: {{bootstrap_servers: embedded, group_id: {group}}}
 topics: {{input: [{input}], output: {output}, dead_letter: {dead_letter}, create: false}}
-flow: {{max_in_flight: {max_in_flight}, commit_interval_ms: 200}}
+flow: {{max_in_flight: {max_in_flight}, commit_interval_ms: {commit_interval_ms}}}
 models:
   - name: tiny-mlp
     backend: onnxruntime
@@ -59,7 +59,11 @@ models:
 
 
 def write_tiny_topology(
-    path: Path, topics: Topics, batch: int = 64, max_in_flight: int = 2048
+    path: Path,
+    topics: Topics,
+    batch: int = 64,
+    max_in_flight: int = 2048,
+    commit_interval_ms: int = 200,
 ) -> Path:
     path.write_text(
         TINY_TOPOLOGY.format(
@@ -70,6 +74,7 @@ def write_tiny_topology(
             models=MODELS,
             batch=batch,
             max_in_flight=max_in_flight,
+            commit_interval_ms=commit_interval_ms,
         )
     )
     return path

@@ -13,6 +13,7 @@ from e2e.kit import (
     read_all,
     start_background,
     tiny_vectors,
+    write_tiny_topology,
 )
 
 from pipeline.broker import EmbeddedBroker
@@ -100,6 +101,21 @@ def test_poison_goes_to_dead_letters_and_the_rest_flows(
         "wrong-dtype": "bad_tensor",
     }
     assert "no-such-model" in by_payload[poison["unknown-model"]].error
+    assert committed_offsets(broker, topics.group, topics.input) == end_offsets(
+        broker, topics.input
+    )
+
+
+def test_stopping_commits_what_was_delivered(
+    broker: EmbeddedBroker, topics: Topics, tmp_path: Path
+) -> None:
+    # With periodic commits an hour apart, only the drain on stop can commit.
+    topology = write_tiny_topology(tmp_path / "t.yaml", topics, commit_interval_ms=3_600_000)
+    produce_tiny(broker, topics.input, tiny_vectors(300))
+    served = start_background(topology, broker)
+    read_all(broker, topics.output, count=300)
+    assert committed_offsets(broker, topics.group, topics.input) == {p: -1001 for p in range(4)}
+    served.stop()
     assert committed_offsets(broker, topics.group, topics.input) == end_offsets(
         broker, topics.input
     )
