@@ -1,8 +1,21 @@
 """The backend contract: load a model on a device, run a batch, unload.
 
-Tensors cross as NumPy arrays on the CPU path, keyed by the model's own input and output
-names, with the batch as the first dimension. ``load`` returns the model's signature so
-the graph can be checked against it before anything is consumed.
+Every native runtime (ONNX Runtime, PyTorch, TensorFlow, TensorRT) is one class with the
+same three methods. ``load`` returns the model's signature (`ModelInfo`) so the graph is
+checked against it before anything is consumed.
+
+Tensors cross keyed by the model's own input and output names, batch first:
+
+- inputs are NumPy arrays on the CPU path, or device arrays that speak DLPack
+  (``__dlpack__``: CuPy, PyTorch CUDA tensors) when preprocessing ran on the GPU; a
+  backend takes either, without a host round trip for the second;
+- outputs are host NumPy arrays (results go to Kafka from the host). An output may be a
+  view of a buffer the instance reuses: it is valid until the instance's next ``infer``,
+  which is after the runtime has postprocessed and encoded it.
+
+An instance is used by one thread at a time; the model runtime runs one thread per
+instance. A backend class may also offer ``probe()`` (a classmethod returning `Probe`)
+so ``kp-pipeline backends`` can say whether it is usable on this machine, and why not.
 """
 
 from __future__ import annotations
@@ -16,9 +29,10 @@ import numpy as np
 
 from pipeline.tensors import TensorSpec
 
-__all__ = ["Backend", "ModelInfo", "ModelSpec", "TensorBatch"]
+__all__ = ["Backend", "ModelInfo", "ModelSpec", "Probe", "TensorBatch"]
 
-TensorBatch = Mapping[str, np.ndarray[Any, Any]]
+TensorBatch = Mapping[str, Any]
+"""Input name → batch-first array: NumPy on the host, or a DLPack-capable device array."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +49,24 @@ class ModelInfo:
     """A loaded model's signature; shapes are per row (the batch dimension removed).
 
     ``max_batch_size`` is the largest batch the model accepts, or ``None`` when the batch
-    dimension is free.
+    dimension is free. ``device`` is where the instance actually runs ('cpu', 'cuda:0').
+    ``profiles`` holds, for engines built with optimization profiles (TensorRT), each
+    profile's (min, opt, max) shape per input, batch dimension included.
     """
 
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
     max_batch_size: int | None = None
     device: str = "cpu"
+    profiles: tuple[dict[str, tuple[tuple[int, ...], ...]], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Whether a backend can run on this machine: ``detail`` says with what, or why not."""
+
+    usable: bool
+    detail: str
 
 
 @runtime_checkable
@@ -49,7 +74,7 @@ class Backend(Protocol):
     """A native runtime serving one model instance."""
 
     def load(self, spec: ModelSpec, device: str) -> ModelInfo:
-        """Load the model on ``device`` ('cpu', 'cuda:N'); raise `BackendError` if it can't."""
+        """Load the model on ``device`` ('cpu', 'cuda:N', 'auto'); raise `BackendError`."""
         ...
 
     def infer(self, batch: TensorBatch) -> dict[str, np.ndarray[Any, Any]]:

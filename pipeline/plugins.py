@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.errors import GraphError
 
-__all__ = ["available", "load_plugin"]
+__all__ = ["available", "import_object", "load_plugin"]
 
 
 def available(group: str) -> dict[str, str]:
@@ -23,12 +23,19 @@ def load_plugin(group: str, name: str, kind: str) -> Any:
     if ":" not in name:
         known = ", ".join(sorted(available(group))) or "none installed"
         raise GraphError(f"unknown {kind} {name!r} (known: {known}; or give 'module:Class')")
-    module_name, _, attr = name.partition(":")
+    return import_object(name, kind)
+
+
+def import_object(target: str, kind: str) -> Any:
+    """The object an import string ``module:attr`` names; `GraphError` saying what failed."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise GraphError(f"{kind} {target!r}: expected 'module:attr'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise GraphError(f"{kind} {name!r}: cannot import {module_name}: {e}") from None
+        raise GraphError(f"{kind} {target!r}: cannot import {module_name}: {e}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise GraphError(f"{kind} {name!r}: {module_name} has no {attr!r}") from None
+        raise GraphError(f"{kind} {target!r}: {module_name} has no {attr!r}") from None

@@ -1,0 +1,86 @@
+"""Where an instance runs, and moving tensors there without needless copies.
+
+Device strings are the topology's: ``cpu``, ``cuda`` (= ``cuda:0``), ``cuda:N`` and
+``auto`` (the first GPU when the runtime sees one, else the CPU). `resolve_device` turns
+them into a concrete place for one runtime, refusing a GPU the runtime cannot see.
+
+`PinnedBuffers` keeps one page-locked host buffer per tensor name and reuses it batch
+after batch: copies between pinned memory and the GPU can run asynchronously on the
+instance's stream, and allocating pinned memory per batch costs more than the copy.
+It needs PyTorch and a CUDA device; the CUDA paths here were written against PyTorch's
+documented API and have not run on the project's machines (no GPU was lent).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import BackendError
+
+__all__ = ["PinnedBuffers", "is_device_array", "parse_device", "resolve_device"]
+
+_DEVICE = re.compile(r"^(cpu|auto|cuda)(?::(\d+))?$")
+
+
+def parse_device(device: str) -> tuple[str, int | None]:
+    """``'cuda:1'`` → ``('cuda', 1)``; ``'cpu'`` → ``('cpu', None)``."""
+    m = _DEVICE.match(device)
+    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise BackendError(f"device {device!r}: expected cpu, auto, cuda or cuda:N")
+    kind, index = m.group(1), m.group(2)
+    return kind, None if index is None else int(index)
+
+
+def resolve_device(device: str, gpus: int, runtime: str) -> str:
+    """A concrete ``cpu`` or ``cuda:N`` for a runtime that sees ``gpus`` CUDA devices."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return "cpu"
+    if kind == "auto":
+        return "cuda:0" if gpus > 0 else "cpu"
+    n = index or 0
+    if gpus == 0:
+        raise BackendError(f"device {device!r}: {runtime} sees no CUDA device on this machine")
+    if n >= gpus:
+        raise BackendError(f"device {device!r}: {runtime} sees {gpus} CUDA device(s)")
+    return f"cuda:{n}"
+
+
+def is_device_array(x: Any) -> bool:
+    """Whether ``x`` is a non-NumPy array that can be handed over through DLPack."""
+    return not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__")
+
+
+class PinnedBuffers:
+    """Reusable page-locked host buffers, one per name, grown when a batch needs more.
+
+    ``view`` returns a pinned tensor of exactly the requested shape over the name's
+    buffer. The caller must not ask for the same name again before the copies that
+    read or write the previous view have finished (the instance synchronises its stream
+    at the end of each batch, which guarantees that).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] = {}
+
+    def view(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+        """A pinned ``torch.Tensor`` of ``shape`` and ``dtype`` (a torch dtype)."""
+        import torch
+
+        count = int(np.prod(shape)) if shape else 1
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        need = count * itemsize
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < need:
+            # Grow geometrically so a slowly rising batch size does not re-pin every time.
+            size = max(need, 0 if buf is None else 2 * buf.numel())
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            self._buffers[name] = buf
+        return buf[:need].view(dtype).view(shape)
+
+    def clear(self) -> None:
+        """Drop every buffer (the memory is unpinned when the tensors are freed)."""
+        self._buffers.clear()
