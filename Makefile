@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) models/.exported  ## create .venv, install everything, export the models
 
-models/.exported: $(STAMP) pipeline/zoo.py
+models/.exported: $(STAMP) $(wildcard pipeline/zoo/*.py)
 	$(BIN)/kp-pipeline models export --out models
 	touch models/.exported
 
