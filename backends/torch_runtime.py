@@ -1,0 +1,356 @@
+"""PyTorch, natively: TorchScript archives, torch.export programs, and module factories.
+
+Options (the model's ``options`` section in topology.yaml):
+
+- ``format``: ``auto`` (default: ``factory`` when one is named, ``export`` for ``.pt2``
+  files, else ``torchscript``), ``torchscript``, ``export`` or ``factory``.
+- ``factory``: ``module:callable``, called with the artifact's path, returning an
+  ``nn.Module`` (for models that exist as Python code plus a state dict).
+- ``precision``: ``fp32`` (default), ``fp16`` or ``bf16``: the module's weights and its
+  floating inputs are cast; floating outputs come back as the signature's datatype.
+- ``intra_op_threads``: ``torch.set_num_threads`` (process-wide in PyTorch, so the last
+  model to load sets it for all; 0 leaves PyTorch's default).
+- ``inputs`` / ``outputs``: the signature, in the form of a model's ``inputs``, for files
+  that carry none (TorchScript keeps no names, dtypes or shapes). Archives written by
+  ``kp-pipeline models export`` embed theirs (`backends.options.SIGNATURE_FILE`);
+  torch.export programs also record input dtypes and shapes, which are checked.
+
+Inputs are passed to ``forward`` positionally in signature order; a module may return a
+tensor, a tuple or a dict of tensors. Every call runs under ``torch.inference_mode``.
+
+On the CPU, NumPy arrays become tensors without a copy (``torch.from_numpy``) and outputs
+come back the same way. On ``cuda:N`` each instance owns a CUDA stream: host inputs go
+through reused pinned buffers and are copied asynchronously on that stream, device
+arrays from GPU preprocessing (CuPy, PyTorch) are taken through DLPack without touching
+the host, and outputs return through pinned buffers after one stream synchronisation.
+The CUDA path is written against PyTorch's documented API and has not run on the
+project's machines: no GPU was lent to this work.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
+from backends.devices import PinnedBuffers, is_device_array, resolve_device
+from backends.options import (
+    SIGNATURE_FILE,
+    DeclaredTensor,
+    StrictOptions,
+    parse_options,
+    parse_signature_json,
+    signature_of,
+)
+from pipeline.errors import BackendError, GraphError
+from pipeline.plugins import import_object
+from pipeline.tensors import TensorSpec
+
+__all__ = ["TorchBackend", "TorchOptions"]
+
+log = logging.getLogger(__name__)
+
+_OIP_BY_TORCH = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "float64": "FP64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+}
+
+
+class TorchOptions(StrictOptions):
+    """The torch backend's section of a model's settings."""
+
+    format: Literal["auto", "torchscript", "export", "factory"] = "auto"
+    factory: str | None = None
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    intra_op_threads: int = 0
+    inputs: list[DeclaredTensor] = Field(default_factory=list)
+    outputs: list[DeclaredTensor] = Field(default_factory=list)
+
+
+class TorchBackend:
+    """One PyTorch module on one device (with its own CUDA stream there)."""
+
+    def __init__(self) -> None:
+        self._module: Any = None
+        self._device: Any = None
+        self._stream: Any = None
+        self._dtype: Any = None
+        self._inputs: list[str] = []
+        self._outputs: dict[str, TensorSpec] = {}
+        self._pinned = PinnedBuffers()
+
+    @classmethod
+    def probe(cls) -> Probe:
+        """Usable wherever torch imports; says which CUDA devices it sees."""
+        try:
+            import torch
+        except ImportError as e:
+            return Probe(False, f"torch does not import ({e}): pip install 'kp-pipeline[torch]'")
+        n = torch.cuda.device_count()
+        gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(n)) if n else "none"
+        return Probe(True, f"torch {torch.__version__}; CUDA devices: {gpus}")
+
+    def load(self, spec: ModelSpec, device: str) -> ModelInfo:
+        """Load the artifact in its format, place it, and settle its signature."""
+        try:
+            import torch
+        except ImportError:
+            raise BackendError("torch is not installed: pip install 'kp-pipeline[torch]'") from None
+        opts = parse_options(TorchOptions, spec, "torch")
+        placed = resolve_device(device, torch.cuda.device_count(), "torch")
+        self._device = torch.device(placed)
+        if opts.intra_op_threads:
+            torch.set_num_threads(opts.intra_op_threads)
+        fmt = _format(opts, spec.artifact)
+        if fmt != "factory" and not spec.artifact.is_file():
+            raise BackendError(f"no model file at {spec.artifact}")
+        module, embedded = _load_module(fmt, spec.artifact, opts, self._device)
+        inputs, outputs = _signature(fmt, opts, embedded, spec.artifact)
+        self._dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[opts.precision]
+        if self._dtype is not None:
+            module = module.to(self._dtype)
+        self._module = module
+        self._inputs = list(inputs)
+        self._outputs = outputs
+        if self._device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=self._device)
+        program = embedded.get("program")
+        max_batch = None if program is None else _program_max_batch(program)
+        return ModelInfo(inputs, outputs, max_batch, placed)
+
+    def infer(self, batch: TensorBatch) -> dict[str, np.ndarray[Any, Any]]:
+        """Run ``forward`` on one batch, on this instance's stream when on a GPU."""
+        if self._module is None:
+            raise BackendError("infer() before load()")
+        import torch
+
+        if self._stream is None:
+            with torch.inference_mode():
+                out = self._module(*(self._to_tensor(batch[n]) for n in self._inputs))
+                return {name: self._host(name, t) for name, t in self._named(out).items()}
+        with torch.inference_mode(), torch.cuda.stream(self._stream):
+            out = self._module(*(self._to_device(n, batch[n]) for n in self._inputs))
+            pending = {name: self._to_pinned(name, t) for name, t in self._named(out).items()}
+        self._stream.synchronize()
+        return {name: t.numpy() for name, t in pending.items()}
+
+    def unload(self) -> None:
+        """Drop the module, its stream and the pinned buffers."""
+        self._module = None
+        self._stream = None
+        self._pinned.clear()
+
+    # -- tensors in and out ----------------------------------------------------------------
+
+    def _cast_in(self, t: Any) -> Any:
+        if self._dtype is not None and t.is_floating_point():
+            return t.to(self._dtype)
+        return t
+
+    def _to_tensor(self, x: Any) -> Any:
+        """CPU: share the NumPy array's memory; a read-only array is copied once."""
+        import torch
+
+        if is_device_array(x):
+            return self._cast_in(torch.utils.dlpack.from_dlpack(x).to(self._device))
+        arr = np.asarray(x)
+        if not arr.flags.writeable or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr).copy()
+        return self._cast_in(torch.from_numpy(arr))
+
+    def _to_device(self, name: str, x: Any) -> Any:
+        """GPU: DLPack for device arrays; host arrays through this instance's pinned buffer."""
+        import torch
+
+        if is_device_array(x):
+            t = torch.utils.dlpack.from_dlpack(x)
+            if t.device != self._device:
+                t = t.to(self._device, non_blocking=True)
+            return self._cast_in(t)
+        arr = np.ascontiguousarray(x)
+        pinned = self._pinned.view(f"in:{name}", arr.shape, torch.from_numpy(arr[:0]).dtype)
+        pinned.numpy()[...] = arr
+        return self._cast_in(pinned.to(self._device, non_blocking=True))
+
+    def _named(self, out: Any) -> dict[str, Any]:
+        """Name the module's outputs after the signature, whatever container it used."""
+        names = list(self._outputs)
+        if isinstance(out, dict):
+            missing = [n for n in names if n not in out]
+            if missing:
+                raise BackendError(f"the module returned keys {sorted(out)}; missing {missing}")
+            return {n: out[n] for n in names}
+        items: Sequence[Any] = out if isinstance(out, tuple | list) else (out,)
+        if len(items) != len(names):
+            raise BackendError(
+                f"the module returned {len(items)} tensor(s); the signature names {names}"
+            )
+        return dict(zip(names, items, strict=True))
+
+    def _want_dtype(self, name: str) -> Any:
+        import torch
+
+        return getattr(torch, _TORCH_BY_OIP[self._outputs[name].datatype])
+
+    def _host(self, name: str, t: Any) -> np.ndarray[Any, Any]:
+        t = t.to(self._want_dtype(name))
+        out: np.ndarray[Any, Any] = t.numpy() if t.is_contiguous() else t.contiguous().numpy()
+        return out
+
+    def _to_pinned(self, name: str, t: Any) -> Any:
+        t = t.to(self._want_dtype(name))
+        pinned = self._pinned.view(f"out:{name}", tuple(t.shape), t.dtype)
+        pinned.copy_(t, non_blocking=True)
+        return pinned
+
+
+_TORCH_BY_OIP = {v: k for k, v in _OIP_BY_TORCH.items()}
+
+
+def _format(opts: TorchOptions, artifact: Path) -> str:
+    if opts.format == "factory" and opts.factory is None:
+        raise BackendError("options.format is 'factory' but options.factory names none")
+    if opts.format != "auto":
+        return opts.format
+    if opts.factory is not None:
+        return "factory"
+    return "export" if artifact.suffix == ".pt2" else "torchscript"
+
+
+def _load_module(
+    fmt: str, artifact: Path, opts: TorchOptions, device: Any
+) -> tuple[Any, dict[str, Any]]:
+    """The callable module and what the archive says about itself (signature, program)."""
+    import torch
+
+    embedded: dict[str, Any] = {}
+    if fmt == "factory":
+        assert opts.factory is not None
+        try:
+            factory = import_object(opts.factory, "torch module factory")
+        except GraphError as e:
+            raise BackendError(f"options.factory: {e}") from None
+        try:
+            module = factory(artifact)
+        except Exception as e:
+            raise BackendError(f"factory {opts.factory} failed on {artifact}: {e}") from None
+        if not isinstance(module, torch.nn.Module):
+            raise BackendError(
+                f"factory {opts.factory} returned {type(module).__name__}, not a Module"
+            )
+        return module.eval().to(device), embedded
+    _require_zip(artifact, fmt)
+    extra = {SIGNATURE_FILE: ""}
+    try:
+        if fmt == "torchscript":
+            module = torch.jit.load(str(artifact), map_location=device, _extra_files=extra)
+        else:
+            program = torch.export.load(str(artifact), extra_files=extra)
+            embedded["program"] = program
+            module = program.module().to(device)
+    except Exception as e:
+        kind = "a TorchScript archive" if fmt == "torchscript" else "a torch.export program"
+        raise BackendError(f"{artifact} is not {kind} (format {fmt!r}): {e}") from None
+    if extra[SIGNATURE_FILE]:
+        embedded["signature"] = extra[SIGNATURE_FILE]
+    if fmt == "torchscript":
+        module.eval()
+    return module, embedded
+
+
+def _require_zip(artifact: Path, fmt: str) -> None:
+    """Both formats are zip archives; anything else is refused before torch guesses."""
+    if not zipfile.is_zipfile(artifact):
+        kind = "TorchScript archive" if fmt == "torchscript" else "torch.export .pt2 program"
+        raise BackendError(
+            f"{artifact} is not a {kind} (not a zip archive); "
+            "give the torch backend a .pt (TorchScript) or .pt2 file, or options.factory"
+        )
+
+
+def _signature(
+    fmt: str, opts: TorchOptions, embedded: dict[str, Any], artifact: Path
+) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """Declared options win, then the embedded signature; a program's own specs are checked."""
+    if opts.inputs and opts.outputs:
+        inputs, outputs = signature_of(opts.inputs), signature_of(opts.outputs)
+    elif "signature" in embedded:
+        inputs, outputs = parse_signature_json(embedded["signature"])
+    elif "program" in embedded:
+        inputs, outputs = _program_signature(embedded["program"])
+    else:
+        raise BackendError(
+            f"{artifact} ({fmt}) carries no signature: declare options.inputs and "
+            "options.outputs (name, datatype, shape per request, -1 for any size)"
+        )
+    if "program" in embedded:
+        _check_program(embedded["program"], inputs)
+    return inputs, outputs
+
+
+def _program_signature(program: Any) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """Inputs and outputs of a torch.export program, from its graph's fake tensors."""
+    placeholders = _placeholders(program)
+    inputs = {name: _spec_of(val, name) for name, val in placeholders.items()}
+    out_node = next(n for n in program.graph.nodes if n.op == "output")
+    values = out_node.args[0] if isinstance(out_node.args[0], tuple | list) else [out_node.args[0]]
+    names = list(program.graph_signature.user_outputs)
+    outputs = {
+        name: _spec_of(node.meta["val"], name) for name, node in zip(names, values, strict=False)
+    }
+    return inputs, outputs
+
+
+def _placeholders(program: Any) -> dict[str, Any]:
+    user = list(program.graph_signature.user_inputs)
+    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    return {name: vals[name] for name in user}
+
+
+def _spec_of(val: Any, name: str) -> TensorSpec:
+    datatype = _OIP_BY_TORCH.get(str(val.dtype).removeprefix("torch."))
+    if datatype is None:
+        raise BackendError(f"{name}: unsupported torch dtype {val.dtype}")
+    dims = tuple(d if isinstance(d, int) else None for d in val.shape)
+    return TensorSpec(datatype, dims[1:])
+
+
+def _program_max_batch(program: Any) -> int | None:
+    """The upper bound torch.export recorded for the first input's batch dimension."""
+    first = next(iter(_placeholders(program).values()), None)
+    if first is None or not first.shape:
+        return None
+    dim = first.shape[0]
+    if isinstance(dim, int):
+        return dim
+    for symbol, bounds in program.range_constraints.items():
+        if str(symbol) == str(dim) and bounds.upper.is_finite:
+            return int(bounds.upper)
+    return None
+
+
+def _check_program(program: Any, inputs: dict[str, TensorSpec]) -> None:
+    """The signature must agree with what the exported graph was traced with."""
+    traced = [_spec_of(v, n) for n, v in _placeholders(program).items()]
+    if len(traced) != len(inputs):
+        raise BackendError(
+            f"the signature names {len(inputs)} input(s); the program takes {len(traced)}"
+        )
+    for (name, want), have in zip(inputs.items(), traced, strict=True):
+        if have.datatype != want.datatype or len(have.shape) != len(want.shape):
+            raise BackendError(
+                f"input {name!r} is declared {want}, but the program was exported with {have}"
+            )
