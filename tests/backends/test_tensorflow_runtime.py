@@ -1,0 +1,224 @@
+"""The TensorFlow backend on real SavedModels: signatures, numerics, load errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from backends import tensorflow_runtime
+from backends.base import Backend, ModelSpec
+from backends.tensorflow_runtime import TensorFlowBackend
+from pipeline.errors import BackendError
+from pipeline.tensors import TensorSpec
+from pipeline.zoo.keras_twins import export_small_cnn_savedmodel, export_tiny_mlp_savedmodel
+from pipeline.zoo.small_cnn import export_small_cnn_onnx
+from pipeline.zoo.tiny import tiny_mlp_reference
+
+tf = pytest.importorskip("tensorflow")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both SavedModels and the CNN's ONNX twin, exported once for the module."""
+    out = tmp_path_factory.mktemp("tf_models")
+    return {
+        "tiny": export_tiny_mlp_savedmodel(out),
+        "cnn": export_small_cnn_savedmodel(out),
+        "cnn_onnx": export_small_cnn_onnx(out),
+    }
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SavedModel with a fixed batch, integer and string inputs, two outputs."""
+    path = tmp_path_factory.mktemp("odd") / "odd.savedmodel"
+
+    def fn(ids: Any, text: Any) -> dict[str, Any]:
+        return {"n": tf.strings.length(text), "flag": ids > 0}
+
+    sig = tf.function(
+        fn,
+        input_signature=[
+            tf.TensorSpec([8, 4], tf.int64, name="ids"),
+            tf.TensorSpec([8], tf.string, name="text"),
+        ],
+    )
+    tf.saved_model.save(tf.Module(), str(path), signatures={"serving_default": sig, "other": sig})
+    return path
+
+
+def test_is_a_backend() -> None:
+    assert isinstance(TensorFlowBackend(), Backend)
+
+
+def test_probe_is_usable_and_names_the_version() -> None:
+    probe = TensorFlowBackend.probe()
+    assert probe.usable
+    assert f"tensorflow {tf.__version__}" in probe.detail
+
+
+def test_tiny_signature_has_a_free_batch(models: dict[str, Path]) -> None:
+    info = TensorFlowBackend().load(ModelSpec("tiny", models["tiny"]), "cpu")
+    assert info.inputs == {"x": TensorSpec("FP32", (64,))}
+    assert info.outputs == {"logits": TensorSpec("FP32", (10,))}
+    assert info.max_batch_size is None
+    assert info.device == "cpu"
+
+
+def test_cnn_signature_is_nchw(models: dict[str, Path]) -> None:
+    info = TensorFlowBackend().load(ModelSpec("cnn", models["cnn"]), "auto")
+    assert info.inputs == {"x": TensorSpec("FP32", (3, 64, 64))}
+    assert info.outputs == {"logits": TensorSpec("FP32", (10,))}
+    assert info.device == "cpu"  # auto, with no GPU seen
+
+
+def test_fixed_batch_and_other_dtypes(odd: Path) -> None:
+    backend = TensorFlowBackend()
+    info = backend.load(ModelSpec("odd", odd), "cpu")
+    assert info.inputs == {"ids": TensorSpec("INT64", (4,)), "text": TensorSpec("BYTES", ())}
+    assert info.outputs == {"flag": TensorSpec("BOOL", (4,)), "n": TensorSpec("INT32", ())}
+    assert info.max_batch_size == 8
+    ids = np.arange(-16, 16, dtype=np.int64).reshape(8, 4)
+    text = np.array([b"x" * i for i in range(8)], dtype=object)
+    out = backend.infer({"ids": ids, "text": text})
+    assert list(out) == list(info.outputs)
+    np.testing.assert_array_equal(out["n"], np.arange(8, dtype=np.int32))
+    np.testing.assert_array_equal(out["flag"], ids > 0)
+
+
+@pytest.mark.parametrize("n", [1, 37])
+def test_tiny_results_match_numpy(models: dict[str, Path], n: int) -> None:
+    backend = TensorFlowBackend()
+    backend.load(ModelSpec("tiny", models["tiny"]), "cpu")
+    x = np.random.default_rng(n).standard_normal((n, 64)).astype(np.float32)
+    out = backend.infer({"x": x})
+    assert list(out) == ["logits"]
+    assert (out["logits"].shape, out["logits"].dtype) == ((n, 10), np.float32)
+    np.testing.assert_allclose(out["logits"], tiny_mlp_reference(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_cnn_matches_onnx_runtime(models: dict[str, Path], n: int) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    x = np.random.default_rng(n).standard_normal((n, 3, 64, 64)).astype(np.float32)
+    session = ort.InferenceSession(str(models["cnn_onnx"]), providers=["CPUExecutionProvider"])
+    [reference] = session.run(["logits"], {"x": x})
+    backend = TensorFlowBackend()
+    backend.load(ModelSpec("cnn", models["cnn"]), "cpu")
+    logits = backend.infer({"x": x})["logits"]
+    assert logits.shape == (n, 10)
+    np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-4)
+
+
+def _at_offset(rows: int, offset: int) -> np.ndarray[Any, Any]:
+    """A float32 [rows, 64] view whose data starts ``offset`` bytes past a 64-byte boundary."""
+    buf = np.zeros(rows * 64 + 32, dtype=np.float32)
+    skip = (-buf.ctypes.data % 64 + offset) // 4
+    x = buf[skip : skip + rows * 64].reshape(rows, 64)
+    x[:] = np.linspace(-2, 2, x.size, dtype=np.float32).reshape(x.shape)
+    assert x.ctypes.data % 64 == offset
+    return x
+
+
+@pytest.mark.parametrize("offset", [0, 4, 16])
+def test_host_dlpack_and_unaligned_inputs_give_the_same_numbers(
+    models: dict[str, Path], offset: int
+) -> None:
+    """CPU torch tensors take the device-array path; unaligned ones once aborted the process.
+
+    TF's own from_dlpack accepts a pointer that is not 64-byte aligned and then fails a
+    CHECK inside the first kernel that reads it (SIGABRT, not an exception).
+    """
+    torch = pytest.importorskip("torch")
+    backend = TensorFlowBackend()
+    backend.load(ModelSpec("tiny", models["tiny"]), "cpu")
+    x = _at_offset(3, offset)
+    for feed in (x, torch.from_numpy(x)):
+        out = backend.infer({"x": feed})
+        np.testing.assert_allclose(out["logits"], tiny_mlp_reference(x), rtol=0, atol=1e-5)
+
+
+def test_infer_before_load_and_after_unload_is_refused(models: dict[str, Path]) -> None:
+    with pytest.raises(BackendError, match=r"infer\(\) before load\(\)"):
+        TensorFlowBackend().infer({})
+    backend = TensorFlowBackend()
+    backend.load(ModelSpec("tiny", models["tiny"]), "cpu")
+    backend.unload()
+    with pytest.raises(BackendError, match=r"infer\(\) before load\(\)"):
+        backend.infer({"x": np.zeros((1, 64), np.float32)})
+
+
+def test_bad_batches_are_backend_errors(models: dict[str, Path]) -> None:
+    backend = TensorFlowBackend()
+    backend.load(ModelSpec("tiny", models["tiny"]), "cpu")
+    with pytest.raises(BackendError, match=r"model 'tiny': batch lacks input\(s\) \['x'\]"):
+        backend.infer({"y": np.zeros((1, 64), np.float32)})
+    with pytest.raises(BackendError, match="model 'tiny': tensorflow"):
+        backend.infer({"x": np.zeros((1, 63), np.float32)})
+
+
+def test_missing_path_is_a_backend_error(tmp_path: Path) -> None:
+    missing = tmp_path / "none.savedmodel"
+    with pytest.raises(BackendError, match=f"{missing} does not exist") as e:
+        TensorFlowBackend().load(ModelSpec("m", missing), "cpu")
+    assert "TensorFlow SavedModel directory" in str(e.value)
+
+
+def test_onnx_file_or_plain_folder_is_not_a_savedmodel(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    for path in (models["cnn_onnx"], tmp_path):
+        with pytest.raises(BackendError, match="is not a TensorFlow SavedModel directory") as e:
+            TensorFlowBackend().load(ModelSpec("m", path), "cpu")
+        assert f"{path}" in str(e.value)
+
+
+def test_unknown_signature_lists_the_known_ones(odd: Path) -> None:
+    spec = ModelSpec("m", odd, {"signature": "predict"})
+    with pytest.raises(BackendError, match="no signature 'predict'") as e:
+        TensorFlowBackend().load(spec, "cpu")
+    assert "other, serving_default" in str(e.value)
+    info = TensorFlowBackend().load(ModelSpec("m", odd, {"signature": "other"}), "cpu")
+    assert set(info.inputs) == {"ids", "text"}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"threads": 2}, "options.threads: unknown option"),
+        ({"intra_op_threads": "many"}, "options.intra_op_threads"),
+        ({"signature": 3}, "options.signature"),
+    ],
+)
+def test_bad_options_are_backend_errors(
+    models: dict[str, Path], options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(BackendError, match="tensorflow options") as e:
+        TensorFlowBackend().load(ModelSpec("m", models["tiny"], options), "cpu")
+    assert message in str(e.value)
+
+
+def test_cuda_without_a_gpu_is_refused(models: dict[str, Path]) -> None:
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(BackendError, match="'cuda:0': tensorflow sees no CUDA device"):
+        TensorFlowBackend().load(ModelSpec("m", models["tiny"]), "cuda:0")
+
+
+def test_late_thread_settings_warn_once(
+    models: dict[str, Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fixture already started TF's runtime, so a new pool size can only be warned about."""
+    monkeypatch.setattr(tensorflow_runtime, "_warned", set())
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    spec = ModelSpec("m", models["tiny"], {"intra_op_threads": current + 3})
+    with caplog.at_level(logging.WARNING, logger="backends.tensorflow_runtime"):
+        TensorFlowBackend().load(spec, "cpu")
+        TensorFlowBackend().load(spec, "cpu")
+    warnings = [r for r in caplog.records if "intra_op_threads" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "process-wide" in warnings[0].getMessage()
