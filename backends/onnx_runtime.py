@@ -1,14 +1,28 @@
-"""ONNX Runtime: CPU everywhere, the CUDA execution provider where onnxruntime-gpu has it.
+"""ONNX Runtime: the CPU provider everywhere; CUDA and TensorRT providers on GPUs.
 
 Options (the model's ``options`` section in topology.yaml):
 
 - ``intra_op_threads``: threads inside one operator (0 = ONNX Runtime decides).
 - ``inter_op_threads``: threads across independent operators (0 = decides).
 - ``graph_optimization``: ``disable`` | ``basic`` | ``extended`` | ``all``.
+- ``tensorrt``: on a GPU, put ONNX Runtime's TensorRT execution provider before the CUDA
+  one (it compiles the supported subgraphs into engines on first use; the rest runs on
+  CUDA). ``tensorrt_fp16`` lets those engines use half precision;
+  ``tensorrt_cache_dir`` keeps built engines on disk between starts.
 
-On ``cuda:N`` the session asks for ``CUDAExecutionProvider`` on device N and falls back
-to the CPU provider (with a warning) when the installed onnxruntime lacks it. The CUDA
-provider path has not been run on this project's machines (no GPU onnxruntime there).
+Providers follow the device: ``cpu`` → CPU; ``cuda:N`` → [TensorRT,] CUDA on device N,
+then CPU for operators the GPU providers lack; ``auto`` → CUDA when this onnxruntime
+build has it, else CPU. Asking for ``cuda`` from a build without the CUDA provider (the
+``onnxruntime`` wheel rather than ``onnxruntime-gpu``) is refused at start.
+
+On a GPU each instance runs on its own CUDA stream (``user_compute_stream``, made with
+PyTorch when it is installed) and binds its tensors with I/O binding: host inputs are
+bound as they are, device arrays from GPU preprocessing (anything exposing
+``__cuda_array_interface__``: CuPy, PyTorch) by pointer, without a host round trip.
+On the CPU, NumPy arrays are passed to ``run`` and read in place. The GPU paths are
+written against ONNX Runtime's documented Python API (IOBinding, CUDA and TensorRT
+provider options) and have not run on the project's machines: no GPU onnxruntime and
+no GPU there.
 """
 
 from __future__ import annotations
@@ -17,11 +31,12 @@ import logging
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
 
-from backends.base import ModelInfo, ModelSpec, TensorBatch
+from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
+from backends.devices import is_device_array, parse_device, resolve_device
+from backends.options import StrictOptions, parse_options
 from pipeline.errors import BackendError
-from pipeline.tensors import TensorSpec
+from pipeline.tensors import TensorSpec, numpy_dtype
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeOptions"]
 
@@ -44,14 +59,15 @@ _ORT_TYPES = {
 }
 
 
-class OnnxRuntimeOptions(BaseModel):
+class OnnxRuntimeOptions(StrictOptions):
     """The backend's own section of a model's settings."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    tensorrt: bool = False
+    tensorrt_fp16: bool = False
+    tensorrt_cache_dir: str | None = None
 
 
 class OnnxRuntimeBackend:
@@ -60,9 +76,24 @@ class OnnxRuntimeBackend:
     def __init__(self) -> None:
         self._session: Any = None
         self._outputs: list[str] = []
+        self._input_types: dict[str, Any] = {}
+        self._gpu: int | None = None
+        self._stream: Any = None
+
+    @classmethod
+    def probe(cls) -> Probe:
+        """Usable wherever onnxruntime imports; lists its execution providers."""
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            return Probe(
+                False, f"onnxruntime does not import ({e}): pip install 'kp-pipeline[cpu]' or [gpu]"
+            )
+        providers = ", ".join(ort.get_available_providers())
+        return Probe(True, f"onnxruntime {ort.__version__}; providers: {providers}")
 
     def load(self, spec: ModelSpec, device: str) -> ModelInfo:
-        """Create the session and read the signature from the graph."""
+        """Create the session on the device's providers and read the signature."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -70,13 +101,14 @@ class OnnxRuntimeBackend:
                 "onnxruntime is not installed: pip install 'kp-pipeline[cpu]' "
                 "(or 'kp-pipeline[gpu]' for onnxruntime-gpu; never both)"
             ) from None
-
-        try:
-            opts = OnnxRuntimeOptions.model_validate(dict(spec.options))
-        except ValidationError as e:
-            raise BackendError(f"model {spec.name!r}: onnxruntime options: {e}") from None
+        opts = parse_options(OnnxRuntimeOptions, spec, "onnxruntime")
         if not spec.artifact.is_file():
-            raise BackendError(f"model {spec.name!r}: no model file at {spec.artifact}")
+            raise BackendError(f"no model file at {spec.artifact}")
+        available = ort.get_available_providers()
+        has_cuda = "CUDAExecutionProvider" in available
+        placed = resolve_device(device, 1 if has_cuda else 0, "onnxruntime (no CUDA provider)")
+        if placed != "cpu" and parse_device(device)[1] is not None:
+            placed = device  # resolve_device cannot count GPUs here; the session checks N
         so = ort.SessionOptions()
         so.intra_op_num_threads = opts.intra_op_threads
         so.inter_op_num_threads = opts.inter_op_threads
@@ -87,37 +119,90 @@ class OnnxRuntimeBackend:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[opts.graph_optimization]
         providers: list[Any] = ["CPUExecutionProvider"]
-        placed = "cpu"
-        if device.startswith("cuda") or device == "auto":
-            if "CUDAExecutionProvider" in ort.get_available_providers():
-                dev_id = int(device.partition(":")[2] or 0)
-                providers = [("CUDAExecutionProvider", {"device_id": dev_id}), *providers]
-                placed = f"cuda:{dev_id}"
-            elif device != "auto":
-                log.warning("model %s: no CUDA provider in onnxruntime; running on CPU", spec.name)
+        if placed != "cpu":
+            self._gpu = int(placed.partition(":")[2] or 0)
+            providers = self._gpu_providers(opts, available) + providers
         try:
             self._session = ort.InferenceSession(str(spec.artifact), so, providers=providers)
         except Exception as e:
-            raise BackendError(
-                f"model {spec.name!r}: {spec.artifact} is not a loadable ONNX model: {e}"
-            ) from None
+            raise BackendError(f"{spec.artifact} is not a loadable ONNX model: {e}") from None
         inputs = {i.name: _spec(i) for i in self._session.get_inputs()}
         outputs = {o.name: _spec(o) for o in self._session.get_outputs()}
         self._outputs = list(outputs)
+        self._input_types = {k: numpy_dtype(v.datatype) for k, v in inputs.items()}
         batch_dims = {i.shape[0] for i in self._session.get_inputs() if i.shape}
         fixed = [d for d in batch_dims if isinstance(d, int)]
         return ModelInfo(inputs, outputs, min(fixed) if fixed else None, placed)
 
+    def _gpu_providers(self, opts: OnnxRuntimeOptions, available: list[str]) -> list[Any]:
+        """CUDA (and TensorRT first, when asked) on this instance's device and stream."""
+        common: dict[str, Any] = {"device_id": self._gpu}
+        self._stream = _own_stream(self._gpu)
+        if self._stream is not None:
+            common["user_compute_stream"] = str(self._stream.cuda_stream)
+        providers: list[Any] = [("CUDAExecutionProvider", dict(common))]
+        if opts.tensorrt:
+            if "TensorrtExecutionProvider" not in available:
+                raise BackendError(
+                    "options.tensorrt: this onnxruntime build has no TensorRT execution provider"
+                )
+            trt: dict[str, Any] = {**common, "trt_fp16_enable": opts.tensorrt_fp16}
+            if opts.tensorrt_cache_dir:
+                trt |= {
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": opts.tensorrt_cache_dir,
+                }
+            providers.insert(0, ("TensorrtExecutionProvider", trt))
+        return providers
+
     def infer(self, batch: TensorBatch) -> dict[str, np.ndarray[Any, Any]]:
-        """Run the session on one batch."""
+        """Run the session on one batch (through I/O binding on a GPU)."""
         if self._session is None:
             raise BackendError("infer() before load()")
-        results = self._session.run(self._outputs, dict(batch))
-        return dict(zip(self._outputs, results, strict=True))
+        if self._gpu is None:
+            results = self._session.run(self._outputs, dict(batch))
+            return dict(zip(self._outputs, results, strict=True))
+        return self._run_bound(batch)
+
+    def _run_bound(self, batch: TensorBatch) -> dict[str, np.ndarray[Any, Any]]:
+        binding = self._session.io_binding()
+        for name, x in batch.items():
+            if is_device_array(x) and hasattr(x, "__cuda_array_interface__"):
+                cai = x.__cuda_array_interface__
+                if cai.get("strides") is not None:
+                    raise BackendError(f"input {name!r}: a device array must be C-contiguous")
+                binding.bind_input(
+                    name=name,
+                    device_type="cuda",
+                    device_id=self._gpu,
+                    element_type=self._input_types[name],
+                    shape=tuple(cai["shape"]),
+                    buffer_ptr=cai["data"][0],
+                )
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(x))
+        for name in self._outputs:
+            binding.bind_output(name, "cuda", self._gpu)
+        binding.synchronize_inputs()
+        self._session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return dict(zip(self._outputs, binding.copy_outputs_to_cpu(), strict=True))
 
     def unload(self) -> None:
-        """Drop the session."""
+        """Drop the session (and its stream)."""
         self._session = None
+        self._stream = None
+
+
+def _own_stream(device: int | None) -> Any:
+    """A CUDA stream for one instance, made with PyTorch; None without it (default stream)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.Stream(device=device)
 
 
 def _spec(node: Any) -> TensorSpec:

@@ -12,7 +12,7 @@ from backends.base import Backend, ModelSpec
 from backends.onnx_runtime import OnnxRuntimeBackend
 from pipeline.errors import BackendError
 from pipeline.tensors import TensorSpec
-from pipeline.zoo import export_tiny_mlp, tiny_mlp_reference
+from pipeline.zoo.tiny import export_tiny_mlp_onnx, tiny_mlp_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_ONNX = ROOT / "models" / "tiny_mlp.onnx"
@@ -27,8 +27,7 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         if not TINY_ONNX.exists():
             pytest.skip("models/tiny_mlp.onnx missing: run `kp-pipeline models export`")
         return TINY_ONNX
-    [path] = export_tiny_mlp(tmp_path_factory.mktemp("models"))
-    return path
+    return export_tiny_mlp_onnx(tmp_path_factory.mktemp("models"))
 
 
 def test_is_a_backend() -> None:
@@ -72,16 +71,24 @@ def test_infer_after_unload_is_refused(tiny: Path) -> None:
         OnnxRuntimeBackend().infer({})
 
 
-def test_cuda_request_without_a_gpu_provider_falls_back_to_cpu(tiny: Path) -> None:
+def test_cuda_without_a_cuda_provider_is_refused_and_auto_falls_back(tiny: Path) -> None:
     import onnxruntime
 
-    info = OnnxRuntimeBackend().load(ModelSpec("tiny", tiny), "cuda:0")
-    has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    assert info.device == ("cuda:0" if has_cuda else "cpu")
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(BackendError, match="sees no CUDA device"):
+        OnnxRuntimeBackend().load(ModelSpec("tiny", tiny), "cuda:0")
+    assert OnnxRuntimeBackend().load(ModelSpec("tiny", tiny), "auto").device == "cpu"
+
+
+def test_probe_lists_the_providers() -> None:
+    probe = OnnxRuntimeBackend.probe()
+    assert probe.usable
+    assert "CPUExecutionProvider" in probe.detail
 
 
 def test_missing_file_is_a_backend_error(tmp_path: Path) -> None:
-    with pytest.raises(BackendError, match=f"model 'm': no model file at {tmp_path / 'none.onnx'}"):
+    with pytest.raises(BackendError, match=f"no model file at {tmp_path / 'none.onnx'}"):
         OnnxRuntimeBackend().load(ModelSpec("m", tmp_path / "none.onnx"), "cpu")
     with pytest.raises(BackendError, match="no model file"):
         OnnxRuntimeBackend().load(ModelSpec("m", tmp_path), "cpu")  # a folder is not a file
@@ -91,7 +98,7 @@ def test_missing_file_is_a_backend_error(tmp_path: Path) -> None:
 def test_non_onnx_file_is_a_backend_error(tmp_path: Path, content: bytes) -> None:
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(content)
-    with pytest.raises(BackendError, match=f"model 'm': {junk} is not a loadable ONNX model"):
+    with pytest.raises(BackendError, match=f"{junk} is not a loadable ONNX model"):
         OnnxRuntimeBackend().load(ModelSpec("m", junk), "cpu")
 
 
@@ -104,7 +111,7 @@ def test_non_onnx_file_is_a_backend_error(tmp_path: Path, content: bytes) -> Non
     ],
 )
 def test_bad_options_are_backend_errors(tiny: Path, options: dict[str, object], field: str) -> None:
-    with pytest.raises(BackendError, match="model 'm': onnxruntime options") as e:
+    with pytest.raises(BackendError, match="onnxruntime options") as e:
         OnnxRuntimeBackend().load(ModelSpec("m", tiny, options), "cpu")
     assert field in str(e.value)
 
