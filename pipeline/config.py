@@ -8,10 +8,18 @@ built (`pipeline.graph`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.tensors import DATATYPES, TensorSpec
 
@@ -29,6 +37,7 @@ __all__ = [
 ]
 
 KafkaValue = str | int | float | bool
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 
 class _Strict(BaseModel):
@@ -176,8 +185,12 @@ class ModelSettings(_Strict):
     version: str = "1"
     backend: str = Field(description="Entry-point name (onnxruntime, ...) or 'module:Class'.")
     artifact: Path = Field(description="Model file, relative to the topology file.")
-    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")
-    instances: int = Field(1, ge=1, le=64)
+    device: str | list[str] = Field(
+        "cpu",
+        description="cpu | auto | cuda | cuda:N, or a list that instances take in turn "
+        "(instances: 4 with [cuda:0, cuda:1] puts two on each GPU).",
+    )
+    instances: int = Field(1, ge=1, le=64, description="Model copies, each its own thread.")
     inputs: list[InputSettings] = Field(min_length=1)
     batching: BatchingSettings = BatchingSettings()
     preprocess: list[StageSettings] = Field(default_factory=list)
@@ -185,6 +198,21 @@ class ModelSettings(_Strict):
     options: dict[str, Any] = Field(
         default_factory=dict, description="The backend's own settings, checked by the backend."
     )
+
+    @field_validator("device")
+    @classmethod
+    def _devices(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("name at least one device")
+        for d in v if isinstance(v, list) else [v]:
+            if not _DEVICE.match(d):
+                raise ValueError(f"{d!r} is not a device: cpu, auto, cuda or cuda:N (or a list)")
+        return v
+
+    def instance_devices(self) -> list[str]:
+        """The device of each instance: a list is taken in turn, a single device by all."""
+        devices = self.device if isinstance(self.device, list) else [self.device]
+        return [devices[i % len(devices)] for i in range(self.instances)]
 
 
 class Topology(_Strict):

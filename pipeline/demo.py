@@ -83,7 +83,7 @@ def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
         echo(f"embedded Tansu broker on {address}")
         served = BackgroundPipeline(opened, address).start()
         echo(
-            f"serving {model.name} ({model.backend} on {model.device}) from "
+            f"serving {model.name} ({model.backend} on {', '.join(model.instance_devices())}) from "
             f"{', '.join(topology.topics.input)} → {topology.topics.output}"
         )
         t0 = time.monotonic()

@@ -42,6 +42,7 @@ class ModelGraph:
     info: ModelInfo
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
+    devices: list[str]
 
     @property
     def name(self) -> str:
@@ -81,19 +82,28 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGra
             f"{where}.artifact: no such file {settings.artifact} (the demo and benchmark "
             "models are made by `kp-pipeline models export`)"
         )
-    ctx = StageContext(model=settings.name, device=settings.device, base_dir=base_dir)
+    wanted = settings.instance_devices()
+    ctx = StageContext(model=settings.name, device=wanted[0], base_dir=base_dir)
     pre = _stages(settings.preprocess, f"{where}.preprocess", ctx)
     post = _stages(settings.postprocess, f"{where}.postprocess", ctx)
-    instances: list[Backend] = []
     try:
         cls = backend_class(settings.backend)
+    except GraphError as e:
+        raise GraphError(f"{where}.backend: {e}") from None
+    instances: list[Backend] = []
+    placed: list[str] = []
+    try:
         spec = ModelSpec(settings.name, settings.artifact, settings.options)
         info: ModelInfo | None = None
-        for _ in range(settings.instances):
+        for i, device in enumerate(wanted):
             backend = cls()
-            info = backend.load(spec, settings.device)
+            loaded = backend.load(spec, device)
             instances.append(backend)
-            _warm_up(backend, info, settings.name)
+            if info is not None and (loaded.inputs, loaded.outputs) != (info.inputs, info.outputs):
+                raise GraphError(f"instance {i} on {device} loaded a different signature")
+            info = info or loaded
+            placed.append(loaded.device)
+            _warm_up(backend, loaded, settings.name)
         assert info is not None
     except KpError as e:
         for b in instances:
@@ -117,7 +127,7 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGra
         for b in instances:
             b.unload()
         raise
-    return ModelGraph(settings, pre, post, instances, info, declared, outputs)
+    return ModelGraph(settings, pre, post, instances, info, declared, outputs, placed)
 
 
 def _warm_up(backend: Backend, info: ModelInfo, name: str) -> None:

@@ -1,14 +1,19 @@
 """Running one model's batches off the Kafka thread: preprocess, infer, postprocess.
 
-Per model, a preprocess thread feeds a small bounded queue that the model's instances
-(one thread each, each with its own backend session) drain, so preprocessing of the
-next batch overlaps inference of the current one. Outcomes (encoded results and dead
-letters) go back to the Kafka thread through ``emit``. Nothing here raises out of a
-thread: any failure becomes dead letters for the rows it touched.
+Per model, a preprocess thread takes routed batches, picks the least-busy instance (the
+one with the fewest batches queued or running; ties rotate), preprocesses the batch for
+it and hands it over. Each instance (its own backend session, device and, on a GPU, its
+own CUDA stream) runs on its own thread, so preprocessing of the next batch overlaps
+inference of the current one, and N instances overlap each other. An instance holds at
+most `DEPTH` batches, so preprocessing runs only a little ahead of the models. Outcomes
+(encoded results and dead letters) go back to the Kafka thread through ``emit``.
+Nothing here raises out of a thread: any failure becomes dead letters for the rows it
+touched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -20,16 +25,28 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend
+from backends.devices import is_device_array
 from pipeline.graph import ModelGraph
 from pipeline.messages import Envelope
 from pipeline.outcomes import Outcome, OutcomeEncoder
 from stages.base import Batch, Stage
 
-__all__ = ["ModelRuntime", "Prepared", "complete", "prepare", "run_stages"]
+__all__ = [
+    "DEPTH",
+    "InstanceStats",
+    "ModelRuntime",
+    "Prepared",
+    "complete",
+    "prepare",
+    "run_stages",
+]
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[list[Outcome]], None]
+
+DEPTH = 2
+"""Batches one instance may hold: the one it runs and the next one, ready."""
 
 
 @dataclass(slots=True)
@@ -42,8 +59,27 @@ class Prepared:
     dead_letters: list[Outcome]
 
 
+@dataclass(slots=True)
+class InstanceStats:
+    """What one model instance did: the evidence that work was spread across instances."""
+
+    index: int
+    device: str
+    batches: int = 0
+    rows: int = 0
+    busy_s: float = 0.0
+
+
 class _StageContractError(Exception):
     pass
+
+
+@dataclass(slots=True)
+class _Instance:
+    backend: Backend
+    stats: InstanceStats
+    inbox: queue.SimpleQueue[Prepared | None]
+    outstanding: int = 0
 
 
 class ModelRuntime:
@@ -53,11 +89,14 @@ class ModelRuntime:
         self.graph = graph
         self.encoder = encoder
         self.emit = emit
-        n = len(graph.instances)
-        # Bounded by the caller's in-flight limit; the hand-off to instances is kept short
-        # so preprocessing runs at most a couple of batches ahead of the model.
-        self._incoming: queue.Queue[list[Envelope] | None] = queue.Queue()
-        self._ready: queue.Queue[Prepared | None] = queue.Queue(maxsize=2 * n)
+        # Unbounded here, bounded by the caller's in-flight limit.
+        self._incoming: queue.SimpleQueue[list[Envelope] | None] = queue.SimpleQueue()
+        self._instances = [
+            _Instance(backend, InstanceStats(i, device), queue.SimpleQueue())
+            for i, (backend, device) in enumerate(zip(graph.instances, graph.devices, strict=True))
+        ]
+        self._room = threading.Condition()
+        self._turn = 0
         self._threads: list[threading.Thread] = []
         self._busy = 0
         self._lock = threading.Lock()
@@ -71,9 +110,12 @@ class ModelRuntime:
         """Start the preprocess thread and one thread per instance."""
         pre = threading.Thread(target=self._preprocess_loop, name=f"pre-{self.name}", daemon=True)
         self._threads.append(pre)
-        for i, backend in enumerate(self.graph.instances):
+        for inst in self._instances:
             t = threading.Thread(
-                target=self._infer_loop, args=(backend,), name=f"infer-{self.name}-{i}", daemon=True
+                target=self._infer_loop,
+                args=(inst,),
+                name=f"infer-{self.name}-{inst.stats.index}",
+                daemon=True,
             )
             self._threads.append(t)
         for t in self._threads:
@@ -90,13 +132,50 @@ class ModelRuntime:
         """Batches submitted and not yet emitted."""
         return self._busy
 
+    def instance_stats(self) -> list[InstanceStats]:
+        """A snapshot of each instance's counters."""
+        with self._room:
+            return [dataclasses.replace(i.stats) for i in self._instances]
+
     def stop(self, timeout: float) -> bool:
         """Finish queued batches, then stop the threads; False if they did not stop in time."""
         self._incoming.put(None)
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        for s in self.instance_stats():
+            log.info(
+                "model %s instance %d (%s): %d batches, %d requests, busy %.2f s",
+                self.name,
+                s.index,
+                s.device,
+                s.batches,
+                s.rows,
+                s.busy_s,
+            )
         return not any(t.is_alive() for t in self._threads)
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def _acquire(self) -> _Instance:
+        """The least-busy instance with room, waiting until one has room."""
+        with self._room:
+            self._room.wait_for(lambda: any(i.outstanding < DEPTH for i in self._instances))
+            least = min(i.outstanding for i in self._instances)
+            tied = [i for i in self._instances if i.outstanding == least]
+            chosen = tied[self._turn % len(tied)]
+            self._turn += 1
+            chosen.outstanding += 1
+            return chosen
+
+    def _release(self, inst: _Instance, rows: int, busy_s: float) -> None:
+        with self._room:
+            inst.outstanding -= 1
+            if rows:
+                inst.stats.batches += 1
+                inst.stats.rows += rows
+                inst.stats.busy_s += busy_s
+            self._room.notify_all()
 
     # -- threads --------------------------------------------------------------------------
 
@@ -104,35 +183,42 @@ class ModelRuntime:
         while True:
             rows = self._incoming.get()
             if rows is None:
-                for _ in self.graph.instances:
-                    self._ready.put(None)
+                for inst in self._instances:
+                    inst.inbox.put(None)
                 return
+            # Chosen before preprocessing, so GPU stages can run on the instance's device.
+            inst = self._acquire()
             try:
                 item = prepare(self.graph, self.encoder, rows)
             except Exception as e:
                 log.exception("model %s: preprocessing failed", self.name)
+                self._release(inst, 0, 0.0)
                 self._fail(rows, "preprocess_failed", f"{type(e).__name__}: {e}")
                 continue
             if not item.batch.rows:
+                self._release(inst, 0, 0.0)
                 self._finish(item.dead_letters)
                 continue
             if item.dead_letters:
                 self.emit(item.dead_letters)
-            self._ready.put(item)
+            inst.inbox.put(item)
 
-    def _infer_loop(self, backend: Backend) -> None:
+    def _infer_loop(self, inst: _Instance) -> None:
         while True:
-            item = self._ready.get()
+            item = inst.inbox.get()
             if item is None:
                 return
+            t0 = time.monotonic()
             try:
-                outcomes = complete(self.graph, self.encoder, backend, item)
+                outcomes = complete(self.graph, self.encoder, inst.backend, item)
             except Exception as e:
                 log.exception(
                     "model %s: inference failed for a batch of %d", self.name, len(item.batch)
                 )
+                self._release(inst, len(item.batch), time.monotonic() - t0)
                 self._fail(item.batch.rows, "inference_failed", f"{type(e).__name__}: {e}")
                 continue
+            self._release(inst, len(item.batch), time.monotonic() - t0)
             self._finish(outcomes)
 
     def _fail(self, rows: Sequence[Envelope], reason: str, error: str) -> None:
@@ -167,7 +253,7 @@ def complete(
     batch = item.batch
     if not batch.rows:
         return []
-    feeds = {name: np.asarray(batch.columns[name]) for name in graph.info.inputs}
+    feeds = {name: _feed(batch.columns[name]) for name in graph.info.inputs}
     t0 = time.monotonic()
     outputs = backend.infer(feeds)
     t1 = time.monotonic()
@@ -196,3 +282,8 @@ def run_stages(stages: Sequence[Stage], batch: Batch) -> Batch:
                 f"rejects for {before} rows in"
             )
     return batch
+
+
+def _feed(column: Any) -> Any:
+    """A column as the backend takes it: device arrays as they are, the rest as NumPy."""
+    return column if is_device_array(column) else np.asarray(column)

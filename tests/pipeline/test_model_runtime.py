@@ -16,7 +16,7 @@ from backends.base import ModelInfo, ModelSpec
 from pipeline.config import ModelSettings
 from pipeline.graph import ModelGraph
 from pipeline.messages import Envelope, Request
-from pipeline.model_runtime import ModelRuntime
+from pipeline.model_runtime import DEPTH, ModelRuntime
 from pipeline.outcomes import Outcome, OutcomeEncoder
 from pipeline.tensors import TensorSpec
 from schemas.codec import AvroCodec
@@ -126,7 +126,10 @@ def _graph(
     if post is None:
         post = [Softmax(SoftmaxParams(input="logits")), TopK(TopKParams(input="logits", k=1))]
     info = backends[0].load(ModelSpec("m", settings.artifact), "cpu")
-    return ModelGraph(settings, pre, post, backends, info, {"image": TensorSpec("BYTES", (1,))}, {})
+    devices = ["cpu"] * len(backends)
+    return ModelGraph(
+        settings, pre, post, backends, info, {"image": TensorSpec("BYTES", (1,))}, {}, devices
+    )
 
 
 @pytest.fixture
@@ -306,6 +309,52 @@ def test_many_batches_over_two_instances_all_come_back(serve: Any) -> None:
     assert sum(len(b.batches) for b in backends) == 20
     for offset, out in outcomes.items():
         assert CODEC.decode_result(out.value).outputs["classes"].tolist() == [offset % 3]
+
+
+def test_equally_idle_instances_take_turns_and_count_what_they_ran(serve: Any) -> None:
+    backends = [FakeBackend(), FakeBackend()]
+    runtime, sink = serve(_graph(backends))
+    for b in range(6):  # one at a time: every instance is idle when the next arrives
+        runtime.submit([_env(b, _jpeg(RED))])
+        sink.wait_for(b + 1)
+        _wait_idle(runtime)
+    assert [len(b.batches) for b in backends] == [3, 3]
+    stats = runtime.instance_stats()
+    assert [(s.index, s.device, s.batches, s.rows) for s in stats] == [
+        (0, "cpu", 3, 3),
+        (1, "cpu", 3, 3),
+    ]
+    assert all(s.busy_s > 0 for s in stats)
+
+
+def test_a_busy_instance_gets_no_more_than_depth_while_another_is_free(serve: Any) -> None:
+    """The least-busy instance gets the next batch; a stuck one holds at most DEPTH."""
+    gate = threading.Event()
+
+    class Stuck(FakeBackend):
+        def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            assert gate.wait(10)
+            return super().infer(batch)
+
+    stuck, free = Stuck(), FakeBackend()
+    runtime, sink = serve(_graph([stuck, free]))
+    for b in range(12):
+        runtime.submit([_env(b, _jpeg(GREEN))])
+    sink.wait_for(12 - DEPTH)
+    deadline = time.monotonic() + 5  # until the free instance has run all it was given
+    while not (
+        len(sink.outcomes) == runtime.instance_stats()[1].batches
+        and len(sink.outcomes) + runtime.busy == 12
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    held = runtime.busy
+    assert 1 <= held <= DEPTH
+    gate.set()
+    sink.wait_for(12)
+    _wait_idle(runtime)
+    assert len(stuck.batches) == held
+    assert len(free.batches) == 12 - held
 
 
 def test_stop_finishes_queued_batches_first() -> None:
