@@ -15,9 +15,17 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Check", "Row", "ScenarioResult", "machine", "markdown", "write"]
+__all__ = ["Check", "Row", "ScenarioResult", "machine", "machine_line", "markdown", "save", "write"]
 
-PACKAGES = ["confluent-kafka", "onnxruntime", "fastavro", "numpy", "pillow"]
+PACKAGES = [
+    "confluent-kafka",
+    "onnxruntime",
+    "torch",
+    "tensorflow-cpu",
+    "fastavro",
+    "numpy",
+    "pillow",
+]
 
 
 @dataclass
@@ -125,10 +133,8 @@ def markdown(scenarios: list[ScenarioResult], m: dict[str, Any]) -> str:
     lines = []
     for sc in scenarios:
         lines += table(sc)
-    pkgs = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
     lines += [
-        f"Machine: {m['nproc']} × {m['cpu']}, {m['memory_gib']} GiB RAM, Python {m['python']}, "
-        f"{m['broker']}; {pkgs}; {m['date']}.",
+        machine_line(m),
         "",
         "Timed from each variant's first consumed record to its last output acknowledged "
         "(group joins excluded). Ratios under ~1.2x are within this machine's noise.",
@@ -136,12 +142,26 @@ def markdown(scenarios: list[ScenarioResult], m: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """The machine, its packages and the date, in one sentence."""
+    pkgs = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    return (
+        f"Machine: {m['nproc']} × {m['cpu']}, {m['memory_gib']} GiB RAM, Python {m['python']}, "
+        f"{m['broker']}; {pkgs}; {m['date']}."
+    )
+
+
+def save(out: Path, stem: str, text: str, doc: dict[str, Any]) -> None:
+    """Write ``stem``.md and ``stem``.json under ``out``, overwriting."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text, encoding="utf-8")
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
 def write(out: Path, scenarios: list[ScenarioResult], args: dict[str, Any]) -> str:
     """Write latest.json and latest.md under ``out`` (overwriting); returns the markdown."""
     m = machine()
     text = markdown(scenarios, m)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.md").write_text(text, encoding="utf-8")
     doc = {
         "machine": m,
         "args": args,
@@ -155,5 +175,5 @@ def write(out: Path, scenarios: list[ScenarioResult], args: dict[str, Any]) -> s
             for sc in scenarios
         ],
     }
-    (out / "latest.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    save(out, "latest", text, doc)
     return text

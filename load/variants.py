@@ -13,7 +13,7 @@ same as in kp-pipeline; only the way it is scheduled differs.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -96,9 +96,23 @@ class Source:
         return c
 
 
-def kp_pipeline(opened: OpenTopology, bootstrap: str, n: int, timeout: float) -> Timing:
-    """The pipeline as users run it, on a thread; timed by its own RunStats clocks."""
+def kp_pipeline(
+    opened: OpenTopology,
+    bootstrap: str,
+    n: int,
+    timeout: float,
+    on_started: Callable[[], None] | None = None,
+    before_stop: Callable[[], None] | None = None,
+) -> Timing:
+    """The pipeline as users run it, on a thread; timed by its own RunStats clocks.
+
+    ``on_started`` runs once partitions are assigned, ``before_stop`` once every request
+    is delivered while the pipeline's threads still exist (the backend benchmark reads
+    their CPU time between the two).
+    """
     served = BackgroundPipeline(opened, bootstrap).start(timeout)
+    if on_started is not None:
+        on_started()
     assert served.pipeline is not None
     stats = served.pipeline.stats
     deadline = time.monotonic() + timeout
@@ -110,6 +124,8 @@ def kp_pipeline(opened: OpenTopology, bootstrap: str, n: int, timeout: float) ->
                     f"dead letters of {n} requests (error: {served.error!r})"
                 )
             time.sleep(0.01)
+        if before_stop is not None:
+            before_stop()
     finally:
         served.stop()
     assert stats.first_consumed is not None

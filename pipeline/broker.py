@@ -141,6 +141,11 @@ class EmbeddedBroker:
             self._proc = None
 
     @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (benchmarks account its CPU)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         """Whether the process is alive."""
         return self._proc is not None and self._proc.poll() is None
