@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models demo run lint test test-unit test-e2e bench ci clean
+.PHONY: help setup models demo run lint test test-unit test-e2e bench bench-backends ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ models/.exported: $(STAMP) $(wildcard pipeline/zoo/*.py)
 	$(BIN)/kp-pipeline models export --out models
 	touch models/.exported
 
-models: models/.exported  ## export EfficientNet-Lite0 and the tiny MLP to ONNX
+models: models/.exported  ## export the demo and benchmark models in every format this machine can make
 
 demo: setup  ## THE demo: embedded broker, real image classifier, sample photos, results
 	$(BIN)/kp-pipeline demo topology.yaml
@@ -50,6 +50,9 @@ test-e2e: setup  ## end-to-end tests only
 
 bench: setup  ## side-by-side benchmark (prints figures, writes load/results/)
 	$(BIN)/python -m load.bench --scenario all
+
+bench-backends: setup  ## model alone vs kp-pipeline per runtime and batch (writes load/results/)
+	$(BIN)/python -m load.backends
 
 ci: test  ## what .ci/run runs
 

@@ -82,8 +82,9 @@ def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
         address = broker.bootstrap_servers
         echo(f"embedded Tansu broker on {address}")
         served = BackgroundPipeline(opened, address).start()
+        devices = ", ".join(dict.fromkeys(model.instance_devices()))
         echo(
-            f"serving {model.name} ({model.backend} on {', '.join(model.instance_devices())}) from "
+            f"serving {model.name} ({model.backend} on {devices}) from "
             f"{', '.join(topology.topics.input)} → {topology.topics.output}"
         )
         t0 = time.monotonic()

@@ -72,3 +72,44 @@ def test_produce_to_an_embedded_topology_explains_where_the_broker_is(
     monkeypatch.delenv("KP_BOOTSTRAP", raising=False)
     assert main(["produce", str(_write(tmp_path, TINY))]) == 2
     assert "kp-pipeline broker" in capsys.readouterr().err
+
+
+def test_backends_lists_each_installed_backend_and_whether_it_runs_here(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["backends"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) >= {"onnxruntime", "torch", "tensorflow", "tensorrt"}
+    assert rows["onnxruntime"].split()[1] == "yes"
+    assert "[backends.torch_runtime:TorchBackend]" in rows["torch"]
+    # No TensorRT on the project's machines: it is listed, with the reason it cannot run.
+    tensorrt = rows["tensorrt"]
+    assert tensorrt.split()[1] in ("yes", "no")
+    if tensorrt.split()[1] == "no":
+        assert "tensorrt" in tensorrt.split(None, 2)[2]
+
+
+def test_validate_names_every_instance_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = TINY.replace(
+        "    options: {intra_op_threads: 1}", "    instances: 3\n    device: [cpu, auto]"
+    )
+    assert main(["validate", str(_write(tmp_path, text))]) == 0
+    assert "tiny-mlp v1 (onnxruntime on cpu, cpu, cpu)" in capsys.readouterr().out
+
+
+def test_a_gpu_the_runtime_cannot_see_is_refused_naming_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    text = TINY.replace("    options: {intra_op_threads: 1}", "    device: cuda:0")
+    assert main(["validate", str(_write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "models[0] (tiny-mlp): device 'cuda:0': onnxruntime (no CUDA provider) sees no CUDA" in err
+    )

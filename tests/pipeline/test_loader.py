@@ -87,7 +87,21 @@ def test_good_topology_and_defaults() -> None:
         ),
         ("shape: [4]", "shape: [0]", "models[0].inputs[0].shape: dimensions are positive"),
         ("name: m", "name: 'bad name'", "topo.yaml: models[0].name: String should match pattern"),
-        ("artifact: model.onnx", "artifact: model.onnx\n    device: tpu", "models[0].device:"),
+        (
+            "artifact: model.onnx",
+            "artifact: model.onnx\n    device: tpu",
+            "topo.yaml: models[0].device: 'tpu' is not a device: cpu, auto, cuda or cuda:N",
+        ),
+        (
+            "artifact: model.onnx",
+            "artifact: model.onnx\n    device: [cuda:0, gpu1]",
+            "topo.yaml: models[0].device: 'gpu1' is not a device",
+        ),
+        (
+            "artifact: model.onnx",
+            "artifact: model.onnx\n    device: []",
+            "topo.yaml: models[0].device: name at least one device",
+        ),
         (
             "kafka:",
             "flow: {max_in_flight: 10, resume_below: 10}\nkafka:",
@@ -103,6 +117,26 @@ def test_good_topology_and_defaults() -> None:
 )
 def test_errors_name_the_file_and_the_field(old: str, new: str, message: str) -> None:
     assert message in _error(_edit(old, new))
+
+
+@pytest.mark.parametrize(
+    ("device", "instances", "expected"),
+    [
+        ("cpu", 2, ["cpu", "cpu"]),
+        ("cuda:1", 1, ["cuda:1"]),
+        ("[cuda:0, cuda:1]", 4, ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]),
+        ("[auto, cpu, cuda]", 2, ["auto", "cpu"]),
+    ],
+)
+def test_instances_take_a_device_list_in_turn(
+    device: str, instances: int, expected: list[str]
+) -> None:
+    text = _edit(
+        "artifact: model.onnx",
+        f"artifact: model.onnx\n    device: {device}\n    instances: {instances}",
+    )
+    topology = parse_topology(text, "topo.yaml", env={})
+    assert topology.models[0].instance_devices() == expected
 
 
 def test_every_error_is_reported_on_its_own_line() -> None:
