@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from backends.base import ModelSpec
 from pipeline.config import InputSettings as DeclaredTensor
 from pipeline.errors import BackendError
-from pipeline.loader import format_path
+from pipeline.loader import error_message, format_path
 from pipeline.tensors import TensorSpec
 
 __all__ = [
@@ -53,16 +53,11 @@ def parse_options(model: type[OptionsT], spec: ModelSpec, backend: str) -> Optio
     try:
         return model.model_validate(dict(spec.options))
     except ValidationError as e:
-        lines = [f"options.{format_path(err['loc'])}: {_message(err)}" for err in e.errors()]
+        lines = [
+            f"options.{format_path(err['loc'])}: {error_message(err, 'unknown option')}"
+            for err in e.errors()
+        ]
         raise BackendError(f"{backend} options: " + "; ".join(lines)) from None
-
-
-def _message(err: Any) -> str:
-    if err["type"] == "extra_forbidden":
-        return "unknown option"
-    if err["type"] == "missing":
-        return "required, missing"
-    return str(err["msg"]).removeprefix("Value error, ")
 
 
 SIGNATURE_FILE = "kp_signature.json"

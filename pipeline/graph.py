@@ -12,7 +12,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -21,7 +20,7 @@ from backends.base import Backend, ModelInfo, ModelSpec
 from backends.registry import backend_class
 from pipeline.config import ModelSettings, StageSettings, Topology
 from pipeline.errors import GraphError, KpError
-from pipeline.loader import format_path
+from pipeline.loader import error_message, format_path
 from pipeline.tensors import TensorSpec, numpy_dtype
 from stages.base import Stage, StageContext
 from stages.registry import stage_class
@@ -160,7 +159,10 @@ def _stages(items: Sequence[StageSettings], where: str, ctx: StageContext) -> li
             params = cls.Params.model_validate(item.params)
         except ValidationError as e:
             errs = e.errors()
-            lines = [f"{here}.{format_path(err['loc'])}: {_msg(err)}" for err in errs]
+            lines = [
+                f"{here}.{format_path(err['loc'])}: {error_message(err, 'unknown parameter')}"
+                for err in errs
+            ]
             raise GraphError("\n".join(lines)) from None
         try:
             stage: Stage = cls(params)
@@ -205,11 +207,3 @@ def _check_model_inputs(specs: Mapping[str, TensorSpec], info: ModelInfo, where:
 
 def _list(specs: Mapping[str, TensorSpec]) -> str:
     return ", ".join(f"{k} {v}" for k, v in specs.items()) or "nothing"
-
-
-def _msg(err: Any) -> str:
-    if err["type"] == "extra_forbidden":
-        return "unknown parameter"
-    if err["type"] == "missing":
-        return "required, missing"
-    return str(err["msg"]).removeprefix("Value error, ")

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from pipeline.config import Topology
 from pipeline.errors import ConfigError
 
-__all__ = ["format_path", "interpolate", "load_topology", "parse_topology"]
+__all__ = ["error_message", "format_path", "interpolate", "load_topology", "parse_topology"]
 
 _REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -73,7 +73,7 @@ def parse_topology(text: str, source: str, env: Mapping[str, str] | None = None)
     try:
         return Topology.model_validate(doc)
     except ValidationError as e:
-        lines = [f"{source}: {format_path(err['loc'])}: {_message(err)}" for err in e.errors()]
+        lines = [f"{source}: {format_path(err['loc'])}: {error_message(err)}" for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None
 
 
@@ -93,10 +93,10 @@ def load_topology(path: str | Path, env: Mapping[str, str] | None = None) -> Top
     return topology.model_copy(update={"models": models})
 
 
-def _message(err: Any) -> str:
-    msg = str(err["msg"])
+def error_message(err: Any, unknown: str = "unknown key") -> str:
+    """One pydantic error as a user reads it; ``unknown`` names an extra key's kind."""
     if err["type"] == "extra_forbidden":
-        return "unknown key"
+        return unknown
     if err["type"] == "missing":
         return "required, missing"
-    return msg.removeprefix("Value error, ")
+    return str(err["msg"]).removeprefix("Value error, ")

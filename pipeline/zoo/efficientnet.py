@@ -54,21 +54,11 @@ def _sample() -> Any:
 
 def export_efficientnet_onnx(out_dir: Path) -> Path:
     """``efficientnet_lite0.onnx`` with a free batch dimension."""
-    import torch
+    from pipeline.zoo.torch_formats import save_onnx
 
-    path = out_dir / "efficientnet_lite0.onnx"
-    with torch.inference_mode():
-        torch.onnx.export(
-            efficientnet_lite0(),
-            (_sample(),),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    return path
+    return save_onnx(
+        efficientnet_lite0(), _sample(), out_dir / "efficientnet_lite0.onnx", "input", "logits"
+    )
 
 
 def export_efficientnet_torchscript(out_dir: Path) -> Path:

@@ -84,21 +84,9 @@ def _sample() -> Any:
 
 def export_small_cnn_onnx(out_dir: Path) -> Path:
     """``small_cnn.onnx`` with a free batch dimension."""
-    import torch
+    from pipeline.zoo.torch_formats import save_onnx
 
-    path = out_dir / "small_cnn.onnx"
-    with torch.inference_mode():
-        torch.onnx.export(
-            small_cnn_module(),
-            (_sample(),),
-            str(path),
-            input_names=["x"],
-            output_names=["logits"],
-            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    return path
+    return save_onnx(small_cnn_module(), _sample(), out_dir / "small_cnn.onnx", "x", "logits")
 
 
 def export_small_cnn_torchscript(out_dir: Path) -> Path:

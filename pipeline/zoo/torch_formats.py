@@ -1,4 +1,4 @@
-"""Saving a PyTorch module in the formats the torch backend serves, signature embedded.
+"""Saving a PyTorch module in the formats the backends serve, signature embedded.
 
 TorchScript keeps no tensor names, dtypes or shapes, and a torch.export program keeps
 dtypes and shapes but not meaningful output names; both archives carry the signature as
@@ -13,7 +13,7 @@ from typing import Any
 from backends.options import SIGNATURE_FILE, signature_json
 from pipeline.tensors import TensorSpec
 
-__all__ = ["save_exported_program", "save_torchscript"]
+__all__ = ["save_exported_program", "save_onnx", "save_torchscript"]
 
 MAX_BATCH = 4096
 
@@ -51,4 +51,22 @@ def save_exported_program(
     torch.export.save(
         program, str(path), extra_files={SIGNATURE_FILE: signature_json(inputs, outputs)}
     )
+    return path
+
+
+def save_onnx(module: Any, sample: Any, path: Path, input_name: str, output_name: str) -> Path:
+    """ONNX (opset 17, the TorchScript-based exporter) with a free batch dimension."""
+    import torch
+
+    with torch.inference_mode():
+        torch.onnx.export(
+            module,
+            (sample,),
+            str(path),
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
     return path

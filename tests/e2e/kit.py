@@ -129,7 +129,9 @@ def start_background(topology: Path, broker: EmbeddedBroker) -> BackgroundPipeli
     return BackgroundPipeline(open_topology(topology), broker.bootstrap_servers).start()
 
 
-def spawn_run(topology: Path, broker: EmbeddedBroker, log: Path) -> subprocess.Popen[bytes]:
+def spawn_run(
+    topology: Path, broker: EmbeddedBroker, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """`kp-pipeline run` in its own process, as a user (or Kubernetes) would start it."""
     return subprocess.Popen(
         [
@@ -144,6 +146,7 @@ def spawn_run(topology: Path, broker: EmbeddedBroker, log: Path) -> subprocess.P
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,
+        env=env,
     )
 
 

@@ -10,6 +10,7 @@ from a separately installed package is listed, validated and served.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from e2e.kit import MODELS, ROOT, Topics, read_all, start_background, tiny_vectors, wait_for
+from e2e.kit import (
+    MODELS,
+    ROOT,
+    Topics,
+    read_all,
+    spawn_run,
+    start_background,
+    tiny_vectors,
+    wait_for,
+)
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.client import image_request, produce_requests, tensor_request
@@ -207,7 +217,12 @@ def test_two_instances_both_take_batches_under_a_backlog(
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test plugin package, installed by pip into a folder of its own."""
+    """The test plugin package, installed by pip into a folder of its own.
+
+    Built from a copy, so the build leaves nothing in the source tree.
+    """
+    source = tmp_path_factory.mktemp("src") / "kp_scale_backend"
+    shutil.copytree(ROOT / "tests" / "plugins" / "kp_scale_backend", source)
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
         [
@@ -221,7 +236,7 @@ def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--no-cache-dir",
             "--target",
             str(target),
-            str(ROOT / "tests" / "plugins" / "kp_scale_backend"),
+            str(source),
         ],
         check=True,
         timeout=300,
@@ -229,11 +244,14 @@ def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
+def _plugin_env(plugin: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), str(ROOT)])}
+
+
 def _cli(args: list[str], plugin: Path, **kw: Any) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), str(ROOT)])}
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
-        env=env,
+        env=_plugin_env(plugin),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -274,29 +292,14 @@ def test_a_backend_from_an_installed_package_is_found_and_serves(
             for i, v in enumerate(x)
         ),
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), str(ROOT)])}
-    run = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "run",
-            str(topology),
-            "--bootstrap",
-            broker.bootstrap_servers,
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log = tmp_path / "run.log"
+    run = spawn_run(topology, broker, log, env=_plugin_env(plugin_path))
     try:
         msgs = read_all(broker, topics.output, count=10, timeout=90)
     finally:
         run.terminate()
-        out, _ = run.communicate(timeout=60)
-    assert run.returncode == 0, out
+        run.wait(timeout=60)
+    assert run.returncode == 0, log.read_text()
     results = {r.id: r for r in (codec.decode_result(m.value()) for m in msgs)}
     for i in range(10):
         np.testing.assert_array_equal(results[f"s-{i}"].outputs["y"], x[i] * 2.5)
