@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from backends.base import Backend, ModelInfo, ModelSpec
+from backends.base import Backend, ModelInfo, ModelSpec, Probe, TensorBatch
 
-__all__ = ["Backend", "ModelInfo", "ModelSpec"]
+__all__ = ["Backend", "ModelInfo", "ModelSpec", "Probe", "TensorBatch"]

@@ -104,10 +104,13 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGra
             placed.append(loaded.device)
             _warm_up(backend, loaded, settings.name)
         assert info is not None
-    except KpError as e:
+    except Exception as e:  # a third-party backend may raise anything: refuse, naming it
         for b in instances:
             b.unload()
-        raise GraphError(f"{where} ({settings.name}): {e}") from None
+        for stage in [*pre, *post]:
+            stage.close()
+        detail = str(e) if isinstance(e, KpError) else f"{type(e).__name__}: {e}"
+        raise GraphError(f"{where} ({settings.name}): {detail}") from None
 
     declared = {i.name: i.spec() for i in settings.inputs}
     try:

@@ -306,3 +306,40 @@ def test_a_model_failing_its_checks_unloads_its_own_instances(
     _error(tmp_path, "datatype: FP32, shape: [64]", "datatype: FP32, shape: [63]")
     assert len(loaded) == 2
     assert {id(b) for b in unloaded} == {id(b) for b in loaded}
+
+
+def test_a_backend_raising_anything_is_refused_naming_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A third-party backend may raise any exception at load; it is still a clean refusal."""
+    loaded, unloaded = _record_load_and_unload(monkeypatch)
+    real_load = OnnxRuntimeBackend.load
+
+    def second_fails(self: OnnxRuntimeBackend, spec: Any, device: str) -> Any:
+        info = real_load(self, spec, device)
+        if len(loaded) == 2:
+            raise RuntimeError("driver went away")
+        return info
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "load", second_fails)
+    message = _error(tmp_path, "instances: 2", "instances: 2")
+    assert message.endswith("models[0] (tiny): RuntimeError: driver went away")
+    assert {id(b) for b in unloaded} == {id(loaded[0])}
+
+
+def test_instances_that_load_different_signatures_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_load = OnnxRuntimeBackend.load
+    calls: list[int] = []
+
+    def drifting(self: OnnxRuntimeBackend, spec: Any, device: str) -> Any:
+        info = real_load(self, spec, device)
+        calls.append(1)
+        if len(calls) == 2:
+            return type(info)({"x": TensorSpec("FP32", (32,))}, info.outputs)
+        return info
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "load", drifting)
+    message = _error(tmp_path, "instances: 2", "instances: 2")
+    assert "models[0] (tiny): instance 1 on cpu loaded a different signature" in message
