@@ -34,17 +34,21 @@ def parse_device(device: str) -> tuple[str, int | None]:
     return kind, None if index is None else int(index)
 
 
-def resolve_device(device: str, gpus: int, runtime: str) -> str:
-    """A concrete ``cpu`` or ``cuda:N`` for a runtime that sees ``gpus`` CUDA devices."""
+def resolve_device(device: str, gpus: int | None, runtime: str) -> str:
+    """A concrete ``cpu`` or ``cuda:N`` for a runtime that sees ``gpus`` CUDA devices.
+
+    ``gpus=None`` is a runtime that can use CUDA but cannot count the devices (ONNX
+    Runtime): any index is taken, and the runtime itself refuses one that does not exist.
+    """
     kind, index = parse_device(device)
     if kind == "cpu":
         return "cpu"
     if kind == "auto":
-        return "cuda:0" if gpus > 0 else "cpu"
+        return "cuda:0" if gpus != 0 else "cpu"
     n = index or 0
     if gpus == 0:
         raise BackendError(f"device {device!r}: {runtime} sees no CUDA device on this machine")
-    if n >= gpus:
+    if gpus is not None and n >= gpus:
         raise BackendError(f"device {device!r}: {runtime} sees {gpus} CUDA device(s)")
     return f"cuda:{n}"
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
-from backends.devices import is_device_array, parse_device, resolve_device
+from backends.devices import is_device_array, resolve_device
 from backends.options import StrictOptions, parse_options
 from pipeline.errors import BackendError
 from pipeline.tensors import TensorSpec, numpy_dtype
@@ -106,9 +106,7 @@ class OnnxRuntimeBackend:
             raise BackendError(f"no model file at {spec.artifact}")
         available = ort.get_available_providers()
         has_cuda = "CUDAExecutionProvider" in available
-        placed = resolve_device(device, 1 if has_cuda else 0, "onnxruntime (no CUDA provider)")
-        if placed != "cpu" and parse_device(device)[1] is not None:
-            placed = device  # resolve_device cannot count GPUs here; the session checks N
+        placed = resolve_device(device, None if has_cuda else 0, "onnxruntime (no CUDA provider)")
         so = ort.SessionOptions()
         so.intra_op_num_threads = opts.intra_op_threads
         so.inter_op_num_threads = opts.inter_op_threads

@@ -36,7 +36,7 @@ from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
 from backends.devices import is_device_array, resolve_device
 from backends.options import StrictOptions, parse_options
 from pipeline.errors import BackendError
-from pipeline.tensors import TensorSpec
+from pipeline.tensors import TensorSpec, oip_datatype_named
 
 __all__ = ["TensorFlowBackend", "TensorFlowOptions"]
 
@@ -47,22 +47,6 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _INSTALL_HINT = "pip install 'kp-pipeline[tensorflow]'"
-
-_TF_TYPES = {
-    "float32": "FP32",
-    "float16": "FP16",
-    "float64": "FP64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "bool": "BOOL",
-    "string": "BYTES",
-}
 
 _DL_CPU = 1  # DLPack's kDLCPU device type
 _ALIGN = 64
@@ -223,7 +207,7 @@ def _signature(
 
 
 def _spec(tensor: Any, where: str) -> tuple[TensorSpec, int | None]:
-    datatype = _TF_TYPES.get(getattr(getattr(tensor, "dtype", None), "name", ""))
+    datatype = oip_datatype_named(getattr(getattr(tensor, "dtype", None), "name", ""))
     if datatype is None:
         raise BackendError(f"{where}: unsupported type {getattr(tensor, 'dtype', tensor)}")
     dims = tensor.shape.as_list() if tensor.shape.rank is not None else None

@@ -50,23 +50,11 @@ from backends.options import (
 )
 from pipeline.errors import BackendError, GraphError
 from pipeline.plugins import import_object
-from pipeline.tensors import TensorSpec
+from pipeline.tensors import TensorSpec, numpy_dtype, oip_datatype_named
 
 __all__ = ["TorchBackend", "TorchOptions"]
 
 log = logging.getLogger(__name__)
-
-_OIP_BY_TORCH = {
-    "float32": "FP32",
-    "float16": "FP16",
-    "float64": "FP64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "uint8": "UINT8",
-    "bool": "BOOL",
-}
 
 
 class TorchOptions(StrictOptions):
@@ -203,7 +191,7 @@ class TorchBackend:
     def _want_dtype(self, name: str) -> Any:
         import torch
 
-        return getattr(torch, _TORCH_BY_OIP[self._outputs[name].datatype])
+        return getattr(torch, numpy_dtype(self._outputs[name].datatype).name)
 
     def _host(self, name: str, t: Any) -> np.ndarray[Any, Any]:
         t = t.to(self._want_dtype(name))
@@ -215,9 +203,6 @@ class TorchBackend:
         pinned = self._pinned.view(f"out:{name}", tuple(t.shape), t.dtype)
         pinned.copy_(t, non_blocking=True)
         return pinned
-
-
-_TORCH_BY_OIP = {v: k for k, v in _OIP_BY_TORCH.items()}
 
 
 def _format(opts: TorchOptions, artifact: Path) -> str:
@@ -321,7 +306,7 @@ def _placeholders(program: Any) -> dict[str, Any]:
 
 
 def _spec_of(val: Any, name: str) -> TensorSpec:
-    datatype = _OIP_BY_TORCH.get(str(val.dtype).removeprefix("torch."))
+    datatype = oip_datatype_named(str(val.dtype).removeprefix("torch."))
     if datatype is None:
         raise BackendError(f"{name}: unsupported torch dtype {val.dtype}")
     dims = tuple(d if isinstance(d, int) else None for d in val.shape)

@@ -38,7 +38,6 @@ from load.cpu import CpuSplit, process_seconds, split_now
 from pipeline.app import OpenTopology
 from pipeline.broker import EmbeddedBroker
 from pipeline.client import produce_requests, tensor_request
-from pipeline.graph import ModelGraph, build_model
 from pipeline.kafka import ensure_topics
 from pipeline.loader import load_topology
 from pipeline.messages import Request
@@ -145,13 +144,6 @@ def measure(
     return cell
 
 
-def reference(opened: OpenTopology) -> ModelGraph:
-    """The model as one instance on every core: its own best single stream."""
-    m = opened.topology.models[0]
-    best = m.model_copy(update={"instances": 1, "options": {"intra_op_threads": os.cpu_count()}})
-    return build_model(best, f"{opened.source}: models[0]", opened.base_dir)
-
-
 def alone_in_child(name: str, batch: int, n: int) -> variants.Timing:
     """Model alone in a fresh process; the timing's note is its CPU µs per request.
 
@@ -169,7 +161,9 @@ def alone_in_child(name: str, batch: int, n: int) -> variants.Timing:
 
 def _alone_child(name: str, batch: int, n: int) -> int:
     backend, artifact = RUNTIMES[name]
-    graph = reference(open_variant("unused:9092", "unused", backend, artifact, batch))
+    # Its best single stream: one instance on every core.
+    opened = open_variant("unused:9092", "unused", backend, artifact, batch)
+    graph = variants.reference_graph(opened, {"intra_op_threads": os.cpu_count()})
     runs = []
     try:
         for _ in range(REPEATS):

@@ -40,11 +40,6 @@ class CpuSplit:
     process: float
     peer: float
 
-    def __sub__(self, other: CpuSplit) -> CpuSplit:
-        return CpuSplit(
-            self.matched - other.matched, self.process - other.process, self.peer - other.peer
-        )
-
 
 def split_now(prefix: str, peer_pid: int | None) -> CpuSplit:
     """CPU of this process, of its live threads named ``prefix*``, and of a peer process."""

@@ -256,16 +256,17 @@ def preprocess_and_model(
     return Timing(done, time.monotonic() - start)
 
 
-def reference_graph(opened: OpenTopology) -> ModelGraph:
-    """The topology's first model as one instance with ONNX Runtime's default threading.
+def reference_graph(opened: OpenTopology, options: dict[str, Any] | None = None) -> ModelGraph:
+    """The topology's first model as one instance, with the runtime's default threading.
 
     The reference variants run a single stream of work, for which the runtime's default
     (a thread per core) is its best setting; the topology's instances and thread counts
     are tuned for kp-pipeline's overlap of decoding and inference instead. Giving each
-    reference its own best setting keeps the comparison honest.
+    reference its own best setting keeps the comparison honest. ``options`` replaces the
+    backend's options (the backend benchmark asks for every core explicitly).
     """
     m = opened.topology.models[0]
-    single = m.model_copy(update={"instances": 1, "options": {}})
+    single = m.model_copy(update={"instances": 1, "options": options or {}})
     return build_model(single, f"{opened.source}: models[0]", opened.base_dir)
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "bytes_to_array",
     "numpy_dtype",
     "oip_datatype",
+    "oip_datatype_named",
     "pack_bytes_elements",
     "unpack_bytes_elements",
 ]
@@ -71,6 +72,20 @@ def oip_datatype(dtype: np.dtype[Any]) -> str:
         return _OIP_BY_NUMPY[np.dtype(dtype).newbyteorder("=")]
     except KeyError:
         raise TensorError(f"no Open Inference Protocol datatype for {dtype}") from None
+
+
+def oip_datatype_named(name: str) -> str | None:
+    """OIP datatype of a dtype by its name, as NumPy, PyTorch and TensorFlow spell it.
+
+    ``'float32'`` → ``'FP32'``; TensorFlow's ``'string'`` → ``'BYTES'``; a name with no
+    Open Inference Protocol datatype (``'bfloat16'``, ``'complex64'``) → ``None``.
+    """
+    if name == "string":
+        return "BYTES"
+    try:
+        return _OIP_BY_NUMPY.get(np.dtype(name))
+    except TypeError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from pipeline.tensors import (
     bytes_to_array,
     numpy_dtype,
     oip_datatype,
+    oip_datatype_named,
     pack_bytes_elements,
     unpack_bytes_elements,
 )
@@ -205,3 +206,21 @@ def test_spec_fits_another_only_when_every_tensor_would_be_accepted() -> None:
 def test_spec_prints_free_dims_as_question_marks() -> None:
     assert str(TensorSpec("UINT8", (None, None, 3))) == "UINT8[?,?,3]"
     assert str(TensorSpec("BYTES", ())) == "BYTES[]"
+
+
+@pytest.mark.parametrize(
+    ("name", "datatype"),
+    [
+        ("float32", "FP32"),
+        ("float16", "FP16"),
+        ("int64", "INT64"),
+        ("uint8", "UINT8"),
+        ("bool", "BOOL"),
+        ("string", "BYTES"),
+        ("bfloat16", None),
+        ("complex64", None),
+        ("resource", None),
+    ],
+)
+def test_datatype_by_framework_dtype_name(name: str, datatype: str | None) -> None:
+    assert oip_datatype_named(name) == datatype
