@@ -18,8 +18,10 @@ from confluent_kafka.admin import AdminClient
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import Topology
 from pipeline.graph import ModelGraph, build_graph, close_graph
+from pipeline.health import Health, MetricsServer
 from pipeline.kafka import admin_config, ensure_topics
 from pipeline.loader import load_topology
+from pipeline.metrics import Metrics
 from pipeline.runner import Pipeline, RunStats
 from schemas.codec import AvroCodec, load_schema
 from schemas.registry import SchemaRegistryClient
@@ -93,22 +95,40 @@ def serve(
     stop: threading.Event,
     bootstrap: str | None = None,
     on_ready: Callable[[str, Pipeline], None] | None = None,
+    metrics_port: int | None = None,
 ) -> RunStats:
-    """Check everything, then run one replica until ``stop`` is set."""
+    """Check everything, then run one replica until ``stop`` is set.
+
+    The metrics port is bound first, so a port in use is refused before minutes of
+    model loading, and ``/healthz`` answers while models load. ``metrics_port``
+    overrides the topology's (0: any free port).
+    """
     topology = opened.topology
-    graph = check_graph(opened)
+    settings, where = topology.metrics, f"{opened.source}: metrics.port"
+    if metrics_port is not None:
+        settings, where = settings.model_copy(update={"port": metrics_port}), "--metrics-port"
+    metrics, health = Metrics(), Health(settings.stale_after_s)
+    server = MetricsServer(settings, metrics, health, where).start() if settings.enabled else None
     try:
-        with cluster(topology, bootstrap) as address:
-            create_topics(topology, address)
-            pipeline = Pipeline(
-                topology,
-                graph,
-                address,
-                codec=make_codec(topology),
-                embedded=topology.kafka.embedded,
-            )
-            if on_ready is not None:
-                on_ready(address, pipeline)
-            return pipeline.run(stop)
+        graph = check_graph(opened)
+        try:
+            with cluster(topology, bootstrap) as address:
+                create_topics(topology, address)
+                pipeline = Pipeline(
+                    topology,
+                    graph,
+                    address,
+                    codec=make_codec(topology),
+                    embedded=topology.kafka.embedded,
+                    metrics=metrics,
+                    health=health,
+                )
+                pipeline.metrics_url = None if server is None else server.url
+                if on_ready is not None:
+                    on_ready(address, pipeline)
+                return pipeline.run(stop)
+        finally:
+            close_graph(graph)
     finally:
-        close_graph(graph)
+        if server is not None:
+            server.close()

@@ -43,11 +43,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    def on_ready(address: str, _: Any) -> None:
+    def on_ready(address: str, pipeline: Any) -> None:
         t = opened.topology.topics
         log.info("serving %s → %s on %s", ",".join(t.input), t.output, address)
+        if pipeline.metrics_url:
+            log.info("metrics at %s (also /healthz, /readyz)", pipeline.metrics_url)
 
-    stats = serve(opened, stop, bootstrap=args.bootstrap, on_ready=on_ready)
+    stats = serve(
+        opened, stop, bootstrap=args.bootstrap, on_ready=on_ready, metrics_port=args.metrics_port
+    )
     _echo(f"consumed {stats.consumed}, results {stats.results}, dead letters {stats.dead_letters}")
     return EXIT_OK
 
@@ -227,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve a topology until SIGTERM/SIGINT")
     run.add_argument("topology", nargs="?", default="topology.yaml")
     run.add_argument("--bootstrap", help="use this cluster instead of the topology's")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics, /healthz and /readyz here (default: the topology's metrics.port)",
+    )
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check a topology and its models, consume nothing")

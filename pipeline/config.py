@@ -28,6 +28,8 @@ __all__ = [
     "FlowSettings",
     "InputSettings",
     "KafkaSettings",
+    "LagControlSettings",
+    "MetricsSettings",
     "ModelSettings",
     "SchemaRegistrySettings",
     "SecuritySettings",
@@ -101,22 +103,34 @@ class TopicSettings(_Strict):
 class FlowSettings(_Strict):
     """How much work may be in flight, and how often progress is committed.
 
-    Above ``max_in_flight`` consumed-but-undelivered requests the consumer pauses its
-    partitions; below ``resume_below`` it resumes. What is not pulled stays in Kafka as lag.
+    Above ``max_in_flight`` consumed-but-undelivered requests, or ``max_in_flight_bytes``
+    of their record bytes, the consumer pauses its partitions; once both are back at or
+    below their low marks (``resume_below``, ``resume_below_bytes``) it resumes. What is
+    not pulled stays in Kafka as lag. The byte mark is what bounds memory when requests
+    are large (images); the count mark bounds the work a crash would redo.
 
     After a resume the first records arrive in ~10–20 ms (the runner nudges librdkafka's
-    fetcher; left alone it waited ~0.9 s, measured with librdkafka 2.16 on Tansu), so
-    ``resume_below`` only needs to hold that long of work. Each pause drops the records
+    fetcher; left alone it waited ~0.9 s, measured with librdkafka 2.16 on Tansu), so the
+    low marks only need to hold that long of work. Each pause drops the records
     librdkafka had prefetched, which are fetched again after the resume: a wide gap
     between the marks (the default: half) keeps pauses rare.
     """
 
     max_in_flight: int = Field(2048, ge=1)
     resume_below: int | None = Field(None, ge=0, description="Default: half of max_in_flight.")
+    max_in_flight_bytes: int = Field(
+        256 * 2**20, ge=1024, description="Record bytes in flight above which partitions pause."
+    )
+    resume_below_bytes: int | None = Field(
+        None, ge=0, description="Default: half of max_in_flight_bytes."
+    )
     consume_batch: int = Field(500, ge=1, le=100_000)
     poll_timeout_ms: int = Field(10, ge=1, description="Longest wait in one consume call.")
     commit_interval_ms: int = Field(500, ge=10)
     drain_timeout_s: float = Field(30.0, gt=0)
+    lag_interval_ms: int = Field(
+        1000, ge=50, description="How often lag is measured and the batch control loop runs."
+    )
 
     @model_validator(mode="after")
     def _marks(self) -> FlowSettings:
@@ -125,6 +139,14 @@ class FlowSettings(_Strict):
                 f"resume_below ({self.resume_below}) must be below max_in_flight "
                 f"({self.max_in_flight})"
             )
+        if (
+            self.resume_below_bytes is not None
+            and self.resume_below_bytes >= self.max_in_flight_bytes
+        ):
+            raise ValueError(
+                f"resume_below_bytes ({self.resume_below_bytes}) must be below "
+                f"max_in_flight_bytes ({self.max_in_flight_bytes})"
+            )
         return self
 
     @property
@@ -132,12 +154,66 @@ class FlowSettings(_Strict):
         """In-flight count under which paused partitions resume."""
         return self.max_in_flight // 2 if self.resume_below is None else self.resume_below
 
+    @property
+    def low_mark_bytes(self) -> int:
+        """In-flight bytes under which paused partitions resume."""
+        if self.resume_below_bytes is None:
+            return self.max_in_flight_bytes // 2
+        return self.resume_below_bytes
+
+
+class MetricsSettings(_Strict):
+    """Where ``/metrics``, ``/healthz`` and ``/readyz`` are served (one HTTP port)."""
+
+    enabled: bool = True
+    host: str = Field("0.0.0.0", description="Interface to listen on; 127.0.0.1 keeps it local.")
+    port: int = Field(9464, ge=0, le=65535, description="0 picks a free port (tests).")
+    stale_after_s: float = Field(
+        30.0, gt=0, description="/healthz fails when the main loop has not turned for this long."
+    )
+
+
+class LagControlSettings(_Strict):
+    """The lag-driven batching control loop: trade latency for throughput under lag.
+
+    While the oldest unserved request is older than ``lag_seconds`` and the lag is not
+    falling, each control tick (``flow.lag_interval_ms``) doubles the batch size and
+    delay limits, up to the ceilings here; once the lag is below a quarter of
+    ``lag_seconds`` each tick halves them back to the configured ``max_batch_size`` and
+    ``max_delay_ms``.
+    """
+
+    enabled: bool = True
+    lag_seconds: float = Field(2.0, gt=0)
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Ceiling; default 8x max_batch_size, within the model's limit."
+    )
+    max_delay_ms: float | None = Field(
+        None, ge=0, description="Ceiling; default 4x max_delay_ms, at least 20 ms."
+    )
+
 
 class BatchingSettings(_Strict):
     """A batch is flushed when it is full or its oldest request has waited max_delay_ms."""
 
     max_batch_size: int = Field(32, ge=1)
     max_delay_ms: float = Field(5.0, ge=0)
+    lag_control: LagControlSettings = LagControlSettings()
+
+    @model_validator(mode="after")
+    def _ceilings(self) -> BatchingSettings:
+        c = self.lag_control
+        if c.max_batch_size is not None and c.max_batch_size < self.max_batch_size:
+            raise ValueError(
+                f"lag_control.max_batch_size ({c.max_batch_size}) is below max_batch_size "
+                f"({self.max_batch_size})"
+            )
+        if c.max_delay_ms is not None and c.max_delay_ms < self.max_delay_ms:
+            raise ValueError(
+                f"lag_control.max_delay_ms ({c.max_delay_ms}) is below max_delay_ms "
+                f"({self.max_delay_ms})"
+            )
+        return self
 
 
 class InputSettings(_Strict):
@@ -223,6 +299,7 @@ class Topology(_Strict):
     topics: TopicSettings
     delivery: Literal["at_least_once"] = "at_least_once"
     flow: FlowSettings = FlowSettings()
+    metrics: MetricsSettings = MetricsSettings()
     models: list[ModelSettings] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -28,9 +28,10 @@ Echo = Callable[[str], None]
 class BackgroundPipeline:
     """A pipeline served on a thread, for the demo, tests and benchmarks."""
 
-    def __init__(self, opened: OpenTopology, bootstrap: str) -> None:
+    def __init__(self, opened: OpenTopology, bootstrap: str, metrics_port: int = 0) -> None:
         self._opened = opened
         self._bootstrap = bootstrap
+        self._metrics_port = metrics_port  # 0: any free port, so several can run at once
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="pipeline")
@@ -67,7 +68,13 @@ class BackgroundPipeline:
             self._ready.set()
 
         try:
-            self.stats = serve(self._opened, self._stop, self._bootstrap, on_ready=on_ready)
+            self.stats = serve(
+                self._opened,
+                self._stop,
+                self._bootstrap,
+                on_ready=on_ready,
+                metrics_port=self._metrics_port,
+            )
         except BaseException as e:
             self.error = e
             self._ready.set()

@@ -50,6 +50,10 @@ def consumer_config(settings: KafkaSettings, bootstrap: str, embedded: bool) -> 
             # After resume() the next fetch waits for the outstanding long-poll, so the
             # default 500 ms is the floor on every resume; 100 ms costs ~10 idle fetches/s.
             "fetch.wait.max.ms": 100,
+            # librdkafka prefetches up to 64 MiB by default, outside the in-flight marks:
+            # with a backlog that much sits in memory whatever max_in_flight says. 16 MiB
+            # still holds ~50k small requests or ~280 images of 57 KB ahead of the models.
+            "queued.max.messages.kbytes": 16384,
         }
     )
     if embedded:

@@ -28,6 +28,7 @@ from backends.base import Backend
 from backends.devices import is_device_array
 from pipeline.graph import ModelGraph
 from pipeline.messages import Envelope
+from pipeline.metrics import Metrics
 from pipeline.outcomes import Outcome, OutcomeEncoder
 from stages.base import Batch, Stage
 
@@ -57,6 +58,8 @@ class Prepared:
     started: float
     preprocess_ms: float
     dead_letters: list[Outcome]
+    compute_ms: float = 0.0  # set by `complete`
+    postprocess_ms: float = 0.0
 
 
 @dataclass(slots=True)
@@ -85,10 +88,17 @@ class _Instance:
 class ModelRuntime:
     """Threads serving one model: one preprocess thread, one thread per instance."""
 
-    def __init__(self, graph: ModelGraph, encoder: OutcomeEncoder, emit: Emit) -> None:
+    def __init__(
+        self,
+        graph: ModelGraph,
+        encoder: OutcomeEncoder,
+        emit: Emit,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.graph = graph
         self.encoder = encoder
         self.emit = emit
+        self.metrics = metrics or Metrics()
         # Unbounded here, bounded by the caller's in-flight limit.
         self._incoming: queue.SimpleQueue[list[Envelope] | None] = queue.SimpleQueue()
         self._instances = [
@@ -195,6 +205,7 @@ class ModelRuntime:
                 self._release(inst, 0, 0.0)
                 self._fail(rows, "preprocess_failed", f"{type(e).__name__}: {e}")
                 continue
+            self._observe_prepared(inst, rows, item)
             if not item.batch.rows:
                 self._release(inst, 0, 0.0)
                 self._finish(item.dead_letters)
@@ -219,7 +230,23 @@ class ModelRuntime:
                 self._fail(item.batch.rows, "inference_failed", f"{type(e).__name__}: {e}")
                 continue
             self._release(inst, len(item.batch), time.monotonic() - t0)
+            instance = str(inst.stats.index)
+            m = self.metrics
+            m.compute_time.labels(self.name, instance).observe(item.compute_ms / 1000.0)
+            m.postprocess_time.labels(self.name, instance).observe(item.postprocess_ms / 1000.0)
             self._finish(outcomes)
+
+    def _observe_prepared(self, inst: _Instance, rows: list[Envelope], item: Prepared) -> None:
+        m, name = self.metrics, self.name
+        # A batch's queue time is its oldest request's: the wait the batch policy caused.
+        m.queue_time.labels(name).observe(max(0.0, item.started - rows[0].consumed_at))
+        m.preprocess_time.labels(name, str(inst.stats.index)).observe(item.preprocess_ms / 1000.0)
+        columns = item.batch.columns
+        real = sum(int(np.size(columns[n])) for n in self.graph.info.inputs if n in columns)
+        padded = item.batch.padded_elements
+        m.padding.labels(name, "real").inc(max(0, real - padded))
+        if padded:
+            m.padding.labels(name, "padded").inc(padded)
 
     def _fail(self, rows: Sequence[Envelope], reason: str, error: str) -> None:
         self._finish([self.encoder.dead_letter(r, reason, error) for r in rows])
@@ -260,7 +287,8 @@ def complete(
     post = run_stages(graph.postprocess, Batch(batch.rows, dict(outputs)))
     t2 = time.monotonic()
     outcomes = [encoder.dead_letter(r, reason, msg) for r, reason, msg in post.rejected]
-    phases = (item.preprocess_ms, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0)
+    item.compute_ms, item.postprocess_ms = (t1 - t0) * 1000.0, (t2 - t1) * 1000.0
+    phases = (item.preprocess_ms, item.compute_ms, item.postprocess_ms)
     size = len(batch.rows)  # the rows the model ran, postprocess rejects included
     s = graph.settings
     outcomes += encoder.results(

@@ -28,6 +28,8 @@ class Outcome:
     value: bytes
     headers: Headers | None = None
     reason: str | None = None  # set for dead letters
+    model: str = ""  # for metrics; "" when the request never reached a model
+    status: str = "OK"  # of a result (OK, ERROR, EXPIRED)
 
 
 class OutcomeEncoder:
@@ -70,7 +72,7 @@ class OutcomeEncoder:
             value = encoder.encode(
                 i, request.id, timings, batch_size, env.topic, env.partition, env.offset
             )
-            out.append(Outcome(env, request.reply_topic or self.output_topic, value))
+            out.append(Outcome(env, request.reply_topic or self.output_topic, value, model=model))
         return out
 
     def dead_letter(self, env: Envelope, reason: str, error: str) -> Outcome:
@@ -93,5 +95,10 @@ class OutcomeEncoder:
             ("kp.source", f"{env.topic}/{env.partition}/{env.offset}".encode()),
         ]
         return Outcome(
-            env, self.dead_letter_topic, self.codec.encode_dead_letter(letter), headers, reason
+            env,
+            self.dead_letter_topic,
+            self.codec.encode_dead_letter(letter),
+            headers,
+            reason,
+            model=letter.model or "",
         )

@@ -8,13 +8,16 @@ and only once every earlier record of its partition is too (`pipeline.tracker`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import queue
 import threading
 import time
 import weakref
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -22,12 +25,16 @@ from typing import Any, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from pipeline.backpressure import Backpressure
-from pipeline.batcher import MicroBatcher
+from pipeline.batch_control import LagBatchControl
+from pipeline.batcher import Flushed, MicroBatcher
 from pipeline.config import Topology
 from pipeline.errors import BrokerError, RequestError
 from pipeline.graph import ModelGraph
+from pipeline.health import Health
 from pipeline.kafka import consumer_config, producer_config
+from pipeline.lag import LagMonitor
 from pipeline.messages import Envelope
+from pipeline.metrics import GpuSampler, Metrics
 from pipeline.model_runtime import ModelRuntime
 from pipeline.outcomes import Outcome, OutcomeEncoder
 from pipeline.routing import ModelRoute, Router
@@ -48,6 +55,17 @@ _PERMANENT = frozenset(
         KafkaError.TOPIC_EXCEPTION,
         KafkaError.INVALID_MSG_SIZE,
     }
+)
+
+# Dead-letter reasons the engine itself gives; their series start at zero.
+_REASONS = (
+    "bad_request",
+    "undecodable",
+    "unknown_model",
+    "bad_tensor",
+    "preprocess_failed",
+    "inference_failed",
+    "undeliverable",
 )
 
 log = logging.getLogger(__name__)
@@ -79,6 +97,8 @@ class Pipeline:
         embedded: bool = False,
         consumer: Consumer | None = None,
         producer: Producer | None = None,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
     ) -> None:
         self.topology = topology
         self.flow = topology.flow
@@ -86,10 +106,27 @@ class Pipeline:
         self.encoder = OutcomeEncoder(
             self.codec, topology.topics.output, topology.topics.dead_letter
         )
-        self.consumer = consumer or Consumer(consumer_config(topology.kafka, bootstrap, embedded))
+        self.metrics = metrics or Metrics()
+        self.health = health or Health(topology.metrics.stale_after_s)
+        if consumer is None:
+            conf = consumer_config(topology.kafka, bootstrap, embedded)
+            conf.setdefault("statistics.interval.ms", 1000)
+            conf["stats_cb"] = _weak(self._on_stats)
+            conf["error_cb"] = _weak(self._on_client_error)
+            consumer = Consumer(conf)
+        else:
+            self.health.broker_up = True  # a test double: nothing to watch
+        self.consumer = consumer
         self.producer = producer or Producer(producer_config(topology.kafka, bootstrap))
         self.tracker = OffsetTracker()
-        self.backpressure = Backpressure(self.flow.max_in_flight, self.flow.low_mark)
+        self.backpressure = Backpressure(
+            self.flow.max_in_flight,
+            self.flow.low_mark,
+            self.flow.max_in_flight_bytes,
+            self.flow.low_mark_bytes,
+        )
+        self.lag = LagMonitor(self.consumer)
+        self.gpus = GpuSampler(self.metrics)
         self.stats = RunStats()
         self._completed: queue.SimpleQueue[list[Outcome]] = queue.SimpleQueue()
         self._pending: list[Outcome] = []
@@ -104,8 +141,41 @@ class Pipeline:
             )
             for m in graph
         }
-        self.runtimes = {m.name: ModelRuntime(m, self.encoder, self._completed.put) for m in graph}
+        self.runtimes = {
+            m.name: ModelRuntime(m, self.encoder, self._completed.put, self.metrics) for m in graph
+        }
+        self.controls = {
+            m.name: LagBatchControl.from_settings(m.settings.batching, m.info.max_batch_size)
+            for m in graph
+            if m.settings.batching.lag_control.enabled
+        }
         self.assigned = threading.Event()
+        self.metrics_url: str | None = None  # where /metrics is served, when it is
+        self._next_lag = 0.0
+        # Per-record counts gathered between metric updates (the hot path adds to dicts).
+        self._consumed_tp: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self._consumed_bytes: defaultdict[str, int] = defaultdict(int)
+        self._acked: defaultdict[tuple[str, str, str | None, str], int] = defaultdict(int)
+        self._latency: defaultdict[str, list[float]] = defaultdict(list)
+        self._declare_metrics(graph)
+
+    def _declare_metrics(self, graph: list[ModelGraph]) -> None:
+        m, tracker, bp = self.metrics, self.tracker, self.backpressure
+        for g in graph:
+            m.declare_model(g.name, g.devices)
+            m.batch_limit.labels(g.name).set(g.settings.batching.max_batch_size)
+            m.batch_delay.labels(g.name).set(g.settings.batching.max_delay_ms / 1000.0)
+        for reason in _REASONS:
+            m.declare_reason(reason)
+        for topic in self.topology.topics.input:
+            m.consumed_bytes.labels(topic)
+        for topic in (self.topology.topics.output, self.topology.topics.dead_letter):
+            m.produced.labels(topic)
+        # Read at scrape time: no cost on the hot path, and never stale.
+        m.in_flight.set_function(lambda: tracker.in_flight)
+        m.in_flight_bytes.set_function(lambda: tracker.in_flight_bytes)
+        m.assigned.set_function(lambda: len(tracker.partitions()))
+        m.paused.set_function(lambda: len(tracker.partitions()) if bp.paused else 0)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -113,6 +183,8 @@ class Pipeline:
         """Serve until ``stop`` is set, then drain and commit; raises on a fatal Kafka error."""
         for runtime in self.runtimes.values():
             runtime.start()
+        self.health.models_loaded = True
+        self.lag.start()
         self.consumer.subscribe(
             self.topology.topics.input,
             on_assign=_weak(self._on_assign),
@@ -122,11 +194,14 @@ class Pipeline:
         try:
             while not stop.is_set() and self._fatal is None:
                 self._pull()
-                self._dispatch(time.monotonic())
+                now = time.monotonic()
+                self._dispatch(now)
                 self._publish()
                 self.producer.poll(0)
                 self._commit(force=False)
                 self._apply_backpressure()
+                self._observe(now)
+                self.health.beat()
         finally:
             self._shutdown()
         if self._fatal is not None:
@@ -138,8 +213,10 @@ class Pipeline:
         n = min(self.flow.consume_batch, self.backpressure.capacity(self.tracker.in_flight))
         msgs = self.consumer.consume(max(n, 1), self._wait_s())
         now = time.monotonic()
-        if msgs and self.stats.first_consumed is None:
-            self.stats.first_consumed = now
+        if msgs:
+            self.health.broker_up = True
+            if self.stats.first_consumed is None:
+                self.stats.first_consumed = now
         for msg in msgs:
             self._accept(msg, now)
 
@@ -153,14 +230,18 @@ class Pipeline:
         if generation is None:  # prefetched before a revoke: the new owner will serve it
             return
         offset = cast(int, msg.offset())
-        if not self.tracker.track(tp, offset):
+        value = msg.value()
+        size = len(value) if value else 0
+        timestamp_ms = msg.timestamp()[1]
+        if timestamp_ms <= 0:  # no timestamp on the record: date it by its arrival
+            timestamp_ms = int(time.time() * 1000)
+        if not self.tracker.track(tp, offset, size, timestamp_ms):
             log.warning("%s[%d]@%d re-delivered by the client; already served", *tp, offset)
             return
         self.stats.consumed += 1
-        value = msg.value()
-        env = Envelope(
-            tp[0], tp[1], offset, msg.key(), value or b"", msg.timestamp()[1], now, generation
-        )
+        self._consumed_tp[tp] += 1
+        self._consumed_bytes[tp[0]] += size
+        env = Envelope(tp[0], tp[1], offset, msg.key(), value or b"", timestamp_ms, now, generation)
         try:
             if value is None:
                 raise RequestError("record has no value (tombstone)")
@@ -172,12 +253,17 @@ class Pipeline:
             return
         flushed = self.batchers[route.name].add(key, env, now)
         if flushed is not None:
-            self.runtimes[route.name].submit(flushed.items)
+            self._submit(route.name, flushed)
 
     def _dispatch(self, now: float) -> None:
         for name, batcher in self.batchers.items():
             for flushed in batcher.due(now):
-                self.runtimes[name].submit(flushed.items)
+                self._submit(name, flushed)
+
+    def _submit(self, model: str, flushed: Flushed[Any, Envelope]) -> None:
+        self.metrics.batches.labels(model, flushed.reason).inc()
+        self.metrics.batch_size.labels(model).observe(len(flushed.items))
+        self.runtimes[model].submit(flushed.items)
 
     def _publish(self) -> None:
         outcomes = self._pending
@@ -210,11 +296,13 @@ class Pipeline:
         if err is not None:
             self._undeliverable(out, err)
             return
-        self.tracker.done((env.topic, env.partition), env.offset, env.generation)
+        self.tracker.done((env.topic, env.partition), env.offset, env.generation, len(env.value))
         if out.reason is not None:
             self.stats.dead_letters += 1
         else:
             self.stats.results += 1
+            self._latency[out.model].append(time.time() - env.timestamp_ms / 1000.0)
+        self._acked[(out.topic, out.model, out.reason, out.status)] += 1
         self.stats.last_delivered = time.monotonic()
 
     def _undeliverable(self, out: Outcome, err: KafkaError) -> None:
@@ -259,17 +347,89 @@ class Pipeline:
         self.stats.committed.update(positions)
 
     def _apply_backpressure(self) -> None:
-        decision = self.backpressure.update(self.tracker.in_flight)
+        decision = self.backpressure.update(self.tracker.in_flight, self.tracker.in_flight_bytes)
         if decision is None:
             return
         parts = [TopicPartition(t, p) for t, p in self.tracker.partitions()]
         if decision:
             self.consumer.pause(parts)
+            self.metrics.pauses.inc()
         else:
             self.consumer.resume(parts)
             _wake_fetcher(self.consumer, parts)
+            self.metrics.resumes.inc()
         self.stats.pauses += decision
         log.debug("%s at %d in flight", "paused" if decision else "resumed", self.tracker.in_flight)
+
+    # -- measuring --------------------------------------------------------------------------
+
+    def _observe(self, now: float) -> None:
+        """Move gathered counts into the metrics; each lag interval, measure lag and steer."""
+        self._flush_counts()
+        if now < self._next_lag:
+            return
+        self._next_lag = now + self.flow.lag_interval_ms / 1000.0
+        m = self.metrics
+        lags = self.lag.measure(self.tracker, self.tracker.partitions(), self.backpressure.paused)
+        for (topic, partition), lag in lags.items():
+            m.lag.labels(topic, str(partition)).set(lag.messages)
+            m.lag_seconds.labels(topic, str(partition)).set(lag.seconds)
+        worst = max((lag.seconds for lag in lags.values()), default=0.0)
+        for name, control in self.controls.items():
+            direction = control.step(worst)
+            if direction is None:
+                continue
+            batcher, limits = self.batchers[name], control.limits
+            batcher.max_batch_size, batcher.max_delay_s = limits.size, limits.delay_s
+            m.batch_adjustments.labels(name, direction).inc()
+            m.batch_limit.labels(name).set(limits.size)
+            m.batch_delay.labels(name).set(limits.delay_s)
+            log.info(
+                "model %s: lag %.1f s, batches %s to %d requests / %.0f ms",
+                name,
+                worst,
+                direction,
+                limits.size,
+                limits.delay_s * 1000.0,
+            )
+        self.gpus.sample()
+
+    def _flush_counts(self) -> None:
+        m = self.metrics
+        if self._consumed_tp:
+            for (topic, partition), n in self._consumed_tp.items():
+                m.consumed.labels(topic, str(partition)).inc(n)
+            for topic, n in self._consumed_bytes.items():
+                m.consumed_bytes.labels(topic).inc(n)
+            self._consumed_tp.clear()
+            self._consumed_bytes.clear()
+        if self._acked:
+            for (topic, model, reason, status), n in self._acked.items():
+                m.produced.labels(topic).inc(n)
+                if reason is None:
+                    m.results.labels(model, status).inc(n)
+                else:
+                    m.dead_letters.labels(reason, model).inc(n)
+            self._acked.clear()
+        if self._latency:
+            for model, seconds in self._latency.items():
+                m.latency.observe_many(model, seconds)
+            self._latency.clear()
+
+    def _on_stats(self, stats_json: str) -> None:
+        """Note from librdkafka's statistics whether any broker connection is up."""
+        try:
+            brokers = json.loads(stats_json).get("brokers", {})
+        except ValueError:
+            return
+        self.health.broker_up = any(
+            b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers.values()
+        )
+
+    def _on_client_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.health.broker_up = False
+        log.warning("kafka: %s", err)
 
     def _wait_s(self) -> float:
         if self._pending or not self._completed.empty():
@@ -292,6 +452,7 @@ class Pipeline:
         consumer.assign(partitions)
         if self.backpressure.paused:
             consumer.pause(partitions)
+        self.health.assignment = len(self.tracker.partitions())
         self.assigned.set()
         log.info("assigned %s", _names(partitions))
 
@@ -300,15 +461,23 @@ class Pipeline:
         self._publish()
         self.producer.flush(5.0)
         self._commit(force=True)
-        for p in partitions:
-            self.tracker.revoke((p.topic, p.partition))
+        self._let_go(partitions)
         consumer.unassign()
         log.info("revoked %s", _names(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for p in partitions:
-            self.tracker.revoke((p.topic, p.partition))
+        self._let_go(partitions)
         log.warning("lost %s", _names(partitions))
+
+    def _let_go(self, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            tp = (p.topic, p.partition)
+            self.tracker.revoke(tp)
+            self.lag.forget(tp)
+            for gauge in (self.metrics.lag, self.metrics.lag_seconds):
+                with contextlib.suppress(KeyError):  # never measured
+                    gauge.remove(p.topic, str(p.partition))
+        self.health.assignment = len(self.tracker.partitions())
 
     def _on_consume_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -320,10 +489,11 @@ class Pipeline:
 
     def _shutdown(self) -> None:
         """Stop pulling, finish in-flight work, deliver, commit, close."""
+        self.health.stopping = True
         deadline = time.monotonic() + self.flow.drain_timeout_s
         for name, batcher in self.batchers.items():
             for flushed in batcher.drain():
-                self.runtimes[name].submit(flushed.items)
+                self._submit(name, flushed)
         while self._fatal is None and time.monotonic() < deadline:
             self._publish()
             self.producer.poll(0.01)
@@ -341,6 +511,8 @@ class Pipeline:
             self._commit(force=True)
         for runtime in self.runtimes.values():
             runtime.stop(timeout=max(0.1, deadline - time.monotonic()))
+        self._flush_counts()
+        self.lag.stop()
         self.consumer.close()
         log.info(
             "stopped: %d consumed, %d results, %d dead letters",

@@ -26,9 +26,12 @@ TopicPartition = tuple[str, int]
 class _Partition:
     generation: int
     pending: deque[int] = field(default_factory=deque)
+    stamps: deque[int] = field(default_factory=deque)  # record timestamps (ms) of pending
     done: set[int] = field(default_factory=set)
     position: int | None = None  # next offset to commit (Kafka's "committed" convention)
     committed: int | None = None
+    in_flight_bytes: int = 0
+    last_timestamp_ms: int | None = None  # of the newest record tracked
 
 
 class OffsetTracker:
@@ -38,12 +41,13 @@ class OffsetTracker:
         self._parts: dict[TopicPartition, _Partition] = {}
         self._generation = 0
         self.in_flight = 0
+        self.in_flight_bytes = 0
 
     def assign(self, tp: TopicPartition) -> int:
         """Start tracking a newly assigned partition; returns its generation."""
         old = self._parts.get(tp)
         if old is not None:
-            self.in_flight -= len(old.pending) - len(old.done)
+            self._forget(old)
         self._generation += 1
         self._parts[tp] = _Partition(self._generation)
         return self._generation
@@ -53,15 +57,19 @@ class OffsetTracker:
         part = self._parts.pop(tp, None)
         if part is None:
             return None
-        self.in_flight -= len(part.pending) - len(part.done)
+        self._forget(part)
         return part.position
+
+    def _forget(self, part: _Partition) -> None:
+        self.in_flight -= len(part.pending) - len(part.done)
+        self.in_flight_bytes -= part.in_flight_bytes
 
     def generation(self, tp: TopicPartition) -> int | None:
         """The current generation of ``tp``, or None when it is not assigned."""
         part = self._parts.get(tp)
         return None if part is None else part.generation
 
-    def track(self, tp: TopicPartition, offset: int) -> bool:
+    def track(self, tp: TopicPartition, offset: int, size: int = 0, timestamp_ms: int = 0) -> bool:
         """Record a consumed offset; False (and nothing recorded) if it is not past the last.
 
         Offsets of one assignment arrive in increasing order; one that does not (the client
@@ -72,11 +80,18 @@ class OffsetTracker:
         if offset <= last:
             return False
         part.pending.append(offset)
+        part.stamps.append(timestamp_ms)
+        part.last_timestamp_ms = timestamp_ms
+        part.in_flight_bytes += size
         self.in_flight += 1
+        self.in_flight_bytes += size
         return True
 
-    def done(self, tp: TopicPartition, offset: int, generation: int) -> bool:
-        """Mark an offset's outcome delivered; False if it belongs to an old assignment."""
+    def done(self, tp: TopicPartition, offset: int, generation: int, size: int = 0) -> bool:
+        """Mark an offset's outcome delivered; False if it belongs to an old assignment.
+
+        ``size`` is the record size given to `track`, so the in-flight bytes fall with it.
+        """
         part = self._parts.get(tp)
         if part is None or part.generation != generation or offset in part.done:
             return False
@@ -84,12 +99,36 @@ class OffsetTracker:
             return False
         part.done.add(offset)
         self.in_flight -= 1
-        pending, done = part.pending, part.done
+        part.in_flight_bytes -= size
+        self.in_flight_bytes -= size
+        pending, done, stamps = part.pending, part.done, part.stamps
         while pending and pending[0] in done:
             first = pending.popleft()
+            stamps.popleft()
             done.discard(first)
             part.position = first + 1
         return True
+
+    def oldest(self, tp: TopicPartition) -> tuple[int, int] | None:
+        """Offset and record timestamp (ms) of the oldest record not yet served, if tracked."""
+        part = self._parts.get(tp)
+        if part is None or not part.pending:
+            return None
+        return part.pending[0], part.stamps[0]
+
+    def next_offset(self, tp: TopicPartition) -> int | None:
+        """The first offset not yet consumed in this assignment, when known."""
+        part = self._parts.get(tp)
+        if part is None:
+            return None
+        if part.pending:
+            return part.pending[-1] + 1
+        return part.position
+
+    def last_timestamp_ms(self, tp: TopicPartition) -> int | None:
+        """Record timestamp of the newest record consumed in this assignment."""
+        part = self._parts.get(tp)
+        return None if part is None else part.last_timestamp_ms
 
     def committable(self) -> dict[TopicPartition, int]:
         """Positions that advanced since the last `mark_committed`."""

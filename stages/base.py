@@ -62,6 +62,7 @@ class Batch:
     rows: list[Any]
     columns: dict[str, Column]
     rejected: list[tuple[Any, str, str]] = field(default_factory=list)
+    padded_elements: int = 0  # elements a stage added as padding (the padding-waste metric)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -78,11 +79,11 @@ class Batch:
             else:
                 columns[name] = [col[i] for i in keep]
         rejected = self.rejected + [(self.rows[i], *failures[i]) for i in sorted(failures)]
-        return Batch([self.rows[i] for i in keep], columns, rejected)
+        return Batch([self.rows[i] for i in keep], columns, rejected, self.padded_elements)
 
     def with_columns(self, columns: dict[str, Column]) -> Batch:
         """The same rows with other columns."""
-        return Batch(self.rows, columns, self.rejected)
+        return Batch(self.rows, columns, self.rejected, self.padded_elements)
 
 
 def require(inputs: Mapping[str, TensorSpec], name: str, stage: str) -> TensorSpec:

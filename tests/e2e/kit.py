@@ -130,9 +130,16 @@ def start_background(topology: Path, broker: EmbeddedBroker) -> BackgroundPipeli
 
 
 def spawn_run(
-    topology: Path, broker: EmbeddedBroker, log: Path, env: dict[str, str] | None = None
+    topology: Path,
+    broker: EmbeddedBroker,
+    log: Path,
+    env: dict[str, str] | None = None,
+    metrics_port: int = 0,
 ) -> subprocess.Popen[bytes]:
-    """`kp-pipeline run` in its own process, as a user (or Kubernetes) would start it."""
+    """`kp-pipeline run` in its own process, as a user (or Kubernetes) would start it.
+
+    ``metrics_port`` 0 binds any free port, so runs never collide on the default 9464.
+    """
     return subprocess.Popen(
         [
             sys.executable,
@@ -142,6 +149,8 @@ def spawn_run(
             str(topology),
             "--bootstrap",
             broker.bootstrap_servers,
+            "--metrics-port",
+            str(metrics_port),
         ],
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,

@@ -60,3 +60,39 @@ def test_decisions_follow_the_marks_for_any_sequence(high: int, data: st.DataObj
         else:
             assert (was and n > low) or (not was and n < high)
         assert bp.paused == (decision if decision is not None else was)
+
+
+def test_the_byte_mark_pauses_alone_and_resume_waits_for_both_marks() -> None:
+    bp = Backpressure(high=100, low=50, high_bytes=1000, low_bytes=400)
+    assert bp.update(3, 999) is None
+    assert bp.update(3, 1000) is True  # few requests, but large ones
+    assert bp.update(3, 401) is None  # count is low, bytes are not yet
+    assert bp.update(60, 100) is None  # bytes are low, count is not
+    assert bp.update(50, 400) is False
+
+
+def test_byte_marks_out_of_order_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"need 0 <= low_bytes"):
+        Backpressure(10, 5, high_bytes=100, low_bytes=100)
+
+
+@given(st.integers(1, 50), st.integers(1, 5000), st.data())
+def test_paused_exactly_while_either_mark_was_crossed(
+    high: int, high_bytes: int, data: st.DataObject
+) -> None:
+    low = data.draw(st.integers(0, high - 1))
+    low_bytes = data.draw(st.integers(0, high_bytes - 1))
+    bp = Backpressure(high, low, high_bytes, low_bytes)
+    pairs = st.tuples(st.integers(0, 2 * high), st.integers(0, 2 * high_bytes))
+    for n, b in data.draw(st.lists(pairs, max_size=50)):
+        was = bp.paused
+        decision = bp.update(n, b)
+        if decision is True:
+            assert n >= high or b >= high_bytes
+        elif decision is False:
+            assert was
+            assert n <= low
+            assert b <= low_bytes
+        elif not was:
+            assert n < high
+            assert b < high_bytes

@@ -276,3 +276,29 @@ def test_format_path() -> None:
     )
     assert format_path((0,)) == "[0]"
     assert format_path(()) == "(top level)"
+
+
+def test_byte_marks_default_to_half_and_a_low_mark_above_the_high_one_is_refused() -> None:
+    text = _edit("kafka:", "flow: {max_in_flight_bytes: 4096}\nkafka:")
+    assert parse_topology(text, "t", {}).flow.low_mark_bytes == 2048
+    bad = _edit("kafka:", "flow: {max_in_flight_bytes: 4096, resume_below_bytes: 5000}\nkafka:")
+    message = _error(bad)
+    assert message.startswith("topo.yaml: flow: ")
+    assert "resume_below_bytes (5000) must be below max_in_flight_bytes (4096)" in message
+
+
+def test_metrics_section_is_checked_by_field() -> None:
+    message = _error(_edit("kafka:", "metrics: {port: 70000}\nkafka:"))
+    assert message.startswith("topo.yaml: metrics.port: ")
+    message = _error(_edit("kafka:", "metrics: {prot: 9000}\nkafka:"))
+    assert message.startswith("topo.yaml: metrics.prot: ")
+
+
+def test_lag_control_ceilings_below_the_configured_batching_are_refused() -> None:
+    text = _edit(
+        "backend: onnxruntime",
+        "backend: onnxruntime\n    batching: {max_batch_size: 8, lag_control: {max_batch_size: 2}}",
+    )
+    message = _error(text)
+    assert message.startswith("topo.yaml: models[0].batching: ")
+    assert "lag_control.max_batch_size (2) is below max_batch_size (8)" in message

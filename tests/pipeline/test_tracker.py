@@ -192,3 +192,23 @@ def test_generations_are_unique_across_partitions() -> None:
     gens = [t.assign(TP), t.assign(OTHER), t.assign(TP)]
     assert len(set(gens)) == 3
     assert t.generation(OTHER) == gens[1]
+
+
+def test_bytes_and_the_oldest_unserved_record_follow_track_done_and_revoke() -> None:
+    t = OffsetTracker()
+    tp = ("t", 0)
+    gen = t.assign(tp)
+    for off, ts in ((5, 1000), (6, 2000), (7, 3000)):
+        assert t.track(tp, off, size=100, timestamp_ms=ts)
+    assert (t.in_flight, t.in_flight_bytes) == (3, 300)
+    assert t.oldest(tp) == (5, 1000)
+    assert t.next_offset(tp) == 8
+    t.done(tp, 6, gen, 100)
+    assert t.oldest(tp) == (5, 1000)  # 6 is done, but 5 is still unserved
+    t.done(tp, 5, gen, 100)
+    assert t.oldest(tp) == (7, 3000)
+    assert t.in_flight_bytes == 100
+    assert t.last_timestamp_ms(tp) == 3000
+    t.revoke(tp)
+    assert (t.in_flight, t.in_flight_bytes) == (0, 0)
+    assert t.oldest(tp) is None

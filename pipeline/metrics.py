@@ -1,0 +1,373 @@
+"""Every metric one replica exports, in the replica's own registry.
+
+Names follow Prometheus conventions: the ``kp_`` prefix, the base unit in the name
+(seconds, bytes), ``_total`` on counters (prometheus-client adds it). The registry is
+per `Metrics` object, not the library's global one, so two pipelines in one process
+(tests, the demo) never mix their figures.
+
+Labelled series that dashboards and alerts query are created at start with zero values
+(`Metrics.declare_model`, `declare_reason`), so a query over a healthy pipeline returns
+0 rather than no data: a dashboard cannot tell "nothing happened" from "not scraped"
+otherwise.
+
+The catalog (what `deploy/grafana` and `deploy/prometheus` build on):
+
+===================================  =========  ===========================================
+name                                 type       labels
+===================================  =========  ===========================================
+kp_consumed_records_total            counter    topic, partition
+kp_consumed_bytes_total              counter    topic
+kp_produced_records_total            counter    topic (acknowledged by the broker)
+kp_results_total                     counter    model, status (OK, ERROR, EXPIRED)
+kp_dead_letters_total                counter    reason, model ("" when no model was known)
+kp_batches_total                     counter    model, trigger (full, deadline, drain)
+kp_batch_size_requests               histogram  model
+kp_queue_seconds                     histogram  model (consumed → preprocessing starts)
+kp_preprocess_seconds                histogram  model, instance (per batch)
+kp_compute_seconds                   histogram  model, instance (per batch, the backend)
+kp_postprocess_seconds               histogram  model, instance (per batch)
+kp_end_to_end_latency_seconds        histogram  model (record timestamp → outcome acked)
+kp_in_flight_requests                gauge      consumed, outcome not yet acknowledged
+kp_in_flight_bytes                   gauge      their record bytes
+kp_paused_partitions                 gauge      partitions paused by backpressure
+kp_assigned_partitions               gauge
+kp_pauses_total / kp_resumes_total   counter    backpressure decisions
+kp_consumer_lag_messages             gauge      topic, partition
+kp_consumer_lag_seconds              gauge      topic, partition (age of oldest unserved)
+kp_batch_max_size_requests           gauge      model (the lag control loop's current size)
+kp_batch_max_delay_seconds           gauge      model (the control loop's current delay)
+kp_batch_adjustments_total           counter    model, direction (up, down)
+kp_padding_elements_total            counter    model, kind (real, padded)
+kp_model_instances                   gauge      model, device
+kp_ready                             gauge      1 while /readyz answers 200
+kp_gpu_memory_used_bytes             gauge      device (only where a GPU is visible)
+kp_gpu_utilization_ratio             gauge      device (only where a GPU is visible)
+kp_build_info                        info       version
+process_* (resident memory, CPU)     gauge      from prometheus-client's process collector
+===================================  =========  ===========================================
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["LATENCY_BUCKETS", "SIZE_BUCKETS", "BulkHistogram", "GpuSampler", "Metrics"]
+
+# 1 ms to 60 s: batch phases on a GPU are ~1 ms, end-to-end under a backlog is seconds.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+STATUSES = ("OK", "ERROR", "EXPIRED")
+
+# `*_created` series (one per labelled counter) only double the scrape: nothing here uses
+# them. The switch is process-wide in prometheus-client.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    """The metric objects of one replica; the Kafka thread and the model threads update them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.consumed = Counter(
+            "kp_consumed_records",
+            "Records consumed from input topics.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.consumed_bytes = Counter(
+            "kp_consumed_bytes", "Record value bytes consumed.", ["topic"], registry=r
+        )
+        self.produced = Counter(
+            "kp_produced_records",
+            "Outcome records acknowledged by the broker.",
+            ["topic"],
+            registry=r,
+        )
+        self.results = Counter(
+            "kp_results",
+            "Results delivered, by model and status.",
+            ["model", "status"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "kp_dead_letters",
+            "Dead letters delivered, by reason and model.",
+            ["reason", "model"],
+            registry=r,
+        )
+        self.batches = Counter(
+            "kp_batches",
+            "Batches leaving the batcher, by what flushed them.",
+            ["model", "trigger"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "kp_batch_size_requests",
+            "Requests per batch sent to a model.",
+            ["model"],
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "kp_queue_seconds",
+            "From consuming a request to the start of its batch's preprocessing.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preprocess_time = Histogram(
+            "kp_preprocess_seconds",
+            "Preprocessing time per batch.",
+            ["model", "instance"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_time = Histogram(
+            "kp_compute_seconds",
+            "Model (backend) time per batch.",
+            ["model", "instance"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.postprocess_time = Histogram(
+            "kp_postprocess_seconds",
+            "Postprocessing time per batch.",
+            ["model", "instance"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = BulkHistogram(
+            "kp_end_to_end_latency_seconds",
+            "From the request record's timestamp to the broker acknowledging its outcome.",
+            "model",
+            LATENCY_BUCKETS,
+        )
+        r.register(self.latency)
+        self.in_flight = Gauge(
+            "kp_in_flight_requests",
+            "Requests consumed whose outcome is not yet acknowledged.",
+            registry=r,
+        )
+        self.in_flight_bytes = Gauge(
+            "kp_in_flight_bytes", "Record bytes of the in-flight requests.", registry=r
+        )
+        self.paused = Gauge(
+            "kp_paused_partitions", "Partitions paused by backpressure.", registry=r
+        )
+        self.assigned = Gauge("kp_assigned_partitions", "Partitions assigned.", registry=r)
+        self.pauses = Counter("kp_pauses", "Times backpressure paused consuming.", registry=r)
+        self.resumes = Counter("kp_resumes", "Times backpressure resumed consuming.", registry=r)
+        self.lag = Gauge(
+            "kp_consumer_lag_messages",
+            "Records in the partition not yet served (high watermark − oldest unserved).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.lag_seconds = Gauge(
+            "kp_consumer_lag_seconds",
+            "Age of the oldest record of the partition not yet served; 0 when caught up.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.batch_limit = Gauge(
+            "kp_batch_max_size_requests",
+            "Batch size limit now in force (raised by the lag control loop).",
+            ["model"],
+            registry=r,
+        )
+        self.batch_delay = Gauge(
+            "kp_batch_max_delay_seconds",
+            "Batch delay limit now in force (raised by the lag control loop).",
+            ["model"],
+            registry=r,
+        )
+        self.batch_adjustments = Counter(
+            "kp_batch_adjustments",
+            "Decisions of the lag control loop.",
+            ["model", "direction"],
+            registry=r,
+        )
+        self.padding = Counter(
+            "kp_padding_elements",
+            "Tensor elements fed to a model: real data and padding.",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.instances = Gauge(
+            "kp_model_instances",
+            "Model instances loaded, by device.",
+            ["model", "device"],
+            registry=r,
+        )
+        self.ready = Gauge("kp_ready", "1 while the replica is ready (/readyz).", registry=r)
+        self.gpu_memory_used = Gauge(
+            "kp_gpu_memory_used_bytes", "GPU memory in use.", ["device"], registry=r
+        )
+        self.gpu_utilization = Gauge(
+            "kp_gpu_utilization_ratio", "GPU busy fraction (0–1).", ["device"], registry=r
+        )
+        Info("kp_build", "kp-pipeline version.", registry=r).info({"version": _version()})
+
+    def declare_model(self, model: str, devices: list[str]) -> None:
+        """Create a model's series at zero so dashboards show 0, not 'no data'."""
+        for status in STATUSES:
+            self.results.labels(model, status)
+        for trigger in ("full", "deadline", "drain"):
+            self.batches.labels(model, trigger)
+        for direction in ("up", "down"):
+            self.batch_adjustments.labels(model, direction)
+        for kind in ("real", "padded"):
+            self.padding.labels(model, kind)
+        self.batch_size.labels(model)
+        self.queue_time.labels(model)
+        self.latency.declare(model)
+        for i, device in enumerate(devices):
+            for h in (self.preprocess_time, self.compute_time, self.postprocess_time):
+                h.labels(model, str(i))
+            self.instances.labels(model, device).inc()
+
+    def declare_reason(self, reason: str, model: str = "") -> None:
+        """Create a dead-letter series at zero."""
+        self.dead_letters.labels(reason, model)
+
+
+class BulkHistogram(Collector):
+    """A histogram with one label that takes many observations in one call.
+
+    End-to-end latency is observed once per request, tens of thousands of times a second
+    on the Kafka thread; prometheus-client's `Histogram.observe` costs a lock and a bucket
+    search each time. Here a whole delivery round is bucketed at once with NumPy.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: Sequence[float]):
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.bounds = np.asarray(buckets, dtype=np.float64)
+        self._series: dict[str, tuple[np.ndarray[Any, np.dtype[np.int64]], list[float]]] = {}
+        self._lock = threading.Lock()
+
+    def declare(self, value: str) -> None:
+        """Create the series for ``value`` at zero."""
+        with self._lock:
+            self._series.setdefault(value, (np.zeros(len(self.bounds) + 1, np.int64), [0.0]))
+
+    def observe_many(self, value: str, observations: Sequence[float]) -> None:
+        """Add ``observations`` (seconds) to the series for label ``value``."""
+        data = np.asarray(observations, dtype=np.float64)
+        if not data.size:
+            return
+        # Bucket i counts bounds[i-1] < x <= bounds[i]; the last one is +Inf.
+        counts = np.bincount(
+            np.searchsorted(self.bounds, data, side="left"), minlength=len(self.bounds) + 1
+        )
+        self.declare(value)
+        with self._lock:
+            series, total = self._series[value]
+            series += counts
+            total[0] += float(data.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        """The samples, cumulative as Prometheus expects."""
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            snapshot = [(v, s.copy(), t[0]) for v, (s, t) in self._series.items()]
+        for value, series, total in snapshot:
+            cumulative = np.cumsum(series)
+            edges = [*(_le(b) for b in self.bounds), "+Inf"]
+            family.add_metric(
+                [value], [(e, float(c)) for e, c in zip(edges, cumulative, strict=True)], total
+            )
+        yield family
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        """No samples at registration: the registry need not call `collect` then."""
+        return iter(())
+
+
+class GpuSampler:
+    """GPU memory and utilization through NVML, where a GPU and ``nvidia-ml-py`` exist.
+
+    Not run on the project's machines (no GPU here; the GPU machines lent to it have no
+    nvidia-ml-py): written against NVML's documented calls, and silent where NVML is
+    missing, so a CPU replica simply exports no ``kp_gpu_*`` series.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._nvml: Any = None
+        self._handles: list[tuple[str, Any]] = []
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+            self._handles = [
+                (f"cuda:{i}", pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)
+            ]
+            self._nvml = pynvml
+        except Exception:  # no library, no driver or no GPU: nothing to export
+            self._handles = []
+
+    @property
+    def available(self) -> bool:
+        """Whether any GPU is being sampled."""
+        return bool(self._handles)
+
+    def sample(self) -> None:
+        """Read each GPU's memory in use and busy fraction into the gauges."""
+        for name, handle in self._handles:
+            try:
+                memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+                rates = self._nvml.nvmlDeviceGetUtilizationRates(handle)
+            except Exception:  # a GPU that fell off the bus must not stop the pipeline
+                continue
+            self._metrics.gpu_memory_used.labels(name).set(memory.used)
+            self._metrics.gpu_utilization.labels(name).set(rates.gpu / 100.0)
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def _version() -> str:
+    try:
+        return metadata.version("kp-pipeline")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "unknown"
