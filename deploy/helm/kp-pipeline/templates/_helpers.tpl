@@ -1,0 +1,61 @@
+{{/* Chart name, overridable. */}}
+{{- define "kp-pipeline.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: <release>-<chart> unless the release name already contains the chart name. */}}
+{{- define "kp-pipeline.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels that select this release's pods; never change them after the first install. */}}
+{{- define "kp-pipeline.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kp-pipeline.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "kp-pipeline.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "kp-pipeline.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kp-pipeline
+{{- end -}}
+
+{{/* Image reference: the tag defaults to <appVersion>-cpu, or -gpu with gpu.enabled. */}}
+{{- define "kp-pipeline.image" -}}
+{{- $flavour := ternary "gpu" "cpu" .Values.gpu.enabled -}}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion $flavour) -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+
+{{/*
+The partition ceiling. Kafka's group protocol gives each partition to one member of the
+group, so replicas beyond the input topic's partition count sit idle: refuse to render a
+release that asks for them, unless keda.allowIdleConsumers says that is intended.
+*/}}
+{{- define "kp-pipeline.checks" -}}
+{{- $partitions := int .Values.kafka.partitions -}}
+{{- if .Values.keda.enabled -}}
+{{- $min := int .Values.keda.minReplicaCount -}}
+{{- $max := int .Values.keda.maxReplicaCount -}}
+{{- if gt $min $max -}}
+{{- fail (printf "keda.minReplicaCount (%d) is above keda.maxReplicaCount (%d)" $min $max) -}}
+{{- end -}}
+{{- if and (gt $max $partitions) (not .Values.keda.allowIdleConsumers) -}}
+{{- fail (printf "keda.maxReplicaCount (%d) exceeds kafka.partitions (%d): each partition goes to one consumer of the group, so replicas beyond the partition count sit idle. Lower keda.maxReplicaCount, add partitions to the topic (and raise kafka.partitions), or set keda.allowIdleConsumers=true." $max $partitions) -}}
+{{- end -}}
+{{- else if gt (int .Values.replicaCount) $partitions -}}
+{{- fail (printf "replicaCount (%d) exceeds kafka.partitions (%d): each partition goes to one consumer of the group, so replicas beyond the partition count sit idle." (int .Values.replicaCount) $partitions) -}}
+{{- end -}}
+{{- end -}}
