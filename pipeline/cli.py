@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import top
 from pipeline.errors import ConfigError, GraphError, KpError
 
 __all__ = ["main"]
@@ -286,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=300)
     demo.add_argument("--show", type=int, default=6, help="result lines to print")
     demo.set_defaults(func=cmd_demo)
+
+    top.add_parser(sub)
     return p
 
 

@@ -449,6 +449,7 @@ class Pipeline:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for p in partitions:
             self.tracker.assign((p.topic, p.partition))
+            self.metrics.consumed.labels(p.topic, str(p.partition))  # at zero from now on
         consumer.assign(partitions)
         if self.backpressure.paused:
             consumer.pause(partitions)

@@ -65,7 +65,7 @@ def test_healthz_fails_when_the_loop_stops_turning(served: tuple[MetricsServer, 
 def test_metrics_page_carries_the_catalog_and_the_ready_gauge(
     served: tuple[MetricsServer, Health],
 ) -> None:
-    server, health = served
+    server, _ = served
     server.metrics.declare_model("m", ["cpu"])
     status, body = _get(server.url)
     assert status == 200
