@@ -7,7 +7,7 @@ TOOLS  := $(VENV)/.deploy-tools
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models demo run lint test test-unit test-e2e bench bench-backends ci clean
+.PHONY: help setup models demo run lint test test-unit test-e2e bench bench-backends bench-backlog prometheus-tools ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,7 +24,12 @@ $(TOOLS): $(STAMP) deploy/tools/install-helm.sh tests/deploy/crd/package-lock.js
 	bash deploy/tools/install-helm.sh $(VENV)
 	touch $(TOOLS)
 
-setup: $(STAMP) $(TOOLS) models/.exported  ## create .venv, install everything, export the models
+# Debian's Prometheus and promtool: the dashboard and alert tests run them for real.
+prometheus-tools:  ## install Debian's prometheus and promtool if missing (needs root)
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+setup: $(STAMP) $(TOOLS) prometheus-tools models/.exported  ## create .venv, install everything, export the models
 
 models/.exported: $(STAMP) $(wildcard pipeline/zoo/*.py)
 	$(BIN)/kp-pipeline models export --out models
@@ -59,6 +64,9 @@ bench: setup  ## side-by-side benchmark (prints figures, writes load/results/)
 
 bench-backends: setup  ## model alone vs kp-pipeline per runtime and batch (writes load/results/)
 	$(BIN)/python -m load.backends
+
+bench-backlog: setup  ## peak RSS against backlog size; the lag control loop on and off
+	$(BIN)/python -m load.backlog --sizes 50000,200000,1000000
 
 ci: test  ## what .ci/run runs
 

@@ -10,6 +10,9 @@ Labelled series that dashboards and alerts query are created at start with zero 
 0 rather than no data: a dashboard cannot tell "nothing happened" from "not scraped"
 otherwise.
 
+Per-instance series are labelled ``model_instance``: ``instance`` is the label Prometheus
+gives the scraped replica, and it would rename ours to ``exported_instance``.
+
 The catalog (what `deploy/grafana` and `deploy/prometheus` build on):
 
 ===================================  =========  ===========================================
@@ -23,9 +26,9 @@ kp_dead_letters_total                counter    reason, model ("" when no model 
 kp_batches_total                     counter    model, trigger (full, deadline, drain)
 kp_batch_size_requests               histogram  model
 kp_queue_seconds                     histogram  model (consumed → preprocessing starts)
-kp_preprocess_seconds                histogram  model, instance (per batch)
-kp_compute_seconds                   histogram  model, instance (per batch, the backend)
-kp_postprocess_seconds               histogram  model, instance (per batch)
+kp_preprocess_seconds                histogram  model, model_instance (per batch)
+kp_compute_seconds                   histogram  model, model_instance (per batch, the backend)
+kp_postprocess_seconds               histogram  model, model_instance (per batch)
 kp_end_to_end_latency_seconds        histogram  model (record timestamp → outcome acked)
 kp_in_flight_requests                gauge      consumed, outcome not yet acknowledged
 kp_in_flight_bytes                   gauge      their record bytes
@@ -154,21 +157,21 @@ class Metrics:
         self.preprocess_time = Histogram(
             "kp_preprocess_seconds",
             "Preprocessing time per batch.",
-            ["model", "instance"],
+            ["model", "model_instance"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.compute_time = Histogram(
             "kp_compute_seconds",
             "Model (backend) time per batch.",
-            ["model", "instance"],
+            ["model", "model_instance"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.postprocess_time = Histogram(
             "kp_postprocess_seconds",
             "Postprocessing time per batch.",
-            ["model", "instance"],
+            ["model", "model_instance"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -49,7 +49,7 @@ def test_declared_models_and_reasons_export_zeros() -> None:
         'kp_batches_total{model="tiny",trigger="deadline"} 0.0',
         'kp_padding_elements_total{kind="padded",model="tiny"} 0.0',
         'kp_dead_letters_total{model="",reason="undecodable"} 0.0',
-        'kp_compute_seconds_count{instance="1",model="tiny"} 0.0',
+        'kp_compute_seconds_count{model="tiny",model_instance="1"} 0.0',
         'kp_end_to_end_latency_seconds_count{model="tiny"} 0.0',
         'kp_model_instances{device="cpu",model="tiny"} 2.0',
     ):
