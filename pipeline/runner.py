@@ -149,6 +149,14 @@ class Pipeline:
             for m in graph
             if m.settings.batching.lag_control.enabled
         }
+        biggest = max((m.settings.batching.max_batch_size for m in graph), default=0)
+        if self.flow.max_in_flight < 4 * biggest:
+            log.warning(
+                "flow.max_in_flight (%d) holds fewer than 4 batches of %d: the consumer will "
+                "pause and resume constantly, and each pause drops librdkafka's prefetch",
+                self.flow.max_in_flight,
+                biggest,
+            )
         self.assigned = threading.Event()
         self.metrics_url: str | None = None  # where /metrics is served, when it is
         self._next_lag = 0.0
