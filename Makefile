@@ -7,7 +7,7 @@ TOOLS  := $(VENV)/.deploy-tools
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models demo run lint test test-unit test-e2e bench bench-backends bench-backlog prometheus-tools ci clean
+.PHONY: help setup models demo run lint test test-unit test-e2e bench bench-backends bench-backlog bench-preprocess prometheus-tools ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ bench: setup  ## side-by-side benchmark (prints figures, writes load/results/)
 
 bench-backends: setup  ## model alone vs kp-pipeline per runtime and batch (writes load/results/)
 	$(BIN)/python -m load.backends
+
+bench-preprocess: setup  ## preprocessing per path (Pillow, DALI CPU), tokens/s, padding waste
+	$(BIN)/python -m load.preprocess
 
 bench-backlog: setup  ## peak RSS against backlog size; the lag control loop on and off
 	$(BIN)/python -m load.backlog --sizes 50000,200000,1000000

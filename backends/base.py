@@ -71,7 +71,12 @@ class Probe:
 
 @runtime_checkable
 class Backend(Protocol):
-    """A native runtime serving one model instance."""
+    """A native runtime serving one model instance.
+
+    A backend on a GPU may also expose ``stream`` (its CUDA stream, with a
+    ``cuda_stream`` handle): the graph then sets up this instance's preprocessing stages
+    with it, so GPU preprocessing runs on the model's stream.
+    """
 
     def load(self, spec: ModelSpec, device: str) -> ModelInfo:
         """Load the model on ``device`` ('cpu', 'cuda:N', 'auto'); raise `BackendError`."""

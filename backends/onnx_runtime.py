@@ -186,6 +186,15 @@ class OnnxRuntimeBackend:
         binding.synchronize_outputs()
         return dict(zip(self._outputs, binding.copy_outputs_to_cpu(), strict=True))
 
+    @property
+    def stream(self) -> Any:
+        """The CUDA stream of this instance (``cuda_stream`` is its handle); None on a CPU.
+
+        Preprocessing stages of this instance's batches are set up with it, so GPU
+        preprocessing queues on the same stream as the model.
+        """
+        return self._stream
+
     def unload(self) -> None:
         """Drop the session (and its stream)."""
         self._session = None

@@ -364,6 +364,15 @@ class TensorRTBackend:
             stream.synchronize()
         return {name: host.numpy() for name, host in results.items()}
 
+    @property
+    def stream(self) -> Any:
+        """The CUDA stream of this instance (``cuda_stream`` is its handle); None on a CPU.
+
+        Preprocessing stages of this instance's batches are set up with it, so GPU
+        preprocessing queues on the same stream as the model.
+        """
+        return self._stream
+
     def unload(self) -> None:
         """Release context before engine before runtime, then every buffer."""
         self._context = None

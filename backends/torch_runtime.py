@@ -135,6 +135,15 @@ class TorchBackend:
         self._stream.synchronize()
         return {name: t.numpy() for name, t in pending.items()}
 
+    @property
+    def stream(self) -> Any:
+        """The CUDA stream of this instance (``cuda_stream`` is its handle); None on a CPU.
+
+        Preprocessing stages of this instance's batches are set up with it, so GPU
+        preprocessing queues on the same stream as the model.
+        """
+        return self._stream
+
     def unload(self) -> None:
         """Drop the module, its stream and the pinned buffers."""
         self._module = None

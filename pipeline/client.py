@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from pipeline.errors import BrokerError
 from pipeline.messages import Request
 
-__all__ = ["image_request", "produce_requests", "read_topic", "tensor_request"]
+__all__ = ["image_request", "produce_requests", "read_topic", "tensor_request", "text_request"]
 
 
 def image_request(request_id: str, model: str, image: bytes, input_name: str = "image") -> Request:
@@ -24,6 +24,11 @@ def image_request(request_id: str, model: str, image: bytes, input_name: str = "
     arr = np.empty(1, dtype=object)
     arr[0] = image
     return Request(id=request_id, model=model, inputs={input_name: arr})
+
+
+def text_request(request_id: str, model: str, text: str, input_name: str = "text") -> Request:
+    """A request carrying one UTF-8 text as a BYTES[1] tensor."""
+    return image_request(request_id, model, text.encode(), input_name)
 
 
 def tensor_request(

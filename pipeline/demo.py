@@ -10,14 +10,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 
 from pipeline.app import OpenTopology, make_codec, serve
 from pipeline.broker import EmbeddedBroker
-from pipeline.client import image_request, produce_requests, read_topic
+from pipeline.client import image_request, produce_requests, read_topic, text_request
 from pipeline.errors import KpError
 from pipeline.messages import DeadLetter, Result
 from pipeline.runner import Pipeline, RunStats
-from pipeline.samples import sample_jpegs
+from pipeline.samples import SAMPLE_TEXTS, sample_jpegs
 from schemas.codec import AvroCodec
 
 __all__ = ["BackgroundPipeline", "run_demo"]
@@ -81,9 +84,10 @@ class BackgroundPipeline:
 
 
 def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
-    """Run the demo; returns the process exit code."""
+    """Run the demo (photos, or texts when the model tokenizes); returns the exit code."""
     topology = opened.topology
     model = topology.models[0]
+    text = any(stage.stage == "tokenize" for stage in model.preprocess)
     codec = make_codec(topology)
     with EmbeddedBroker() as broker:
         address = broker.bootstrap_servers
@@ -95,7 +99,8 @@ def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
             f"{', '.join(topology.topics.input)} → {topology.topics.output}"
         )
         t0 = time.monotonic()
-        _produce_samples(codec, address, topology.topics.input[0], model.name, requests, echo)
+        produce = _produce_texts if text else _produce_samples
+        produce(codec, address, topology.topics.input[0], model.name, requests, echo)
         results = [
             codec.decode_result(m.value())
             for m in read_topic(address, topology.topics.output, count=requests, timeout=300)
@@ -106,7 +111,7 @@ def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
             for m in read_topic(address, topology.topics.dead_letter, count=1, timeout=30)
         ]
         stats = served.stop()
-    _report(results, letters, show, topology.topics.dead_letter, echo)
+    (_report_texts if text else _report)(results, letters, show, topology.topics.dead_letter, echo)
     rate = len(results) / elapsed if elapsed > 0 else 0.0
     echo(
         f"{len(results)} results, {len(letters)} dead letter in {elapsed:.2f} s: "
@@ -117,6 +122,46 @@ def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
     if len(results) != requests or len(letters) != 1:
         raise KpError(f"expected {requests} results and 1 dead letter")
     return 0
+
+
+def _produce_texts(
+    codec: AvroCodec, address: str, topic: str, model: str, requests: int, echo: Echo
+) -> None:
+    names = list(SAMPLE_TEXTS)
+    batch: list[tuple[bytes | None, bytes]] = []
+    for i in range(requests):
+        name = names[i % len(names)]
+        req = text_request(f"demo-{i:05d}-{name}", model, SAMPLE_TEXTS[name])
+        batch.append((req.id.encode(), codec.encode_request(req)))
+    too_long = text_request("demo-too-long", model, "kafka " * 400)
+    batch.append((b"demo-too-long", codec.encode_request(too_long)))
+    produce_requests(address, topic, batch)
+    echo(f"produced {requests} texts of mixed lengths ({len(names)} samples) and 1 too long")
+
+
+def _report_texts(
+    results: list[Result], letters: list[DeadLetter], show: int, dlq: str, echo: Echo
+) -> None:
+    """Each sample's nearest other sample by cosine similarity: its paraphrase, if it works."""
+    by_sample: dict[str, np.ndarray[Any, Any]] = {}
+    for r in results:
+        by_sample.setdefault(r.id.split("-", 2)[2], r.outputs["embedding"].astype(np.float64))
+    echo("")
+    echo(f"{'id':<22} {'text':<44} {'dims':>4} {'norm':>5} {'batch':>5} {'nearest (cosine)':<20}")
+    for r in sorted(results, key=lambda r: r.id)[:show]:
+        name = r.id.split("-", 2)[2]
+        emb = r.outputs["embedding"].astype(np.float64)
+        others = {k: float(emb @ v) for k, v in by_sample.items() if k != name}
+        near = max(others, key=lambda k: others[k]) if others else "-"
+        echo(
+            f"{r.id:<22} {SAMPLE_TEXTS[name][:44]:<44} {emb.size:>4} "
+            f"{np.linalg.norm(emb):>5.3f} {r.batch_size:>5} {near} ({others.get(near, 0):.2f})"
+        )
+    if len(results) > show:
+        echo(f"... {len(results) - show} more results")
+    for d in letters:
+        echo(f"dead letter: {d.id} → {dlq}: {d.reason}: {d.error[:90]}")
+    echo("")
 
 
 def _produce_samples(

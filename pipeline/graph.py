@@ -9,9 +9,10 @@ result publishes. Any mismatch is a `GraphError` naming the file, the model and 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -29,6 +30,10 @@ __all__ = ["ModelGraph", "build_graph", "build_model", "close_graph"]
 
 log = logging.getLogger(__name__)
 
+# A first preprocess stage may choose each request's batch (a text length bucket) at
+# routing time; it raises a `RequestError` to refuse the request there.
+Bucketer = Callable[[Mapping[str, Any]], Hashable]
+
 
 @dataclass
 class ModelGraph:
@@ -42,6 +47,16 @@ class ModelGraph:
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
     devices: list[str]
+    bucketer: Bucketer | None = None
+    # Per instance, the preprocess stages set up on its device and CUDA stream. Instances
+    # on the CPU share one list; empty means every instance uses ``preprocess``.
+    instance_preprocess: list[list[Stage]] = field(default_factory=list)
+
+    def stages_for(self, instance: int) -> list[Stage]:
+        """The preprocess stages for a batch going to ``instance``."""
+        if self.instance_preprocess:
+            return self.instance_preprocess[instance]
+        return self.preprocess
 
     @property
     def name(self) -> str:
@@ -50,7 +65,8 @@ class ModelGraph:
 
     def close(self) -> None:
         """Close stages and unload instances."""
-        for stage in [*self.preprocess, *self.postprocess]:
+        lists = {id(x): x for x in [self.preprocess, *self.instance_preprocess]}
+        for stage in [*(s for x in lists.values() for s in x), *self.postprocess]:
             stage.close()
         for backend in self.instances:
             backend.unload()
@@ -114,6 +130,7 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGra
 
     declared = {i.name: i.spec() for i in settings.inputs}
     try:
+        _bind(pre, info, f"{where}.preprocess")
         specs = _walk(pre, declared, f"{where}.preprocess")
         _check_model_inputs(specs, info, f"{where} ({settings.name})")
         if (
@@ -124,12 +141,75 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGra
                 f"{where}.batching.max_batch_size: {settings.batching.max_batch_size} is more "
                 f"than the model accepts ({info.max_batch_size})"
             )
-        outputs = _walk(post, info.outputs, f"{where}.postprocess")
+        # Postprocess sees the model's outputs and the columns that fed it (a mask, say);
+        # only the outputs and what postprocessing made are published.
+        walked = _walk(post, {**specs, **info.outputs}, f"{where}.postprocess")
+        outputs = {k: v for k, v in walked.items() if k in info.outputs or k not in specs}
     except BaseException:
         for b in instances:
             b.unload()
         raise
-    return ModelGraph(settings, pre, post, instances, info, declared, outputs, placed)
+    try:
+        per_instance = _instance_stages(settings, pre, instances, placed, where, base_dir, info)
+    except BaseException:
+        for b in instances:
+            b.unload()
+        for stage in post:
+            stage.close()
+        raise
+    pre = per_instance[0]
+    bucketer = pre[0].bucket_key if pre and hasattr(pre[0], "bucket_key") else None
+    return ModelGraph(
+        settings, pre, post, instances, info, declared, outputs, placed, bucketer, per_instance
+    )
+
+
+def _instance_stages(
+    settings: ModelSettings,
+    checked: list[Stage],
+    instances: Sequence[Backend],
+    placed: Sequence[str],
+    where: str,
+    base_dir: Path,
+    info: ModelInfo,
+) -> list[list[Stage]]:
+    """Preprocess stages for each instance, on the device it landed on and its stream.
+
+    ``checked`` (set up before loading, to refuse bad parameters before a long load) is
+    reused for instances on the CPU without a stream; any other instance gets its own
+    stages, set up with its resolved device and CUDA stream.
+    """
+    out: list[list[Stage]] = []
+    by_place: dict[tuple[str, int], list[Stage]] = {}
+    reusable = settings.instance_devices()[0] == "cpu"
+    for backend, device in zip(instances, placed, strict=True):
+        stream = getattr(backend, "stream", None)
+        key = (device, id(stream) if stream is not None else 0)
+        if key not in by_place:
+            if reusable and device == "cpu" and stream is None:
+                by_place[key] = checked
+            else:
+                ctx = StageContext(settings.name, device, stream, base_dir)
+                stages = _stages(settings.preprocess, f"{where}.preprocess", ctx)
+                _bind(stages, info, f"{where}.preprocess")
+                by_place[key] = stages
+        out.append(by_place[key])
+    if all(x is not checked for x in out):
+        for stage in checked:
+            stage.close()
+    return out
+
+
+def _bind(stages: Sequence[Stage], info: ModelInfo, where: str) -> None:
+    """Tell stages that adapt to the loaded model (bucket edges from its profiles)."""
+    for i, stage in enumerate(stages):
+        bind = getattr(stage, "bind_model", None)
+        if bind is None:
+            continue
+        try:
+            bind(info)
+        except GraphError as e:
+            raise GraphError(f"{where}[{i}] ({stage.name}): {e}") from None
 
 
 def _warm_up(backend: Backend, info: ModelInfo, name: str) -> None:

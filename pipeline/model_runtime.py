@@ -199,7 +199,8 @@ class ModelRuntime:
             # Chosen before preprocessing, so GPU stages can run on the instance's device.
             inst = self._acquire()
             try:
-                item = prepare(self.graph, self.encoder, rows)
+                stages = self.graph.stages_for(inst.stats.index)
+                item = prepare(self.graph, self.encoder, rows, stages)
             except Exception as e:
                 log.exception("model %s: preprocessing failed", self.name)
                 self._release(inst, 0, 0.0)
@@ -257,8 +258,15 @@ class ModelRuntime:
             self._busy -= 1
 
 
-def prepare(graph: ModelGraph, encoder: OutcomeEncoder, rows: list[Envelope]) -> Prepared:
+def prepare(
+    graph: ModelGraph,
+    encoder: OutcomeEncoder,
+    rows: list[Envelope],
+    stages: Sequence[Stage] | None = None,
+) -> Prepared:
     """Stack the rows' tensors into columns and run the preprocess stages.
+
+    ``stages`` are the chosen instance's (its device and stream); default: the model's.
 
     Rows a stage rejects leave the batch as encoded dead letters in the result.
     """
@@ -267,7 +275,8 @@ def prepare(graph: ModelGraph, encoder: OutcomeEncoder, rows: list[Envelope]) ->
         name: np.stack([r.request.inputs[name] for r in rows])  # type: ignore[union-attr]
         for name in graph.inputs
     }
-    batch = run_stages(graph.preprocess, Batch(list(rows), columns))
+    chain = graph.preprocess if stages is None else stages
+    batch = run_stages(chain, Batch(list(rows), columns))
     letters = [encoder.dead_letter(r, reason, msg) for r, reason, msg in batch.rejected]
     batch.rejected = []
     return Prepared(batch, started, (time.monotonic() - started) * 1000.0, letters)
@@ -284,16 +293,16 @@ def complete(
     t0 = time.monotonic()
     outputs = backend.infer(feeds)
     t1 = time.monotonic()
-    post = run_stages(graph.postprocess, Batch(batch.rows, dict(outputs)))
+    # Postprocess sees what fed the model too (an attention mask for pooling, say).
+    post = run_stages(graph.postprocess, Batch(batch.rows, {**batch.columns, **outputs}))
     t2 = time.monotonic()
     outcomes = [encoder.dead_letter(r, reason, msg) for r, reason, msg in post.rejected]
     item.compute_ms, item.postprocess_ms = (t1 - t0) * 1000.0, (t2 - t1) * 1000.0
     phases = (item.preprocess_ms, item.compute_ms, item.postprocess_ms)
     size = len(batch.rows)  # the rows the model ran, postprocess rejects included
     s = graph.settings
-    outcomes += encoder.results(
-        post.rows, s.name, s.version, post.columns, item.started, phases, size
-    )
+    published = {name: post.columns[name] for name in graph.outputs}
+    outcomes += encoder.results(post.rows, s.name, s.version, published, item.started, phases, size)
     return outcomes
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,10 +17,17 @@ __all__ = ["ModelRoute", "Router"]
 class ModelRoute:
     """One served model's name, version and declared inputs."""
 
-    def __init__(self, name: str, version: str, inputs: Mapping[str, TensorSpec]) -> None:
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        inputs: Mapping[str, TensorSpec],
+        bucketer: Callable[[Mapping[str, Any]], Hashable] | None = None,
+    ) -> None:
         self.name = name
         self.version = version
         self.inputs = dict(inputs)
+        self.bucketer = bucketer  # e.g. a text's length bucket: one open batch per bucket
         # With no free dimension every request of the model shares one signature, and the
         # check is a dtype and shape comparison per tensor (the common, hot case).
         self._fixed = all(None not in s.shape for s in self.inputs.values())
@@ -33,6 +40,12 @@ class ModelRoute:
 
     def batch_key(self, request: Request) -> Hashable:
         """Check the request's tensors; return the key of the batch it may join."""
+        key = self._signature_key(request)
+        if self.bucketer is None:
+            return key
+        return (key, self.bucketer(request.inputs))
+
+    def _signature_key(self, request: Request) -> Hashable:
         tensors = request.inputs
         exact = self._exact
         if exact is not None and len(tensors) == len(exact):

@@ -133,7 +133,7 @@ class Pipeline:
         self._fatal: str | None = None
         self._last_commit = time.monotonic()
         self.router = Router(
-            {m.name: ModelRoute(m.name, m.settings.version, m.inputs) for m in graph}
+            {m.name: ModelRoute(m.name, m.settings.version, m.inputs, m.bucketer) for m in graph}
         )
         self.batchers = {
             m.name: MicroBatcher[Any, Envelope](

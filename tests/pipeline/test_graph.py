@@ -12,6 +12,7 @@ from pipeline.errors import BackendError, GraphError
 from pipeline.graph import ModelGraph, build_graph
 from pipeline.loader import load_topology
 from pipeline.tensors import TensorSpec
+from stages.base import StageParams
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
@@ -223,7 +224,8 @@ def test_unknown_parameter_lists_every_problem_of_the_stage(tmp_path: Path) -> N
         (
             "{stage: topk, input: probs, k: 3}",
             "{stage: topk, input: logits, k: 3}",
-            "postprocess[1] (topk): topk: needs column 'logits', but the batch has probs FP32[10]",
+            "postprocess[1] (topk): topk: needs column 'logits', but the batch has "
+            "x FP32[64], probs FP32[10]",
         ),
     ],
 )
@@ -343,3 +345,76 @@ def test_instances_that_load_different_signatures_are_refused(
     monkeypatch.setattr(OnnxRuntimeBackend, "load", drifting)
     message = _error(tmp_path, "instances: 2", "instances: 2")
     assert "models[0] (tiny): instance 1 on cpu loaded a different signature" in message
+
+
+class _Recording:
+    """A pass-through stage that remembers the context it was set up with."""
+
+    Params = StageParams
+    name = "record"
+
+    def __init__(self, params: Any) -> None:
+        self.ctx: Any = None
+        self.closed = False
+
+    def signature(self, inputs: Any) -> dict[str, TensorSpec]:
+        return dict(inputs)
+
+    def setup(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def process(self, batch: Any) -> Any:
+        return batch
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _StreamedBackend(OnnxRuntimeBackend):
+    """ONNX Runtime on the CPU, pretending to own a CUDA stream (as on a GPU)."""
+
+    @property
+    def stream(self) -> Any:
+        return ("stream", id(self))
+
+
+def _with_recording(monkeypatch: pytest.MonkeyPatch, backend: type | None = None) -> None:
+    import pipeline.graph as graph_module
+
+    real_stage, real_backend = graph_module.stage_class, graph_module.backend_class
+    monkeypatch.setattr(
+        graph_module, "stage_class", lambda n: _Recording if n == "record" else real_stage(n)
+    )
+    if backend is not None:
+        monkeypatch.setattr(graph_module, "backend_class", lambda n: backend)
+    else:
+        monkeypatch.setattr(graph_module, "backend_class", real_backend)
+
+
+def test_cpu_instances_share_one_set_of_preprocess_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _with_recording(monkeypatch)
+    (graph,) = _build(tmp_path, TINY.replace("preprocess: []", "preprocess: [{stage: record}]"))
+    try:
+        assert graph.stages_for(0) is graph.stages_for(1) is graph.preprocess
+        assert graph.preprocess[0].ctx.stream is None  # type: ignore[attr-defined]
+    finally:
+        graph.close()
+
+
+def test_instances_with_streams_get_their_own_stages_on_their_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _with_recording(monkeypatch, _StreamedBackend)
+    (graph,) = _build(tmp_path, TINY.replace("preprocess: []", "preprocess: [{stage: record}]"))
+    try:
+        first, second = graph.stages_for(0)[0], graph.stages_for(1)[0]
+        assert first is not second
+        for i, stage in enumerate((first, second)):
+            assert stage.ctx.stream == graph.instances[i].stream  # type: ignore[attr-defined]
+            assert stage.ctx.device == graph.devices[i]  # type: ignore[attr-defined]
+    finally:
+        graph.close()
+    assert first.closed  # type: ignore[attr-defined]
+    assert second.closed  # type: ignore[attr-defined]

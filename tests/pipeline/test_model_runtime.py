@@ -127,8 +127,11 @@ def _graph(
         post = [Softmax(SoftmaxParams(input="logits")), TopK(TopKParams(input="logits", k=1))]
     info = backends[0].load(ModelSpec("m", settings.artifact), "cpu")
     devices = ["cpu"] * len(backends)
+    outputs = dict(info.outputs)
+    for stage in post:  # what the graph would publish
+        outputs = stage.signature(outputs)
     return ModelGraph(
-        settings, pre, post, backends, info, {"image": TensorSpec("BYTES", (1,))}, {}, devices
+        settings, pre, post, backends, info, {"image": TensorSpec("BYTES", (1,))}, outputs, devices
     )
 
 
@@ -371,6 +374,9 @@ def test_stop_finishes_queued_batches_first() -> None:
 def test_batch_size_is_the_rows_the_model_ran_when_postprocess_rejects(serve: Any) -> None:
     class RejectsFirst(StageBase):
         name = "rejects_first"
+
+        def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+            return dict(inputs)
 
         def process(self, batch: Batch) -> Batch:
             return batch.reject({0: ("low_confidence", "pretend")})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,21 @@ def test_unknown_model_names_what_is_served() -> None:
 def test_wrong_version_names_the_served_version() -> None:
     with pytest.raises(RoutingError, match=r"model 'm' version '9' is not served \(serving '2'\)"):
         ROUTER.route(_req(version="9"))
+
+
+def test_a_bucketer_splits_one_signature_into_batches_and_may_refuse() -> None:
+    def by_length(tensors: Any) -> int:
+        n = len(tensors["text"].reshape(-1)[0])
+        if n > 10:
+            raise TensorError(f"{n} bytes is too long")
+        return 4 if n <= 4 else 10
+
+    route = ModelRoute("txt", "1", {"text": TensorSpec("BYTES", (1,))}, bucketer=by_length)
+
+    def req(text: bytes) -> Request:
+        return Request("r", "txt", {"text": np.array([text], dtype=object)})
+
+    assert route.batch_key(req(b"abc")) == ("txt", 4)
+    assert route.batch_key(req(b"abcdefg")) == ("txt", 10)
+    with pytest.raises(TensorError, match="too long"):
+        route.batch_key(req(b"x" * 11))

@@ -1,0 +1,209 @@
+"""normalize_nchw against normalize + to_nchw: the NumPy twin here, the CuPy kernel on a GPU."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from pipeline.errors import GraphError
+from pipeline.tensors import TensorSpec
+from stages.base import Batch, StageContext
+from stages.preprocess.image import Normalize, NormalizeParams, ToNCHW, ToNCHWParams
+from stages.preprocess.image_fused import (
+    NormalizeNCHW,
+    NormalizeNCHWParams,
+    cupy_stream,
+    stream_handle,
+)
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _reference(x: np.ndarray, mean: list[float], std: list[float], scale: float) -> np.ndarray:
+    batch = Batch(list(range(len(x))), {"image": x})
+    batch = Normalize(NormalizeParams(mean=mean, std=std, scale=scale)).process(batch)
+    return np.asarray(ToNCHW(ToNCHWParams()).process(batch).columns["image"])
+
+
+def _fused(x: Any, device: str = "cpu", stream: Any = None, **params: Any) -> Any:
+    stage = NormalizeNCHW(NormalizeNCHWParams(**{"mean": MEAN, "std": STD, **params}))
+    stage.setup(StageContext("m", device=device, stream=stream))
+    return stage.process(Batch(list(range(len(x))), {"image": x})).columns["image"]
+
+
+images = hnp.arrays(
+    np.uint8,
+    st.tuples(st.integers(0, 4), st.integers(1, 12), st.integers(1, 12), st.just(3)),
+)
+stats = st.lists(st.floats(0.01, 200), min_size=3, max_size=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=images, mean=stats, std=stats, scale=st.sampled_from([1.0, 1 / 255, 1 / 127.5]))
+def test_numpy_twin_equals_normalize_then_to_nchw(
+    x: np.ndarray, mean: list[float], std: list[float], scale: float
+) -> None:
+    want = _reference(x, mean, std, scale)
+    y = _fused(x, mean=mean, std=std, scale=scale)
+    assert (y.dtype, y.shape, y.flags.c_contiguous) == (np.float32, want.shape, True)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-6)  # the stated bound; in fact 0
+    half = _fused(x, mean=mean, std=std, scale=scale, dtype="FP16")
+    assert (half.dtype, half.flags.c_contiguous) == (np.float16, True)
+    np.testing.assert_array_equal(half, want.astype(np.float16))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.int32, np.uint16])
+@pytest.mark.parametrize("out", ["FP32", "FP16"])
+def test_other_input_dtypes_take_normalizes_arithmetic(dtype: type, out: str) -> None:
+    x = np.random.default_rng(1).integers(0, 256, (2, 5, 7, 3)).astype(dtype)
+    want = _reference(x, MEAN, STD, 1 / 255).astype(np.float16 if out == "FP16" else np.float32)
+    np.testing.assert_array_equal(_fused(x, dtype=out), want)
+
+
+def test_a_demo_sized_batch_and_a_renamed_output_keeping_other_columns() -> None:
+    x = np.random.default_rng(2).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
+    stage = NormalizeNCHW(NormalizeNCHWParams(mean=MEAN, std=STD, output="input"))
+    out = stage.process(Batch(list(range(8)), {"image": x, "other": np.arange(8)}))
+    assert set(out.columns) == {"input", "other"}
+    np.testing.assert_allclose(out.columns["input"], _reference(x, MEAN, STD, 1 / 255), atol=1e-6)
+
+
+def test_signature_is_normalize_and_to_nchw_in_one() -> None:
+    stage = NormalizeNCHW(NormalizeNCHWParams(mean=MEAN, std=STD, output="input", dtype="FP16"))
+    specs = {"image": TensorSpec("UINT8", (224, 224, 3)), "other": TensorSpec("INT8", ())}
+    assert stage.signature(specs) == {
+        "other": TensorSpec("INT8", ()),
+        "input": TensorSpec("FP16", (3, 224, 224)),
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (TensorSpec("UINT8", (None, None, 3)), "must be a fixed [h,w,c], got UINT8[?,?,3]"),
+        (TensorSpec("UINT8", (4, 4)), "must be a fixed [h,w,c]"),
+        (TensorSpec("UINT8", (4, 4, 1)), "mean and std need 1 values"),
+    ],
+)
+def test_signature_refuses_misfits(spec: TensorSpec, message: str) -> None:
+    stage = NormalizeNCHW(NormalizeNCHWParams(mean=MEAN, std=STD))
+    with pytest.raises(GraphError, match="normalize_nchw") as e:
+        stage.signature({"image": spec})
+    assert message in str(e.value)
+
+
+class _TorchLike:
+    cuda_stream = 1234
+
+
+class _CupyLike:
+    ptr = 5678
+
+
+def test_stream_handles_from_ints_torch_and_cupy_streams() -> None:
+    assert stream_handle(None) is None
+    assert stream_handle(42) == 42
+    assert stream_handle(_TorchLike()) == 1234
+    assert stream_handle(_CupyLike()) == 5678
+    with pytest.raises(GraphError, match="cannot use str as a CUDA stream"):
+        stream_handle("stream")
+
+
+class _NewStream:
+    null = "null stream"
+
+    @staticmethod
+    def from_external(obj: Any) -> tuple[str, Any]:
+        return ("from_external", obj.__cuda_stream__())
+
+
+class _OldStream:
+    null = "null stream"
+
+
+def test_cupy_streams_over_raw_handles_for_old_and_new_cupy() -> None:
+    new = SimpleNamespace(cuda=SimpleNamespace(Stream=_NewStream))
+    old = SimpleNamespace(cuda=SimpleNamespace(Stream=_OldStream, ExternalStream=lambda h: h))
+    assert cupy_stream(new, None) == cupy_stream(old, None) == "null stream"
+    assert cupy_stream(new, 77) == ("from_external", (0, 77))  # CuPy 14: stream protocol
+    assert cupy_stream(old, 77) == 77  # before CuPy 14: ExternalStream(ptr)
+
+
+def _cuda() -> bool:
+    try:
+        import cupy
+
+        return bool(cupy.cuda.is_available())
+    except Exception:
+        return False
+
+
+def test_auto_is_the_cpu_without_a_gpu_and_bad_devices_are_refused() -> None:
+    if _cuda():
+        pytest.skip("this machine has a GPU")
+    x = np.zeros((1, 2, 2, 3), np.uint8)
+    assert isinstance(_fused(x, device="auto"), np.ndarray)
+    with pytest.raises(GraphError, match="normalize_nchw: device 'gpu'"):
+        _fused(x, device="gpu")
+
+
+def test_cuda_without_cupy_is_refused_at_setup() -> None:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("CuPy is installed")
+    with pytest.raises(GraphError, match="needs CuPy"):
+        _fused(np.zeros((1, 2, 2, 3), np.uint8), device="cuda:0")
+
+
+# -- GPU: the CuPy kernel. Runs where CuPy sees a CUDA device (none on the project's machines).
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU and CuPy")
+@pytest.mark.parametrize("out", ["FP32", "FP16"])
+def test_cuda_kernel_matches_the_numpy_twin_on_the_instances_stream(out: str) -> None:
+    import cupy
+
+    x = np.random.default_rng(3).integers(0, 256, (5, 37, 29, 3), dtype=np.uint8)
+    want = _fused(x, dtype=out)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        on_device = cupy.asarray(x)
+    for source in (on_device, x, cupy.asfortranarray(on_device)):  # DLPack, NumPy, strided
+        y = _fused(source, device="cuda:0", stream=stream, dtype=out)
+        assert isinstance(y, cupy.ndarray)
+        assert (y.shape, y.dtype, y.flags.c_contiguous) == (want.shape, want.dtype, True)
+        stream.synchronize()
+        if out == "FP32":
+            np.testing.assert_allclose(cupy.asnumpy(y), want, rtol=0, atol=1e-6)
+        else:  # one float16 ulp: the kernel may fuse multiply and subtract (one rounding)
+            np.testing.assert_allclose(
+                cupy.asnumpy(y).astype(np.float32),
+                want.astype(np.float32),
+                rtol=2**-10,
+                atol=2**-24,
+            )
+    empty = _fused(cupy.zeros((0, 4, 4, 3), cupy.uint8), device="cuda:0", dtype=out)
+    assert empty.shape == (0, 3, 4, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU and CuPy")
+def test_cuda_kernel_takes_a_torch_tensor_through_dlpack() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch here has no CUDA")
+    x = np.random.default_rng(4).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    stream = torch.cuda.Stream()
+    y = _fused(torch.from_numpy(x).cuda(), device="cuda:0", stream=stream)
+    stream.synchronize()
+    np.testing.assert_allclose(y.get(), _fused(x), rtol=0, atol=1e-6)
