@@ -15,9 +15,28 @@ from schemas.codec import AvroCodec
 pytestmark = pytest.mark.image_model
 
 
-def _demo_topology(tmp_path: Path, topics: Topics) -> Path:
+PILLOW_CHAIN = """    preprocess:
+      - {stage: decode_image, input: image, max_pixels: 40000000}
+      - {stage: resize, size: 256, interpolation: bilinear}
+      - {stage: center_crop, size: 224}
+      # EfficientNet-Lite's own normalisation: (x - 127) / 128 on 0..255 pixels.
+      - {stage: normalize, mean: [127.0, 127.0, 127.0], std: [128.0, 128.0, 128.0], scale: 1.0}
+      - {stage: to_nchw, output: input}
+"""
+# The same numbers as one DALI pipeline (its CPU operators here; nvJPEG on a GPU).
+DALI_CHAIN = """    preprocess:
+      - {stage: dali_image, input: image, output: input, resize: 256, crop: 224,
+         interpolation: bilinear, mean: [127.0, 127.0, 127.0], std: [128.0, 128.0, 128.0],
+         scale: 1.0}
+"""
+
+
+def _demo_topology(tmp_path: Path, topics: Topics, chain: str = "pillow") -> Path:
     """The shipped topology.yaml, pointed at this test's topics and group."""
     text = (ROOT / "topology.yaml").read_text()
+    assert PILLOW_CHAIN in text, "topology.yaml's preprocess changed: update this test"
+    if chain == "dali":
+        text = text.replace(PILLOW_CHAIN, DALI_CHAIN)
     text = text.replace("${KP_GROUP:-kp-demo}", topics.group)
     text = text.replace("input: [kp.requests]", f"input: [{topics.input}]")
     text = text.replace("output: kp.results", f"output: {topics.output}")
@@ -28,11 +47,14 @@ def _demo_topology(tmp_path: Path, topics: Topics) -> Path:
     return path
 
 
+@pytest.mark.parametrize("chain", ["pillow", "dali"])
 def test_known_photos_get_their_class(
-    broker: EmbeddedBroker, topics: Topics, tmp_path: Path
+    broker: EmbeddedBroker, topics: Topics, tmp_path: Path, chain: str
 ) -> None:
     if not (MODELS / "efficientnet_lite0.onnx").exists():
         pytest.fail("models/efficientnet_lite0.onnx missing: run `make models`")
+    if chain == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (the dali extra)")
     codec = AvroCodec()
     photos = sample_jpegs()
     records: list[tuple[bytes | None, bytes]] = []
@@ -49,7 +71,7 @@ def test_known_photos_get_their_class(
     records.append((b"truncated", codec.encode_request(truncated)))
     produce_requests(broker.bootstrap_servers, topics.input, records)
 
-    served = start_background(_demo_topology(tmp_path, topics), broker)
+    served = start_background(_demo_topology(tmp_path, topics, chain), broker)
     results = [codec.decode_result(m.value()) for m in read_all(broker, topics.output, 9)]
     letters = [codec.decode_dead_letter(m.value()) for m in read_all(broker, topics.dead_letter, 1)]
     served.stop()
