@@ -7,7 +7,7 @@ TOOLS  := $(VENV)/.deploy-tools
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models demo run lint test test-unit test-e2e bench bench-backends bench-backlog bench-preprocess prometheus-tools ci clean
+.PHONY: help setup models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-preprocess prometheus-tools ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ models: models/.exported  ## export the demo and benchmark models in every forma
 
 demo: setup  ## THE demo: embedded broker, real image classifier, sample photos, results
 	$(BIN)/kp-pipeline demo topology.yaml
+
+demo-text: setup  ## the text demo: MiniLM sentence embeddings for texts of mixed lengths
+	$(BIN)/kp-pipeline demo topology-text.yaml
 
 run: setup  ## serve topology.yaml until Ctrl-C (embedded broker unless KP_BOOTSTRAP is set)
 	$(BIN)/kp-pipeline run topology.yaml
