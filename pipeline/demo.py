@@ -18,7 +18,7 @@ from pipeline.app import OpenTopology, make_codec, serve
 from pipeline.broker import EmbeddedBroker
 from pipeline.client import image_request, produce_requests, read_topic, text_request
 from pipeline.errors import KpError
-from pipeline.messages import DeadLetter, Result
+from pipeline.messages import DeadLetter, Request, Result
 from pipeline.runner import Pipeline, RunStats
 from pipeline.samples import SAMPLE_TEXTS, sample_jpegs
 from schemas.codec import AvroCodec
@@ -128,14 +128,11 @@ def _produce_texts(
     codec: AvroCodec, address: str, topic: str, model: str, requests: int, echo: Echo
 ) -> None:
     names = list(SAMPLE_TEXTS)
-    batch: list[tuple[bytes | None, bytes]] = []
-    for i in range(requests):
-        name = names[i % len(names)]
-        req = text_request(f"demo-{i:05d}-{name}", model, SAMPLE_TEXTS[name])
-        batch.append((req.id.encode(), codec.encode_request(req)))
-    too_long = text_request("demo-too-long", model, "kafka " * 400)
-    batch.append((b"demo-too-long", codec.encode_request(too_long)))
-    produce_requests(address, topic, batch)
+    good = [
+        text_request(f"demo-{i:05d}-{name}", model, SAMPLE_TEXTS[name])
+        for i, name in ((i, names[i % len(names)]) for i in range(requests))
+    ]
+    _produce(codec, address, topic, [*good, text_request("demo-too-long", model, "kafka " * 400)])
     echo(f"produced {requests} texts of mixed lengths ({len(names)} samples) and 1 too long")
 
 
@@ -157,11 +154,7 @@ def _report_texts(
             f"{r.id:<22} {SAMPLE_TEXTS[name][:44]:<44} {emb.size:>4} "
             f"{np.linalg.norm(emb):>5.3f} {r.batch_size:>5} {near} ({others.get(near, 0):.2f})"
         )
-    if len(results) > show:
-        echo(f"... {len(results) - show} more results")
-    for d in letters:
-        echo(f"dead letter: {d.id} → {dlq}: {d.reason}: {d.error[:90]}")
-    echo("")
+    _report_tail(results, letters, show, dlq, echo)
 
 
 def _produce_samples(
@@ -169,15 +162,17 @@ def _produce_samples(
 ) -> None:
     photos = sample_jpegs()
     names = list(photos)
-    batch: list[tuple[bytes | None, bytes]] = []
-    for i in range(requests):
-        photo = names[i % len(names)]
-        req = image_request(f"demo-{i:05d}-{photo}", model, photos[photo])
-        batch.append((req.id.encode(), codec.encode_request(req)))
+    good = [
+        image_request(f"demo-{i:05d}-{photo}", model, photos[photo])
+        for i, photo in ((i, names[i % len(names)]) for i in range(requests))
+    ]
     corrupt = image_request("demo-corrupt", model, photos[names[0]][:600])
-    batch.append((b"demo-corrupt", codec.encode_request(corrupt)))
-    produce_requests(address, topic, batch)
+    _produce(codec, address, topic, [*good, corrupt])
     echo(f"produced {requests} photo requests ({', '.join(names)}) and 1 corrupt image")
+
+
+def _produce(codec: AvroCodec, address: str, topic: str, requests: list[Request]) -> None:
+    produce_requests(address, topic, [(r.id.encode(), codec.encode_request(r)) for r in requests])
 
 
 def _report(
@@ -193,6 +188,12 @@ def _report(
             f"{r.id:<20} {top[:84]:<84} {r.batch_size:>5} "
             f"{r.timings.compute_ms:>7.1f}ms {r.timings.end_to_end_ms:>7.0f}ms"
         )
+    _report_tail(results, letters, show, dlq, echo)
+
+
+def _report_tail(
+    results: list[Result], letters: list[DeadLetter], show: int, dlq: str, echo: Echo
+) -> None:
     if len(results) > show:
         echo(f"... {len(results) - show} more results")
     for d in letters:
