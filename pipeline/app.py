@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +96,7 @@ def serve(
     bootstrap: str | None = None,
     on_ready: Callable[[str, Pipeline], None] | None = None,
     metrics_port: int | None = None,
+    ranges: Mapping[tuple[str, int], tuple[int, int]] | None = None,
 ) -> RunStats:
     """Check everything, then run one replica until ``stop`` is set.
 
@@ -122,6 +123,7 @@ def serve(
                     embedded=topology.kafka.embedded,
                     metrics=metrics,
                     health=health,
+                    ranges=ranges,
                 )
                 pipeline.metrics_url = None if server is None else server.url
                 if on_ready is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import top
+from pipeline import replay, top
 from pipeline.errors import ConfigError, GraphError, KpError
 
 __all__ = ["main"]
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--show", type=int, default=6, help="result lines to print")
     demo.set_defaults(func=cmd_demo)
 
-    top.add_parser(sub)
+    for command in (replay, top):  # commands that live in their own module
+        command.add_parser(sub)
     return p
 
 

@@ -95,6 +95,9 @@ class TopicSettings(_Strict):
     input: list[str] = Field(min_length=1)
     output: str
     dead_letter: str
+    replay_output: str | None = Field(
+        None, description="Where `kp-pipeline replay` writes results (--output overrides)."
+    )
     create: bool = Field(True, description="Create missing topics at start.")
     partitions: int = Field(4, ge=1, description="Partitions of topics created at start.")
     replication_factor: int = Field(1, ge=1)

@@ -35,10 +35,18 @@ class Outcome:
 class OutcomeEncoder:
     """Encodes results and dead letters for one topology (thread-safe: no shared state)."""
 
-    def __init__(self, codec: AvroCodec, output_topic: str, dead_letter_topic: str) -> None:
+    def __init__(
+        self,
+        codec: AvroCodec,
+        output_topic: str,
+        dead_letter_topic: str,
+        reply_topics: bool = True,
+    ) -> None:
         self.codec = codec
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
+        # A replay writes every result to its own output, never to a live reply topic.
+        self.reply_topics = reply_topics
 
     def results(
         self,
@@ -72,7 +80,8 @@ class OutcomeEncoder:
             value = encoder.encode(
                 i, request.id, timings, batch_size, env.topic, env.partition, env.offset
             )
-            out.append(Outcome(env, request.reply_topic or self.output_topic, value, model=model))
+            topic = (self.reply_topics and request.reply_topic) or self.output_topic
+            out.append(Outcome(env, topic, value, model=model))
         return out
 
     def dead_letter(self, env: Envelope, reason: str, error: str) -> Outcome:

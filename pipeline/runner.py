@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -99,12 +99,21 @@ class Pipeline:
         producer: Producer | None = None,
         metrics: Metrics | None = None,
         health: Health | None = None,
+        ranges: Mapping[tuple[str, int], tuple[int, int]] | None = None,
     ) -> None:
         self.topology = topology
         self.flow = topology.flow
         self.codec = codec or AvroCodec()
+        # A bounded run (a replay) serves [start, end) of each listed partition, assigned
+        # directly (no group membership), and stops by itself once all of it is delivered.
+        self.ranges = dict(ranges) if ranges is not None else None
+        self._finished: set[tuple[str, int]] = set()
+        self.range_begin: dict[tuple[str, int], int] = {}
         self.encoder = OutcomeEncoder(
-            self.codec, topology.topics.output, topology.topics.dead_letter
+            self.codec,
+            topology.topics.output,
+            topology.topics.dead_letter,
+            reply_topics=ranges is None,
         )
         self.metrics = metrics or Metrics()
         self.health = health or Health(topology.metrics.stale_after_s)
@@ -193,14 +202,17 @@ class Pipeline:
             runtime.start()
         self.health.models_loaded = True
         self.lag.start()
-        self.consumer.subscribe(
-            self.topology.topics.input,
-            on_assign=_weak(self._on_assign),
-            on_revoke=_weak(self._on_revoke),
-            on_lost=_weak(self._on_lost),
-        )
+        if self.ranges is None:
+            self.consumer.subscribe(
+                self.topology.topics.input,
+                on_assign=_weak(self._on_assign),
+                on_revoke=_weak(self._on_revoke),
+                on_lost=_weak(self._on_lost),
+            )
+        else:
+            self._assign_ranges(self.ranges)
         try:
-            while not stop.is_set() and self._fatal is None:
+            while not stop.is_set() and self._fatal is None and not self._range_served():
                 self._pull()
                 now = time.monotonic()
                 self._dispatch(now)
@@ -231,6 +243,9 @@ class Pipeline:
     def _accept(self, msg: Message, now: float) -> None:
         err = msg.error()
         if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF and self.ranges is not None:
+                self._finish((cast(str, msg.topic()), cast(int, msg.partition())))
+                return
             self._on_consume_error(err)
             return
         tp = (cast(str, msg.topic()), cast(int, msg.partition()))
@@ -238,6 +253,8 @@ class Pipeline:
         if generation is None:  # prefetched before a revoke: the new owner will serve it
             return
         offset = cast(int, msg.offset())
+        if self.ranges is not None and not self._in_range(tp, offset):
+            return
         value = msg.value()
         size = len(value) if value else 0
         timestamp_ms = msg.timestamp()[1]
@@ -358,7 +375,11 @@ class Pipeline:
         decision = self.backpressure.update(self.tracker.in_flight, self.tracker.in_flight_bytes)
         if decision is None:
             return
-        parts = [TopicPartition(t, p) for t, p in self.tracker.partitions()]
+        parts = [
+            TopicPartition(t, p)
+            for t, p in self.tracker.partitions()
+            if (t, p) not in self._finished
+        ]
         if decision:
             self.consumer.pause(parts)
             self.metrics.pauses.inc()
@@ -451,6 +472,53 @@ class Pipeline:
         if any(r.busy for r in self.runtimes.values()):
             wait = min(wait, 0.002)
         return wait
+
+    # -- bounded runs (replays) -----------------------------------------------------------
+
+    def _assign_ranges(self, ranges: Mapping[tuple[str, int], tuple[int, int]]) -> None:
+        """Assign each partition at its start, or where this group's last run stopped."""
+        listed = [TopicPartition(t, p) for t, p in ranges]
+        committed = {
+            (c.topic, c.partition): c.offset for c in self.consumer.committed(listed, timeout=30)
+        }
+        parts = []
+        for tp, (start, end) in ranges.items():
+            done = committed.get(tp, -1)
+            begin = done if start <= done <= end else start
+            self.range_begin[tp] = begin
+            self.tracker.assign(tp)
+            if begin >= end:
+                self._finished.add(tp)
+            else:
+                parts.append(TopicPartition(tp[0], tp[1], begin))
+        self.consumer.assign(parts)
+        self.health.assignment = len(parts)
+        self.assigned.set()
+        log.info("replaying %s", _names(parts))
+
+    def _in_range(self, tp: tuple[str, int], offset: int) -> bool:
+        """Whether to serve this record; the partition is finished at its range's end."""
+        assert self.ranges is not None
+        end = self.ranges[tp][1]
+        if offset >= end:
+            self._finish(tp)
+            return False
+        if offset == end - 1:
+            self._finish(tp)
+        return True
+
+    def _finish(self, tp: tuple[str, int]) -> None:
+        if tp not in self._finished:
+            self._finished.add(tp)
+            self.consumer.pause([TopicPartition(*tp)])
+
+    def _range_served(self) -> bool:
+        """A bounded run is over once every partition is read to its end and delivered."""
+        return (
+            self.ranges is not None
+            and len(self._finished) == len(self.ranges)
+            and self.tracker.in_flight == 0
+        )
 
     # -- rebalance ------------------------------------------------------------------------
 
