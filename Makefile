@@ -7,7 +7,7 @@ TOOLS  := $(VENV)/.deploy-tools
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-preprocess prometheus-tools ci clean
+.PHONY: help setup models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-preprocess bench-latency prometheus-tools ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ bench-backends: setup  ## model alone vs kp-pipeline per runtime and batch (writ
 
 bench-preprocess: setup  ## preprocessing per path (Pillow, DALI CPU), tokens/s, padding waste
 	$(BIN)/python -m load.preprocess
+
+bench-latency: setup  ## open-loop latency, tiny model at 2,000/s for 20 s, embedded (writes load/results/generator/)
+	$(BIN)/python -m load.generator load/topologies/tiny-mlp.yaml --embedded --rate 2000 --duration 20 --arrival poisson --seed 7 --out load/results/generator
 
 bench-backlog: setup  ## peak RSS against backlog size; the lag control loop on and off
 	$(BIN)/python -m load.backlog --sizes 50000,200000,1000000

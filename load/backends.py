@@ -204,7 +204,7 @@ def markdown(cells: list[Cell], n: int, m: dict[str, object]) -> str:
             )
     lines += [
         "",
-        report.machine_line(m),  # type: ignore[arg-type]
+        report.machine_line(m),
         "",
         "Model alone repeats one preloaded batch on one instance using every core; kp-pipeline "
         "(two instances × one thread) is timed from its first consumed record to its last "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from load import report
 from pipeline.app import open_topology
-from pipeline.broker import EmbeddedBroker
+from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.client import read_topic, tensor_request
 from pipeline.demo import BackgroundPipeline
 from pipeline.kafka import ensure_topics
@@ -78,13 +77,6 @@ class ControlRow:
     steady_rate: int
     steady_p50_ms: float
     steady_p99_ms: float
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -198,7 +198,7 @@ def _gpus() -> tuple[bool, bool]:
     try:
         from nvidia.dali import backend
 
-        dali = backend.GetCUDADeviceCount() > 0
+        dali = backend.GetCUDADeviceCount() > 0  # type: ignore[attr-defined]
     except Exception:  # not installed, or no driver
         dali = False
     try:

@@ -65,6 +65,7 @@ class ScenarioResult:
     title: str
     rows: list[Row] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)  # markdown lines after the tables
 
     def rate(self, variant: str) -> float:
         """The rate of the row named ``variant``."""
@@ -125,7 +126,7 @@ def table(sc: ScenarioResult) -> list[str]:
     for c in sc.checks:
         verdict = "PASS" if c.passed else "MISS"
         lines.append(f"| {c.name} | {c.measured:.2f}x | ≥ {c.wanted:g}x | {verdict} |")
-    return [*lines, ""]
+    return [*lines, "", *sc.extra]
 
 
 def markdown(scenarios: list[ScenarioResult], m: dict[str, Any]) -> str:

@@ -33,6 +33,8 @@ __all__ = [
     "BenchError",
     "Source",
     "Timing",
+    "faust_agent",
+    "kafka_round_trip",
     "kp_pipeline",
     "model_alone",
     "naive",
@@ -128,6 +130,60 @@ def kp_pipeline(
             before_stop()
     finally:
         served.stop()
+    assert stats.first_consumed is not None
+    assert stats.last_delivered is not None
+    note = f"{stats.dead_letters} dead letters" if stats.dead_letters else ""
+    return Timing(n, stats.last_delivered - stats.first_consumed, note)
+
+
+def faust_agent(opened: OpenTopology, bootstrap: str, n: int, timeout: float) -> Timing:
+    """The same job as a faust-streaming agent, through `pipeline.faust_adapter`.
+
+    What a Faust user would write: `load.faust_app.make_app` (Faust's defaults, plus the
+    6 s session Tansu's group joins need) and the adapter's agent, which takes batches
+    of the topology's size and delay (``noack_take``), runs them through the same
+    stages and model, and acks each batch once its outcomes are acknowledged. It reads
+    the topology's input in its own group and writes its own output and dead-letter
+    topics. Timed by the adapter's clocks: from the first record Faust consumed to the
+    last outcome the broker acknowledged.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from confluent_kafka.admin import AdminClient
+
+    from load.faust_app import FaustWorkerThread, make_app
+    from pipeline.faust_adapter import KpFaustModel, attach
+    from pipeline.kafka import ensure_topics
+
+    topics = opened.topology.topics
+    source = topics.input[0]
+    out = f"{source}.faust"
+    mine = topics.model_copy(update={"output": out, "dead_letter": f"{out}.dlq"})
+    ensure_topics(
+        AdminClient({"bootstrap.servers": bootstrap}), [mine.output, mine.dead_letter], 4, 1
+    )
+    topology = opened.topology.model_copy(update={"topics": mine})
+    with (
+        KpFaustModel.from_opened(OpenTopology(topology, opened.source, opened.base_dir)) as model,
+        tempfile.TemporaryDirectory() as datadir,
+    ):
+        app = make_app(f"{source}.faust", bootstrap, Path(datadir))
+        attach(app, model)
+        worker = FaustWorkerThread(app).start(timeout)
+        stats = model.stats
+        deadline = time.monotonic() + timeout
+        try:
+            while stats.results + stats.dead_letters < n:
+                if worker.crashed or worker.error is not None or time.monotonic() > deadline:
+                    raise BenchError(
+                        f"faust agent delivered {stats.results} results and "
+                        f"{stats.dead_letters} dead letters of {n} requests "
+                        f"(error: {worker.error!r})"
+                    )
+                time.sleep(0.01)
+        finally:
+            worker.stop()
     assert stats.first_consumed is not None
     assert stats.last_delivered is not None
     note = f"{stats.dead_letters} dead letters" if stats.dead_letters else ""
@@ -310,3 +366,64 @@ def _rows(requests: Sequence[Request]) -> list[Envelope]:
 
 def _feeds(graph: ModelGraph, batch: Batch) -> Feeds:
     return {name: np.asarray(batch.columns[name]) for name in graph.info.inputs}
+
+
+def kafka_round_trip(
+    bootstrap: str, topic: str, rate: float, seconds: float
+) -> tuple[float, float, float, float]:
+    """p50/p90/p99/p99.9 ms from produce() to a consumer reading the record, nothing between.
+
+    The broker's own floor for the latency check: open-loop sends at ``rate`` of a
+    300-byte record (the tiny request's size), read back by an assign()-based consumer
+    with ``fetch.wait.max.ms`` 5, the same clock on both ends.
+    """
+    import threading
+
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    from pipeline.kafka import ensure_topics
+
+    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic], 4, 1)
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "kp-floor", "fetch.wait.max.ms": 5,
+         "enable.auto.commit": False}
+    )  # fmt: skip
+    consumer.assign([TopicPartition(topic, p, -1) for p in range(4)])  # from the end
+    sent: dict[bytes, float] = {}
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            msg = consumer.poll(0.05)
+            if msg is not None and msg.error() is None:
+                at = sent.get(cast(bytes, msg.key()))
+                if at is not None:
+                    latencies.append((time.perf_counter() - at) * 1000.0)
+
+    reader = threading.Thread(target=read, name="floor-reader")
+    reader.start()
+    time.sleep(1.0)  # the reader's first fetch is in place
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+    rng = np.random.default_rng(7)
+    start, due = time.perf_counter(), 0.0
+    payload = b"x" * 300
+    for i in range(int(rate * seconds)):
+        due += float(rng.exponential(1.0 / rate))
+        pause = start + due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        key = str(i).encode()
+        sent[key] = time.perf_counter()
+        producer.produce(topic, payload, key)
+        producer.poll(0)
+    producer.flush(30)
+    deadline = time.monotonic() + 10
+    while len(latencies) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done.set()
+    reader.join()
+    consumer.close()
+    p = np.percentile(np.asarray(latencies or [0.0]), [50, 90, 99, 99.9])
+    return float(p[0]), float(p[1]), float(p[2]), float(p[3])
