@@ -3,17 +3,30 @@
     python -m load.bench [--scenario tiny|image|all]
 
 One embedded broker for the whole run. Per scenario the requests are produced once to an
-input topic; kp-pipeline, a naive consumer and a Kafka pass-through each read that topic
-with their own consumer group, then the model alone and (for images) preprocessing plus
-model run without Kafka. Prints a table per scenario with the ratios and the issue's
-targets, and writes load/results/latest.{json,md}. Figures vary by up to 1.5x on shared
-machines: compare only figures from the same run.
+input topic; kp-pipeline, a faust-streaming agent (`pipeline.faust_adapter`), a naive
+consumer and a Kafka pass-through each read that topic with their own consumer group,
+then the model alone and (for images) preprocessing plus model run without Kafka.
+
+Then latency: `kp-pipeline run` (its own process) serves fresh topics while the open-loop
+generator (`load.generator`, in this process) sends Poisson arrivals at half of the
+saturation rate just measured, and the p99 is checked against the issue's bound,
+max_delay + 2 × batch compute (the model alone's time per batch) + 10 ms; the Kafka
+round trip alone at the same rate is measured beside it as the broker's floor.
+
+Prints a table per scenario with the ratios and the issue's targets, and writes
+load/results/latest.{json,md}. Figures vary by up to 1.5x on shared machines: compare
+only figures from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +34,10 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka.admin import AdminClient
 
-from load import report, variants
+from load import generator, report, variants
 from load.report import Check, Row, ScenarioResult
 from pipeline.app import OpenTopology
-from pipeline.broker import EmbeddedBroker
+from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.client import image_request, produce_requests, tensor_request
 from pipeline.config import ModelSettings
 from pipeline.kafka import ensure_topics, producer_config
@@ -123,6 +136,10 @@ def run_scenario(plan: Plan, bootstrap: str) -> ScenarioResult:
         return row
 
     kp = add("kp-pipeline", variants.kp_pipeline(opened, bootstrap, n, TIMEOUT_S))
+    faust = add(
+        "faust-streaming agent: noack_take(max_batch, within=max_delay), kp adapter",
+        variants.faust_agent(opened, bootstrap, n, TIMEOUT_S),
+    )
     src = variants.Source(
         bootstrap,
         topic,
@@ -138,6 +155,16 @@ def run_scenario(plan: Plan, bootstrap: str) -> ScenarioResult:
         sc.checks.append(
             Check("kp-pipeline ÷ naive", kp.rate / naive.rate, 10.0 if plan.name == "tiny" else 1.0)
         )
+        sc.checks.append(
+            Check(
+                "kp-pipeline ÷ Faust agent",
+                kp.rate / faust.rate,
+                3.0 if plan.name == "tiny" else 1.0,
+            )
+        )
+        alone = next(r for r in sc.rows if r.variant.startswith("model alone"))
+        compute_ms = alone.seconds / (alone.requests / size) * 1000.0
+        sc.extra += latency_check(plan, opened, bootstrap, kp.rate / 2, compute_ms)
         if plan.name == "tiny":
             sc.checks.append(Check("kp-pipeline ÷ pass-through", kp.rate / passthrough.rate, 0.5))
         else:
@@ -158,6 +185,96 @@ def run_scenario(plan: Plan, bootstrap: str) -> ScenarioResult:
         graph.close()
     print("\n" + "\n".join(report.table(sc)), flush=True)
     return sc
+
+
+def latency_check(
+    plan: Plan, opened: OpenTopology, bootstrap: str, rate: float, compute_ms: float
+) -> list[str]:
+    """p99 at ``rate`` against the bound, with the broker's own round trip beside it."""
+    batching = opened.topology.models[0].batching
+    bound = batching.max_delay_ms + 2 * compute_ms + 10.0
+    seconds = 10.0 if plan.name == "tiny" else 30.0
+    print(
+        f"   latency: {rate:,.0f} req/s (half of saturation), Poisson, {seconds:.0f} s", flush=True
+    )
+    load = _latency_run(plan, bootstrap, rate, seconds)
+    floor = variants.kafka_round_trip(bootstrap, f"bench.{plan.name}.floor", rate, seconds / 2)
+    lat = {k: v if v is not None else float("nan") for k, v in load.latency_ms.items()}
+    verdict = "PASS" if lat["p99"] <= bound else "MISS"
+    return [
+        f"Latency at half of saturation ({load.rates['achieved']:,.0f} requests/s achieved, "
+        f"Poisson arrivals, {seconds:.0f} s, `kp-pipeline run` in its own process; client "
+        "time from produce() to the outcome read):",
+        "",
+        "| | p50 ms | p90 ms | p99 ms | p99.9 ms |",
+        "|---|---:|---:|---:|---:|",
+        f"| kp-pipeline, end to end | {lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} "
+        f"| {lat['p99.9']:.1f} |",
+        f"| Kafka round trip alone (produce → consume, same rate) | {floor[0]:.1f} | "
+        f"{floor[1]:.1f} | {floor[2]:.1f} | {floor[3]:.1f} |",
+        "",
+        f"Target: p99 ≤ max_delay ({batching.max_delay_ms:g} ms) + 2 × batch compute "
+        f"({compute_ms:.2f} ms, the model alone at batch {batching.max_batch_size}) + 10 ms "
+        f"= {bound:.1f} ms: measured {lat['p99']:.1f} ms, **{verdict}**.",
+        "",
+    ]
+
+
+def _latency_run(plan: Plan, bootstrap: str, rate: float, seconds: float) -> generator.LoadReport:
+    """`kp-pipeline run` on fresh topics in its own process; the generator in this one."""
+    tag = f"bench.{plan.name}.latency"
+    env = {
+        "KP_BOOTSTRAP": bootstrap,
+        "KP_GROUP": f"{tag}.kp",
+        "KP_INPUT": f"{tag}.requests",
+        "KP_OUTPUT": f"{tag}.results",
+        "KP_DLQ": f"{tag}.dead-letters",
+    }
+    text = plan.topology.read_text()
+    for literal, var in (("kp.requests", "KP_INPUT"), ("kp.results", "KP_OUTPUT")):
+        text = text.replace(f"[{literal}]", f"[{env[var]}]").replace(
+            f" {literal}\n", f" {env[var]}\n"
+        )
+    text = text.replace("dead_letter: kp.dead-letters", f"dead_letter: {env['KP_DLQ']}")
+    path = plan.topology.parent / f".latency-{plan.name}.yaml"  # beside it: relative paths hold
+    path.write_text(text)
+    topology = load_topology(path, env=env)
+    t = topology.topics
+    ensure_topics(
+        AdminClient({"bootstrap.servers": bootstrap}), [*t.input, t.output, t.dead_letter],
+        PARTITIONS, 1,
+    )  # fmt: skip
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(path), "--bootstrap", bootstrap,
+         "--metrics-port", str(port)],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/readyz", 120)
+        opened = OpenTopology(topology, str(path), path.parent)
+        config = generator.LoadConfig(
+            path, rate=rate, duration=seconds, arrival="poisson", bootstrap=bootstrap,
+            out=ROOT / "load" / "results" / f"latency-{plan.name}",
+        )  # fmt: skip
+        return generator.measure(config, opened, bootstrap, f"http://127.0.0.1:{port}/metrics")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+        path.unlink(missing_ok=True)
+
+
+def _wait_ready(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise variants.BenchError(f"{url} not ready within {timeout:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
