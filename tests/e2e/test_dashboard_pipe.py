@@ -61,7 +61,7 @@ THRESHOLD = re.compile(
 )
 LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
-BACKLOG = 5000  # served in ~3 s with max_in_flight 128: lag builds, partitions pause
+BACKLOG = 20_000  # seconds of work at max_in_flight 128: lag builds, partitions pause
 ROUNDS, PER_ROUND = 12, 250  # then a steady flow, every 0.5 s
 GARBAGE_PER_ROUND = 3
 
@@ -97,6 +97,12 @@ def scraped(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) ->
     # Small batches and a low in-flight ceiling: the backlog takes seconds to serve,
     # so Prometheus sees lag, pauses and full batches.
     topology = write_tiny_topology(tmp / "tiny.yaml", topics, batch=8, max_in_flight=128)
+    # Lag measured 5 times a second, so the 1 s scrapes cannot miss the backlog's lag.
+    text = topology.read_text()
+    assert "flow: {max_in_flight" in text
+    topology.write_text(
+        text.replace("flow: {max_in_flight", "flow: {lag_interval_ms: 200, max_in_flight")
+    )
 
     # Prometheus first: it needs ~5 s to run its first scrape, the pipeline ~3 s to join.
     port = free_port()
