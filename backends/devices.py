@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.errors import BackendError
 
-__all__ = ["PinnedBuffers", "is_device_array", "parse_device", "resolve_device"]
+__all__ = ["PinnedBuffers", "StreamOwner", "is_device_array", "parse_device", "resolve_device"]
 
 _DEVICE = re.compile(r"^(cpu|auto|cuda)(?::(\d+))?$")
 
@@ -56,6 +56,21 @@ def resolve_device(device: str, gpus: int | None, runtime: str) -> str:
 def is_device_array(x: Any) -> bool:
     """Whether ``x`` is a non-NumPy array that can be handed over through DLPack."""
     return not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__")
+
+
+class StreamOwner:
+    """A backend instance that may own a CUDA stream (``_stream``; None on a CPU).
+
+    The graph sets up this instance's preprocessing stages with ``stream``, so GPU
+    preprocessing queues on the same stream as the model.
+    """
+
+    _stream: Any = None
+
+    @property
+    def stream(self) -> Any:
+        """The instance's CUDA stream (``cuda_stream`` is its handle); None on a CPU."""
+        return self._stream
 
 
 class PinnedBuffers:

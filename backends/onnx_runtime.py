@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
-from backends.devices import is_device_array, resolve_device
+from backends.devices import StreamOwner, is_device_array, resolve_device
 from backends.options import StrictOptions, parse_options
 from pipeline.errors import BackendError
 from pipeline.tensors import TensorSpec, numpy_dtype
@@ -70,7 +70,7 @@ class OnnxRuntimeOptions(StrictOptions):
     tensorrt_cache_dir: str | None = None
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(StreamOwner):
     """One ``InferenceSession``: one model instance."""
 
     def __init__(self) -> None:
@@ -185,15 +185,6 @@ class OnnxRuntimeBackend:
         self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return dict(zip(self._outputs, binding.copy_outputs_to_cpu(), strict=True))
-
-    @property
-    def stream(self) -> Any:
-        """The CUDA stream of this instance (``cuda_stream`` is its handle); None on a CPU.
-
-        Preprocessing stages of this instance's batches are set up with it, so GPU
-        preprocessing queues on the same stream as the model.
-        """
-        return self._stream
 
     def unload(self) -> None:
         """Drop the session (and its stream)."""

@@ -38,7 +38,13 @@ import numpy as np
 from pydantic import Field
 
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
-from backends.devices import PinnedBuffers, is_device_array, parse_device, resolve_device
+from backends.devices import (
+    PinnedBuffers,
+    StreamOwner,
+    is_device_array,
+    parse_device,
+    resolve_device,
+)
 from backends.options import StrictOptions, parse_options
 from pipeline.errors import BackendError
 from pipeline.tensors import TensorSpec
@@ -206,7 +212,7 @@ def _import_tensorrt() -> Any:
     return tensorrt
 
 
-class TensorRTBackend:
+class TensorRTBackend(StreamOwner):
     """One engine, one execution context, one CUDA stream: one model instance."""
 
     def __init__(self) -> None:
@@ -363,15 +369,6 @@ class TensorRTBackend:
         finally:
             stream.synchronize()
         return {name: host.numpy() for name, host in results.items()}
-
-    @property
-    def stream(self) -> Any:
-        """The CUDA stream of this instance (``cuda_stream`` is its handle); None on a CPU.
-
-        Preprocessing stages of this instance's batches are set up with it, so GPU
-        preprocessing queues on the same stream as the model.
-        """
-        return self._stream
 
     def unload(self) -> None:
         """Release context before engine before runtime, then every buffer."""

@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import Field
 
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
-from backends.devices import PinnedBuffers, is_device_array, resolve_device
+from backends.devices import PinnedBuffers, StreamOwner, is_device_array, resolve_device
 from backends.options import (
     SIGNATURE_FILE,
     DeclaredTensor,
@@ -68,7 +68,7 @@ class TorchOptions(StrictOptions):
     outputs: list[DeclaredTensor] = Field(default_factory=list)
 
 
-class TorchBackend:
+class TorchBackend(StreamOwner):
     """One PyTorch module on one device (with its own CUDA stream there)."""
 
     def __init__(self) -> None:
@@ -134,15 +134,6 @@ class TorchBackend:
             pending = {name: self._to_pinned(name, t) for name, t in self._named(out).items()}
         self._stream.synchronize()
         return {name: t.numpy() for name, t in pending.items()}
-
-    @property
-    def stream(self) -> Any:
-        """The CUDA stream of this instance (``cuda_stream`` is its handle); None on a CPU.
-
-        Preprocessing stages of this instance's batches are set up with it, so GPU
-        preprocessing queues on the same stream as the model.
-        """
-        return self._stream
 
     def unload(self) -> None:
         """Drop the module, its stream and the pinned buffers."""

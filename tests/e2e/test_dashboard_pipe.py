@@ -376,6 +376,8 @@ def test_the_traffic_shows_in_prometheus(scraped: Scraped) -> None:
     # Every request was answered and counted once: results, dead letters by reason.
     good = scraped.expected["good"]
     assert _value(prom, f'sum(kp_results_total{{model="{MODEL}", status="OK"}})') == good
+    # Each result's end-to-end latency was observed once.
+    assert _value(prom, f'sum(kp_end_to_end_latency_seconds_count{{model="{MODEL}"}})') == good
     for reason in ("undecodable", "unknown_model", "bad_tensor"):
         got = _value(prom, f'sum(kp_dead_letters_total{{reason="{reason}"}})')
         assert got == scraped.expected[reason], reason

@@ -82,6 +82,7 @@ def test_known_photos_get_their_class(
         top1 = int(r.outputs["classes"][0])
         assert top1 in expected[r.id.split("-")[0]], (r.id, r.outputs["labels"].tolist())
         assert r.outputs["labels"].shape == (5,)
+        assert "input" not in r.outputs  # the preprocessed tensor is not published
         assert r.outputs["scores"][0] >= r.outputs["scores"][4]
         assert r.timings.compute_ms > 0
         assert r.timings.end_to_end_ms > 0

@@ -100,6 +100,9 @@ def test_every_embedding_equals_its_text_alone(
     worst = 0.0
     for r in results:
         text = texts[int(r.id[1:])]
+        # Only what postprocessing made: not the token tensors that fed the model, and
+        # not the token states that mean_pool consumed.
+        assert set(r.outputs) == {"embedding"}
         emb = r.outputs["embedding"]
         assert emb.shape == (384,)
         worst = max(worst, float(np.abs(emb - reference[text]).max()))

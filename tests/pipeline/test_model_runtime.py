@@ -186,6 +186,46 @@ def test_a_reply_topic_overrides_the_output_topic(serve: Any) -> None:
     assert (outcomes[0].topic, outcomes[1].topic) == ("mine", "results")
 
 
+def test_a_replay_ignores_reply_topics() -> None:
+    sink = Sink()
+    encoder = OutcomeEncoder(CODEC, "replayed", "dlq", reply_topics=False)
+    runtime = ModelRuntime(_graph([FakeBackend()]), encoder, sink.emit)
+    runtime.start()
+    try:
+        runtime.submit([_env(0, _jpeg(RED), reply_topic="live-reply")])
+        assert sink.wait_for(1)[0].topic == "replayed"
+    finally:
+        assert runtime.stop(5)
+
+
+def test_each_instance_preprocesses_with_its_own_stages(serve: Any) -> None:
+    class Marks(StageBase):
+        """Counts the rows it preprocessed."""
+
+        name = "marks"
+
+        def __init__(self) -> None:
+            self.rows = 0
+
+        def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+            return dict(inputs)
+
+        def process(self, batch: Batch) -> Batch:
+            self.rows += len(batch)
+            return batch
+
+    graph = _graph([FakeBackend(), FakeBackend()])
+    marks = [Marks(), Marks()]
+    graph.instance_preprocess = [[marks[i], *graph.preprocess] for i in range(2)]
+    runtime, sink = serve(graph)
+    for b in range(8):
+        runtime.submit([_env(b * 2 + i, _jpeg(RED)) for i in range(2)])
+    sink.wait_for(16)
+    stats = runtime.instance_stats()
+    assert [m.rows for m in marks] == [s.rows for s in stats]  # each its own instance's
+    assert all(m.rows > 0 for m in marks)
+
+
 def test_a_failing_inference_dead_letters_every_row_of_its_batch_only(serve: Any) -> None:
     runtime, sink = serve(_graph([FakeBackend(), FakeBackend()]))
     runtime.submit([_env(0, _jpeg(RED)), _env(1, _jpeg(BLACK)), _env(2, _jpeg(BLUE))])
