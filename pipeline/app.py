@@ -97,6 +97,7 @@ def serve(
     on_ready: Callable[[str, Pipeline], None] | None = None,
     metrics_port: int | None = None,
     ranges: Mapping[tuple[str, int], tuple[int, int]] | None = None,
+    replica_id: str | None = None,
 ) -> RunStats:
     """Check everything, then run one replica until ``stop`` is set.
 
@@ -124,6 +125,7 @@ def serve(
                     metrics=metrics,
                     health=health,
                     ranges=ranges,
+                    replica_id=replica_id,
                 )
                 pipeline.metrics_url = None if server is None else server.url
                 if on_ready is not None:

@@ -49,9 +49,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("serving %s → %s on %s", ",".join(t.input), t.output, address)
         if pipeline.metrics_url:
             log.info("metrics at %s (also /healthz, /readyz)", pipeline.metrics_url)
+        if pipeline.transactional_id:
+            log.info("exactly-once: transactional id %s", pipeline.transactional_id)
 
     stats = serve(
-        opened, stop, bootstrap=args.bootstrap, on_ready=on_ready, metrics_port=args.metrics_port
+        opened,
+        stop,
+        bootstrap=args.bootstrap,
+        on_ready=on_ready,
+        metrics_port=args.metrics_port,
+        replica_id=args.replica_id,
     )
     _echo(f"consumed {stats.consumed}, results {stats.results}, dead letters {stats.dead_letters}")
     return EXIT_OK
@@ -223,12 +230,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(open_topology(args.topology), args.requests, args.show, _echo)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line."""
-    p = argparse.ArgumentParser(prog="kp-pipeline", description="Serve ML models from Kafka.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_run_parser(sub: Any) -> None:
     run = sub.add_parser("run", help="serve a topology until SIGTERM/SIGINT")
     run.add_argument("topology", nargs="?", default="topology.yaml")
     run.add_argument("--bootstrap", help="use this cluster instead of the topology's")
@@ -237,7 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="serve /metrics, /healthz and /readyz here (default: the topology's metrics.port)",
     )
+    run.add_argument(
+        "--replica-id",
+        help="this replica's stable name, for its exactly-once transactional id "
+        "(default: $KP_REPLICA_ID, else the host name)",
+    )
     run.set_defaults(func=cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="kp-pipeline", description="Serve ML models from Kafka.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    _add_run_parser(sub)
 
     val = sub.add_parser("validate", help="check a topology and its models, consume nothing")
     val.add_argument("topology", nargs="?", default="topology.yaml")

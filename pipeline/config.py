@@ -82,6 +82,19 @@ class KafkaSettings(_Strict):
     producer: dict[str, KafkaValue] = Field(
         default_factory=dict, description="Extra librdkafka producer properties."
     )
+    transactional_id: str | None = Field(
+        None,
+        description="exactly_once: this replica's transactional id. Default "
+        "'<group_id>-<replica id>', the replica id from --replica-id, KP_REPLICA_ID or the "
+        "host name. It must be the same after a restart (a StatefulSet's pod name is), so "
+        "the restarted replica fences its zombie and aborts what it left open.",
+    )
+    transaction_timeout_ms: int = Field(
+        60_000,
+        ge=1000,
+        description="exactly_once: the broker aborts a transaction left open this long "
+        "(a replica that died and never came back).",
+    )
 
     @property
     def embedded(self) -> bool:
@@ -133,6 +146,13 @@ class FlowSettings(_Strict):
     drain_timeout_s: float = Field(30.0, gt=0)
     lag_interval_ms: int = Field(
         1000, ge=50, description="How often lag is measured and the batch control loop runs."
+    )
+    revoke_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="On a rebalance, how long in-flight work of revoked partitions may take "
+        "to finish and be committed before the partitions are let go; what is left is "
+        "served again by the new owner.",
     )
 
     @model_validator(mode="after")
@@ -300,7 +320,13 @@ class Topology(_Strict):
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings
-    delivery: Literal["at_least_once"] = "at_least_once"
+    delivery: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="at_least_once: an offset is committed after its outcome is "
+        "acknowledged; a crash repeats at most what was in flight. exactly_once: outcomes "
+        "and offsets are committed together in Kafka transactions; read_committed readers "
+        "see each outcome once.",
+    )
     flow: FlowSettings = FlowSettings()
     metrics: MetricsSettings = MetricsSettings()
     models: list[ModelSettings] = Field(min_length=1)

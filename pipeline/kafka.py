@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,7 +17,14 @@ from pipeline.broker import EMBEDDED_CLIENT_DEFAULTS
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerError
 
-__all__ = ["admin_config", "consumer_config", "ensure_topics", "producer_config"]
+__all__ = [
+    "admin_config",
+    "consumer_config",
+    "ensure_topics",
+    "producer_config",
+    "replica_id",
+    "transactional_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,12 @@ def consumer_config(settings: KafkaSettings, bootstrap: str, embedded: bool) -> 
             # with a backlog that much sits in memory whatever max_in_flight says. 16 MiB
             # still holds ~50k small requests or ~280 images of 57 KB ahead of the models.
             "queued.max.messages.kbytes": 16384,
+            # Incremental rebalances: a replica joining or leaving moves only the
+            # partitions that must move; the rest are served without a pause.
+            "partition.assignment.strategy": "cooperative-sticky",
+            # Requests produced in aborted transactions are never served (librdkafka's
+            # default too; stated because exactly-once depends on it).
+            "isolation.level": "read_committed",
         }
     )
     if embedded:
@@ -65,8 +81,15 @@ def consumer_config(settings: KafkaSettings, bootstrap: str, embedded: bool) -> 
     return conf
 
 
-def producer_config(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:
-    """Producer settings: idempotent, acks from all replicas, small linger for batching."""
+def producer_config(
+    settings: KafkaSettings, bootstrap: str, transactional: str | None = None
+) -> dict[str, Any]:
+    """Producer settings: idempotent, acks from all replicas, small linger for batching.
+
+    Idempotence is what lets the producer retry through a broker restart without writing
+    an outcome twice or out of order. ``transactional`` is the transactional id for
+    exactly-once delivery.
+    """
     conf = _common(settings, bootstrap)
     conf.update(
         {
@@ -77,8 +100,28 @@ def producer_config(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:
             "queue.buffering.max.messages": 1_000_000,
         }
     )
+    if transactional is not None:
+        conf["transactional.id"] = transactional
+        conf["transaction.timeout.ms"] = settings.transaction_timeout_ms
     conf.update(settings.producer)
     return conf
+
+
+def replica_id(given: str | None = None) -> str:
+    """The replica's stable name: ``given`` (--replica-id), $KP_REPLICA_ID, or the host name.
+
+    In Kubernetes the host name is the pod's name, which a StatefulSet keeps across
+    restarts (a Deployment's pods get new names, so their transactional ids change too).
+    """
+    return given or os.environ.get("KP_REPLICA_ID") or socket.gethostname()
+
+
+def transactional_id(settings: KafkaSettings, replica: str | None = None) -> str:
+    """The transactional id of this replica: configured, or ``<group_id>-<replica id>``."""
+    if settings.transactional_id:
+        return settings.transactional_id
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", replica_id(replica))
+    return f"{settings.group_id}-{name}"
 
 
 def admin_config(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:

@@ -2,15 +2,18 @@
 
 All Kafka I/O happens on the thread that calls `Pipeline.run`; models run on their own
 threads (`pipeline.model_runtime`) and hand back encoded outcomes. A record's offset is
-committed only after its outcome (result or dead letter) is acknowledged by the broker,
-and only once every earlier record of its partition is too (`pipeline.tracker`).
+committed only with or after its outcome (result or dead letter), and only once every
+earlier record of its partition has one too (`pipeline.tracker`); how outcomes and
+offsets reach Kafka, at least once or exactly once, is `pipeline.delivery`'s.
+
+Rebalances are cooperative (incremental): only the partitions that move are revoked, and
+their in-flight work is finished and committed, within ``flow.revoke_timeout_s``, before
+they go; the others keep being served throughout.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import json
 import logging
 import queue
@@ -28,10 +31,11 @@ from pipeline.backpressure import Backpressure
 from pipeline.batch_control import LagBatchControl
 from pipeline.batcher import Flushed, MicroBatcher
 from pipeline.config import Topology
+from pipeline.delivery import AtLeastOnce, Delivery, ExactlyOnce, Positions
 from pipeline.errors import BrokerError, RequestError
 from pipeline.graph import ModelGraph
 from pipeline.health import Health
-from pipeline.kafka import consumer_config, producer_config
+from pipeline.kafka import consumer_config, producer_config, transactional_id
 from pipeline.lag import LagMonitor
 from pipeline.messages import Envelope
 from pipeline.metrics import GpuSampler, Metrics
@@ -42,20 +46,6 @@ from pipeline.tracker import OffsetTracker
 from schemas.codec import AvroCodec
 
 __all__ = ["Pipeline", "RunStats"]
-
-# Broker answers that retrying the same bytes to the same topic will not change.
-_PERMANENT = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._UNKNOWN_TOPIC,
-        KafkaError.TOPIC_EXCEPTION,
-        KafkaError.INVALID_MSG_SIZE,
-    }
-)
 
 # Dead-letter reasons the engine itself gives; their series start at zero.
 _REASONS = (
@@ -100,6 +90,7 @@ class Pipeline:
         metrics: Metrics | None = None,
         health: Health | None = None,
         ranges: Mapping[tuple[str, int], tuple[int, int]] | None = None,
+        replica_id: str | None = None,
     ) -> None:
         self.topology = topology
         self.flow = topology.flow
@@ -123,10 +114,18 @@ class Pipeline:
             conf["stats_cb"] = _weak(self._on_stats)
             conf["error_cb"] = _weak(self._on_client_error)
             consumer = Consumer(conf)
+            self._cooperative = "cooperative" in str(conf.get("partition.assignment.strategy"))
         else:
+            self._cooperative = False
             self.health.broker_up = True  # a test double: nothing to watch
         self.consumer = consumer
-        self.producer = producer or Producer(producer_config(topology.kafka, bootstrap))
+        self.exactly_once = topology.delivery == "exactly_once"
+        self.transactional_id = (
+            transactional_id(topology.kafka, replica_id) if self.exactly_once else None
+        )
+        self.producer = producer or Producer(
+            producer_config(topology.kafka, bootstrap, self.transactional_id)
+        )
         self.tracker = OffsetTracker()
         self.backpressure = Backpressure(
             self.flow.max_in_flight,
@@ -140,7 +139,16 @@ class Pipeline:
         self._completed: queue.SimpleQueue[list[Outcome]] = queue.SimpleQueue()
         self._pending: list[Outcome] = []
         self._fatal: str | None = None
-        self._last_commit = time.monotonic()
+        kind = ExactlyOnce if self.exactly_once else AtLeastOnce
+        self.delivery: Delivery = kind(
+            self.producer,
+            self.consumer,
+            self.tracker,
+            self.encoder,
+            _weak(self._acknowledged),
+            _weak(self._committed),
+            self.flow.commit_interval_ms,
+        )
         self.router = Router(
             {m.name: ModelRoute(m.name, m.settings.version, m.inputs, m.bucketer) for m in graph}
         )
@@ -198,6 +206,7 @@ class Pipeline:
 
     def run(self, stop: threading.Event) -> RunStats:
         """Serve until ``stop`` is set, then drain and commit; raises on a fatal Kafka error."""
+        self.delivery.start()
         for runtime in self.runtimes.values():
             runtime.start()
         self.health.models_loaded = True
@@ -212,7 +221,7 @@ class Pipeline:
         else:
             self._assign_ranges(self.ranges)
         try:
-            while not stop.is_set() and self._fatal is None and not self._range_served():
+            while not stop.is_set() and self._failure() is None and not self._range_served():
                 self._pull()
                 now = time.monotonic()
                 self._dispatch(now)
@@ -224,9 +233,14 @@ class Pipeline:
                 self.health.beat()
         finally:
             self._shutdown()
-        if self._fatal is not None:
-            raise BrokerError(self._fatal)
+        failure = self._failure()
+        if failure is not None:
+            raise BrokerError(failure)
         return self.stats
+
+    def _failure(self) -> str | None:
+        """Why the pipeline must stop, if it must."""
+        return self._fatal or self.delivery.fatal
 
     def _pull(self) -> None:
         # Paused partitions return nothing; consuming anyway keeps the group protocol served.
@@ -291,84 +305,30 @@ class Pipeline:
         self.runtimes[model].submit(flushed.items)
 
     def _publish(self) -> None:
-        outcomes = self._pending
-        self._pending = []
+        outcomes = self._pending + self.delivery.pending
+        self._pending, self.delivery.pending = [], []
         while True:
             try:
                 outcomes.extend(self._completed.get_nowait())
             except queue.Empty:
                 break
-        for out in outcomes:
-            self._produce(out)
+        if outcomes:
+            self.delivery.publish(outcomes)
 
-    def _produce(self, out: Outcome) -> None:
-        env = out.envelope
-        callback = functools.partial(self._delivered, out)
-        while True:
-            try:
-                self.producer.produce(
-                    out.topic, out.value, env.key, headers=out.headers, on_delivery=callback
-                )
-                return
-            except BufferError:  # the producer's queue is full: let it drain
-                self.producer.poll(0.05)
-            except KafkaException as e:  # refused before sending (too large, bad topic)
-                self._undeliverable(out, e.args[0])
-                return
+    def _commit(self, force: bool) -> None:
+        self.delivery.commit(force)
 
-    def _delivered(self, out: Outcome, err: KafkaError | None, _: Message) -> None:
-        env = out.envelope
-        if err is not None:
-            self._undeliverable(out, err)
-            return
-        self.tracker.done((env.topic, env.partition), env.offset, env.generation, len(env.value))
+    def _acknowledged(self, out: Outcome) -> None:
+        """Count an outcome readers can now see."""
         if out.reason is not None:
             self.stats.dead_letters += 1
         else:
             self.stats.results += 1
-            self._latency[out.model].append(time.time() - env.timestamp_ms / 1000.0)
+            self._latency[out.model].append(time.time() - out.envelope.timestamp_ms / 1000.0)
         self._acked[(out.topic, out.model, out.reason, out.status)] += 1
         self.stats.last_delivered = time.monotonic()
 
-    def _undeliverable(self, out: Outcome, err: KafkaError) -> None:
-        """A result the broker refuses for good makes its request a dead letter instead.
-
-        A dead letter that is too large is sent again without the request's bytes. Any
-        other failure stops the pipeline: the record stays uncommitted and a restart serves
-        it again, rather than running on with a hole in the partition.
-        """
-        env = out.envelope
-        where = f"{env.topic}/{env.partition}@{env.offset}"
-        if err.code() not in _PERMANENT:
-            self._fatal = f"delivery to {out.topic} failed for {where}: {err}"
-        elif out.reason is None:
-            error = f"its result cannot be written to {out.topic}: {err.str()}"
-            self._pending.append(self.encoder.dead_letter(env, "undeliverable", error))
-        elif env.value:
-            trimmed = dataclasses.replace(env, value=b"")
-            error = f"{err.str()}; the request's bytes were dropped from this dead letter"
-            self._pending.append(self.encoder.dead_letter(trimmed, out.reason, error))
-        else:
-            self._fatal = f"dead letter for {where} cannot be written to {out.topic}: {err}"
-
-    def _commit(self, force: bool) -> None:
-        now = time.monotonic()
-        if not force and (now - self._last_commit) * 1000.0 < self.flow.commit_interval_ms:
-            return
-        self._last_commit = now
-        positions = self.tracker.committable()
-        if not positions:
-            return
-        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
-        try:
-            if force:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
-            else:
-                self.consumer.commit(offsets=offsets, asynchronous=True)
-        except Exception as e:  # a failed commit is retried with the next one
-            log.warning("commit failed (will retry): %s", e)
-            return
-        self.tracker.mark_committed(positions)
+    def _committed(self, positions: Positions) -> None:
         self.stats.committed.update(positions)
 
     def _apply_backpressure(self) -> None:
@@ -526,7 +486,10 @@ class Pipeline:
         for p in partitions:
             self.tracker.assign((p.topic, p.partition))
             self.metrics.consumed.labels(p.topic, str(p.partition))  # at zero from now on
-        consumer.assign(partitions)
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
         if self.backpressure.paused:
             consumer.pause(partitions)
         self.health.assignment = len(self.tracker.partitions())
@@ -534,17 +497,55 @@ class Pipeline:
         log.info("assigned %s", _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Deliver what can be delivered now, commit it, then let the partitions go.
-        self._publish()
-        self.producer.flush(5.0)
-        self._commit(force=True)
+        """Finish the revoked partitions' in-flight work, commit it, then let them go.
+
+        Bounded by ``flow.revoke_timeout_s``: the group waits for this callback, so a
+        slow model must not stall everyone's rebalance. What is left unfinished is served
+        again by the new owner, from the commit made here.
+        """
+        started = time.monotonic()
+        revoked = [(p.topic, p.partition) for p in partitions]
+        left = self._finish_work(started + self.flow.revoke_timeout_s, revoked)
         self._let_go(partitions)
-        consumer.unassign()
-        log.info("revoked %s", _names(partitions))
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
+        log.info(
+            "revoked %s after %.0f ms%s",
+            _names(partitions),
+            (time.monotonic() - started) * 1000.0,
+            f"; {left} requests left to the next owner" if left else "",
+        )
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.delivery.lost([(p.topic, p.partition) for p in partitions])
         self._let_go(partitions)
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
         log.warning("lost %s", _names(partitions))
+
+    def _finish_work(self, deadline: float, partitions: list[tuple[str, int]] | None) -> int:
+        """Run open batches, deliver and commit until ``partitions`` (None: all) owe nothing.
+
+        Returns how many of their records are still without a committed outcome.
+        """
+
+        def owed() -> int:
+            parts = self.tracker.partitions() if partitions is None else partitions
+            return sum(self.tracker.outstanding(tp) for tp in parts)
+
+        for name, batcher in self.batchers.items():
+            for flushed in batcher.drain():
+                self._submit(name, flushed)
+        while self._failure() is None and time.monotonic() < deadline and owed():
+            self._publish()
+            self.producer.poll(0.005)
+        self._publish()
+        remaining = self.delivery.settle(max(0.0, deadline - time.monotonic()))
+        if remaining:
+            log.warning("%d outcomes undelivered; they will be served again", remaining)
+        return owed()
 
     def _let_go(self, partitions: list[TopicPartition]) -> None:
         for p in partitions:
@@ -554,6 +555,7 @@ class Pipeline:
             for gauge in (self.metrics.lag, self.metrics.lag_seconds):
                 with contextlib.suppress(KeyError):  # never measured
                     gauge.remove(p.topic, str(p.partition))
+        self.delivery.forget([(p.topic, p.partition) for p in partitions])
         self.health.assignment = len(self.tracker.partitions())
 
     def _on_consume_error(self, err: KafkaError) -> None:
@@ -568,24 +570,8 @@ class Pipeline:
         """Stop pulling, finish in-flight work, deliver, commit, close."""
         self.health.stopping = True
         deadline = time.monotonic() + self.flow.drain_timeout_s
-        for name, batcher in self.batchers.items():
-            for flushed in batcher.drain():
-                self._submit(name, flushed)
-        while self._fatal is None and time.monotonic() < deadline:
-            self._publish()
-            self.producer.poll(0.01)
-            busy = any(r.busy for r in self.runtimes.values())
-            if not busy and not self._pending and self._completed.empty():
-                break
-        self._publish()
-        remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
-        while self._pending and self._fatal is None and time.monotonic() < deadline:
-            self._publish()  # dead letters for results refused during the flush
-            remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
-        if remaining:
-            log.warning("%d outcomes undelivered at shutdown; they will be served again", remaining)
-        if self._fatal is None:
-            self._commit(force=True)
+        if self._failure() is None:
+            self._finish_work(deadline, None)
         for runtime in self.runtimes.values():
             runtime.stop(timeout=max(0.1, deadline - time.monotonic()))
         self._flush_counts()

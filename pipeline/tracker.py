@@ -109,6 +109,11 @@ class OffsetTracker:
             part.position = first + 1
         return True
 
+    def outstanding(self, tp: TopicPartition) -> int:
+        """Records of ``tp`` consumed and not yet done."""
+        part = self._parts.get(tp)
+        return 0 if part is None else len(part.pending) - len(part.done)
+
     def oldest(self, tp: TopicPartition) -> tuple[int, int] | None:
         """Offset and record timestamp (ms) of the oldest record not yet served, if tracked."""
         part = self._parts.get(tp)

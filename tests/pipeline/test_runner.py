@@ -85,7 +85,7 @@ def test_a_result_too_large_to_send_becomes_a_dead_letter() -> None:
     assert (topic, letter.reason, letter.payload) == ("dlq", "undeliverable", b"small request")
     assert "cannot be written to out" in letter.error
     assert p.tracker.committable() == {("in", 0): 8}
-    assert p._fatal is None
+    assert p._failure() is None
 
 
 def test_a_dead_letter_too_large_is_sent_without_the_request_bytes() -> None:
@@ -117,8 +117,8 @@ def test_a_transient_failure_stops_without_committing() -> None:
     p = _pipeline(producer)
     p._pending.append(Outcome(_envelope(p, b"req"), "out", b"result"))
     _settle(p)
-    assert p._fatal is not None
-    assert "delivery to out failed for in/0@7" in p._fatal
+    assert p._failure() is not None
+    assert "delivery to out failed for in/0@7" in (p._failure() or "")
     assert p.tracker.committable() == {}
 
 

@@ -1,0 +1,376 @@
+"""Getting outcomes to Kafka and committing the offsets they answer, under two guarantees.
+
+**At-least-once** (`AtLeastOnce`): each outcome is produced as soon as it is ready; its
+record counts as done when the broker acknowledges it, and the consumer commits the
+contiguous done prefix of each partition (`pipeline.tracker`). A crash repeats what was in
+flight and what was acknowledged since the last commit, never less.
+
+**Exactly-once** (`ExactlyOnce`): consume-process-produce inside Kafka transactions, the
+way Kafka Streams' EOS v2 (KIP-447) does it. Outcomes are held until every earlier record
+of their partition has its outcome too, then produced into the open transaction in offset
+order; each commit interval the transaction gets the offsets of exactly that prefix
+(``send_offsets_to_transaction`` with the consumer's group metadata) and commits. So a
+transaction's outcomes and its offsets move together: after a crash, a ``read_committed``
+reader sees each outcome once, and the replica serves again exactly what the last
+committed transaction did not cover. Holding to the prefix is what makes that exact: an
+outcome committed ahead of its offset would be served, and published, twice.
+
+The transactional id is the replica's and stays the same across restarts: the restarted
+replica's ``init_transactions`` fences the old producer (a zombie that was only paused
+gets a fatal error on its next call and stops) and aborts whatever it left open. The
+group metadata sent with the offsets lets the broker refuse a commit from a member the
+group has already replaced.
+
+Both share what happens when the broker refuses an outcome for good (too large, topic
+gone): the request becomes a dead letter instead, see `Delivery.replacement`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from pipeline.outcomes import Outcome, OutcomeEncoder
+from pipeline.tracker import OffsetTracker
+
+__all__ = ["PERMANENT", "AtLeastOnce", "Delivery", "ExactlyOnce"]
+
+log = logging.getLogger(__name__)
+
+# Broker answers that retrying the same bytes to the same topic will not change.
+PERMANENT = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.INVALID_MSG_SIZE,
+    }
+)
+
+# A newer producer with our transactional id exists: we are the zombie.
+_FENCED = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
+
+Positions = dict[tuple[str, int], int]
+
+
+class Delivery:
+    """What both guarantees share: the clients, the tracker, and refused outcomes.
+
+    ``on_acked`` is called once per outcome that readers can now see (for counting);
+    ``on_committed`` with the positions committed. ``pending`` holds outcomes to publish
+    on the next turn (dead letters standing in for refused results); ``fatal`` is set
+    when the pipeline must stop, saying why.
+    """
+
+    def __init__(
+        self,
+        producer: Producer,
+        consumer: Consumer,
+        tracker: OffsetTracker,
+        encoder: OutcomeEncoder,
+        on_acked: Callable[[Outcome], None],
+        on_committed: Callable[[Positions], None],
+        commit_interval_ms: int,
+    ) -> None:
+        self.producer = producer
+        self.consumer = consumer
+        self.tracker = tracker
+        self.encoder = encoder
+        self.on_acked = on_acked
+        self.on_committed = on_committed
+        self.commit_interval_s = commit_interval_ms / 1000.0
+        self.pending: list[Outcome] = []
+        self.fatal: str | None = None
+        self._last_commit = time.monotonic()
+
+    def start(self) -> None:
+        """Anything to do with the cluster before the first record is consumed."""
+
+    def publish(self, outcomes: Iterable[Outcome]) -> None:
+        """Send outcomes on their way (or hold them, for exactly-once)."""
+        raise NotImplementedError
+
+    def commit(self, force: bool) -> None:
+        """Commit what is done, when the commit interval has passed or ``force``."""
+        raise NotImplementedError
+
+    def settle(self, timeout: float) -> int:
+        """Deliver and commit everything publishable; returns outcomes still undelivered."""
+        raise NotImplementedError
+
+    def lost(self, partitions: list[tuple[str, int]]) -> None:
+        """Partitions were taken without a chance to commit: drop what they owe."""
+
+    def forget(self, partitions: list[tuple[str, int]]) -> None:
+        """Partitions were let go after their last commit: drop anything kept for them."""
+
+    def _take_pending(self) -> list[Outcome]:
+        pending, self.pending = self.pending, []
+        return pending
+
+    def _due(self, force: bool) -> bool:
+        now = time.monotonic()
+        if not force and now - self._last_commit < self.commit_interval_s:
+            return False
+        self._last_commit = now
+        return True
+
+    def _produce(
+        self, out: Outcome, callback: Callable[[KafkaError | None, Message], None]
+    ) -> bool:
+        """Produce, waiting while the producer's queue is full; False if refused at once."""
+        while True:
+            try:
+                key, headers = out.envelope.key, out.headers
+                self.producer.produce(
+                    out.topic, out.value, key, headers=headers, on_delivery=callback
+                )
+                return True
+            except BufferError:  # the producer's queue is full: let it drain
+                self.producer.poll(0.05)
+            except KafkaException as e:  # refused before sending (too large, bad topic)
+                replacement = self.replacement(out, e.args[0])
+                if replacement is not None:
+                    self.pending.append(replacement)
+                return False
+
+    def replacement(self, out: Outcome, err: KafkaError) -> Outcome | None:
+        """The dead letter to send instead of an outcome the broker refused for good.
+
+        A result that cannot be written becomes an ``undeliverable`` dead letter; a dead
+        letter that is too large goes again without the request's bytes. Any other
+        failure sets ``fatal``: the record stays uncommitted and a restart serves it
+        again, rather than running on with a hole in the partition.
+        """
+        env = out.envelope
+        where = f"{env.topic}/{env.partition}@{env.offset}"
+        if err.code() not in PERMANENT:
+            self.fatal = self.fatal or f"delivery to {out.topic} failed for {where}: {err}"
+        elif out.reason is None:
+            error = f"its result cannot be written to {out.topic}: {err.str()}"
+            return self.encoder.dead_letter(env, "undeliverable", error)
+        elif env.value:
+            trimmed = dataclasses.replace(env, value=b"")
+            error = f"{err.str()}; the request's bytes were dropped from this dead letter"
+            return self.encoder.dead_letter(trimmed, out.reason, error)
+        else:
+            self.fatal = self.fatal or f"dead letter for {where} cannot be written: {err}"
+        return None
+
+
+class AtLeastOnce(Delivery):
+    """Produce at once; commit the consumer's offsets over what the broker acknowledged."""
+
+    def publish(self, outcomes: Iterable[Outcome]) -> None:
+        """Produce each one now; its record is done when the broker acknowledges it."""
+        for out in outcomes:
+            self._produce(out, functools.partial(self._delivered, out))
+
+    def _delivered(self, out: Outcome, err: KafkaError | None, _: Message) -> None:
+        if err is not None:
+            replacement = self.replacement(out, err)
+            if replacement is not None:
+                self.pending.append(replacement)
+            return
+        env = out.envelope
+        self.tracker.done((env.topic, env.partition), env.offset, env.generation, len(env.value))
+        self.on_acked(out)
+
+    def commit(self, force: bool) -> None:
+        """Commit the consumer's done prefixes: asynchronously, or synchronously if forced."""
+        if not self._due(force):
+            return
+        positions = self.tracker.committable()
+        if not positions:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+        try:
+            if force:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+        except Exception as e:  # a failed commit is retried with the next one
+            log.warning("commit failed (will retry): %s", e)
+            return
+        self.tracker.mark_committed(positions)
+        self.on_committed(positions)
+
+    def settle(self, timeout: float) -> int:
+        """Flush the producer (and stand-in dead letters), then commit synchronously."""
+        deadline = time.monotonic() + timeout
+        remaining = self.producer.flush(max(0.0, timeout))
+        while self.pending and self.fatal is None and time.monotonic() < deadline:
+            self.publish(self._take_pending())  # dead letters for results refused meanwhile
+            remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
+        if self.fatal is None:
+            self.commit(force=True)
+        return remaining
+
+
+class ExactlyOnce(Delivery):
+    """Outcomes and offsets committed together in one transaction per commit interval."""
+
+    def __init__(
+        self,
+        producer: Producer,
+        consumer: Consumer,
+        tracker: OffsetTracker,
+        encoder: OutcomeEncoder,
+        on_acked: Callable[[Outcome], None],
+        on_committed: Callable[[Positions], None],
+        commit_interval_ms: int,
+        timeout_s: float = 30.0,
+    ) -> None:
+        super().__init__(
+            producer, consumer, tracker, encoder, on_acked, on_committed, commit_interval_ms
+        )
+        self.timeout_s = timeout_s
+        # Outcomes waiting for an earlier record of their partition, by offset.
+        self._held: defaultdict[tuple[str, int], dict[int, Outcome]] = defaultdict(dict)
+        self._in_txn: list[Outcome] = []  # produced into the open transaction
+        self._refused: dict[int, KafkaError] = {}  # id(outcome) -> the broker's refusal
+        self._open = False
+        self.transactions = {"committed": 0, "aborted": 0}
+
+    def start(self) -> None:
+        """Fence an older producer with this transactional id; abort what it left open."""
+        self.producer.init_transactions(self.timeout_s)
+
+    def publish(self, outcomes: Iterable[Outcome]) -> None:
+        """Hold each one until its partition's earlier records have theirs, then produce."""
+        touched = set()
+        for out in outcomes:
+            env = out.envelope
+            tp = (env.topic, env.partition)
+            if self.tracker.generation(tp) != env.generation:
+                continue  # the partition moved on: its new owner serves the record
+            self._held[tp][env.offset] = out
+            touched.add(tp)
+        for tp in touched:
+            self._release(tp)
+
+    def _release(self, tp: tuple[str, int]) -> None:
+        """Produce the held outcomes that continue the partition's done prefix, in order."""
+        held = self._held[tp]
+        while held:
+            oldest = self.tracker.oldest(tp)
+            if oldest is None or oldest[0] not in held:
+                break
+            out = held.pop(oldest[0])
+            env = out.envelope
+            self._send(out)
+            self.tracker.done(tp, env.offset, env.generation, len(env.value))
+
+    def _send(self, out: Outcome) -> None:
+        if not self._open:
+            self.producer.begin_transaction()
+            self._open = True
+        if self._produce(out, functools.partial(self._delivered, out)):
+            self._in_txn.append(out)
+        else:
+            # Refused before sending: its stand-in goes in this transaction, in its place.
+            for replacement in self._take_pending():
+                self._send(replacement)
+
+    def _delivered(self, out: Outcome, err: KafkaError | None, _: Message) -> None:
+        if err is not None:
+            self._refused[id(out)] = err  # the commit will fail; the retry replaces it
+
+    def commit(self, force: bool) -> None:
+        """Send the done prefixes' offsets into the open transaction and commit it."""
+        if not self._open or not self._due(force):
+            return
+        positions = self.tracker.committable()
+        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+        try:
+            if offsets:
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.consumer_group_metadata(), self.timeout_s
+                )
+            self.producer.commit_transaction(self.timeout_s)
+        except KafkaException as e:
+            self._failed(e.args[0])
+            return
+        self._open = False
+        self.transactions["committed"] += 1
+        committed, self._in_txn = self._in_txn, []
+        for out in committed:
+            self.on_acked(out)
+        self.tracker.mark_committed(positions)
+        if positions:
+            self.on_committed(positions)
+
+    def _failed(self, err: KafkaError) -> None:
+        if err.fatal():
+            zombie = err.code() in _FENCED
+            self.fatal = self.fatal or f"transaction failed for good: {err.str()}" + (
+                " (a newer replica with this transactional id fenced this one)" if zombie else ""
+            )
+            return
+        if not err.txn_requires_abort():
+            log.warning("transaction commit failed (will retry): %s", err.str())
+            return
+        log.warning("transaction aborted (its outcomes go again): %s", err.str())
+        self._abort_and_redo()
+
+    def _abort_and_redo(self, drop: set[tuple[str, int]] | None = None) -> None:
+        """Abort the open transaction and produce its outcomes again in a new one.
+
+        Outcomes the broker refused for good are replaced by their dead letters; those of
+        partitions this replica no longer owns (or ``drop``) are left to the new owner.
+        """
+        try:
+            self.producer.abort_transaction(self.timeout_s)
+        except KafkaException as e:
+            err = e.args[0]
+            self.fatal = self.fatal or f"cannot abort the transaction: {err.str()}"
+            return
+        self._open = False
+        self.transactions["aborted"] += 1
+        redo, self._in_txn = self._in_txn, []
+        refused, self._refused = self._refused, {}
+        for out in redo:
+            env = out.envelope
+            tp = (env.topic, env.partition)
+            if (drop and tp in drop) or self.tracker.generation(tp) != env.generation:
+                continue
+            err = refused.get(id(out))
+            if err is None:
+                self._send(out)
+                continue
+            replacement = self.replacement(out, err)
+            if replacement is not None:
+                self._send(replacement)
+
+    def settle(self, timeout: float) -> int:
+        """Commit the open transaction, retrying until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self._open and self.fatal is None and time.monotonic() < deadline:
+            self.commit(force=True)
+        return len(self._in_txn)
+
+    def lost(self, partitions: list[tuple[str, int]]) -> None:
+        """Abort what the open transaction holds for them: the new owner serves it again."""
+        gone = set(partitions)
+        for tp in gone:
+            self._held.pop(tp, None)
+        owed = any((o.envelope.topic, o.envelope.partition) in gone for o in self._in_txn)
+        if self._open and owed:
+            self._abort_and_redo(drop=gone)
+
+    def forget(self, partitions: list[tuple[str, int]]) -> None:
+        """Drop outcomes still held for them (their records go to the next owner)."""
+        for tp in partitions:
+            self._held.pop(tp, None)
