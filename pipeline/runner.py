@@ -494,7 +494,8 @@ class Pipeline:
             consumer.pause(partitions)
         self.health.assignment = len(self.tracker.partitions())
         self.assigned.set()
-        log.info("assigned %s", _names(partitions))
+        if partitions:
+            log.info("assigned %s", _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Finish the revoked partitions' in-flight work, commit it, then let them go.

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.app import open_topology
 from pipeline.broker import EmbeddedBroker
@@ -42,8 +45,9 @@ class Topics:
 
 
 TINY_TOPOLOGY = """
-kafka: {{bootstrap_servers: embedded, group_id: {group}}}
+kafka: {{bootstrap_servers: embedded, group_id: {group}, consumer: {consumer}}}
 topics: {{input: [{input}], output: {output}, dead_letter: {dead_letter}, create: false}}
+delivery: {delivery}
 flow: {{max_in_flight: {max_in_flight}, commit_interval_ms: {commit_interval_ms}}}
 models:
   - name: tiny-mlp
@@ -51,7 +55,7 @@ models:
     artifact: {models}/tiny_mlp.onnx
     options: {{intra_op_threads: 1}}
     inputs: [{{name: x, datatype: FP32, shape: [64]}}]
-    batching: {{max_batch_size: {batch}, max_delay_ms: 5}}
+    batching: {{max_batch_size: {batch}, max_delay_ms: {delay_ms}}}
     postprocess:
       - {{stage: softmax, input: logits, output: probs}}
       - {{stage: topk, input: probs, k: 3}}
@@ -64,9 +68,16 @@ def write_tiny_topology(
     batch: int = 64,
     max_in_flight: int = 2048,
     commit_interval_ms: int = 200,
+    delivery: str = "at_least_once",
+    consumer: dict[str, Any] | None = None,
+    delay_ms: float = 5,
 ) -> Path:
+    """The tiny model's topology; ``consumer`` adds librdkafka consumer settings."""
     path.write_text(
         TINY_TOPOLOGY.format(
+            delivery=delivery,
+            consumer=json.dumps(consumer or {}),
+            delay_ms=delay_ms,
             group=topics.group,
             input=topics.input,
             output=topics.output,
@@ -85,10 +96,15 @@ def tiny_vectors(n: int, seed: int = 7) -> np.ndarray[Any, Any]:
 
 
 def produce_tiny(
-    broker: EmbeddedBroker, topic: str, vectors: np.ndarray[Any, Any], prefix: str = "r"
+    broker: Any,
+    topic: str,
+    vectors: np.ndarray[Any, Any],
+    prefix: str = "r",
+    first: int = 0,
 ) -> list[str]:
+    """Tiny-model requests with ids ``{prefix}-{first + i}``; returns the ids."""
     codec = AvroCodec()
-    ids = [f"{prefix}-{i}" for i in range(len(vectors))]
+    ids = [f"{prefix}-{first + i}" for i in range(len(vectors))]
     produce_requests(
         broker.bootstrap_servers,
         topic,
@@ -104,22 +120,29 @@ def read_all(broker: EmbeddedBroker, topic: str, count: int, timeout: float = 60
     return list(read_topic(broker.bootstrap_servers, topic, count=count, timeout=timeout))
 
 
-def end_offsets(broker: EmbeddedBroker, topic: str) -> dict[int, int]:
+def end_offsets(broker: Any, topic: str) -> dict[int, int]:
     """1 + the last offset of each partition, read from the records themselves.
 
     Tansu's ListOffsets high watermark is wrong (it advances per record batch), so the
     records are the reliable source.
     """
     ends: dict[int, int] = {}
-    for msg in read_topic(broker.bootstrap_servers, topic, timeout=30, idle=1.5):
+    settings = getattr(broker, "client_settings", {})
+    for msg in read_topic(broker.bootstrap_servers, topic, timeout=30, idle=1.5, extra=settings):
         ends[msg.partition()] = max(ends.get(msg.partition(), 0), msg.offset() + 1)
     return ends
 
 
-def committed_offsets(broker: EmbeddedBroker, group: str, topic: str) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": group})
+def committed_offsets(broker: Any, group: str, topic: str, partitions: int = 4) -> dict[int, int]:
+    c = Consumer(
+        {
+            "bootstrap.servers": broker.bootstrap_servers,
+            "group.id": group,
+            **getattr(broker, "client_settings", {}),
+        }
+    )
     try:
-        parts = [TopicPartition(topic, p) for p in range(4)]
+        parts = [TopicPartition(topic, p) for p in range(partitions)]
         return {tp.partition: tp.offset for tp in c.committed(parts, timeout=10)}
     finally:
         c.close()
@@ -166,3 +189,71 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class OutcomeCounter:
+    """Reads the output and dead-letter topics on a thread; counts outcomes per request id.
+
+    ``settings`` are extra librdkafka settings (a broker's client settings, and
+    ``isolation.level``: read_committed to see what a transactional reader sees).
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        partitions: int = 4,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        self.results: collections.Counter[str] = collections.Counter()
+        self.dead_letters: collections.Counter[str] = collections.Counter()
+        self.sources: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._stop = threading.Event()
+        self._codec = AvroCodec()
+        self._topics = topics
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "counter",
+                "enable.auto.commit": False,
+                **(settings or {}),
+            }
+        )
+        self._consumer.assign(
+            [
+                TopicPartition(t, p, OFFSET_BEGINNING)
+                for t in (topics.output, topics.dead_letter)
+                for p in range(partitions)
+            ]
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            for msg in self._consumer.consume(1000, 0.2):
+                if msg.error() is not None:
+                    continue
+                if msg.topic() == self._topics.output:
+                    result = self._codec.decode_result(msg.value())
+                    self.results[result.id] += 1
+                    self.sources[(result.partition, result.offset)] += 1
+                else:
+                    letter = self._codec.decode_dead_letter(msg.value())
+                    self.dead_letters[letter.id or f"{letter.partition}@{letter.offset}"] += 1
+                    self.sources[(letter.partition, letter.offset)] += 1
+        self._consumer.close()
+
+    @property
+    def ids(self) -> set[str]:
+        """Request ids with at least one outcome."""
+        return set(self.results) | set(self.dead_letters)
+
+    @property
+    def duplicates(self) -> int:
+        """Outcomes beyond the first of each request."""
+        return sum(self.results.values()) + sum(self.dead_letters.values()) - len(self.ids)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
