@@ -7,7 +7,7 @@ TOOLS  := $(VENV)/.deploy-tools
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-preprocess bench-latency prometheus-tools ci clean
+.PHONY: help setup models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-preprocess bench-latency bench-delivery prometheus-tools ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ bench-latency: setup  ## open-loop latency, tiny model at 2,000/s for 20 s, embe
 
 bench-backlog: setup  ## peak RSS against backlog size; the lag control loop on and off
 	$(BIN)/python -m load.backlog --sizes 50000,200000,1000000
+
+bench-delivery: setup  ## exactly-once against at-least-once throughput, and produce→visible latency
+	$(BIN)/python -m load.delivery
 
 ci: test  ## what .ci/run runs
 

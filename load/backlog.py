@@ -116,8 +116,10 @@ def produce_tiny(bootstrap: str, topic: str, n: int, prefix: str) -> None:
 
 
 def topology_for(tmp: Path, name: str, changes: dict[str, Any]) -> Path:
-    """The tiny topology with ``changes`` merged into its first model's batching."""
+    """The tiny topology with ``changes``: its model's batching, flow, and delivery."""
     doc = yaml.safe_load(TINY.read_text())
+    if "delivery" in changes:
+        doc["delivery"] = changes["delivery"]
     doc["models"][0]["artifact"] = str(ROOT / "models" / "tiny_mlp.onnx")
     doc["models"][0]["batching"].update(changes.get("batching", {}))
     doc["flow"].update(changes.get("flow", {}))
