@@ -8,6 +8,7 @@ built (`pipeline.graph`).
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,7 @@ __all__ = [
     "LagControlSettings",
     "MetricsSettings",
     "ModelSettings",
+    "RetrySettings",
     "SchemaRegistrySettings",
     "SecuritySettings",
     "StageSettings",
@@ -239,6 +241,84 @@ class BatchingSettings(_Strict):
         return self
 
 
+# Case-insensitive substrings of "ExceptionType: message" that mean the device ran out of
+# memory, as each backend words it. A bare "oom" would also match "room" or "zoom".
+DEFAULT_TRANSIENT = (
+    "out of memory",  # torch "CUDA out of memory. Tried to allocate", cudaErrorMemoryAllocation
+    "OutOfMemoryError",  # torch.OutOfMemoryError (torch.cuda.OutOfMemoryError)
+    "CUDA_ERROR_OUT_OF_MEMORY",  # the CUDA driver API (CuPy, Numba, TensorRT's log)
+    "cudaErrorMemoryAllocation",  # the CUDA runtime API, by name
+    "CUBLAS_STATUS_ALLOC_FAILED",  # cuBLAS could not allocate its workspace
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "ResourceExhausted",  # TensorFlow's ResourceExhaustedError
+    "Resource exhausted",  # TensorFlow's status text: "Resource exhausted: OOM when allocating"
+    "OOM when allocating",
+    "RESOURCE_EXHAUSTED",  # gRPC's status code (a remote Triton, say)
+    "Failed to allocate memory",  # onnxruntime's BFCArena: "... for requested buffer of size"
+    "MemoryError",  # Python's own, raised by NumPy: "Unable to allocate 3.00 GiB"
+)
+
+
+class RetrySettings(_Strict):
+    """What to do when running a batch fails: retry what is transient, isolate what is not.
+
+    A failure whose "ExceptionType: message" contains one of ``transient`` (any case) is
+    retried on the same instance, the same batch, up to ``max_attempts`` runs in all,
+    sleeping between runs a random time up to ``backoff_ms`` doubled per retry and capped
+    at ``max_backoff_ms`` ("full jitter", as AWS's backoff article and librdkafka do: the
+    instances that ran out of memory together do not retry together). Any other failure,
+    or a transient one that outlasts its attempts, is treated as poison: with
+    ``split_on_failure`` the batch is halved until the failing requests are alone (they
+    become ``inference_failed`` dead letters, every other request gets its result);
+    without it the whole batch becomes dead letters.
+    """
+
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Runs of a batch failing transiently, the first included."
+    )
+    backoff_ms: float = Field(50.0, ge=0, description="Ceiling of the first retry's delay.")
+    max_backoff_ms: float = Field(2000.0, ge=0, description="Ceiling of any retry's delay.")
+    transient: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TRANSIENT),
+        description='Case-insensitive substrings of "ExceptionType: message" that mark a '
+        "failure worth retrying (default: the backends' out-of-memory errors). Replaces "
+        "the default list; [] retries nothing.",
+    )
+    split_on_failure: bool = Field(
+        True, description="Halve a failing batch to isolate the requests that fail it."
+    )
+
+    @field_validator("transient")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        if any(not p.strip() for p in v):
+            raise ValueError("an empty pattern would match every error")
+        return v
+
+    @model_validator(mode="after")
+    def _ceiling(self) -> RetrySettings:
+        if self.max_backoff_ms < self.backoff_ms:
+            raise ValueError(
+                f"max_backoff_ms ({self.max_backoff_ms:g}) is below backoff_ms "
+                f"({self.backoff_ms:g})"
+            )
+        return self
+
+    def is_transient(self, error: str) -> bool:
+        """Whether ``error`` ("ExceptionType: message") is worth running again."""
+        text = error.casefold()
+        return any(p.casefold() in text for p in self.transient)
+
+    def backoff_s(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait after failed run ``attempt`` (1, 2, ...): "full jitter".
+
+        Uniform between 0 and ``backoff_ms`` doubled per earlier retry, capped at
+        ``max_backoff_ms``: instances that failed together spread their retries out.
+        """
+        ceiling = min(self.max_backoff_ms, self.backoff_ms * 2.0 ** min(attempt - 1, 30))
+        return rng.uniform(0.0, ceiling) / 1000.0
+
+
 class InputSettings(_Strict):
     """One tensor a request must carry: ``-1`` in ``shape`` means any size."""
 
@@ -293,6 +373,7 @@ class ModelSettings(_Strict):
     instances: int = Field(1, ge=1, le=64, description="Model copies, each its own thread.")
     inputs: list[InputSettings] = Field(min_length=1)
     batching: BatchingSettings = BatchingSettings()
+    retry: RetrySettings = RetrySettings()
     preprocess: list[StageSettings] = Field(default_factory=list)
     postprocess: list[StageSettings] = Field(default_factory=list)
     options: dict[str, Any] = Field(

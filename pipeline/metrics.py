@@ -41,6 +41,8 @@ kp_batch_max_size_requests           gauge      model (the lag control loop's cu
 kp_batch_max_delay_seconds           gauge      model (the control loop's current delay)
 kp_batch_adjustments_total           counter    model, direction (up, down)
 kp_padding_elements_total            counter    model, kind (real, padded)
+kp_batch_splits_total                counter    model (failing batches halved, poison hunt)
+kp_inference_retries_total           counter    model (re-runs after a transient error)
 kp_model_instances                   gauge      model, device
 kp_ready                             gauge      1 while /readyz answers 200
 kp_gpu_memory_used_bytes             gauge      device (only where a GPU is visible)
@@ -232,6 +234,18 @@ class Metrics:
             ["model", "kind"],
             registry=r,
         )
+        self.batch_splits = Counter(
+            "kp_batch_splits",
+            "Failing batches halved to isolate the requests that make them fail.",
+            ["model"],
+            registry=r,
+        )
+        self.inference_retries = Counter(
+            "kp_inference_retries",
+            "Runs of a batch repeated after a transient failure (out of memory).",
+            ["model"],
+            registry=r,
+        )
         self.instances = Gauge(
             "kp_model_instances",
             "Model instances loaded, by device.",
@@ -258,6 +272,8 @@ class Metrics:
         for kind in ("real", "padded"):
             self.padding.labels(model, kind)
         self.batch_size.labels(model)
+        self.batch_splits.labels(model)
+        self.inference_retries.labels(model)
         self.queue_time.labels(model)
         self.latency.declare(model)
         for i, device in enumerate(devices):

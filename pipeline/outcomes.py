@@ -1,7 +1,10 @@
 """Turning a request's fate into the bytes that go to Kafka: a result or a dead letter.
 
 Every consumed record ends as exactly one `Outcome`; the offset tracker counts a record
-done only when its outcome is acknowledged by the broker.
+done only when its outcome is acknowledged by the broker. A request that reached its
+model but was not run (its deadline had passed) gets a result too, with status EXPIRED:
+the client asked a question and is owed an answer on its reply topic, while a dead letter
+is for an operator.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.messages import DeadLetter, Envelope
+from pipeline.messages import DeadLetter, Envelope, Result, Status, Timings
 from schemas.codec import AvroCodec
 
 __all__ = ["Outcome", "OutcomeEncoder"]
@@ -83,6 +86,40 @@ class OutcomeEncoder:
             topic = (self.reply_topics and request.reply_topic) or self.output_topic
             out.append(Outcome(env, topic, value, model=model))
         return out
+
+    def expired(
+        self, env: Envelope, model: str, version: str, now_ms: float, started: float
+    ) -> Outcome:
+        """An EXPIRED result for a request whose ``deadline_ms`` had passed at ``now_ms``.
+
+        ``started`` is the monotonic time its batch reached preprocessing: the queue time
+        it spent. It carries no outputs and a batch size of 0 (no model ran it); the error
+        says by how much the deadline was missed.
+        """
+        request = env.request
+        assert request is not None
+        assert request.deadline_ms is not None
+        missed = now_ms - request.deadline_ms
+        result = Result(
+            id=request.id,
+            model=model,
+            model_version=version,
+            status=Status.EXPIRED,
+            outputs={},
+            timings=Timings(
+                queue_ms=max(0.0, (started - env.consumed_at) * 1000.0),
+                end_to_end_ms=now_ms - env.timestamp_ms,
+            ),
+            batch_size=0,
+            topic=env.topic,
+            partition=env.partition,
+            offset=env.offset,
+            error=f"deadline passed {missed:.0f} ms before preprocessing "
+            f"(deadline_ms {request.deadline_ms})",
+        )
+        topic = (self.reply_topics and request.reply_topic) or self.output_topic
+        value = self.codec.encode_result(result)
+        return Outcome(env, topic, value, model=model, status=Status.EXPIRED.value)
 
     def dead_letter(self, env: Envelope, reason: str, error: str) -> Outcome:
         """A dead letter with the original bytes; the reason also travels in headers."""

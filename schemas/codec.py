@@ -8,6 +8,7 @@ with any registered schema that resolves to ours, so the writer schema is looked
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Mapping
@@ -143,6 +144,30 @@ class AvroCodec:
         return writer
 
     # -- results --------------------------------------------------------------------------
+
+    def encode_result(self, result: Result) -> bytes:
+        """Avro bytes of any result, through fastavro.
+
+        OK results of a batch take the fast path (`result_batch`); this one serves the
+        rare ones that never ran (EXPIRED) and tests.
+        """
+        record = {
+            "id": result.id,
+            "model": result.model,
+            "model_version": result.model_version,
+            "status": result.status.value,
+            "outputs": [_tensor_record(name, arr) for name, arr in result.outputs.items()],
+            "error": result.error,
+            "timings": dataclasses.asdict(result.timings),
+            "batch_size": result.batch_size,
+            "source": {
+                "topic": result.topic,
+                "partition": result.partition,
+                "offset": result.offset,
+            },
+        }
+        payload = self._write(self.result_schema, record)
+        return payload if self._result_id is None else frame(self._result_id, payload)
 
     def decode_result(self, data: bytes) -> Result:
         """Decode a result (the `results` command and tests use this)."""

@@ -112,7 +112,7 @@ def test_good_topology_and_defaults() -> None:
             "flow: {max_in_flight: 10, resume_below: 11}\nkafka:",
             "resume_below (11) must be below max_in_flight (10)",
         ),
-        ("kafka:", "delivery: exactly_once\nkafka:", "topo.yaml: delivery: Input should be"),
+        ("kafka:", "delivery: exactly_twice\nkafka:", "topo.yaml: delivery: Input should be"),
     ],
 )
 def test_errors_name_the_file_and_the_field(old: str, new: str, message: str) -> None:

@@ -1,22 +1,39 @@
-"""ModelRuntime with real stages and an in-memory backend: every row ends as one outcome."""
+"""ModelRuntime with real stages and an in-memory backend: every row ends as one outcome.
+
+Failing runs: transient errors are retried, poison requests are isolated by halving and
+become dead letters alone; expired requests get EXPIRED results and never run.
+"""
 
 from __future__ import annotations
 
 import io
+import math
+import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
+from prometheus_client import generate_latest
 
 from backends.base import ModelInfo, ModelSpec
-from pipeline.config import ModelSettings
+from pipeline.config import ModelSettings, RetrySettings
 from pipeline.graph import ModelGraph
-from pipeline.messages import Envelope, Request
-from pipeline.model_runtime import DEPTH, ModelRuntime
+from pipeline.messages import Envelope, Request, Status
+from pipeline.metrics import Metrics
+from pipeline.model_runtime import (
+    DEPTH,
+    ISOLATE,
+    ModelRuntime,
+    Prepared,
+    halve,
+    isolation_budget,
+)
 from pipeline.outcomes import Outcome, OutcomeEncoder
 from pipeline.tensors import TensorSpec
 from schemas.codec import AvroCodec
@@ -40,7 +57,10 @@ RED, GREEN, BLUE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0)
 
 
 class FakeBackend:
-    """Per-channel mean brightness as logits; refuses any batch holding a black image."""
+    """Per-channel mean brightness as logits; refuses any batch holding a black image.
+
+    The refusal reads like an out-of-memory error, so it is retried before it is isolated.
+    """
 
     def __init__(self) -> None:
         self.batches: list[int] = []
@@ -105,8 +125,14 @@ def _env(offset: int, image: bytes, reply_topic: str | None = None) -> Envelope:
     )
 
 
+FAST_RETRY = {"backoff_ms": 1}  # the default's 50 ms jittered backoff, shortened
+
+
 def _graph(
-    backends: list[Any], pre: list[Stage] | None = None, post: list[Stage] | None = None
+    backends: list[Any],
+    pre: list[Stage] | None = None,
+    post: list[Stage] | None = None,
+    retry: Mapping[str, Any] = FAST_RETRY,
 ) -> ModelGraph:
     settings = ModelSettings(
         name="m",
@@ -115,6 +141,7 @@ def _graph(
         artifact="unused.onnx",
         instances=len(backends),
         inputs=[{"name": "image", "datatype": "BYTES", "shape": [1]}],
+        retry=retry,
     )
     if pre is None:
         pre = [
@@ -226,8 +253,43 @@ def test_each_instance_preprocesses_with_its_own_stages(serve: Any) -> None:
     assert all(m.rows > 0 for m in marks)
 
 
-def test_a_failing_inference_dead_letters_every_row_of_its_batch_only(serve: Any) -> None:
-    runtime, sink = serve(_graph([FakeBackend(), FakeBackend()]))
+def test_a_failing_row_is_isolated_and_the_rest_of_its_batch_is_served(serve: Any) -> None:
+    backend = FakeBackend()
+    runtime, sink = serve(_graph([backend]))
+    runtime.submit([_env(0, _jpeg(RED)), _env(1, _jpeg(BLACK)), _env(2, _jpeg(BLUE))])
+    runtime.submit([_env(3, _jpeg(GREEN))])
+    outcomes = sink.wait_for(4)
+    _wait_idle(runtime)
+    # 3 attempts (the error looks transient), then [0] ok, [1, 2] fails, [1] fails, [2] ok.
+    assert backend.batches == [3, 3, 3, 1, 2, 1, 1, 1]
+    assert {o: outcomes[o].reason for o in outcomes} == {
+        0: None,
+        1: "inference_failed",
+        2: None,
+        3: None,
+    }
+    out = outcomes[1]
+    assert out.topic == "dlq"
+    letter = CODEC.decode_dead_letter(out.value)
+    assert (letter.reason, letter.id, letter.model) == ("inference_failed", "r1", "m")
+    assert letter.error == "RuntimeError: CUDA out of memory (pretend)"
+    assert (letter.topic, letter.partition, letter.offset) == ("in", 2, 1)
+    assert letter.payload == b"raw-1"
+    assert dict(out.headers or [])["kp.reason"] == b"inference_failed"
+    for offset, cls in ((0, 0), (2, 2), (3, 1)):
+        result = CODEC.decode_result(outcomes[offset].value)
+        assert result.outputs["classes"].tolist() == [cls]
+        assert result.batch_size == 1  # the size of the run that served it
+    m = runtime.metrics
+    assert m.batch_splits.labels("m")._value.get() == 2
+    assert m.inference_retries.labels("m")._value.get() == 2
+    assert runtime.instance_stats()[0].batches == 2  # batches dispatched, not runs
+
+
+def test_without_split_on_failure_a_failing_batch_is_dead_letters_whole(serve: Any) -> None:
+    retry = {"split_on_failure": False, "transient": []}
+    backend = FakeBackend()
+    runtime, sink = serve(_graph([backend, FakeBackend()], retry=retry))
     runtime.submit([_env(0, _jpeg(RED)), _env(1, _jpeg(BLACK)), _env(2, _jpeg(BLUE))])
     runtime.submit([_env(3, _jpeg(GREEN))])
     outcomes = sink.wait_for(4)
@@ -239,15 +301,11 @@ def test_a_failing_inference_dead_letters_every_row_of_its_batch_only(serve: Any
         3: None,
     }
     for offset in (0, 1, 2):
-        out = outcomes[offset]
-        assert out.topic == "dlq"
-        letter = CODEC.decode_dead_letter(out.value)
-        assert (letter.reason, letter.id, letter.model) == ("inference_failed", f"r{offset}", "m")
+        letter = CODEC.decode_dead_letter(outcomes[offset].value)
         assert letter.error == "RuntimeError: CUDA out of memory (pretend)"
-        assert (letter.topic, letter.partition, letter.offset) == ("in", 2, offset)
         assert letter.payload == b"raw-%d" % offset
-        assert dict(out.headers or [])["kp.reason"] == b"inference_failed"
-    assert CODEC.decode_result(outcomes[3].value).outputs["classes"].tolist() == [1]
+    assert backend.batches == [3]  # no retry ([] transient), no split
+    assert runtime.metrics.batch_splits.labels("m")._value.get() == 0
 
 
 def test_corrupt_images_become_dead_letters_and_the_rest_are_served(serve: Any) -> None:
@@ -429,3 +487,294 @@ def test_batch_size_is_the_rows_the_model_ran_when_postprocess_rejects(serve: An
     assert backend.batches == [4]
     assert outcomes[0].reason == "low_confidence"
     assert [CODEC.decode_result(outcomes[i].value).batch_size for i in (1, 2, 3)] == [4, 4, 4]
+
+
+# -- failing runs on numbers: poison isolation, transient retries, deadlines --------------
+
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.77 GiB total capacity)"
+
+
+class Doubler:
+    """``y = 2x`` on rows of two floats; a row whose x[0] < 0 is poison.
+
+    A batch holding poison fails like onnxruntime's Gather on an id out of range: the
+    whole run raises, naming the first bad value. ``oom`` decides, from the batch size and
+    the number of the call, whether the run first fails for lack of memory.
+    """
+
+    def __init__(self, oom: Callable[[int, int], bool] | None = None) -> None:
+        self.batches: list[int] = []
+        self.served: list[int] = []  # sizes of the runs that succeeded
+        self.oom = oom
+
+    def load(self, spec: ModelSpec, device: str) -> ModelInfo:
+        return ModelInfo({"x": TensorSpec("FP32", (2,))}, {"y": TensorSpec("FP32", (2,))})
+
+    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = batch["x"]
+        self.batches.append(len(x))
+        if self.oom is not None and self.oom(len(x), len(self.batches)):
+            raise RuntimeError(OOM)
+        bad = x[:, 0][x[:, 0] < 0]
+        if bad.size:
+            raise ValueError(f"indices element out of data bounds, idx={int(bad[0])}")
+        self.served.append(len(x))
+        return {"y": x * 2}
+
+    def unload(self) -> None:
+        pass
+
+
+def _numbers(backend: Doubler, **retry: Any) -> ModelGraph:
+    settings = ModelSettings(
+        name="m",
+        version="3",
+        backend="fake",
+        artifact="unused.onnx",
+        inputs=[{"name": "x", "datatype": "FP32", "shape": [2]}],
+        retry={"backoff_ms": 0, "max_backoff_ms": 0, **retry},
+    )
+    info = backend.load(ModelSpec("m", settings.artifact), "cpu")
+    return ModelGraph(
+        settings, [], [], [backend], info, dict(info.inputs), dict(info.outputs), ["cpu"]
+    )
+
+
+def _row(offset: int, poison: bool = False, deadline_ms: int | None = None) -> Envelope:
+    x = np.array([-(offset + 1) if poison else offset, 0.5], np.float32)
+    return Envelope(
+        topic="in",
+        partition=0,
+        offset=offset,
+        key=None,
+        value=b"raw-%d" % offset,
+        timestamp_ms=int(time.time() * 1000),
+        consumed_at=time.monotonic(),
+        request=Request(f"r{offset}", "m", {"x": x}, deadline_ms=deadline_ms),
+    )
+
+
+class _TopOfRange(random.Random):
+    """Jitter that always draws the longest wait."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def _serve_once(
+    graph: ModelGraph, rows: list[Envelope], top_jitter: bool = False
+) -> tuple[ModelRuntime, dict[int, Outcome]]:
+    sink = Sink()
+    metrics = Metrics()
+    metrics.declare_model("m", ["cpu"])  # as the runner does
+    runtime = ModelRuntime(graph, OutcomeEncoder(CODEC, "results", "dlq"), sink.emit, metrics)
+    if top_jitter:
+        runtime._rng = _TopOfRange()
+    runtime.start()
+    try:
+        runtime.submit(rows)
+        outcomes = sink.wait_for(len(rows))
+        _wait_idle(runtime)
+    finally:
+        assert runtime.stop(5)
+    return runtime, outcomes
+
+
+def _count(runtime: ModelRuntime, name: str, **labels: str) -> float:
+    value = runtime.metrics.registry.get_sample_value(name, {"model": "m", **labels})
+    assert value is not None, name
+    return value
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_poison_rows_alone_become_dead_letters_and_every_other_row_its_result(
+    data: st.DataObject,
+) -> None:
+    n = data.draw(st.integers(1, 96), label="n")
+    poison = data.draw(st.sets(st.integers(0, n - 1), max_size=min(n, ISOLATE)), label="poison")
+    backend = Doubler()
+    runtime, outcomes = _serve_once(_numbers(backend), [_row(i, i in poison) for i in range(n)])
+    for offset, out in outcomes.items():
+        if offset in poison:
+            assert (out.topic, out.reason) == ("dlq", "inference_failed")
+            letter = CODEC.decode_dead_letter(out.value)
+            want = f"ValueError: indices element out of data bounds, idx={-(offset + 1)}"
+            assert letter.error == want
+            continue
+        assert (out.topic, out.reason, out.status) == ("results", None, "OK")
+        result = CODEC.decode_result(out.value)
+        np.testing.assert_array_equal(result.outputs["y"], [2 * offset, 1.0])
+        assert result.batch_size in backend.served  # the size of the run that served it
+    # Every good row ran successfully exactly once; the hunt stays within ~2·k·log2(n).
+    assert sum(backend.served) == n - len(poison)
+    depth = math.ceil(math.log2(n)) if n > 1 else 0
+    splits = _count(runtime, "kp_batch_splits_total")
+    assert splits <= len(poison) * depth
+    assert len(backend.batches) == 1 + 2 * splits
+    if not poison:
+        assert backend.batches == [n]
+    elif n > 1 and len(poison) == 1:
+        assert splits == depth or splits == depth - 1  # halves of odd sizes differ by one
+    assert _count(runtime, "kp_inference_retries_total") == 0  # not a transient error
+    # One compute observation per successful run, on instance 0.
+    assert _count(runtime, "kp_compute_seconds_count", model_instance="0") == len(backend.served)
+
+
+@pytest.mark.parametrize("n", [64, 256])
+def test_a_model_failing_every_row_costs_a_bounded_number_of_runs(n: int) -> None:
+    backend = Doubler()
+    _, outcomes = _serve_once(_numbers(backend), [_row(i, True) for i in range(n)])
+    assert {o.reason for o in outcomes.values()} == {"inference_failed"}
+    budget = isolation_budget(n)
+    assert budget < 2 * n - 1  # a full hunt would run every node of the halving tree
+    depth = math.ceil(math.log2(n))
+    assert len(backend.batches) <= 1 + budget + depth + 1
+    assert backend.served == []
+
+
+def test_a_transient_error_is_retried_on_the_same_batch_without_splitting() -> None:
+    backend = Doubler(oom=lambda size, call: call <= 2)  # fails twice, then runs
+    graph = _numbers(backend, backoff_ms=1, max_backoff_ms=4)
+    runtime, outcomes = _serve_once(graph, [_row(i) for i in range(8)])
+    assert backend.batches == [8, 8, 8]
+    assert all(o.reason is None for o in outcomes.values())
+    assert {CODEC.decode_result(o.value).batch_size for o in outcomes.values()} == {8}
+    assert _count(runtime, "kp_inference_retries_total") == 2
+    assert _count(runtime, "kp_batch_splits_total") == 0
+
+
+def test_a_transient_error_that_persists_uses_its_attempts_then_splits() -> None:
+    backend = Doubler(oom=lambda size, call: size > 2)  # only two rows fit in "memory"
+    runtime, outcomes = _serve_once(_numbers(backend), [_row(i) for i in range(8)])
+    assert backend.batches == [8, 8, 8, 4, 2, 2, 4, 2, 2]  # halves are not retried
+    assert all(o.reason is None for o in outcomes.values())
+    assert {CODEC.decode_result(o.value).batch_size for o in outcomes.values()} == {2}
+    assert _count(runtime, "kp_inference_retries_total") == 2
+    assert _count(runtime, "kp_batch_splits_total") == 3
+
+
+def test_a_transient_error_alone_in_its_row_ends_as_a_dead_letter_naming_it() -> None:
+    backend = Doubler(oom=lambda size, call: True)
+    _, outcomes = _serve_once(_numbers(backend, max_attempts=2), [_row(0), _row(1)])
+    assert backend.batches == [2, 2, 1, 1]
+    for out in outcomes.values():
+        assert CODEC.decode_dead_letter(out.value).error == f"RuntimeError: {OOM}"
+
+
+def test_without_split_on_failure_attempts_are_used_then_the_batch_is_dead_letters() -> None:
+    backend = Doubler(oom=lambda size, call: True)
+    runtime, outcomes = _serve_once(
+        _numbers(backend, split_on_failure=False), [_row(i) for i in range(4)]
+    )
+    assert backend.batches == [4, 4, 4]
+    assert {o.reason for o in outcomes.values()} == {"inference_failed"}
+    assert _count(runtime, "kp_batch_splits_total") == 0
+
+
+def test_one_attempt_means_no_retry_and_an_unlisted_error_is_not_transient() -> None:
+    once = Doubler(oom=lambda size, call: call == 1)
+    _serve_once(_numbers(once, max_attempts=1), [_row(i) for i in range(4)])
+    assert once.batches == [4, 2, 2]  # split at once, and the halves run
+    unlisted = Doubler(oom=lambda size, call: call == 1)
+    _serve_once(_numbers(unlisted, transient=["ResourceExhausted"]), [_row(i) for i in range(4)])
+    assert unlisted.batches == [4, 2, 2]
+
+
+def test_backoff_sleeps_are_not_counted_as_busy_time() -> None:
+    backend = Doubler(oom=lambda size, call: call <= 2)
+    graph = _numbers(backend, backoff_ms=100, max_backoff_ms=150)
+    start = time.monotonic()
+    runtime, _ = _serve_once(graph, [_row(0)], top_jitter=True)
+    assert time.monotonic() - start >= 0.25  # slept 100 ms, then min(200, 150) ms
+    assert backend.batches == [1, 1, 1]
+    assert runtime.instance_stats()[0].busy_s < 0.1
+
+
+@given(
+    attempt=st.integers(1, 20),
+    backoff=st.floats(0, 5000),
+    ceiling=st.floats(0, 60000),
+    seed=st.integers(0, 2**32),
+)
+def test_backoff_is_full_jitter_under_an_exponential_capped_ceiling(
+    attempt: int, backoff: float, ceiling: float, seed: int
+) -> None:
+    retry = RetrySettings(backoff_ms=backoff, max_backoff_ms=max(backoff, ceiling))
+    delay = retry.backoff_s(attempt, random.Random(seed))
+    assert 0 <= delay <= min(retry.max_backoff_ms, backoff * 2 ** (attempt - 1)) / 1000.0
+
+
+def test_backoff_spreads_over_its_whole_range() -> None:
+    retry = RetrySettings(backoff_ms=100, max_backoff_ms=250)
+    rng = random.Random(1)
+    third = [retry.backoff_s(3, rng) for _ in range(2000)]  # ceiling min(400, 250) ms
+    assert max(third) <= 0.25
+    assert min(third) < 0.01  # full jitter: from ~0...
+    assert max(third) > 0.24  # ...to the ceiling
+
+
+def test_halving_cuts_rows_and_every_column_on_axis_zero() -> None:
+    rows = [_row(i) for i in range(5)]
+    columns: dict[str, Any] = {
+        "x": np.arange(10).reshape(5, 2),
+        "names": ["a", "b", "c", "d", "e"],  # a column of items of different shapes
+    }
+    left, right = halve(Prepared(Batch(rows, columns), 1.0, 2.0, []))
+    assert [r.offset for r in left.batch.rows] == [0, 1]
+    assert [r.offset for r in right.batch.rows] == [2, 3, 4]
+    x_left, x_right = left.batch.columns["x"], right.batch.columns["x"]
+    assert isinstance(x_left, np.ndarray)
+    assert isinstance(x_right, np.ndarray)
+    assert x_left.tolist() == [[0, 1], [2, 3]]
+    assert x_right.flags.c_contiguous
+    assert right.batch.columns["names"] == ["c", "d", "e"]
+    assert (right.started, right.preprocess_ms, right.dead_letters) == (1.0, 2.0, [])
+
+
+def test_isolation_budget_grows_with_log_n() -> None:
+    assert isolation_budget(2) == 2 * ISOLATE
+    assert isolation_budget(32) == 2 * ISOLATE * 5
+    assert isolation_budget(1000) == 2 * ISOLATE * 10
+
+
+def test_expired_requests_get_expired_results_and_the_rest_run() -> None:
+    now = int(time.time() * 1000)
+    rows = [
+        _row(0, deadline_ms=now - 5_000),
+        _row(1),
+        _row(2, deadline_ms=now + 60_000),
+        _row(3, deadline_ms=now - 1),
+    ]
+    backend = Doubler()
+    _, outcomes = _serve_once(_numbers(backend), rows)
+    assert backend.batches == [2]  # rows 1 and 2
+    for offset in (0, 3):
+        out = outcomes[offset]
+        assert (out.topic, out.reason, out.status, out.model) == ("results", None, "EXPIRED", "m")
+        result = CODEC.decode_result(out.value)
+        assert (result.status, result.outputs, result.batch_size) == (Status.EXPIRED, {}, 0)
+        assert (result.id, result.model_version, result.offset) == (f"r{offset}", "3", offset)
+        assert result.error is not None
+        assert result.error.startswith("deadline passed ")
+        missed = float(result.error.split()[2])
+        assert missed >= (5_000 if offset == 0 else 1)
+    for offset in (1, 2):
+        result = CODEC.decode_result(outcomes[offset].value)
+        assert (result.status, result.batch_size) == (Status.OK, 2)
+
+
+def test_a_batch_expired_entirely_never_reaches_the_model() -> None:
+    past = int(time.time() * 1000) - 10
+    backend = Doubler()
+    _, outcomes = _serve_once(_numbers(backend), [_row(i, deadline_ms=past) for i in range(3)])
+    assert backend.batches == []
+    assert {o.status for o in outcomes.values()} == {"EXPIRED"}
+
+
+def test_split_and_retry_counters_are_declared_at_zero() -> None:
+    m = Metrics()
+    m.declare_model("tiny", ["cpu"])
+    text = generate_latest(m.registry).decode()
+    assert 'kp_batch_splits_total{model="tiny"} 0.0' in text
+    assert 'kp_inference_retries_total{model="tiny"} 0.0' in text
