@@ -314,16 +314,19 @@ class ExactlyOnce(Delivery):
 
     def _failed(self, err: KafkaError) -> None:
         if err.fatal():
-            zombie = err.code() in _FENCED
-            self.fatal = self.fatal or f"transaction failed for good: {err.str()}" + (
-                " (a newer replica with this transactional id fenced this one)" if zombie else ""
-            )
+            self._stop("transaction failed for good", err)
             return
         if not err.txn_requires_abort():
             log.warning("transaction commit failed (will retry): %s", err.str())
             return
         log.warning("transaction aborted (its outcomes go again): %s", err.str())
         self._abort_and_redo()
+
+    def _stop(self, what: str, err: KafkaError) -> None:
+        zombie = err.code() in _FENCED or "fenced" in err.str().lower()
+        self.fatal = self.fatal or f"{what}: {err.str()}" + (
+            " (a newer replica with this transactional id fenced this one)" if zombie else ""
+        )
 
     def _abort_and_redo(self, drop: set[tuple[str, int]] | None = None) -> None:
         """Abort the open transaction and produce its outcomes again in a new one.
@@ -334,8 +337,7 @@ class ExactlyOnce(Delivery):
         try:
             self.producer.abort_transaction(self.timeout_s)
         except KafkaException as e:
-            err = e.args[0]
-            self.fatal = self.fatal or f"cannot abort the transaction: {err.str()}"
+            self._stop("cannot abort the transaction", e.args[0])
             return
         self._open = False
         self.transactions["aborted"] += 1

@@ -8,6 +8,7 @@ test_brokers_pipe), so a crash's aborted transaction is really invisible there.
 from __future__ import annotations
 
 import random
+import re
 import signal
 import threading
 import time
@@ -108,6 +109,10 @@ def test_sigkill_at_five_random_moments_loses_nothing(
     assert not counter.dead_letters
     if delivery == "exactly_once":
         assert counter.duplicates == 0, counter.duplicates
+        # Every restart came back as the same transactional producer, fencing the last.
+        ids = re.findall(r"exactly-once: transactional id (\S+)", log.read_text())
+        assert len(ids) >= 2, log.read_text()[-3000:]
+        assert len(set(ids)) == 1, ids
     else:
         # Each kill repeats at most what was in flight, plus what was acknowledged since
         # the last commit (one 200 ms interval, ~4k at ~20k requests/s).

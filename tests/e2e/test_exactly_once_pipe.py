@@ -1,0 +1,96 @@
+"""Exactly-once on a broker that hides aborted transactions (noida-db): zombies are fenced.
+
+A replica that stalls (SIGSTOP: a long GC pause, a frozen VM) is replaced by a new one
+with the same replica id; when the stalled one wakes, its next transactional call finds a
+newer producer epoch: it stops with an error that says so, and a read_committed reader
+never sees an outcome twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka.admin import AdminClient
+from e2e.kit import (
+    OutcomeCounter,
+    committed_offsets,
+    end_offsets,
+    new_topics,
+    produce_tiny,
+    spawn_run,
+    tiny_vectors,
+    wait_for,
+    write_tiny_topology,
+)
+
+from pipeline.kafka import ensure_topics
+
+N = 8000
+
+
+def test_a_stalled_replica_is_fenced_by_its_successor_and_nothing_is_seen_twice(
+    noida: Any, tmp_path: Path
+) -> None:
+    settings = dict(noida.client_settings)
+    topics = new_topics()
+    admin = AdminClient({"bootstrap.servers": noida.bootstrap_servers})
+    ensure_topics(admin, [topics.input, topics.output, topics.dead_letter], 4, 1)
+    topology = write_tiny_topology(
+        tmp_path / "tiny.yaml",
+        topics,
+        batch=16,
+        delivery="exactly_once",
+        consumer={**settings, "session.timeout.ms": 6000},
+    )
+    counter = OutcomeCounter(
+        noida.bootstrap_servers, topics, settings={**settings, "isolation.level": "read_committed"}
+    )
+    env = {**os.environ, "KP_REPLICA_ID": "replica-a"}
+    logs = [tmp_path / "zombie.log", tmp_path / "successor.log"]
+
+    def produce() -> None:
+        vectors = tiny_vectors(N)
+        for i in range(20):
+            lo, hi = i * N // 20, (i + 1) * N // 20
+            produce_tiny(noida, topics.input, vectors[lo:hi], first=lo)
+            time.sleep(0.5)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    zombie = spawn_run(topology, noida, logs[0], env=env)
+    successor = None
+    try:
+        wait_for(lambda: len(counter.ids) >= 500, 60, "the first replica serving")
+        zombie.send_signal(signal.SIGSTOP)
+        successor = spawn_run(topology, noida, logs[1], env=env)
+        # The successor fences the zombie's producer at start, and gets its partitions
+        # once the group drops the silent member (session.timeout.ms).
+        mark = len(counter.ids)
+        wait_for(lambda: len(counter.ids) >= mark + 500, 90, "the successor serving")
+        zombie.send_signal(signal.SIGCONT)
+        zombie_code = zombie.wait(60)
+        producer.join(60)
+        wait_for(lambda: len(counter.ids) >= N, 120, f"an outcome for each of {N} requests")
+        time.sleep(1.0)
+    finally:
+        if zombie.poll() is None:
+            zombie.send_signal(signal.SIGCONT)
+            zombie.kill()
+        if successor is not None:
+            successor.send_signal(signal.SIGTERM)
+            successor_code = successor.wait(60)
+        counter.stop()
+    zombie_log = logs[0].read_text()
+    assert zombie_code != 0, zombie_log[-3000:]
+    assert "fenced" in zombie_log, zombie_log[-3000:]
+    assert successor_code == 0, logs[1].read_text()[-3000:]
+    assert counter.ids == {f"r-{i}" for i in range(N)}
+    assert counter.duplicates == 0
+    assert committed_offsets(noida, topics.group, topics.input) == end_offsets(
+        noida, topics.input
+    )
