@@ -93,6 +93,7 @@ class Delivery:
         self.commit_interval_s = commit_interval_ms / 1000.0
         self.pending: list[Outcome] = []
         self.fatal: str | None = None
+        self.transactions = {"committed": 0, "aborted": 0}  # stays 0 at-least-once
         self._last_commit = time.monotonic()
 
     def start(self) -> None:
@@ -242,7 +243,6 @@ class ExactlyOnce(Delivery):
         self._in_txn: list[Outcome] = []  # produced into the open transaction
         self._refused: dict[int, KafkaError] = {}  # id(outcome) -> the broker's refusal
         self._open = False
-        self.transactions = {"committed": 0, "aborted": 0}
 
     def start(self) -> None:
         """Fence an older producer with this transactional id; abort what it left open."""

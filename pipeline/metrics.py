@@ -43,6 +43,7 @@ kp_batch_adjustments_total           counter    model, direction (up, down)
 kp_padding_elements_total            counter    model, kind (real, padded)
 kp_batch_splits_total                counter    model (failing batches halved, poison hunt)
 kp_inference_retries_total           counter    model (re-runs after a transient error)
+kp_transactions_total                counter    result (committed, aborted; exactly-once)
 kp_model_instances                   gauge      model, device
 kp_ready                             gauge      1 while /readyz answers 200
 kp_gpu_memory_used_bytes             gauge      device (only where a GPU is visible)
@@ -240,6 +241,14 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.transactions = Counter(
+            "kp_transactions",
+            "Kafka transactions of exactly-once delivery, by result.",
+            ["result"],
+            registry=r,
+        )
+        for result in ("committed", "aborted"):
+            self.transactions.labels(result)
         self.inference_retries = Counter(
             "kp_inference_retries",
             "Runs of a batch repeated after a transient failure (out of memory).",

@@ -182,6 +182,7 @@ class Pipeline:
         self._consumed_bytes: defaultdict[str, int] = defaultdict(int)
         self._acked: defaultdict[tuple[str, str, str | None, str], int] = defaultdict(int)
         self._latency: defaultdict[str, list[float]] = defaultdict(list)
+        self._transactions_seen: dict[str, int] = {}
         self._declare_metrics(graph)
 
     def _declare_metrics(self, graph: list[ModelGraph]) -> None:
@@ -385,6 +386,10 @@ class Pipeline:
 
     def _flush_counts(self) -> None:
         m = self.metrics
+        for result, n in self.delivery.transactions.items():
+            if n != self._transactions_seen.get(result, 0):
+                m.transactions.labels(result).inc(n - self._transactions_seen.get(result, 0))
+                self._transactions_seen[result] = n
         if self._consumed_tp:
             for (topic, partition), n in self._consumed_tp.items():
                 m.consumed.labels(topic, str(partition)).inc(n)
