@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import replay, top
+from pipeline import dlq, replay, top
 from pipeline.errors import ConfigError, GraphError, KpError
 
 __all__ = ["main"]
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--show", type=int, default=6, help="result lines to print")
     demo.set_defaults(func=cmd_demo)
 
-    for command in (replay, top):  # commands that live in their own module
+    for command in (replay, top, dlq):  # commands that live in their own module
         command.add_parser(sub)
     return p
 
