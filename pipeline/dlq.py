@@ -1,42 +1,25 @@
-"""``kp-pipeline dlq``: look at dead letters, and send chosen ones back to be served again.
+"""``kp-pipeline dlq``: find dead letters and show them (``dlq inspect``).
+
+Both ``dlq`` subcommands start the same way: open the topology, read its dead-letter
+topic, and keep the dead letters that ``--reason``, ``--model``, ``--id``, ``--since``,
+``--until`` and ``--offsets`` choose. That shared half lives here, with ``inspect``, which
+only shows what it read; `pipeline.redrive` builds ``dlq redrive`` on it. This module
+registers both subcommands, so the command line stays one ``dlq`` command.
 
 A dead letter (`pipeline.outcomes.OutcomeEncoder.dead_letter`) keeps the request's bytes,
 its key and the position it was read from, so a request that failed for a reason that has
 since been fixed (a model not served yet, a bad deploy) can be *redriven*: its original
-bytes are produced again, with its key, to the topic it came from.
+bytes are produced again, with its key, to the topic it came from (`pipeline.redrive`).
 
 Reading. The dead-letter topic is read with assign() (no consumer group, nothing
 committed), from the beginning to the end of each partition as the broker reports it in
 fetch responses (``enable.partition.eof``); ListOffsets is not used, because Tansu's
 high watermark there is wrong. A record that is not a dead letter is counted, not fatal.
-
-Redriving.
-
-* A request goes to its source topic *and partition*, so per-key order stays what the
-  original producer's partitioner chose (librdkafka's and Java's differ); ``--to`` sends
-  it to another topic, placed there by its key.
-* Headers: ``kp.redriven-from: <dead-letter topic>/<partition>/<offset>`` and
-  ``kp.redrive-count: N``. Dead letters do not keep the request's headers, so N is found
-  by following the dead letter back to the record that failed: a request that failed
-  again after its second redrive sits in the input topic with ``kp.redrive-count: 2`` and
-  goes out with 3. A dead letter's own ``kp.redrive-count`` header, were a producer to set
-  one, counts too. A source record that retention removed counts as 0, so N is then a
-  lower bound. ``--max-redrives`` (default 3) refuses a request that keeps failing, so a
-  poison request cannot go round forever.
-* Refused, each with a line and counted: dead letters without request bytes (the
-  pipeline drops them from a dead letter too large for its topic), requests redriven
-  ``--max-redrives`` times, and ones whose source topic no longer exists.
-* The topic is read twice: once to plan, keeping no payloads (a redrive of many image
-  requests does not hold them all in memory), and once to send, reading each partition
-  only from its first to its last chosen offset.
-* A redrive is not deduplicated: the same command run twice sends the requests twice.
-  The printed positions, and ``--offsets``, are how to send an exact set once.
-
 Dead letters written in transactions (``delivery: exactly_once``) are read committed
-only (librdkafka's default isolation). Exit codes follow `pipeline.cli`: 0 done (refused
-dead letters are reported, not failures); 1 a delivery failed (the message names the
-``--offsets`` to send the rest) or the prompt was declined; 2 a bad command line or
-topology, a missing topic, or no terminal to confirm on: nothing was sent.
+only (librdkafka's default isolation).
+
+Exit codes follow `pipeline.cli`: ``inspect`` exits 0 done, 1 the broker failed, 2 a bad
+command line or topology or a missing topic; ``redrive``'s are in `pipeline.redrive`.
 """
 
 from __future__ import annotations
@@ -45,7 +28,6 @@ import argparse
 import base64
 import datetime as dt
 import fnmatch
-import functools
 import json
 import re
 import shutil
@@ -56,41 +38,44 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerError, ConfigError
-from pipeline.kafka import admin_config, producer_config
+from pipeline.kafka import admin_config
 from pipeline.messages import DeadLetter
 from pipeline.replay import RangeError, parse_time
 from schemas.codec import AvroCodec
 
 __all__ = [
+    "EXIT_OK",
+    "READ_TIMEOUT_S",
+    "DlqContext",
     "DlqError",
     "Letter",
-    "Plan",
     "Selection",
     "Table",
     "add_parser",
+    "counts",
+    "inspect_row",
+    "letters_n",
+    "open_consumer",
+    "open_context",
     "parse_positions",
     "parse_since",
-    "plan_redrive",
+    "partitions_of",
     "read_letters",
-    "redrive_counts",
-    "send_plan",
+    "read_partition",
+    "terminal_width",
 ]
 
-REDRIVEN_FROM, REDRIVE_COUNT = "kp.redriven-from", "kp.redrive-count"
-EXIT_OK, EXIT_DECLINED = 0, 1
+EXIT_OK = 0
 READ_TIMEOUT_S = 30.0  # no record and no end of partition for this long: the broker is gone
-SEEK_GAP = 1000  # source records further apart than this are sought, not read through
 SAMPLE_ROWS = 200  # rows that size a table's columns before it starts streaming
-SHOW_LINES = 20  # plan rows and refusal lines shown before "... and N more"
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _POSITION = re.compile(r"^(\d+):(\d+)(?:-(\d+))?$")
 INSPECT_COLUMNS = ("dlq", "failed at (UTC)", "reason", "model", "id", "source", "error")
-PLAN_COLUMNS = ("dlq", "failed at (UTC)", "reason", "model", "id", "to", "redrive")
 
 
 class DlqError(ConfigError):
@@ -238,11 +223,6 @@ def open_consumer(settings: KafkaSettings, bootstrap: str) -> Any:
     return Consumer(conf)
 
 
-def open_producer(settings: KafkaSettings, bootstrap: str) -> Any:
-    """The topology's idempotent producer: a retried send is not written twice."""
-    return Producer(producer_config(settings, bootstrap))
-
-
 def partitions_of(consumer: Any, topic: str) -> list[int] | None:
     """The partitions of ``topic``, or None when it does not exist."""
     info = consumer.list_topics(topic, timeout=15).topics.get(topic)
@@ -274,7 +254,7 @@ def read_letters(
         parts = [p for p in parts if p in bounds]
     for p in parts:
         start, stop = (OFFSET_BEGINNING, None) if bounds is None else bounds[p]
-        for msg in _messages(consumer, topic, p, start, timeout_s):
+        for msg in read_partition(consumer, topic, p, start, timeout_s):
             offset = int(msg.offset())
             if stop is not None and offset > stop:
                 break
@@ -283,7 +263,7 @@ def read_letters(
                 break
 
 
-def _messages(
+def read_partition(
     consumer: Any, topic: str, partition: int, start: int, timeout_s: float
 ) -> Iterator[Any]:
     """Records of one partition from ``start`` to its end; the caller may stop sooner."""
@@ -472,225 +452,13 @@ class Tally:
         return out
 
 
-# -- redriving ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Planned:
-    """One dead letter to send: where it is, where it goes, and its redrive count."""
-
-    letter: Letter
-    topic: str
-    partition: int | None  # None: the producer places it by key
-    count: int
-
-
-@dataclass
-class Plan:
-    """What a redrive sends, and what it refuses with why (``kind`` for the summary)."""
-
-    send: list[Planned] = field(default_factory=list)
-    refused: list[tuple[Letter, str, str]] = field(default_factory=list)
-
-    def refuse(self, letter: Letter, kind: str, why: str) -> None:
-        """Refuse one dead letter."""
-        self.refused.append((letter, kind, why))
-
-
-def _previous(headers: Mapping[str, bytes]) -> int:
-    try:
-        return max(int(headers.get(REDRIVE_COUNT, b"0")), 0)
-    except ValueError:
-        return 0
-
-
-def redrive_counts(
-    consumer: Any, sources: Iterable[tuple[str, int, int]], timeout_s: float = READ_TIMEOUT_S
-) -> dict[tuple[str, int, int], int]:
-    """``kp.redrive-count`` of each source record still in its topic (0 without the header).
-
-    Offsets close together are read through in one go; far ones are sought.
-    """
-    wanted: dict[tuple[str, int], list[int]] = defaultdict(list)
-    for topic, partition, offset in set(sources):
-        wanted[(topic, partition)].append(offset)
-    found: dict[tuple[str, int, int], int] = {}
-    for (topic, partition), offsets in sorted(wanted.items()):
-        offsets.sort()
-        i, n = 0, len(offsets)
-        while i < n:  # one assign per run of near offsets
-            for msg in _messages(consumer, topic, partition, offsets[i], timeout_s):
-                offset = int(msg.offset())
-                while i < n and offsets[i] < offset:
-                    i += 1  # removed by retention or compaction
-                if i < n and offsets[i] == offset:
-                    headers = {k: v or b"" for k, v in msg.headers() or []}
-                    found[(topic, partition, offset)] = _previous(headers)
-                    i += 1
-                if i == n or offsets[i] - offset > SEEK_GAP:
-                    break
-            else:
-                i = n  # the partition ended: the rest are gone
-    return found
-
-
-def plan_redrive(
-    consumer: Any,
-    letters: Iterable[Letter],
-    to: str | None,
-    max_redrives: int,
-) -> Plan:
-    """Where each chosen dead letter goes and with which count, or why it is refused."""
-    plan, targets, keep = Plan(), {}, []
-    for letter in letters:
-        d = letter.dead
-        assert d is not None
-        target = to or d.topic
-        if target not in targets:
-            targets[target] = partitions_of(consumer, target)
-        if not letter.size:
-            plan.refuse(
-                letter,
-                "without request bytes",
-                "no request bytes: the pipeline dropped them because the dead letter was "
-                "too large for its topic",
-            )
-        elif targets[target] is None:
-            plan.refuse(letter, "source topic gone", f"its topic {target!r} no longer exists")
-        else:
-            keep.append((letter, target))
-    sources = [(d.topic, d.partition, d.offset) for d in (x.dead for x, _ in keep) if d]
-    before = redrive_counts(consumer, sources) if sources else {}
-    for letter, target in keep:
-        d = letter.dead
-        assert d is not None
-        done = max(before.get((d.topic, d.partition, d.offset), 0), _previous(letter.headers))
-        if done >= max_redrives:
-            plan.refuse(
-                letter,
-                "redriven too often",
-                f"already redriven {done} time{'' if done == 1 else 's'} "
-                f"(--max-redrives {max_redrives})",
-            )
-            continue
-        same = to is None and d.partition in (targets[target] or ())
-        plan.send.append(Planned(letter, target, d.partition if same else None, done + 1))
-    return plan
-
-
-def send_plan(
-    consumer: Any,
-    producer: Any,
-    dlq: str,
-    codec: AvroCodec,
-    plan: Plan,
-    flush_timeout_s: float = 60.0,
-) -> list[Planned]:
-    """Read the planned dead letters again, with their bytes, and produce them.
-
-    Returns the delivered ones; raises `BrokerError` naming those that were not (the
-    others stay delivered: a retry with ``--offsets`` sends exactly the failed ones).
-    """
-    wanted = {(x.letter.partition, x.letter.offset): x for x in plan.send}
-    bounds: dict[int, tuple[int, int]] = {}
-    for p, o in wanted:
-        first, last = bounds.get(p, (o, o))
-        bounds[p] = (min(first, o), max(last, o))
-    delivered: list[Planned] = []
-    failed: list[tuple[Planned, str]] = []
-
-    def on_delivery(item: Planned, err: Any, _msg: Any) -> None:
-        if err is None:
-            delivered.append(item)
-        else:
-            failed.append((item, err.str()))
-
-    for letter in read_letters(consumer, dlq, codec, bounds):
-        item = wanted.pop((letter.partition, letter.offset), None)
-        if item is None:
-            continue
-        if letter.dead is None or not letter.dead.payload:
-            failed.append((item, "the dead letter changed since it was planned"))
-            continue
-        headers = [
-            (REDRIVEN_FROM, f"{dlq}/{letter.partition}/{letter.offset}".encode()),
-            (REDRIVE_COUNT, str(item.count).encode()),
-        ]
-        partition = -1 if item.partition is None else item.partition  # -1: by key
-        while True:
-            try:
-                producer.produce(
-                    item.topic,
-                    letter.dead.payload,
-                    letter.key,
-                    partition=partition,
-                    headers=headers,
-                    on_delivery=functools.partial(on_delivery, item),
-                )
-                break
-            except BufferError:  # the producer's queue is full: let it drain
-                producer.poll(0.05)
-        producer.poll(0)
-    failed.extend((item, "it was removed from the topic (retention?)") for item in wanted.values())
-    left = producer.flush(flush_timeout_s)
-    if left or failed:
-        raise BrokerError(_failure(dlq, plan, delivered, failed, left))
-    return delivered
-
-
-def _failure(
-    dlq: str, plan: Plan, delivered: list[Planned], failed: list[tuple[Planned, str]], left: int
-) -> str:
-    done = {(x.letter.partition, x.letter.offset) for x in delivered}
-    undone = sorted(
-        (x.letter.partition, x.letter.offset)
-        for x in plan.send
-        if (x.letter.partition, x.letter.offset) not in done
-    )
-    detail = "; ".join(
-        f"{dlq} {x.letter.partition}:{x.letter.offset} → {x.topic}: {why}" for x, why in failed[:3]
-    )
-    if left:
-        detail = f"{left} unacknowledged after the flush timeout" + (
-            f"; {detail}" if detail else ""
-        )
-    retry = ",".join(f"{p}:{o}" for p, o in undone)
-    return (
-        f"{len(undone)} of {len(plan.send)} redriven requests were not delivered ({detail}); "
-        f"the other {len(delivered)} were. Send the rest with: --offsets {retry}"
-    )
-
-
-def plan_row(item: Planned) -> list[str]:
-    """A planned dead letter as a row of ``PLAN_COLUMNS``."""
-    row = inspect_row(item.letter)[:5]
-    where = f"{item.topic}/{'by key' if item.partition is None else item.partition}"
-    return [*row, where, str(item.count)]
-
-
-def summary(sent: Sequence[Planned], plan: Plan, verb: str = "redrove") -> list[str]:
-    """``redrove N dead letters to T (reasons: ...)``, and what was refused."""
-    by_topic: dict[str, Counter[str]] = defaultdict(Counter)
-    for item in sent:
-        assert item.letter.dead is not None
-        by_topic[item.topic][item.letter.dead.reason] += 1
-    if len(by_topic) == 1:
-        [(topic, reasons)] = by_topic.items()
-        lines = [f"{verb} {letters_n(len(sent))} to {topic} (reasons: {counts(reasons)})"]
-    else:
-        parts = [f"{sum(c.values())} to {t} (reasons: {counts(c)})" for t, c in by_topic.items()]
-        lines = [f"{verb} {letters_n(len(sent))}" + (f": {', '.join(parts)}" if parts else "")]
-    if plan.refused:
-        kinds = Counter(kind for _, kind, _ in plan.refused)
-        lines.append(f"refused {len(plan.refused)}: {counts(kinds)}")
-    return lines
-
-
 # -- the command --------------------------------------------------------------------------
 
 
 @dataclass
-class _Context:
+class DlqContext:
+    """What both subcommands work on: the cluster, the topology's topics and its codec."""
+
     settings: KafkaSettings
     bootstrap: str
     dlq: str
@@ -698,7 +466,8 @@ class _Context:
     codec: AvroCodec
 
 
-def _open(args: argparse.Namespace) -> _Context:
+def open_context(args: argparse.Namespace) -> DlqContext:
+    """Open ``args.topology``; ``--bootstrap`` names the cluster (an embedded one is refused)."""
     from pipeline.app import make_codec, open_topology
 
     topology = open_topology(args.topology).topology
@@ -709,20 +478,21 @@ def _open(args: argparse.Namespace) -> _Context:
             "name the cluster that holds its dead letters"
         )
     t = topology.topics
-    return _Context(topology.kafka, bootstrap, t.dead_letter, t.output, make_codec(topology))
+    return DlqContext(topology.kafka, bootstrap, t.dead_letter, t.output, make_codec(topology))
 
 
-def _width() -> int | None:
+def terminal_width() -> int | None:
+    """The terminal's width to fit a table in; None when stdout is not a terminal."""
     return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Print the chosen dead letters as a table (or JSON lines) and a summary."""
-    ctx, selection = _open(args), Selection.from_args(args)
+    ctx, selection = open_context(args), Selection.from_args(args)
     if args.payload and not args.json:
         raise DlqError("--payload: only with --json (a table has no room for the bytes)")
     tally, shown = Tally(), 0
-    table = None if args.json else Table(INSPECT_COLUMNS, sys.stdout, _width())
+    table = None if args.json else Table(INSPECT_COLUMNS, sys.stdout, terminal_width())
     consumer = open_consumer(ctx.settings, ctx.bootstrap)
     try:
         bounds = selection.bounds()
@@ -753,87 +523,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_redrive(args: argparse.Namespace) -> int:
-    """Send the chosen dead letters' requests back to their topics (see the module doc)."""
-    ctx, selection = _open(args), Selection.from_args(args)
-    if args.all and not selection.empty():
-        raise DlqError("--all: not together with a selection (--all sends every dead letter)")
-    if selection.empty() and not args.all:
-        raise DlqError(
-            "redrive: choose dead letters (--reason, --model, --id, --since, --until, "
-            "--offsets), or pass --all to send every one"
-        )
-    if args.to in (ctx.dlq, ctx.output):
-        raise DlqError(f"--to: {args.to!r} is this topology's dead-letter or output topic")
-    if not (args.dry_run or args.yes or sys.stdin.isatty()):
-        raise DlqError(
-            "redrive: pass --yes to send without a terminal to confirm on "
-            "(--dry-run shows what would go)"
-        )
-    consumer = open_consumer(ctx.settings, ctx.bootstrap)
-    try:
-        if args.to and partitions_of(consumer, args.to) is None:
-            raise DlqError(f"--to: topic {args.to!r} does not exist")
-        chosen = []
-        for letter in read_letters(consumer, ctx.dlq, ctx.codec, selection.bounds(), False):
-            if selection.matches(letter):
-                chosen.append(letter)
-                if args.limit is not None and len(chosen) >= args.limit:
-                    break
-        plan = plan_redrive(consumer, chosen, args.to, args.max_redrives)
-        _report_refused(plan)
-        if not plan.send:
-            print("nothing to redrive" if chosen else "no dead letters match the selection")
-            for line in summary([], plan)[1:]:  # what was refused, if anything
-                print(line)
-            return EXIT_OK
-        if args.dry_run or not args.yes:
-            _show_plan(plan, everything=args.dry_run)
-        if args.dry_run:
-            print("\n".join(summary(plan.send, plan, "would redrive")))
-            print("dry run: nothing sent")
-            return EXIT_OK
-        if not args.yes and not _confirm(f"redrive {letters_n(len(plan.send))}? [y/N] "):
-            print("nothing sent")
-            return EXIT_DECLINED
-        producer = open_producer(ctx.settings, ctx.bootstrap)
-        sent = send_plan(consumer, producer, ctx.dlq, ctx.codec, plan)
-    finally:
-        consumer.close()
-    print("\n".join(summary(sent, plan)))
-    return EXIT_OK
-
-
-def _report_refused(plan: Plan) -> None:
-    for letter, _, why in plan.refused[:SHOW_LINES]:
-        rid = letter.dead.id if letter.dead and letter.dead.id else "no id"
-        print(f"refused {letter.partition}:{letter.offset} ({rid}): {why}")
-    if len(plan.refused) > SHOW_LINES:
-        print(f"... and {len(plan.refused) - SHOW_LINES} more refused")
-
-
-def _show_plan(plan: Plan, everything: bool) -> None:
-    table = Table(PLAN_COLUMNS, sys.stdout, _width())
-    shown = plan.send if everything else plan.send[:SHOW_LINES]
-    for item in shown:
-        table.add(plan_row(item))
-    table.close()
-    if len(shown) < len(plan.send):
-        print(f"... and {len(plan.send) - len(shown)} more")
-
-
-def _confirm(question: str) -> bool:
-    print(question, end="", flush=True)
-    try:
-        answer = sys.stdin.readline().strip().lower()
-    except KeyboardInterrupt:  # Ctrl-C at the prompt is a no
-        print()
-        return False
-    return answer in ("y", "yes")
-
-
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``dlq inspect`` and ``dlq redrive``."""
+    from pipeline.redrive import run_redrive  # it imports this module: not at the top
+
     dlq = subparsers.add_parser("dlq", help="inspect dead letters, redrive them")
     sub = dlq.add_subparsers(dest="dlq_command", required=True)
     ins = sub.add_parser(

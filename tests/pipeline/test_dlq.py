@@ -1,15 +1,13 @@
-"""``kp-pipeline dlq``: selection, positions, reading to the end, tables, redrive rules.
+"""``kp-pipeline dlq``: selection, positions, reading to the end, tables, ``dlq inspect``.
 
-Kafka is replaced by in-memory doubles (a consumer over lists of records, a producer that
-acknowledges or refuses); the real broker is in tests/e2e/test_dlq_pipe.py.
+Kafka is replaced by in-memory doubles (a consumer over lists of records), which
+tests/pipeline/test_redrive.py uses too; the real broker is in tests/e2e/test_dlq_pipe.py.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,12 +24,8 @@ from pipeline.dlq import (
     Table,
     parse_positions,
     parse_since,
-    plan_redrive,
     read_letters,
-    redrive_counts,
-    send_plan,
 )
-from pipeline.errors import BrokerError
 from pipeline.messages import DeadLetter
 from schemas.codec import AvroCodec
 
@@ -44,7 +38,7 @@ DLQ, IN, OUT = "dlq", "in", "out"
 # -- doubles ------------------------------------------------------------------------------
 
 
-class _Err:
+class FakeError:
     def __init__(self, code: int, text: str = "") -> None:
         self._code, self._text = code, text
 
@@ -58,7 +52,7 @@ class _Err:
         return self._text or f"error {self._code}"
 
 
-class _Msg:
+class FakeMessage:
     def __init__(
         self,
         topic: str,
@@ -67,7 +61,7 @@ class _Msg:
         value: bytes | None = None,
         key: bytes | None = None,
         headers: list[tuple[str, bytes]] | None = None,
-        error: _Err | None = None,
+        error: FakeError | None = None,
     ) -> None:
         self._t, self._p, self._o = topic, partition, offset
         self._v, self._k, self._h, self._e = value, key, headers, error
@@ -90,17 +84,17 @@ class _Msg:
     def headers(self) -> list[tuple[str, bytes]] | None:
         return self._h
 
-    def error(self) -> _Err | None:
+    def error(self) -> FakeError | None:
         return self._e
 
 
 class FakeConsumer:
     """Topics as {topic: {partition: [records]}}; offsets may have gaps (compaction)."""
 
-    def __init__(self, topics: dict[str, dict[int, list[_Msg]]]) -> None:
+    def __init__(self, topics: dict[str, dict[int, list[FakeMessage]]]) -> None:
         self.topics = topics
         self.assigned: list[tuple[str, int, int]] = []
-        self._queue: list[_Msg] = []
+        self._queue: list[FakeMessage] = []
         self.closed = False
 
     def list_topics(self, topic: str, timeout: float) -> Any:
@@ -117,41 +111,18 @@ class FakeConsumer:
         records = [m for m in self.topics[tp.topic][tp.partition] if m.offset() >= start]
         self._queue = [
             *records,
-            _Msg(tp.topic, tp.partition, -1, error=_Err(KafkaError._PARTITION_EOF)),
+            FakeMessage(tp.topic, tp.partition, -1, error=FakeError(KafkaError._PARTITION_EOF)),
         ]
 
-    def consume(self, n: int, timeout: float) -> list[_Msg]:
+    def consume(self, n: int, timeout: float) -> list[FakeMessage]:
         out, self._queue = self._queue[: min(n, 2)], self._queue[min(n, 2) :]  # small batches
         return out
 
-    def poll(self, timeout: float) -> _Msg | None:
+    def poll(self, timeout: float) -> FakeMessage | None:
         return None
 
     def close(self) -> None:
         self.closed = True
-
-
-class FakeProducer:
-    """Acknowledges every record at flush, except those whose key is in ``refuse``."""
-
-    def __init__(self, refuse: frozenset[bytes] = frozenset()) -> None:
-        self.sent: list[dict[str, Any]] = []
-        self.refuse = refuse
-        self._callbacks: list[tuple[Callable[..., None], Any]] = []
-
-    def produce(self, topic: str, value: bytes, key: bytes | None, **kw: Any) -> None:
-        self.sent.append({"topic": topic, "value": value, "key": key, **kw})
-        err = _Err(10, "Broker: Message size too large") if key in self.refuse else None
-        self._callbacks.append((kw["on_delivery"], err))
-
-    def poll(self, timeout: float) -> int:
-        return 0
-
-    def flush(self, timeout: float) -> int:
-        for callback, err in self._callbacks:
-            callback(err, None)
-        self._callbacks = []
-        return 0
 
 
 def letter(
@@ -166,9 +137,9 @@ def letter(
     return DeadLetter(reason, error, *source, payload, failed_at_ms, rid, model)
 
 
-def dlq_record(partition: int, offset: int, d: DeadLetter, headers: Any = None) -> _Msg:
+def dlq_record(partition: int, offset: int, d: DeadLetter, headers: Any = None) -> FakeMessage:
     key = None if d.id is None else d.id.encode()
-    return _Msg(DLQ, partition, offset, CODEC.encode_dead_letter(d), key, headers)
+    return FakeMessage(DLQ, partition, offset, CODEC.encode_dead_letter(d), key, headers)
 
 
 def wrap(
@@ -261,13 +232,13 @@ def test_filters_are_anded_and_their_values_ored() -> None:
 # -- reading ------------------------------------------------------------------------------
 
 
-def _dlq_topic() -> dict[int, list[_Msg]]:
+def _dlq_topic() -> dict[int, list[FakeMessage]]:
     return {
         0: [dlq_record(0, 0, letter(rid="a")), dlq_record(0, 1, letter(rid="b"))],
         1: [],
         2: [
             dlq_record(2, 3, letter("bad_tensor", rid="c")),
-            _Msg(DLQ, 2, 4, b"\xff not avro"),
+            FakeMessage(DLQ, 2, 4, b"\xff not avro"),
             dlq_record(2, 5, letter(rid="d", payload=b"x" * 100)),
         ],
     }
@@ -369,104 +340,6 @@ def test_summary_counts_by_reason_and_model() -> None:
     assert dlq.Tally().lines(DLQ, selected=False) == ["no dead letters in dlq"]
 
 
-# -- redrive rules ------------------------------------------------------------------------
-
-
-def _source_topic(headers: dict[int, list[tuple[str, bytes]]]) -> dict[int, list[_Msg]]:
-    return {
-        0: [_Msg(IN, 0, o, b"req", None, headers.get(o)) for o in range(0, 3000) if o != 7],
-        1: [],
-    }
-
-
-def test_redrive_counts_follow_the_source_record_reading_near_offsets_in_one_go() -> None:
-    topic = _source_topic({5: [("kp.redrive-count", b"2")], 2500: [("kp.redrive-count", b"x")]})
-    consumer = FakeConsumer({IN: topic})
-    found = redrive_counts(
-        consumer, [(IN, 0, 5), (IN, 0, 3), (IN, 0, 7), (IN, 0, 2500), (IN, 1, 0)]
-    )
-    assert found == {(IN, 0, 3): 0, (IN, 0, 5): 2, (IN, 0, 2500): 0}  # 7 and 1@0 are gone
-    assert consumer.assigned == [(IN, 0, 3), (IN, 0, 2500), (IN, 1, 0)]  # 3..7 read through
-
-
-def test_the_plan_refuses_empty_gone_and_looping_requests() -> None:
-    consumer = FakeConsumer({IN: _source_topic({4: [("kp.redrive-count", b"3")]}), DLQ: {}})
-    ok = wrap(0, 0, letter(rid="ok", source=(IN, 1, 9)))
-    empty = wrap(0, 1, letter(rid="big", payload=b""))
-    gone = wrap(0, 2, letter(rid="gone", source=("old-topic", 0, 1)))
-    looping = wrap(0, 3, letter(rid="loop", source=(IN, 0, 4)))
-    twice = wrap(0, 4, letter(rid="twice", source=(IN, 0, 8)), {"kp.redrive-count": b"1"})
-    plan = plan_redrive(consumer, [ok, empty, gone, looping, twice], None, max_redrives=3)
-    assert [
-        (x.letter.dead.id if x.letter.dead else "", x.topic, x.partition, x.count)
-        for x in plan.send
-    ] == [
-        ("ok", IN, 1, 1),  # the source partition: per-key order kept
-        ("twice", IN, 0, 2),  # the dead letter's own header counts too
-    ]
-    refused = {x.dead.id if x.dead else "": (kind, why) for x, kind, why in plan.refused}
-    assert refused["big"][0] == "without request bytes"
-    assert "dropped them because the dead letter was too large" in refused["big"][1]
-    assert refused["gone"] == ("source topic gone", "its topic 'old-topic' no longer exists")
-    assert refused["loop"] == ("redriven too often", "already redriven 3 times (--max-redrives 3)")
-    assert dlq.summary(plan.send, plan) == [
-        "redrove 2 dead letters to in (reasons: unknown_model 2)",
-        "refused 3: redriven too often 1, source topic gone 1, without request bytes 1",
-    ]
-
-
-def test_to_sends_elsewhere_placed_by_key() -> None:
-    consumer = FakeConsumer({IN: {0: []}, "other": {0: [], 1: []}})
-    plan = plan_redrive(consumer, [wrap(0, 0, letter(source=(IN, 0, 0)))], "other", 3)
-    assert [(x.topic, x.partition) for x in plan.send] == [("other", None)]
-    assert dlq.plan_row(plan.send[0])[-2:] == ["other/by key", "1"]
-
-
-def _two_letters() -> tuple[FakeConsumer, Any]:
-    records = {
-        0: [
-            dlq_record(0, 0, letter(rid="a", source=(IN, 0, 11))),
-            dlq_record(0, 1, letter(rid="skip")),
-        ],
-        1: [
-            dlq_record(1, 4, letter("bad_tensor", rid="b", source=(IN, 1, 12), payload=b"bytes-b"))
-        ],
-    }
-    consumer = FakeConsumer({DLQ: records, IN: {0: [], 1: []}})
-    chosen = [
-        x
-        for x in read_letters(consumer, DLQ, CODEC, keep_payload=False)
-        if x.dead and x.dead.id != "skip"
-    ]
-    return consumer, plan_redrive(consumer, chosen, None, 3)
-
-
-def test_send_reads_the_bytes_again_and_produces_them_with_key_and_headers() -> None:
-    consumer, plan = _two_letters()
-    producer = FakeProducer()
-    sent = send_plan(consumer, producer, DLQ, CODEC, plan)
-    assert len(sent) == 2
-    got = {(m["topic"], m["partition"], m["key"], m["value"]): m["headers"] for m in producer.sent}
-    assert got == {
-        (IN, 0, b"a", b"request-bytes"): [
-            ("kp.redriven-from", b"dlq/0/0"),
-            ("kp.redrive-count", b"1"),
-        ],
-        (IN, 1, b"b", b"bytes-b"): [("kp.redriven-from", b"dlq/1/4"), ("kp.redrive-count", b"1")],
-    }
-    assert consumer.assigned[-2:] == [(DLQ, 0, 0), (DLQ, 1, 4)]  # only the planned range
-
-
-def test_a_delivery_failure_names_what_was_not_sent_and_how_to_retry() -> None:
-    consumer, plan = _two_letters()
-    with pytest.raises(BrokerError) as failed:
-        send_plan(consumer, FakeProducer(refuse=frozenset({b"b"})), DLQ, CODEC, plan)
-    message = str(failed.value)
-    assert "1 of 2 redriven requests were not delivered" in message
-    assert "dlq 1:4 → in: Broker: Message size too large" in message
-    assert message.endswith("the other 1 were. Send the rest with: --offsets 1:4")
-
-
 # -- the command --------------------------------------------------------------------------
 
 
@@ -481,9 +354,8 @@ models:
 """
 
 
-@pytest.fixture
-def kafka(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
-    """The command's consumer and producer, replaced by the doubles."""
+def fake_kafka() -> SimpleNamespace:
+    """Three dead letters, two of them unknown_model, and the topics the commands look up."""
     records = {
         0: [
             dlq_record(0, 0, letter("unknown_model", rid="a", source=(IN, 0, 3))),
@@ -495,21 +367,18 @@ def kafka(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
             )
         ],
     }
-    world = SimpleNamespace(
-        consumer=FakeConsumer({DLQ: records, IN: {0: [], 1: []}, OUT: {0: []}}),
-        producer=FakeProducer(),
-        tty=False,
-        answer="",
-    )
+    return SimpleNamespace(consumer=FakeConsumer({DLQ: records, IN: {0: [], 1: []}, OUT: {0: []}}))
+
+
+@pytest.fixture
+def kafka(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """The command's consumer, replaced by the double."""
+    world = fake_kafka()
     monkeypatch.setattr(dlq, "open_consumer", lambda settings, bootstrap: world.consumer)
-    monkeypatch.setattr(dlq, "open_producer", lambda settings, bootstrap: world.producer)
-    monkeypatch.setattr(
-        sys, "stdin", SimpleNamespace(isatty=lambda: world.tty, readline=lambda: world.answer)
-    )
     return world
 
 
-def _run(tmp_path: Path, *argv: str, text: str = TOPOLOGY) -> int:
+def run_dlq(tmp_path: Path, *argv: str, text: str = TOPOLOGY) -> int:
     path = tmp_path / "topology.yaml"
     path.write_text(text)
     return main(["dlq", argv[0], str(path), *argv[1:]])
@@ -518,7 +387,7 @@ def _run(tmp_path: Path, *argv: str, text: str = TOPOLOGY) -> int:
 def test_inspect_prints_a_table_and_a_summary(
     tmp_path: Path, kafka: SimpleNamespace, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _run(tmp_path, "inspect") == 0
+    assert run_dlq(tmp_path, "inspect") == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == [
         "dlq",
@@ -554,7 +423,7 @@ def test_inspect_prints_a_table_and_a_summary(
 def test_inspect_json_and_limit(
     tmp_path: Path, kafka: SimpleNamespace, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _run(tmp_path, "inspect", "--json", "--limit", "1", "--reason", "unknown_model") == 0
+    assert run_dlq(tmp_path, "inspect", "--json", "--limit", "1", "--reason", "unknown_model") == 0
     captured = capsys.readouterr()
     rows = [json.loads(line) for line in captured.out.splitlines()]
     assert [(r["id"], r["partition"], r["offset"]) for r in rows] == [("a", 0, 0)]
@@ -565,89 +434,34 @@ def test_inspect_json_and_limit(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (("redrive",), "redrive: choose dead letters (--reason"),
-        (("redrive", "--all", "--reason", "x"), "--all: not together with a selection"),
-        (("redrive", "--all"), "redrive: pass --yes to send without a terminal"),
-        (("redrive", "--all", "--yes", "--to", OUT), "--to: 'out' is this topology's dead-letter"),
-        (("redrive", "--all", "--yes", "--to", "nowhere"), "--to: topic 'nowhere' does not exist"),
         (("inspect", "--offsets", "0:x"), "--offsets: '0:x' is not PARTITION:OFFSET"),
         (("inspect", "--since", "soon"), "--since: 'soon' is neither an ISO 8601 time"),
         (("inspect", "--offsets", "5:1"), "--offsets: dlq has partitions 0-1, not [5]"),
     ],
 )
-def test_bad_requests_exit_2_and_send_nothing(
+def test_bad_requests_exit_2(
     tmp_path: Path,
     kafka: SimpleNamespace,
     capsys: pytest.CaptureFixture[str],
     argv: tuple[str, ...],
     message: str,
 ) -> None:
-    assert _run(tmp_path, *argv) == 2
+    assert run_dlq(tmp_path, *argv) == 2
     assert message in capsys.readouterr().err
-    assert kafka.producer.sent == []
 
 
 def test_a_bad_topology_or_missing_topic_exits_2(
     tmp_path: Path, kafka: SimpleNamespace, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _run(tmp_path, "inspect", text=TOPOLOGY.replace("dead_letter:", "dead_leter:")) == 2
+    assert run_dlq(tmp_path, "inspect", text=TOPOLOGY.replace("dead_letter:", "dead_leter:")) == 2
     assert "topics.dead_leter: unknown key" in capsys.readouterr().err
     assert (
-        _run(tmp_path, "inspect", text=TOPOLOGY.replace(f"dead_letter: {DLQ}", "dead_letter: gone"))
+        run_dlq(
+            tmp_path, "inspect", text=TOPOLOGY.replace(f"dead_letter: {DLQ}", "dead_letter: gone")
+        )
         == 2
     )
     assert "topic 'gone' does not exist" in capsys.readouterr().err
     embedded = TOPOLOGY.replace('"broker:9092"', "embedded")
-    assert _run(tmp_path, "inspect", text=embedded) == 2
+    assert run_dlq(tmp_path, "inspect", text=embedded) == 2
     assert "--bootstrap: the topology's broker is embedded" in capsys.readouterr().err
-
-
-def test_dry_run_shows_the_plan_and_sends_nothing(
-    tmp_path: Path, kafka: SimpleNamespace, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert _run(tmp_path, "redrive", "--reason", "unknown_model", "--dry-run") == 0
-    out = capsys.readouterr().out
-    assert "would redrive 2 dead letters to in (reasons: unknown_model 2)" in out
-    assert "dry run: nothing sent" in out
-    assert "0:0  2026-11-20T00:00:00Z  unknown_model  tiny-mlp  a   in/0  1" in out
-    assert kafka.producer.sent == []
-
-
-def test_a_terminal_confirms_before_sending(
-    tmp_path: Path, kafka: SimpleNamespace, capsys: pytest.CaptureFixture[str]
-) -> None:
-    kafka.tty, kafka.answer = True, "n\n"
-    assert _run(tmp_path, "redrive", "--id", "b") == 1
-    out = capsys.readouterr().out
-    assert "redrive 1 dead letter? [y/N] nothing sent" in out
-    assert kafka.producer.sent == []
-    kafka.answer = "y\n"
-    assert _run(tmp_path, "redrive", "--id", "b") == 0
-    assert "redrove 1 dead letter to in (reasons: unknown_model 1)" in capsys.readouterr().out
-    assert [(m["key"], m["partition"]) for m in kafka.producer.sent] == [(b"b", 1)]
-
-
-def test_redrive_reports_refusals_and_a_failed_delivery_exits_1(
-    tmp_path: Path, kafka: SimpleNamespace, capsys: pytest.CaptureFixture[str]
-) -> None:
-    kafka.consumer.topics[DLQ][1].append(dlq_record(1, 1, letter(rid="big", payload=b"")))
-    kafka.producer.refuse = frozenset({b"a"})
-    assert _run(tmp_path, "redrive", "--reason", "unknown_model", "--yes") == 1
-    captured = capsys.readouterr()
-    assert "refused 1:1 (big): no request bytes" in captured.out
-    assert "kp-pipeline: 1 of 2 redriven requests were not delivered" in captured.err
-    assert "Send the rest with: --offsets 0:0" in captured.err
-
-
-def test_when_everything_chosen_is_refused_nothing_is_sent(
-    tmp_path: Path, kafka: SimpleNamespace, capsys: pytest.CaptureFixture[str]
-) -> None:
-    kafka.consumer.topics[DLQ][1].append(dlq_record(1, 1, letter(rid="big", payload=b"")))
-    assert _run(tmp_path, "redrive", "--id", "big", "--yes") == 0
-    assert capsys.readouterr().out.splitlines()[-2:] == [
-        "nothing to redrive",
-        "refused 1: without request bytes 1",
-    ]
-    assert _run(tmp_path, "redrive", "--id", "nobody", "--yes") == 0
-    assert capsys.readouterr().out.splitlines() == ["no dead letters match the selection"]
-    assert kafka.producer.sent == []
