@@ -65,6 +65,10 @@ _FENCED = frozenset(
 Positions = dict[tuple[str, int], int]
 
 
+def _refusal(e: Exception) -> KafkaError:
+    return KafkaError(KafkaError.TOPIC_EXCEPTION, f"{type(e).__name__}: {e}")
+
+
 class Delivery:
     """What both guarantees share: the clients, the tracker, and refused outcomes.
 
@@ -141,8 +145,11 @@ class Delivery:
                 return True
             except BufferError:  # the producer's queue is full: let it drain
                 self.producer.poll(0.05)
-            except KafkaException as e:  # refused before sending (too large, bad topic)
-                replacement = self.replacement(out, e.args[0])
+            except (KafkaException, ValueError, TypeError) as e:  # refused before sending
+                # (too large, unknown topic; a name librdkafka cannot even take raises
+                # ValueError): permanent, so the request becomes a dead letter.
+                err = e.args[0] if isinstance(e, KafkaException) else _refusal(e)
+                replacement = self.replacement(out, err)
                 if replacement is not None:
                     self.pending.append(replacement)
                 return False
@@ -325,7 +332,11 @@ class ExactlyOnce(Delivery):
     def _stop(self, what: str, err: KafkaError) -> None:
         zombie = err.code() in _FENCED or "fenced" in err.str().lower()
         self.fatal = self.fatal or f"{what}: {err.str()}" + (
-            " (a newer replica with this transactional id fenced this one)" if zombie else ""
+            " (a newer producer with this transactional id fenced this one: it replaced "
+            "this replica, or two running replicas share one name; give each its own "
+            "--replica-id)"
+            if zombie
+            else ""
         )
 
     def _abort_and_redo(self, drop: set[tuple[str, int]] | None = None) -> None:

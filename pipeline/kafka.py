@@ -21,6 +21,7 @@ __all__ = [
     "admin_config",
     "consumer_config",
     "ensure_topics",
+    "named_replica",
     "producer_config",
     "replica_id",
     "transactional_id",
@@ -47,8 +48,17 @@ def _common(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:
     return conf
 
 
-def consumer_config(settings: KafkaSettings, bootstrap: str, embedded: bool) -> dict[str, Any]:
-    """Consumer settings: manual commits of tracked offsets only (at-least-once)."""
+def consumer_config(
+    settings: KafkaSettings, bootstrap: str, embedded: bool, instance: str | None = None
+) -> dict[str, Any]:
+    """Consumer settings: manual commits of tracked offsets only.
+
+    ``instance`` makes the consumer a static group member (``group.instance.id``, KIP-345):
+    a replica restarted under the same name takes its partitions back at once, without a
+    rebalance, instead of waiting for its old self to time out. A static member does not
+    leave the group when it stops, so its partitions move only after
+    ``session.timeout.ms``: the price of a restart without rebalances.
+    """
     conf = _common(settings, bootstrap)
     conf.update(
         {
@@ -77,6 +87,8 @@ def consumer_config(settings: KafkaSettings, bootstrap: str, embedded: bool) -> 
     )
     if embedded:
         conf.update(EMBEDDED_CLIENT_DEFAULTS)
+    if instance is not None:
+        conf["group.instance.id"] = _safe(instance)
     conf.update(settings.consumer)
     return conf
 
@@ -107,21 +119,34 @@ def producer_config(
     return conf
 
 
-def replica_id(given: str | None = None) -> str:
-    """The replica's stable name: ``given`` (--replica-id), $KP_REPLICA_ID, or the host name.
+def named_replica(given: str | None = None) -> str | None:
+    """The replica name given on purpose: ``given`` (--replica-id), else $KP_REPLICA_ID.
 
-    In Kubernetes the host name is the pod's name, which a StatefulSet keeps across
-    restarts (a Deployment's pods get new names, so their transactional ids change too).
+    A named replica is also a static group member (see `consumer_config`): two processes
+    must never share a name.
     """
-    return given or os.environ.get("KP_REPLICA_ID") or socket.gethostname()
+    return given or os.environ.get("KP_REPLICA_ID") or None
+
+
+def replica_id(given: str | None = None) -> str:
+    """The replica's stable name: its given name (`named_replica`), or the host name.
+
+    In Kubernetes the host name is the pod's name: a container restarted after a crash
+    keeps it (a StatefulSet's pods keep it even when rescheduled; a Deployment's get new
+    names, and so new transactional ids).
+    """
+    return named_replica(given) or socket.gethostname()
 
 
 def transactional_id(settings: KafkaSettings, replica: str | None = None) -> str:
     """The transactional id of this replica: configured, or ``<group_id>-<replica id>``."""
     if settings.transactional_id:
         return settings.transactional_id
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", replica_id(replica))
-    return f"{settings.group_id}-{name}"
+    return f"{settings.group_id}-{_safe(replica_id(replica))}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def admin_config(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:

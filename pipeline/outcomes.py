@@ -124,16 +124,18 @@ class OutcomeEncoder:
     def dead_letter(self, env: Envelope, reason: str, error: str) -> Outcome:
         """A dead letter with the original bytes; the reason also travels in headers."""
         request = env.request
+        # Capped, so a dead letter always fits where its request did (a request whose
+        # bytes are mostly a 1 MB id would otherwise have a dead letter just as large).
         letter = DeadLetter(
             reason=reason,
-            error=error,
+            error=_cap(error, MAX_ERROR),
             topic=env.topic,
             partition=env.partition,
             offset=env.offset,
             payload=env.value,
             failed_at_ms=int(time.time() * 1000),
-            id=None if request is None else request.id,
-            model=None if request is None else request.model,
+            id=None if request is None else _cap(request.id, MAX_NAME),
+            model=None if request is None else _cap(request.model, MAX_NAME),
         )
         headers: Headers = [
             ("kp.reason", reason.encode()),
@@ -148,3 +150,13 @@ class OutcomeEncoder:
             reason,
             model=letter.model or "",
         )
+
+
+MAX_NAME = 256
+"""Characters of a request's id or model name kept in its dead letter."""
+MAX_ERROR = 4096
+"""Characters of an error kept in a dead letter."""
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

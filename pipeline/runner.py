@@ -35,7 +35,7 @@ from pipeline.delivery import AtLeastOnce, Delivery, ExactlyOnce, Positions
 from pipeline.errors import BrokerError, RequestError
 from pipeline.graph import ModelGraph
 from pipeline.health import Health
-from pipeline.kafka import consumer_config, producer_config, transactional_id
+from pipeline.kafka import consumer_config, named_replica, producer_config, transactional_id
 from pipeline.lag import LagMonitor
 from pipeline.messages import Envelope
 from pipeline.metrics import GpuSampler, Metrics
@@ -109,7 +109,9 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.health = health or Health(topology.metrics.stale_after_s)
         if consumer is None:
-            conf = consumer_config(topology.kafka, bootstrap, embedded)
+            # A named replica is a static member; a bounded run (replay) joins no group.
+            instance = named_replica(replica_id) if ranges is None else None
+            conf = consumer_config(topology.kafka, bootstrap, embedded, instance)
             conf.setdefault("statistics.interval.ms", 1000)
             conf["stats_cb"] = _weak(self._on_stats)
             conf["error_cb"] = _weak(self._on_client_error)
@@ -326,7 +328,10 @@ class Pipeline:
         else:
             self.stats.results += 1
             self._latency[out.model].append(time.time() - out.envelope.timestamp_ms / 1000.0)
-        self._acked[(out.topic, out.model, out.reason, out.status)] += 1
+        # A model label only for served models: a request naming random models must not
+        # make a new metric series each.
+        model = out.model if out.model in self.runtimes else ""
+        self._acked[(out.topic, model, out.reason, out.status)] += 1
         self.stats.last_delivered = time.monotonic()
 
     def _committed(self, positions: Positions) -> None:

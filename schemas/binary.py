@@ -19,9 +19,22 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from pipeline.tensors import oip_datatype, pack_bytes_elements
+from pipeline.errors import DecodeError, TensorError
+from pipeline.tensors import MAX_DIMS, oip_datatype, pack_bytes_elements
 
-__all__ = ["ResultBatchEncoder", "decode_long", "encode_long", "read_request"]
+__all__ = [
+    "MAX_PARAMETERS",
+    "MAX_TENSORS",
+    "ResultBatchEncoder",
+    "decode_long",
+    "encode_long",
+    "read_request",
+]
+
+MAX_TENSORS = 64
+"""Input tensors one request may carry."""
+MAX_PARAMETERS = 256
+"""Entries of a request's parameters map."""
 
 T = TypeVar("T")
 _DOUBLES5 = struct.Struct("<5d")
@@ -65,7 +78,7 @@ def decode_long(buf: bytes, pos: int) -> tuple[int, int]:
         if b < 0x80:
             break
         shift += 7
-        if shift > 63:
+        if shift > 63 or (shift == 63 and buf[pos] > 1):  # bits past 64 cannot be a long
             raise ValueError("varint longer than 64 bits")
     return (z >> 1) ^ -(z & 1), pos
 
@@ -102,14 +115,25 @@ def _read_optional_str(buf: bytes, pos: int) -> tuple[str | None, int]:
 
 
 def _read_array(
-    buf: bytes, pos: int, read_item: Callable[[bytes, int], tuple[T, int]]
+    buf: bytes,
+    pos: int,
+    read_item: Callable[[bytes, int], tuple[T, int]],
+    limit: int,
+    refusal: Callable[[], Exception],
 ) -> tuple[list[T], int]:
-    """An Avro array (or map, with a pair reader): blocks of items until a zero count."""
+    """An Avro array (or map, with a pair reader): blocks of items until a zero count.
+
+    Refused as soon as a block's count passes ``limit``, before any item is built: a
+    record of a million 4-byte empty tensors would otherwise cost ~60x its size in
+    Python objects before anyone could count them.
+    """
     items: list[T] = []
     while True:
         count, pos = _read_block_count(buf, pos)
         if count == 0:
             return items, pos
+        if len(items) + count > limit:
+            raise refusal()
         for _ in range(count):
             item, pos = read_item(buf, pos)
             items.append(item)
@@ -118,7 +142,13 @@ def _read_array(
 def _read_tensor(buf: bytes, pos: int) -> tuple[dict[str, Any], int]:
     name, pos = _read_str(buf, pos)
     datatype, pos = _read_str(buf, pos)
-    shape, pos = _read_array(buf, pos, decode_long)
+    shape, pos = _read_array(
+        buf,
+        pos,
+        decode_long,
+        MAX_DIMS,
+        lambda: TensorError(f"input {name!r}: more than {MAX_DIMS} dimensions"),
+    )
     data, pos = _read_bytes(buf, pos)
     return {"name": name, "datatype": datatype, "shape": shape, "data": data}, pos
 
@@ -129,16 +159,26 @@ def _read_pair(buf: bytes, pos: int) -> tuple[tuple[str, str], int]:
     return (key, value), pos
 
 
+def _too_many_tensors() -> DecodeError:
+    return DecodeError(f"request has more than {MAX_TENSORS} tensors")
+
+
+def _too_many_parameters() -> DecodeError:
+    return DecodeError(f"request has more than {MAX_PARAMETERS} parameters")
+
+
 def read_request(buf: bytes) -> dict[str, Any]:
     """Decode an InferenceRequest record (plain Avro, our schema) into fastavro's shape.
 
-    Raises ValueError or IndexError on malformed input, like any truncated read.
+    Raises ValueError or IndexError on malformed input, like any truncated read, and
+    `DecodeError` or `TensorError` (what the checks after decoding raise) as soon as an
+    array is longer than a request may have.
     """
     rid, pos = _read_str(buf, 0)
     model, pos = _read_str(buf, pos)
     version, pos = _read_optional_str(buf, pos)
-    inputs, pos = _read_array(buf, pos, _read_tensor)
-    pairs, pos = _read_array(buf, pos, _read_pair)
+    inputs, pos = _read_array(buf, pos, _read_tensor, MAX_TENSORS, _too_many_tensors)
+    pairs, pos = _read_array(buf, pos, _read_pair, MAX_PARAMETERS, _too_many_parameters)
     branch, pos = decode_long(buf, pos)
     deadline: int | None = None
     if branch == 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -20,12 +21,14 @@ from pipeline.errors import DecodeError, RequestError
 from pipeline.messages import DeadLetter, Request, Result, Status, Timings
 from pipeline.tensors import array_to_bytes, bytes_to_array
 from schemas import SCHEMA_DIR
-from schemas.binary import ResultBatchEncoder, read_request
+from schemas.binary import MAX_PARAMETERS, MAX_TENSORS, ResultBatchEncoder, read_request
 from schemas.wire import frame, unframe
 
-__all__ = ["AvroCodec", "ResultBatch", "SchemaLookup", "load_schema"]
+__all__ = ["MAX_TENSORS", "AvroCodec", "ResultBatch", "SchemaLookup", "load_schema"]
 
-MAX_TENSORS = 64
+# Kafka's rule for topic names; anything else cannot be produced to, so a reply topic
+# that breaks it would fail the outcome after the model ran (or the producer call itself).
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -88,7 +91,12 @@ class AvroCodec:
         record = self._read_request(data)
         inputs = record["inputs"]
         if len(inputs) > MAX_TENSORS:
-            raise DecodeError(f"request has {len(inputs)} tensors; at most {MAX_TENSORS}")
+            raise DecodeError(f"request has more than {MAX_TENSORS} tensors")
+        if len(record["parameters"]) > MAX_PARAMETERS:
+            raise DecodeError(f"request has more than {MAX_PARAMETERS} parameters")
+        reply = record["reply_topic"]
+        if reply and not _TOPIC.match(reply):  # "" means none, as an absent one does
+            raise RequestError(f"reply_topic {reply[:80]!r} is not a legal Kafka topic name")
         arrays = {}
         for t in inputs:
             name = t["name"]

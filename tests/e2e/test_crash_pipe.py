@@ -7,6 +7,7 @@ test_brokers_pipe), so a crash's aborted transaction is really invisible there.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -82,11 +83,14 @@ def test_sigkill_at_five_random_moments_loses_nothing(
     counter = OutcomeCounter(
         broker.bootstrap_servers, topics, settings={**settings, "isolation.level": "read_committed"}
     )
+    # Restarted under the same name, as a StatefulSet pod or a restarted container is:
+    # the same static group member and the same transactional producer.
+    env = {**os.environ, "KP_REPLICA_ID": "replica-0"}
     rng = random.Random(5)
     producer = _paced_producer(broker, topics.input, N, seconds=12.0)
     try:
         for kill in range(KILLS):
-            replica = spawn_run(topology, broker, log)
+            replica = spawn_run(topology, broker, log, env=env)
             # Anywhere from start-up (models loading, joining, init_transactions) to
             # serving at full speed.
             time.sleep(rng.uniform(1.0, 5.0))
@@ -95,7 +99,7 @@ def test_sigkill_at_five_random_moments_loses_nothing(
             with log.open("a") as f:
                 f.write(f"--- SIGKILL {kill + 1} with {len(counter.ids)} requests answered\n")
         producer.join(120)
-        last = spawn_run(topology, broker, log)
+        last = spawn_run(topology, broker, log, env=env)
         try:
             wait_for(lambda: len(counter.ids) >= N, 240, f"an outcome for each of {N} requests")
             time.sleep(1.0)  # anything still arriving would be a duplicate: count it too
