@@ -91,6 +91,13 @@ class KafkaSettings(_Strict):
         "host name. It must be the same after a restart (a StatefulSet's pod name is), so "
         "the restarted replica fences its zombie and aborts what it left open.",
     )
+    static_membership: bool = Field(
+        False,
+        description="Join the group as a static member named by the replica id "
+        "(group.instance.id): a replica restarted under the same name takes its partitions "
+        "back without a rebalance. A stopped static member keeps its partitions until "
+        "session.timeout.ms passes. Needs unique replica ids (--replica-id, KP_REPLICA_ID).",
+    )
     transaction_timeout_ms: int = Field(
         60_000,
         ge=1000,

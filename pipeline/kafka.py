@@ -21,7 +21,6 @@ __all__ = [
     "admin_config",
     "consumer_config",
     "ensure_topics",
-    "named_replica",
     "producer_config",
     "replica_id",
     "transactional_id",
@@ -119,23 +118,14 @@ def producer_config(
     return conf
 
 
-def named_replica(given: str | None = None) -> str | None:
-    """The replica name given on purpose: ``given`` (--replica-id), else $KP_REPLICA_ID.
-
-    A named replica is also a static group member (see `consumer_config`): two processes
-    must never share a name.
-    """
-    return given or os.environ.get("KP_REPLICA_ID") or None
-
-
 def replica_id(given: str | None = None) -> str:
-    """The replica's stable name: its given name (`named_replica`), or the host name.
+    """The replica's stable name: ``given`` (--replica-id), $KP_REPLICA_ID, or the host name.
 
     In Kubernetes the host name is the pod's name: a container restarted after a crash
     keeps it (a StatefulSet's pods keep it even when rescheduled; a Deployment's get new
     names, and so new transactional ids).
     """
-    return named_replica(given) or socket.gethostname()
+    return given or os.environ.get("KP_REPLICA_ID") or socket.gethostname()
 
 
 def transactional_id(settings: KafkaSettings, replica: str | None = None) -> str:

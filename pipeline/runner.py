@@ -35,7 +35,8 @@ from pipeline.delivery import AtLeastOnce, Delivery, ExactlyOnce, Positions
 from pipeline.errors import BrokerError, RequestError
 from pipeline.graph import ModelGraph
 from pipeline.health import Health
-from pipeline.kafka import consumer_config, named_replica, producer_config, transactional_id
+from pipeline.kafka import consumer_config, producer_config, transactional_id
+from pipeline.kafka import replica_id as kafka_replica_id
 from pipeline.lag import LagMonitor
 from pipeline.messages import Envelope
 from pipeline.metrics import GpuSampler, Metrics
@@ -108,17 +109,10 @@ class Pipeline:
         )
         self.metrics = metrics or Metrics()
         self.health = health or Health(topology.metrics.stale_after_s)
+        self._cooperative = False
         if consumer is None:
-            # A named replica is a static member; a bounded run (replay) joins no group.
-            instance = named_replica(replica_id) if ranges is None else None
-            conf = consumer_config(topology.kafka, bootstrap, embedded, instance)
-            conf.setdefault("statistics.interval.ms", 1000)
-            conf["stats_cb"] = _weak(self._on_stats)
-            conf["error_cb"] = _weak(self._on_client_error)
-            consumer = Consumer(conf)
-            self._cooperative = "cooperative" in str(conf.get("partition.assignment.strategy"))
+            consumer = self._consumer(bootstrap, embedded, replica_id)
         else:
-            self._cooperative = False
             self.health.broker_up = True  # a test double: nothing to watch
         self.consumer = consumer
         self.exactly_once = topology.delivery == "exactly_once"
@@ -186,6 +180,18 @@ class Pipeline:
         self._latency: defaultdict[str, list[float]] = defaultdict(list)
         self._transactions_seen: dict[str, int] = {}
         self._declare_metrics(graph)
+
+    def _consumer(self, bootstrap: str, embedded: bool, replica_id: str | None) -> Consumer:
+        kafka = self.topology.kafka
+        static = kafka.static_membership and self.ranges is None  # a replay joins no group
+        conf = consumer_config(
+            kafka, bootstrap, embedded, kafka_replica_id(replica_id) if static else None
+        )
+        conf.setdefault("statistics.interval.ms", 1000)
+        conf["stats_cb"] = _weak(self._on_stats)
+        conf["error_cb"] = _weak(self._on_client_error)
+        self._cooperative = "cooperative" in str(conf.get("partition.assignment.strategy"))
+        return Consumer(conf)
 
     def _declare_metrics(self, graph: list[ModelGraph]) -> None:
         m, tracker, bp = self.metrics, self.tracker, self.backpressure

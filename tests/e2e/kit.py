@@ -45,7 +45,8 @@ class Topics:
 
 
 TINY_TOPOLOGY = """
-kafka: {{bootstrap_servers: embedded, group_id: {group}, consumer: {consumer}}}
+kafka: {{bootstrap_servers: embedded, group_id: {group}, consumer: {consumer},
+        static_membership: {static}}}
 topics: {{input: [{input}], output: {output}, dead_letter: {dead_letter}, create: false}}
 delivery: {delivery}
 flow: {{max_in_flight: {max_in_flight}, commit_interval_ms: {commit_interval_ms}}}
@@ -71,6 +72,7 @@ def write_tiny_topology(
     delivery: str = "at_least_once",
     consumer: dict[str, Any] | None = None,
     delay_ms: float = 5,
+    static: bool = False,
 ) -> Path:
     """The tiny model's topology; ``consumer`` adds librdkafka consumer settings."""
     path.write_text(
@@ -78,6 +80,7 @@ def write_tiny_topology(
             delivery=delivery,
             consumer=json.dumps(consumer or {}),
             delay_ms=delay_ms,
+            static=json.dumps(static),
             group=topics.group,
             input=topics.input,
             output=topics.output,

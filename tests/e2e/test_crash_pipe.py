@@ -77,6 +77,7 @@ def test_sigkill_at_five_random_moments_loses_nothing(
         max_in_flight=MAX_IN_FLIGHT,
         delivery=delivery,
         consumer=settings,
+        static=True,  # restarted under one name: back in the group without a rebalance
     )
     log = tmp_path / "run.log"
     # What a transactional reader sees: aborted outcomes of killed replicas are hidden.

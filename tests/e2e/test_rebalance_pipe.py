@@ -51,15 +51,26 @@ def _paced(broker: Any, topic: str, n: int, seconds: float) -> threading.Thread:
 
 
 @pytest.mark.parametrize(
-    ("delivery", "broker_fixture"),
-    [("at_least_once", "broker"), ("exactly_once", "noida")],
-    ids=["at_least_once-tansu", "exactly_once-noida"],
+    ("delivery", "broker_fixture", "assignor"),
+    [
+        ("at_least_once", "broker", "cooperative-sticky"),
+        # noida-db never completes the cooperative protocol's second join (the new member
+        # waits forever), so exactly-once runs there with the eager protocol: every
+        # partition is revoked, finished and committed at each rebalance.
+        ("exactly_once", "noida", "range"),
+    ],
+    ids=["at_least_once-tansu-cooperative", "exactly_once-noida-eager"],
 )
 def test_second_and_third_replicas_join_and_leave_mid_run(
-    delivery: str, broker_fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+    delivery: str,
+    broker_fixture: str,
+    assignor: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> None:
     broker = request.getfixturevalue(broker_fixture)
     settings = dict(getattr(broker, "client_settings", {}))
+    cooperative = assignor == "cooperative-sticky"
     topics = new_topics()
     admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
     ensure_topics(admin, [topics.input, topics.output, topics.dead_letter], PARTITIONS, 1)
@@ -71,7 +82,7 @@ def test_second_and_third_replicas_join_and_leave_mid_run(
         batch=1024,
         delay_ms=300,
         delivery=delivery,
-        consumer=settings,
+        consumer={**settings, "partition.assignment.strategy": assignor},
     )
     logs = [tmp_path / f"replica-{i}.log" for i in range(3)]
     counter = OutcomeCounter(
@@ -120,7 +131,8 @@ def test_second_and_third_replicas_join_and_leave_mid_run(
     # Incremental: the first replica gave up only some partitions, never all of them.
     revokes = re.findall(r"revoked (.*) after (\d+) ms", first)
     assert revokes, first[-2000:]
-    assert all(len(r.split(", ")) < PARTITIONS for r, _ in revokes[:-1])  # the last: its exit
+    if cooperative:
+        assert all(len(r.split(", ")) < PARTITIONS for r, _ in revokes[:-1])  # last: exit
     # The moving partitions' open batches ran before they went.
     assert any(int(ms) > 0 for _, ms in revokes), revokes
     for log in logs:  # every revoke finished its work within the timeout
