@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -40,7 +41,8 @@ class TxnProducer:
         if len(value) > self.limit:
             raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"))
         err = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if value in self.refuse_late else None
-        self._acks.append((kw["on_delivery"], err))
+        if kw.get("on_delivery") is not None:
+            self._acks.append((kw["on_delivery"], err))
         self.open.append((topic, value))
 
     def poll(self, _: float = 0) -> int:
@@ -168,6 +170,8 @@ def test_an_aborted_transaction_is_redone_with_a_refused_result_replaced_by_a_de
     assert producer.log[-1] == "begin"
     assert "abort" in producer.log
     assert acked == []
+    d.commit(force=True)  # fails again, now with delivery reports saying which one
+    assert producer.log.count("abort") == 2
     d.commit(force=True)
     [visible] = producer.committed
     assert [t for t, _ in visible] == ["out", "dlq", "out"]
@@ -230,3 +234,34 @@ def test_a_result_refused_at_produce_is_replaced_in_the_same_transaction() -> No
     [visible] = producer.committed
     assert [t for t, _ in visible] == ["dlq"]
     assert acked[0].reason == "undeliverable"
+
+
+def test_a_periodic_commit_runs_in_the_background_and_outcomes_wait_for_its_end() -> None:
+    producer = TxnProducer()
+    gate = threading.Event()
+    commit = producer.commit_transaction
+
+    def slow_commit(timeout: float) -> None:
+        gate.wait(5)
+        commit(timeout)
+
+    producer.commit_transaction = slow_commit  # type: ignore[method-assign]
+    d, tracker, acked = _setup(producer)
+    outs = _consume(tracker, 4)
+    d.publish(outs[:2])
+    time.sleep(0.02)  # past the 10 ms commit interval
+    d.commit(force=False)  # starts the commit and returns at once
+    d.publish(outs[2:])  # arrives during the commit: held, not in the committing one
+    assert [v for _, v in producer.open] == [b"result-0", b"result-1"]
+    d.commit(force=False)  # still committing: nothing happens
+    assert acked == []
+    gate.set()
+    assert d._committing is not None
+    d._committing.join(5)
+    d.commit(force=False)  # notes the end, releases what waited into a new transaction
+    assert [o.envelope.offset for o in acked] == [0, 1]
+    assert [v for _, v in producer.open] == [b"result-2", b"result-3"]
+    d.commit(force=True)
+    assert [o.envelope.offset for o in acked] == [0, 1, 2, 3]
+    offsets = [e[1][TP] for e in producer.log if isinstance(e, tuple)]
+    assert offsets == [2, 4]
