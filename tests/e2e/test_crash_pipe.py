@@ -137,7 +137,7 @@ def test_sigterm_drains_and_commits_everything_it_delivered(broker: Any, tmp_pat
     ensure_topics(admin, [topics.input, topics.output, topics.dead_letter], 4, 1)
     topology = write_tiny_topology(tmp_path / "tiny.yaml", topics, batch=16)
     log = tmp_path / "run.log"
-    n = 10_000
+    n = 60_000  # ~1.5 s of work here: SIGTERM lands midway
     produce_tiny(broker, topics.input, tiny_vectors(n))
     counter = OutcomeCounter(broker.bootstrap_servers, topics)
     try:
