@@ -219,6 +219,9 @@ class OutcomeCounter:
                 "bootstrap.servers": bootstrap,
                 "group.id": "counter",
                 "enable.auto.commit": False,
+                # A broker restart can answer a fetch with "offset out of range" for a
+                # moment; librdkafka's default reset (latest) would skip records then.
+                "auto.offset.reset": "earliest",
                 **(settings or {}),
             }
         )
