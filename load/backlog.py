@@ -224,7 +224,7 @@ def control_run(
     try:
         assert served.pipeline is not None
         stats = served.pipeline.stats
-        _wait(lambda: stats.results >= backlog, 300, "the backlog")
+        wait_until(lambda: stats.results >= backlog, 300, "the backlog")
         first, last = stats.first_consumed, stats.last_delivered
         drain_rate = backlog / ((last or 0) - (first or 0))
         url = served.pipeline.metrics_url
@@ -232,8 +232,8 @@ def control_run(
         max_batch = int(max(v for k, v in scrape(url).items() if k.startswith("kp_batch_max_size")))
         time.sleep(2.0)  # the loop steps back down once the lag is gone
         steady = int(rate * seconds)
-        _open_loop(bootstrap, names["in"], rate, steady)
-        _wait(lambda: stats.results >= backlog + steady, 120, "the steady load")
+        open_loop(bootstrap, names["in"], rate, steady)
+        wait_until(lambda: stats.results >= backlog + steady, 120, "the steady load")
     finally:
         served.stop()
     steady_ms = np.asarray(
@@ -256,11 +256,15 @@ def control_run(
     )
 
 
-def _open_loop(bootstrap: str, topic: str, rate: int, n: int) -> None:
-    """Produce ``n`` requests at ``rate`` per second on a fixed schedule (open loop)."""
+def open_loop(bootstrap: str, topic: str, rate: int, n: int) -> dict[str, float]:
+    """Produce ``n`` requests at ``rate`` per second on a fixed schedule (open loop).
+
+    Returns each request id's send time (``time.monotonic()``).
+    """
     codec = AvroCodec()
     vector = np.ones(64, np.float32)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+    sent: dict[str, float] = {}
     start = time.monotonic()
     for i in range(n):
         due = start + i / rate
@@ -273,11 +277,13 @@ def _open_loop(bootstrap: str, topic: str, rate: int, n: int) -> None:
             codec.encode_request(tensor_request(rid, "tiny-mlp", {"x": vector})),
             rid.encode(),
         )
+        sent[rid] = time.monotonic()
         producer.poll(0)
     producer.flush(30)
+    return sent
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

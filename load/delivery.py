@@ -31,14 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from load import report
-from load.backlog import PARTITIONS, ROOT, produce_tiny, topology_for
+from load.backlog import PARTITIONS, ROOT, open_loop, produce_tiny, topology_for, wait_until
 from pipeline.app import open_topology
 from pipeline.broker import EmbeddedBroker
-from pipeline.client import tensor_request
 from pipeline.demo import BackgroundPipeline
 from pipeline.kafka import ensure_topics
 from schemas.codec import AvroCodec
@@ -99,7 +98,7 @@ def drain(bootstrap: str, tmp: Path, mode: str, rnd: int, backlog: int, commit_m
     try:
         assert served.pipeline is not None
         p = served.pipeline
-        _wait(lambda: p.stats.results >= backlog, 300, f"{mode}: the backlog")
+        wait_until(lambda: p.stats.results >= backlog, 300, f"{mode}: the backlog")
         seconds = (p.stats.last_delivered or 0.0) - (p.stats.first_consumed or 0.0)
         transactions = getattr(p.delivery, "transactions", {}).get("committed", 0)
     finally:
@@ -122,9 +121,9 @@ def steady(
     reader.start()
     try:
         assert served.pipeline is not None
-        _wait(served.pipeline.assigned.is_set, 60, "the assignment")
-        sent = _open_loop(bootstrap, names["KP_INPUT"], rate, int(rate * seconds))
-        _wait(lambda: len(seen) >= len(sent), 120, f"{mode}: the steady load")
+        wait_until(served.pipeline.assigned.is_set, 60, "the assignment")
+        sent = open_loop(bootstrap, names["KP_INPUT"], rate, int(rate * seconds))
+        wait_until(lambda: len(seen) >= len(sent), 120, f"{mode}: the steady load")
     finally:
         stop.set()
         reader.join(10)
@@ -152,36 +151,6 @@ def _read_visible(
             if msg.error() is None and value is not None:
                 seen.setdefault(codec.decode_result(value).id, time.monotonic())
     consumer.close()
-
-
-def _open_loop(bootstrap: str, topic: str, rate: int, n: int) -> dict[str, float]:
-    """Produce ``n`` requests on a fixed schedule; returns each id's send time."""
-    codec = AvroCodec()
-    vector = np.ones(64, np.float32)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
-    sent: dict[str, float] = {}
-    start = time.monotonic()
-    for i in range(n):
-        due = start + i / rate
-        delay = due - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        rid = f"s-{i}"
-        producer.produce(
-            topic, codec.encode_request(tensor_request(rid, "tiny-mlp", {"x": vector}))
-        )
-        sent[rid] = time.monotonic()
-        producer.poll(0)
-    producer.flush(30)
-    return sent
-
-
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def markdown(drains: list[Drain], latency: list[Steady], m: dict[str, Any]) -> str:

@@ -27,14 +27,13 @@ gone): the request becomes a dead letter instead, see `Delivery.replacement`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -93,6 +92,7 @@ class Delivery:
         on_acked: Callable[[Outcome], None],
         on_committed: Callable[[Positions], None],
         commit_interval_ms: int,
+        timeout_s: float = 30.0,
     ) -> None:
         self.producer = producer
         self.consumer = consumer
@@ -101,6 +101,7 @@ class Delivery:
         self.on_acked = on_acked
         self.on_committed = on_committed
         self.commit_interval_s = commit_interval_ms / 1000.0
+        self.timeout_s = timeout_s  # of one blocking call to the cluster
         self.pending: list[Outcome] = []
         self.fatal: str | None = None
         self.transactions = {"committed": 0, "aborted": 0}  # stays 0 at-least-once
@@ -163,25 +164,19 @@ class Delivery:
     def replacement(self, out: Outcome, err: KafkaError) -> Outcome | None:
         """The dead letter to send instead of an outcome the broker refused for good.
 
-        A result that cannot be written becomes an ``undeliverable`` dead letter; a dead
-        letter that is too large goes again without the request's bytes. Any other
-        failure sets ``fatal``: the record stays uncommitted and a restart serves it
-        again, rather than running on with a hole in the partition.
+        See `OutcomeEncoder.stand_in`. Any other failure sets ``fatal``: the record stays
+        uncommitted and a restart serves it again, rather than running on with a hole in
+        the partition.
         """
         env = out.envelope
         where = f"{env.topic}/{env.partition}@{env.offset}"
         if err.code() not in PERMANENT:
             self.fatal = self.fatal or f"delivery to {out.topic} failed for {where}: {err}"
-        elif out.reason is None:
-            error = f"its result cannot be written to {out.topic}: {err.str()}"
-            return self.encoder.dead_letter(env, "undeliverable", error)
-        elif env.value:
-            trimmed = dataclasses.replace(env, value=b"")
-            error = f"{err.str()}; the request's bytes were dropped from this dead letter"
-            return self.encoder.dead_letter(trimmed, out.reason, error)
-        else:
+            return None
+        stand_in = self.encoder.stand_in(out, err.str())
+        if stand_in is None:
             self.fatal = self.fatal or f"dead letter for {where} cannot be written: {err}"
-        return None
+        return stand_in
 
 
 class AtLeastOnce(Delivery):
@@ -236,21 +231,8 @@ class AtLeastOnce(Delivery):
 class ExactlyOnce(Delivery):
     """Outcomes and offsets committed together in one transaction per commit interval."""
 
-    def __init__(
-        self,
-        producer: Producer,
-        consumer: Consumer,
-        tracker: OffsetTracker,
-        encoder: OutcomeEncoder,
-        on_acked: Callable[[Outcome], None],
-        on_committed: Callable[[Positions], None],
-        commit_interval_ms: int,
-        timeout_s: float = 30.0,
-    ) -> None:
-        super().__init__(
-            producer, consumer, tracker, encoder, on_acked, on_committed, commit_interval_ms
-        )
-        self.timeout_s = timeout_s
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         # Outcomes waiting for an earlier record of their partition, by offset.
         self._held: defaultdict[tuple[str, int], dict[int, Outcome]] = defaultdict(dict)
         self._in_txn: list[Outcome] = []  # produced into the open transaction

@@ -447,13 +447,9 @@ class KpFaustModel:
         cause = err.__cause__ if err.__cause__ is not None else err  # Faust wraps send errors
         if not any(c.__name__ in _PERMANENT for c in type(cause).__mro__):
             raise DeliveryError(f"delivery to {out.topic} failed for {where}: {cause!r}") from err
-        if out.reason is None:
-            error = f"its result cannot be written to {out.topic}: {cause!r}"
-            return self.encoder.dead_letter(env, "undeliverable", error)
-        if env.value:
-            trimmed = dataclasses.replace(env, value=b"")
-            error = f"{cause!r}; the request's bytes were dropped from this dead letter"
-            return self.encoder.dead_letter(trimmed, out.reason, error)
+        stand_in = self.encoder.stand_in(out, repr(cause))
+        if stand_in is not None:
+            return stand_in
         raise DeliveryError(f"dead letter for {where} cannot be written to {out.topic}: {cause!r}")
 
     # -- lifetime ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ is for an operator.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,6 +121,23 @@ class OutcomeEncoder:
         topic = (self.reply_topics and request.reply_topic) or self.output_topic
         value = self.codec.encode_result(result)
         return Outcome(env, topic, value, model=model, status=Status.EXPIRED.value)
+
+    def stand_in(self, out: Outcome, cause: str) -> Outcome | None:
+        """The dead letter to send instead of an outcome the broker refused for good.
+
+        A result becomes an ``undeliverable`` dead letter; a dead letter goes again
+        without the request's bytes. None when even that is impossible (a dead letter
+        already without them): the caller must stop rather than lose the record.
+        """
+        env = out.envelope
+        if out.reason is None:
+            error = f"its result cannot be written to {out.topic}: {cause}"
+            return self.dead_letter(env, "undeliverable", error)
+        if env.value:
+            trimmed = dataclasses.replace(env, value=b"")
+            error = f"{cause}; the request's bytes were dropped from this dead letter"
+            return self.dead_letter(trimmed, out.reason, error)
+        return None
 
     def dead_letter(self, env: Envelope, reason: str, error: str) -> Outcome:
         """A dead letter with the original bytes; the reason also travels in headers."""
