@@ -433,8 +433,13 @@ class Pipeline:
 
     def _on_client_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            if self.health.broker_up:
+                log.warning("kafka: no broker reachable (%s); retrying", err.str())
             self.health.broker_up = False
-        log.warning("kafka: %s", err)
+        elif err.code() == KafkaError._TRANSPORT:  # each reconnect attempt says this
+            log.debug("kafka: %s", err)
+        else:
+            log.warning("kafka: %s", err)
 
     def _wait_s(self) -> float:
         if self._pending or not self._completed.empty():
@@ -538,6 +543,10 @@ class Pipeline:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.delivery.lost([(p.topic, p.partition) for p in partitions])
         self._let_go(partitions)
+        if not self.tracker.partitions():
+            # Dropped by the group (a broker outage longer than the session): not ready
+            # until it assigns again, unlike a replica legitimately assigned nothing.
+            self.health.assignment = None
         if self._cooperative:
             consumer.incremental_unassign(partitions)
         log.warning("lost %s", _names(partitions))

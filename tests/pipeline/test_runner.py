@@ -125,6 +125,9 @@ def test_a_transient_failure_stops_without_committing() -> None:
 class PausingConsumer:
     """Records pause, resume and seek; knows each partition's position."""
 
+    def assign(self, parts: list[Any]) -> None:
+        self.assigned = parts
+
     def __init__(self, positions: dict[int, int]) -> None:
         self.positions = positions
         self.calls: list[tuple[str, list[tuple[int, int]]]] = []
@@ -168,3 +171,15 @@ def test_resuming_seeks_each_partition_to_where_it_stands() -> None:
         ("resume", [(0, -1001), (1, -1001), (2, -1001)]),
         ("seek", [(0, 41)]),
     ]
+
+
+def test_a_replica_whose_partitions_are_all_lost_is_not_ready_until_assigned_again() -> None:
+    from confluent_kafka import TopicPartition
+
+    p = _pipeline(FakeProducer(limit=10_000))
+    p._on_assign(PausingConsumer({}), [TopicPartition("in", 0)])  # type: ignore[arg-type]
+    assert p.health.assignment == 1
+    p._on_lost(object(), [TopicPartition("in", 0)])  # type: ignore[arg-type]
+    assert p.health.assignment is None
+    p._on_assign(PausingConsumer({}), [])  # type: ignore[arg-type]
+    assert p.health.assignment == 0  # assigned nothing on purpose: ready
