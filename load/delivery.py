@@ -12,7 +12,7 @@ an outcome visible only when its transaction commits, so its latency grows by ab
 of ``flow.commit_interval_ms``: the price of the guarantee, shown at two intervals.
 
     python -m load.delivery                       # writes load/results/delivery.md
-    python -m load.delivery --backlog 200000 --rounds 3
+    python -m load.delivery --backlog 500000 --rounds 3
 
 Target (issue 5): exactly-once costs at most 10% of at-least-once's throughput.
 """
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the rounds and the latency runs; write load/results/delivery.md."""
     ap = argparse.ArgumentParser(prog="python -m load.delivery", description=__doc__.split("\n")[0])
     ap.add_argument("--backlog", type=int, default=200_000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--commit-interval-ms", type=int, default=500)
     ap.add_argument("--steady-rate", type=int, default=1000)
     ap.add_argument("--steady-seconds", type=float, default=8.0)
