@@ -527,6 +527,7 @@ class Pipeline:
         """
         started = time.monotonic()
         revoked = [(p.topic, p.partition) for p in partitions]
+        owed = sum(self.tracker.outstanding(tp) for tp in revoked)
         left = self._finish_work(started + self.flow.revoke_timeout_s, revoked)
         self._let_go(partitions)
         if self._cooperative:
@@ -534,8 +535,9 @@ class Pipeline:
         else:
             consumer.unassign()
         log.info(
-            "revoked %s after %.0f ms%s",
+            "revoked %s after finishing %d in-flight requests in %.0f ms%s",
             _names(partitions),
+            owed - left,
             (time.monotonic() - started) * 1000.0,
             f"; {left} requests left to the next owner" if left else "",
         )

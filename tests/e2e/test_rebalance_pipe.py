@@ -129,12 +129,22 @@ def test_second_and_third_replicas_join_and_leave_mid_run(
     assert counter.duplicates == 0
     first = logs[0].read_text()
     # Incremental: the first replica gave up only some partitions, never all of them.
-    revokes = re.findall(r"revoked (.*) after (\d+) ms", first)
+    revokes = re.findall(r"revoked (.*) after finishing (\d+) in-flight", first)
     assert revokes, first[-2000:]
     if cooperative:
         assert all(len(r.split(", ")) < PARTITIONS for r, _ in revokes[:-1])  # last: exit
-    # The moving partitions' open batches ran before they went.
-    assert any(int(ms) > 0 for _, ms in revokes), revokes
+    # The moving partitions' open batches ran before they went (counted, not timed: the
+    # tiny model finishes a batch in well under a millisecond).
+    finished = [
+        int(n)
+        for log in logs
+        for n in re.findall(r"after finishing (\d+) in-flight", log.read_text())
+    ]
+    if cooperative:
+        # Under the eager protocol on noida-db the revokes found nothing in flight in every
+        # run (fetching stops when the rebalance starts, and open batches flush meanwhile),
+        # so only the cooperative case shows work finished at revoke.
+        assert any(finished), finished
     for log in logs:  # every revoke finished its work within the timeout
         assert "left to the next owner" not in log.read_text()
     assert committed_offsets(broker, topics.group, topics.input, PARTITIONS) == end_offsets(
