@@ -122,6 +122,9 @@ class Delivery:
         """Deliver and commit everything publishable; returns outcomes still undelivered."""
         raise NotImplementedError
 
+    def commit_done(self, err: KafkaError | None, offsets: list[TopicPartition]) -> None:
+        """The consumer's answer to one of its commits (exactly-once commits none)."""
+
     def lost(self, partitions: list[tuple[str, int]]) -> None:
         """Partitions were taken without a chance to commit: drop what they owe."""
 
@@ -215,6 +218,30 @@ class AtLeastOnce(Delivery):
             return
         self.tracker.mark_committed(positions)
         self.on_committed(positions)
+
+    def commit_done(self, err: KafkaError | None, offsets: list[TopicPartition]) -> None:
+        """The consumer's answer to a commit (its ``on_commit``): retry what failed.
+
+        `commit` marks positions committed when it hands them over, so that an unchanged
+        position is not committed again every interval. An asynchronous commit that then
+        fails (the broker went away, a coordinator moved) must be offered again: otherwise
+        a partition that makes no further progress keeps a stale committed offset, which
+        lag exporters and autoscalers read as lag that never drains, and a restart would
+        serve its records again.
+        """
+        failed = [
+            tp for tp in offsets if (err is not None or tp.error is not None) and tp.offset >= 0
+        ]
+        retried = [
+            tp for tp in failed if self.tracker.commit_failed((tp.topic, tp.partition), tp.offset)
+        ]
+        if retried:
+            log.warning(
+                "commit of %d partitions failed (%s); it is retried with the next commit",
+                len(retried),
+                err if err is not None else retried[0].error,
+            )
+            self._last_commit = 0.0  # the next turn commits, not one interval later
 
     def settle(self, timeout: float) -> int:
         """Flush the producer (and stand-in dead letters), then commit synchronously."""

@@ -190,6 +190,7 @@ class Pipeline:
         conf.setdefault("statistics.interval.ms", 1000)
         conf["stats_cb"] = _weak(self._on_stats)
         conf["error_cb"] = _weak(self._on_client_error)
+        conf["on_commit"] = _weak(self._on_commit)
         self._cooperative = "cooperative" in str(conf.get("partition.assignment.strategy"))
         return Consumer(conf)
 
@@ -585,6 +586,11 @@ class Pipeline:
                     gauge.remove(p.topic, str(p.partition))
         self.delivery.forget([(p.topic, p.partition) for p in partitions])
         self.health.assignment = len(self.tracker.partitions())
+
+    def _on_commit(self, err: KafkaError | None, offsets: list[TopicPartition]) -> None:
+        if err is not None and err.code() == KafkaError._NO_OFFSET:
+            return  # nothing was left to commit
+        self.delivery.commit_done(err, offsets)
 
     def _on_consume_error(self, err: KafkaError) -> None:
         if err.fatal():

@@ -150,6 +150,18 @@ class OffsetTracker:
             if part is not None:
                 part.committed = pos
 
+    def commit_failed(self, tp: TopicPartition, position: int) -> bool:
+        """An asynchronous commit of ``position`` failed: offer it again to the next commit.
+
+        False when nothing changes: the partition is gone, or a later commit was handed
+        over since (it covers this one).
+        """
+        part = self._parts.get(tp)
+        if part is None or part.committed != position:
+            return False
+        part.committed = None
+        return True
+
     def partitions(self) -> list[TopicPartition]:
         """The partitions being tracked."""
         return list(self._parts)

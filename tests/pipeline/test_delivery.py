@@ -1,16 +1,18 @@
-"""Exactly-once delivery's bookkeeping, with an in-memory transactional producer double."""
+"""Delivery's bookkeeping with in-memory client doubles: exactly-once transactions, and
+at-least-once commits that fail after they were handed over."""
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.delivery import ExactlyOnce
+from pipeline.delivery import AtLeastOnce, ExactlyOnce
 from pipeline.messages import Envelope, Request
 from pipeline.outcomes import Outcome, OutcomeEncoder
 from pipeline.tracker import OffsetTracker
@@ -265,3 +267,84 @@ def test_a_periodic_commit_runs_in_the_background_and_outcomes_wait_for_its_end(
     assert [o.envelope.offset for o in acked] == [0, 1, 2, 3]
     offsets = [e[1][TP] for e in producer.log if isinstance(e, tuple)]
     assert offsets == [2, 4]
+
+
+class CommittingConsumer:
+    """Records each commit's offsets; the test answers them as the broker would."""
+
+    def __init__(self) -> None:
+        self.commits: list[dict[tuple[str, int], int]] = []
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.commits.append({(o.topic, o.partition): o.offset for o in offsets})
+
+
+@dataclass
+class Answer:
+    """A committed partition as the commit callback gets it (TopicPartition's error is
+    read-only, so a test cannot set one)."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: KafkaError | None
+
+
+def _at_least_once() -> tuple[AtLeastOnce, OffsetTracker, CommittingConsumer]:
+    tracker, consumer = OffsetTracker(), CommittingConsumer()
+    d = AtLeastOnce(
+        TxnProducer(),  # type: ignore[arg-type]
+        consumer,  # type: ignore[arg-type]
+        tracker,
+        OutcomeEncoder(AvroCodec(), "out", "dlq"),
+        lambda _: None,
+        lambda _: None,
+        commit_interval_ms=60_000,
+    )
+    return d, tracker, consumer
+
+
+def _done(tracker: OffsetTracker, tp: tuple[str, int], n: int) -> None:
+    generation = tracker.assign(tp)
+    for offset in range(n):
+        tracker.track(tp, offset)
+        tracker.done(tp, offset, generation)
+
+
+def test_an_asynchronous_commit_that_fails_is_sent_again_without_new_progress() -> None:
+    d, tracker, consumer = _at_least_once()
+    other = ("in", 1)
+    _done(tracker, TP, 3)
+    _done(tracker, other, 2)
+    d.commit(force=True)
+    assert consumer.commits == [{TP: 3, other: 2}]
+    d.commit(force=False)  # nothing moved, and the interval (60 s) has not passed
+    assert len(consumer.commits) == 1
+    # The broker went away: partition 0's commit failed, partition 1's went through.
+    failed = Answer(*TP, 3, KafkaError(KafkaError.NOT_COORDINATOR))
+    d.commit_done(None, [failed, TopicPartition(*other, 2)])  # type: ignore[list-item]
+    d.commit(force=False)  # due at once, not an interval later; only what failed
+    assert consumer.commits[1:] == [{TP: 3}]
+    d.commit_done(None, [TopicPartition(*TP, 3)])  # this time it went through
+    d.commit(force=True)
+    assert len(consumer.commits) == 2
+
+
+def test_a_failed_commit_is_not_sent_again_once_a_newer_one_or_a_revoke_covers_it() -> None:
+    d, tracker, consumer = _at_least_once()
+    _done(tracker, TP, 3)
+    d.commit(force=True)
+    generation = tracker.generation(TP) or 0
+    for offset in (3, 4):
+        tracker.track(TP, offset)
+        tracker.done(TP, offset, generation)
+    d.commit(force=True)
+    assert consumer.commits == [{TP: 3}, {TP: 5}]
+    error = KafkaError(KafkaError.REQUEST_TIMED_OUT)
+    d.commit_done(error, [TopicPartition(*TP, 3)])  # the older one failed: 5 covers it
+    d.commit(force=True)
+    assert len(consumer.commits) == 2
+    tracker.revoke(TP)
+    d.commit_done(error, [TopicPartition(*TP, 5)])  # gone: the next owner commits
+    d.commit(force=True)
+    assert len(consumer.commits) == 2

@@ -212,3 +212,20 @@ def test_bytes_and_the_oldest_unserved_record_follow_track_done_and_revoke() -> 
     t.revoke(tp)
     assert (t.in_flight, t.in_flight_bytes) == (0, 0)
     assert t.oldest(tp) is None
+
+
+def test_a_failed_commit_is_offered_again_only_while_it_is_the_latest() -> None:
+    t = OffsetTracker()
+    g = t.assign(TP)
+    for o in range(4):
+        t.track(TP, o)
+    t.done(TP, 0, g)
+    t.mark_committed(t.committable())
+    assert t.commit_failed(TP, 1)
+    assert t.committable() == {TP: 1}
+    t.mark_committed({TP: 1})
+    t.done(TP, 1, g)
+    t.mark_committed(t.committable())
+    assert not t.commit_failed(TP, 1)  # position 2 was handed over since: it covers 1
+    assert t.committable() == {}
+    assert not t.commit_failed(OTHER, 1)  # not tracked
