@@ -159,6 +159,52 @@ def _outage(broker: TansuS3Broker, base: str, proc: Any, log: Path) -> list[Samp
     return samples
 
 
+def _stalled(
+    error: AssertionError,
+    broker: TansuS3Broker,
+    topics: Topics,
+    counter: OutcomeCounter,
+    base: str,
+    log: Path,
+) -> str:
+    """What a stall looked like: enough to tell a broker's lost record from a stuck
+    pipeline (this test failed once in CI, and never in 25 runs here)."""
+    missing = sorted({f"r-{i}" for i in range(N)} - counter.ids, key=lambda s: int(s[2:]))
+    codec = AvroCodec()
+    output = read_topic(broker.bootstrap_servers, topics.output, timeout=60, idle=2)
+    missing_in_output = set(missing) & {codec.decode_result(m.value()).id for m in output}
+    where: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    offsets: collections.Counter[tuple[int, int]] = collections.Counter()
+    for m in read_topic(broker.bootstrap_servers, topics.input, timeout=60, idle=2):
+        offsets[(m.partition(), m.offset())] += 1
+        where[codec.decode_request(m.value()).id].append((m.partition(), m.offset()))
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=2) as r:
+            metrics = [
+                line
+                for line in r.read().decode().splitlines()
+                if line.startswith(("kp_in_flight", "kp_paused", "kp_consumer_lag", "kp_ready"))
+            ]
+    except OSError as e:
+        metrics = [f"(no /metrics: {e})"]
+    own = [line for line in log.read_text().splitlines() if not line.startswith("%")]
+    return "\n".join(
+        [
+            str(error),
+            f"{len(counter.ids)} ids have an outcome; {len(missing)} missing: {missing[:20]}",
+            f"where the missing are in the input: {[(i, where.get(i)) for i in missing[:20]]}",
+            f"input offsets holding more than one record: {sum(n > 1 for n in offsets.values())}",
+            f"missing ids found in the output read afresh: {sorted(missing_in_output)[:20]}",
+            f"input end offsets {end_offsets(broker, topics.input)}",
+            f"committed offsets {committed_offsets(broker, topics.group, topics.input)}",
+            f"output end offsets {end_offsets(broker, topics.output)}",
+            *metrics,
+            "pipeline log, without librdkafka's lines (tail):",
+            *own[-40:],
+        ]
+    )
+
+
 @pytest.mark.timeout(180)
 def test_the_pipeline_rides_out_a_broker_kill_and_restart(
     tansu_s3: TansuS3Broker, tmp_path: Path
@@ -184,7 +230,10 @@ def test_the_pipeline_rides_out_a_broker_kill_and_restart(
         wait_for(lambda: _get(base + "/readyz")[0] == 200, 60, "/readyz 200 after the restart")
         producer.join(120)
         assert (requests.left, requests.failures) == (0, []), requests.failures[:3]
-        wait_for(lambda: len(counter.ids) >= N, 90, f"an outcome for each of {N} requests")
+        try:
+            wait_for(lambda: len(counter.ids) >= N, 90, f"an outcome for each of {N} requests")
+        except AssertionError as e:
+            raise AssertionError(_stalled(e, tansu_s3, topics, counter, base, log)) from None
         time.sleep(1.0)  # a late duplicate would arrive now
         assert proc.poll() is None, "the pipeline restarted or exited"
         wait_for(
