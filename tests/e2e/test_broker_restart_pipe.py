@@ -6,6 +6,7 @@ pipeline stays alive (/healthz 200) but says it is not ready (/readyz 503,
 broker_reachable false); when it is back, the same process carries on: every request
 gets an outcome, duplicates stay within the in-flight window, the committed offsets reach
 the end of the input, and SIGTERM still drains and exits 0. At-least-once, the default.
+The pipeline's consumer waits up to 500 ms per fetch here, as Tansu on s3 needs.
 
 Both producers here (the requests' and the pipeline's) run without idempotence: Tansu 0.6
 on s3 loses an idempotent producer's batch that is in flight at the kill while answering
@@ -77,6 +78,10 @@ def _topology(path: Path, topics: Topics) -> Path:
         batch=16,
         max_in_flight=MAX_IN_FLIGHT,
         commit_interval_ms=COMMIT_INTERVAL_MS,
+        # The pipeline's 10 ms would read nothing here once a partition holds more than a
+        # few dozen batches (see test_brokers_pipe's short fetch wait test): that stalled
+        # this test in CI.
+        consumer={"fetch.wait.max.ms": 500},
     )
     doc = yaml.safe_load(path.read_text())
     doc["kafka"]["producer"] = NOT_IDEMPOTENT  # see the module's docstring

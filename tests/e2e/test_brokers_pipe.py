@@ -50,6 +50,13 @@ GAPS: dict[tuple[str, str], str] = {
         "until the rebalance timeout (max.poll.interval.ms, 300 s by default). A revoke "
         "that takes 30 ms or more never stalled (18 of 18 rounds)"
     ),
+    ("short_fetch_wait", "tansu_s3"): (
+        "Tansu 0.6 on s3 lists a partition's batch objects within the fetch's max wait and "
+        "stops listing when it has passed: once listing takes longer (moto here: 15 ms for "
+        "50 batches, 40 ms for 200), a fetch with fetch.wait.max.ms 10 returns nothing, "
+        "every time (0 of 200 records in 30 s; all with 500 ms). Topologies on it need "
+        "kafka.consumer fetch.wait.max.ms: 500"
+    ),
 }
 _MEMORY_LOST = "the memory engine loses everything with the process"
 _NOIDA_LOST = (
@@ -386,6 +393,26 @@ def test_paused_partitions_are_not_fetched_until_resumed(kafka: Kafka) -> None:
     consumer.resume([TopicPartition(topic, 0)])
     consume_until(lambda: seen[0] >= 20, 20)
     assert seen == {0: 20, 1: 20}
+
+
+# The pipeline's consumer asks for fetch.wait.max.ms 10 (pipeline/kafka.py says why).
+SHORT_FETCH_WAIT_MS = 10
+LONG_PARTITION_BATCHES = 500
+
+
+@pytest.mark.timeout(120)
+@on("short_fetch_wait")
+def test_a_partition_of_many_batches_is_read_with_a_short_fetch_wait(kafka: Kafka) -> None:
+    """A fetch that may wait only 10 ms still returns the records that are there."""
+    topic = kafka.topic()
+    producer = kafka.producer(**{"linger.ms": 0, "batch.num.messages": 1})
+    for i in range(LONG_PARTITION_BATCHES):
+        producer.produce(topic, value=b"%d" % i)
+    assert producer.flush(60) == 0
+    assert len(kafka.values(topic, "read_uncommitted")) == LONG_PARTITION_BATCHES
+    consumer = kafka.consumer(**{"fetch.wait.max.ms": SHORT_FETCH_WAIT_MS})
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    _consume(consumer, LONG_PARTITION_BATCHES, timeout=10)
 
 
 # -- a broker killed and started again ------------------------------------------------------
