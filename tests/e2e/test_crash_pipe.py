@@ -1,7 +1,10 @@
 """Killing `kp-pipeline run` with SIGKILL at random moments loses nothing; SIGTERM drains.
 
-At-least-once runs on the embedded Tansu broker. Exactly-once runs on noida-db, which
-hides aborted transactions from read_committed readers (Tansu does not, see
+Each kill lands at a random moment after the replica has its partitions, while requests
+still arrive: a kill during start-up would prove little, and on Tansu (a restarted
+replica's join took 6 s) kills timed from the spawn all landed before it had served a
+request. At-least-once runs on the embedded Tansu broker. Exactly-once runs on noida-db,
+which hides aborted transactions from read_committed readers (Tansu does not, see
 test_brokers_pipe), so a crash's aborted transaction is really invisible there.
 """
 
@@ -35,26 +38,60 @@ from pipeline.kafka import ensure_topics
 N = 20_000
 KILLS = 5
 MAX_IN_FLIGHT = 2048
+CHUNKS = 200
+CHUNK_EVERY_S = 0.25  # ~400 requests/s while the kills go on
+ASSIGNED = "pipeline.runner: assigned "
 
 
 def _settings(broker: Any) -> dict[str, Any]:
     return dict(getattr(broker, "client_settings", {}))
 
 
-def _paced_producer(broker: Any, topic: str, n: int, seconds: float) -> threading.Thread:
-    """Produces n requests spread over ``seconds``, so the kills land amid traffic."""
+def _paced_producer(
+    broker: Any, topic: str, n: int, kills_done: threading.Event
+) -> threading.Thread:
+    """Produces n requests in chunks, one every CHUNK_EVERY_S while the kills go on, so
+    they land amid steady traffic; the rest at once after the last kill, which the last
+    chunk always waits for, so every kill cuts a run short however slowly replicas start
+    (a group join on Tansu took 6 s here)."""
 
     def run() -> None:
-        chunks = 20
         vectors = tiny_vectors(n)
-        for i in range(chunks):
-            lo, hi = i * n // chunks, (i + 1) * n // chunks
+        for i in range(CHUNKS):
+            if i == CHUNKS - 1:
+                kills_done.wait(300)
+            lo, hi = i * n // CHUNKS, (i + 1) * n // CHUNKS
             produce_tiny(broker, topic, vectors[lo:hi], prefix="r", first=lo)
-            time.sleep(seconds / chunks)
+            kills_done.wait(CHUNK_EVERY_S)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def _kill_replicas(
+    topology: Path, broker: Any, log: Path, env: dict[str, str], counter: OutcomeCounter
+) -> list[tuple[int, int]]:
+    """Start a replica, SIGKILL it at a random moment after it has its partitions; KILLS
+    times. Returns the requests answered when each was assigned and when it was killed."""
+    rng = random.Random(5)
+    lives: list[tuple[int, int]] = []
+    for kill in range(KILLS):
+        assignments = log.read_text().count(ASSIGNED) if log.exists() else 0
+        replica = spawn_run(topology, broker, log, env=env)
+        wait_for(
+            lambda: log.read_text().count(ASSIGNED) > assignments,  # noqa: B023
+            60,
+            f"replica {kill + 1}'s partitions",
+        )
+        answered = len(counter.ids)
+        time.sleep(rng.uniform(0.1, 2.0))
+        replica.send_signal(signal.SIGKILL)
+        replica.wait(10)
+        lives.append((answered, len(counter.ids)))
+        with log.open("a") as f:
+            f.write(f"--- SIGKILL {kill + 1}: answered {lives[-1]} (assigned, killed)\n")
+    return lives
 
 
 @pytest.mark.parametrize(
@@ -87,18 +124,11 @@ def test_sigkill_at_five_random_moments_loses_nothing(
     # Restarted under the same name, as a StatefulSet pod or a restarted container is:
     # the same static group member and the same transactional producer.
     env = {**os.environ, "KP_REPLICA_ID": "replica-0"}
-    rng = random.Random(5)
-    producer = _paced_producer(broker, topics.input, N, seconds=12.0)
+    kills_done = threading.Event()
+    producer = _paced_producer(broker, topics.input, N, kills_done)
     try:
-        for kill in range(KILLS):
-            replica = spawn_run(topology, broker, log, env=env)
-            # Anywhere from start-up (models loading, joining, init_transactions) to
-            # serving at full speed.
-            time.sleep(rng.uniform(1.0, 5.0))
-            replica.send_signal(signal.SIGKILL)
-            replica.wait(10)
-            with log.open("a") as f:
-                f.write(f"--- SIGKILL {kill + 1} with {len(counter.ids)} requests answered\n")
+        lives = _kill_replicas(topology, broker, log, env, counter)
+        kills_done.set()
         producer.join(120)
         last = spawn_run(topology, broker, log, env=env)
         try:
@@ -108,8 +138,11 @@ def test_sigkill_at_five_random_moments_loses_nothing(
             last.send_signal(signal.SIGTERM)
             code = last.wait(60)
     finally:
+        kills_done.set()
         counter.stop()
     assert code == 0, log.read_text()[-3000:]
+    # Each replica served before its kill: the kills cut serving replicas short.
+    assert all(killed > assigned for assigned, killed in lives), lives
     assert counter.ids == {f"r-{i}" for i in range(N)}
     assert not counter.dead_letters
     if delivery == "exactly_once":
@@ -122,7 +155,7 @@ def test_sigkill_at_five_random_moments_loses_nothing(
         # Each kill repeats at most what was in flight, plus what was acknowledged since
         # the last commit (one 200 ms interval, ~4k at ~20k requests/s).
         assert counter.duplicates <= KILLS * (MAX_IN_FLIGHT + 4000), counter.duplicates
-    print(f"{delivery}: {counter.duplicates} duplicates after {KILLS} kills")
+    print(f"{delivery}: {counter.duplicates} duplicates after {KILLS} kills; answered {lives}")
     # The committed offsets cover every request, nothing is left to serve.
     assert committed_offsets(broker, topics.group, topics.input) == end_offsets(
         broker, topics.input
