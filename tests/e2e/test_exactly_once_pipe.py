@@ -22,6 +22,7 @@ from e2e.kit import (
     end_offsets,
     new_topics,
     produce_tiny,
+    read_outcomes,
     spawn_run,
     tiny_vectors,
     wait_for,
@@ -48,8 +49,11 @@ def test_a_stalled_replica_is_fenced_by_its_successor_and_nothing_is_seen_twice(
         consumer=settings,
         static=True,  # the successor takes the zombie's place in the group at once
     )
+    # Progress only; the verdict is what a transactional reader sees after the run.
     counter = OutcomeCounter(
-        noida.bootstrap_servers, topics, settings={**settings, "isolation.level": "read_committed"}
+        noida.bootstrap_servers,
+        topics,
+        settings={**settings, "isolation.level": "read_uncommitted"},
     )
     env = {**os.environ, "KP_REPLICA_ID": "replica-a"}
     logs = [tmp_path / "zombie.log", tmp_path / "successor.log"]
@@ -77,7 +81,6 @@ def test_a_stalled_replica_is_fenced_by_its_successor_and_nothing_is_seen_twice(
         zombie_code = zombie.wait(60)
         producer.join(60)
         wait_for(lambda: len(counter.ids) >= N, 60, f"an outcome for each of {N} requests")
-        time.sleep(1.0)
     finally:
         if zombie.poll() is None:
             zombie.send_signal(signal.SIGCONT)
@@ -90,6 +93,7 @@ def test_a_stalled_replica_is_fenced_by_its_successor_and_nothing_is_seen_twice(
     assert zombie_code != 0, zombie_log[-3000:]
     assert "fenced" in zombie_log, zombie_log[-3000:]
     assert successor_code == 0, logs[1].read_text()[-3000:]
-    assert counter.ids == {f"r-{i}" for i in range(N)}
-    assert counter.duplicates == 0
     assert committed_offsets(noida, topics.group, topics.input) == end_offsets(noida, topics.input)
+    final = read_outcomes(noida, topics, N)
+    assert final.ids == {f"r-{i}" for i in range(N)}
+    assert final.duplicates == 0
