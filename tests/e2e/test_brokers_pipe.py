@@ -221,9 +221,9 @@ def test_transactions_commit_records_with_offsets_and_abort_both(kafka: Kafka) -
     ]
 
 
-@pytest.mark.timeout(90)
-@on("read_committed")
-def test_read_committed_readers_never_see_aborted_records(kafka: Kafka) -> None:
+def _commit_abort_commit(kafka: Kafka, aborted: int = 5) -> tuple[str, Producer]:
+    """A topic holding, from one transactional producer: "first" committed, ``aborted``
+    records aborted (on the broker before the abort), "second" committed."""
     sink = kafka.topic()
     txn = kafka.producer(**{"transactional.id": f"tx-{uuid.uuid4().hex[:8]}"})
     txn.init_transactions(15)
@@ -231,13 +231,20 @@ def test_read_committed_readers_never_see_aborted_records(kafka: Kafka) -> None:
     txn.produce(sink, value=b"first")
     txn.commit_transaction(15)
     txn.begin_transaction()
-    for i in range(5):
+    for i in range(aborted):
         txn.produce(sink, value=b"aborted-%d" % i)
     assert txn.flush(10) == 0
     txn.abort_transaction(15)
     txn.begin_transaction()
     txn.produce(sink, value=b"second")
     txn.commit_transaction(15)
+    return sink, txn
+
+
+@pytest.mark.timeout(90)
+@on("read_committed")
+def test_read_committed_readers_never_see_aborted_records(kafka: Kafka) -> None:
+    sink, _ = _commit_abort_commit(kafka)
 
     everything = kafka.values(sink, "read_uncommitted", count=7)
     assert everything == [b"first", *(b"aborted-%d" % i for i in range(5)), b"second"]
@@ -261,20 +268,7 @@ def test_a_following_reader_sees_commits_after_the_producers_aborted_transaction
     """What a downstream consumer of an exactly-once pipeline does: it follows the output,
     and a replica that crashed comes back with the same transactional id, whose crashed
     transaction was aborted; its later commits must reach the reader."""
-    sink = kafka.topic()
-    txn = kafka.producer(**{"transactional.id": f"tx-{uuid.uuid4().hex[:8]}"})
-    txn.init_transactions(15)
-    txn.begin_transaction()
-    txn.produce(sink, value=b"first")
-    txn.commit_transaction(15)
-    txn.begin_transaction()
-    for i in range(3):
-        txn.produce(sink, value=b"aborted-%d" % i)
-    assert txn.flush(10) == 0
-    txn.abort_transaction(15)
-    txn.begin_transaction()
-    txn.produce(sink, value=b"second")
-    txn.commit_transaction(15)
+    sink, txn = _commit_abort_commit(kafka, aborted=3)
     reader = kafka.consumer(**{"isolation.level": "read_committed"})
     reader.assign([TopicPartition(sink, 0, 0)])
     assert b"second" in _values_until(reader, b"second")  # read from the start: all there
