@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka.admin import AdminClient
 from e2e.kit import (
     OutcomeCounter,
+    PacedProducer,
     committed_offsets,
     end_offsets,
     new_topics,
-    produce_tiny,
     read_outcomes,
     spawn_run,
-    tiny_vectors,
     wait_for,
     write_tiny_topology,
 )
@@ -58,15 +55,8 @@ def test_a_stalled_replica_is_fenced_by_its_successor_and_nothing_is_seen_twice(
     env = {**os.environ, "KP_REPLICA_ID": "replica-a"}
     logs = [tmp_path / "zombie.log", tmp_path / "successor.log"]
 
-    def produce() -> None:
-        vectors = tiny_vectors(N)
-        for i in range(20):
-            lo, hi = i * N // 20, (i + 1) * N // 20
-            produce_tiny(noida, topics.input, vectors[lo:hi], first=lo)
-            time.sleep(0.5)
-
-    producer = threading.Thread(target=produce, daemon=True)
-    producer.start()
+    # Traffic in chunks until the zombie has gone: each replica serves requests.
+    producer = PacedProducer(noida, topics.input, N, chunk=N // 20, every_s=0.5)
     zombie = spawn_run(topology, noida, logs[0], env=env)
     successor = None
     try:
@@ -79,9 +69,10 @@ def test_a_stalled_replica_is_fenced_by_its_successor_and_nothing_is_seen_twice(
         wait_for(lambda: len(counter.ids) >= mark + 500, 90, "the successor serving")
         zombie.send_signal(signal.SIGCONT)
         zombie_code = zombie.wait(60)
-        producer.join(60)
-        wait_for(lambda: len(counter.ids) >= N, 60, f"an outcome for each of {N} requests")
+        total = producer.finish()
+        wait_for(lambda: len(counter.ids) >= total, 60, f"an outcome for each of {total}")
     finally:
+        producer.finish()
         if zombie.poll() is None:
             zombie.send_signal(signal.SIGCONT)
             zombie.kill()
@@ -94,6 +85,6 @@ def test_a_stalled_replica_is_fenced_by_its_successor_and_nothing_is_seen_twice(
     assert "fenced" in zombie_log, zombie_log[-3000:]
     assert successor_code == 0, logs[1].read_text()[-3000:]
     assert committed_offsets(noida, topics.group, topics.input) == end_offsets(noida, topics.input)
-    final = read_outcomes(noida, topics, N)
-    assert final.ids == {f"r-{i}" for i in range(N)}
+    final = read_outcomes(noida, topics, total)
+    assert final.ids == producer.ids
     assert final.duplicates == 0
