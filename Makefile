@@ -31,7 +31,7 @@ prometheus-tools:  ## install Debian's prometheus and promtool if missing (needs
 
 setup: $(STAMP) $(TOOLS) prometheus-tools models/.exported  ## create .venv, install everything, export the models
 
-models/.exported: $(STAMP) $(wildcard pipeline/zoo/*.py)
+models/.exported: $(STAMP) $(wildcard pipeline/tools/zoo/*.py)
 	$(BIN)/kp-pipeline models export --out models
 	touch models/.exported
 

@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from pipeline.tensors import TensorSpec
+from schemas.tensors import TensorSpec
 
 __all__ = ["Backend", "ModelInfo", "ModelSpec", "Probe", "TensorBatch"]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import BackendError
+from schemas.errors import BackendError
 
 __all__ = ["PinnedBuffers", "StreamOwner", "is_device_array", "parse_device", "resolve_device"]
 

@@ -35,8 +35,8 @@ import numpy as np
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
 from backends.devices import StreamOwner, is_device_array, resolve_device
 from backends.options import StrictOptions, parse_options
-from pipeline.errors import BackendError
-from pipeline.tensors import TensorSpec, numpy_dtype
+from schemas.errors import BackendError
+from schemas.tensors import TensorSpec, numpy_dtype
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeOptions"]
 

@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from backends.base import ModelSpec
-from pipeline.config import InputSettings as DeclaredTensor
-from pipeline.errors import BackendError
-from pipeline.loader import error_message, format_path
-from pipeline.tensors import TensorSpec
+from pipeline.config.loader import error_message, format_path
+from pipeline.config.topology import InputSettings as DeclaredTensor
+from schemas.errors import BackendError
+from schemas.tensors import TensorSpec
 
 __all__ = [
     "SIGNATURE_FILE",
@@ -61,7 +61,7 @@ def parse_options(model: type[OptionsT], spec: ModelSpec, backend: str) -> Optio
 
 
 SIGNATURE_FILE = "kp_signature.json"
-"""Name of the signature that `pipeline.zoo` embeds in the archives it writes (TorchScript
+"""Name of the signature that `pipeline.tools.zoo` embeds in the archives it writes (TorchScript
 ``_extra_files``, torch.export ``extra_files``), for formats that keep none themselves."""
 
 

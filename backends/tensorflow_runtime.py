@@ -35,8 +35,8 @@ import numpy as np
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
 from backends.devices import is_device_array, resolve_device
 from backends.options import StrictOptions, parse_options
-from pipeline.errors import BackendError
-from pipeline.tensors import TensorSpec, oip_datatype_named
+from schemas.errors import BackendError
+from schemas.tensors import TensorSpec, oip_datatype_named
 
 __all__ = ["TensorFlowBackend", "TensorFlowOptions"]
 

@@ -46,8 +46,8 @@ from backends.devices import (
     resolve_device,
 )
 from backends.options import StrictOptions, parse_options
-from pipeline.errors import BackendError
-from pipeline.tensors import TensorSpec
+from schemas.errors import BackendError
+from schemas.tensors import TensorSpec
 
 __all__ = [
     "Signature",

@@ -48,9 +48,9 @@ from backends.options import (
     parse_signature_json,
     signature_of,
 )
-from pipeline.errors import BackendError, GraphError
-from pipeline.plugins import import_object
-from pipeline.tensors import TensorSpec, numpy_dtype, oip_datatype_named
+from schemas.errors import BackendError, GraphError
+from schemas.plugins import import_object
+from schemas.tensors import TensorSpec, numpy_dtype, oip_datatype_named
 
 __all__ = ["TorchBackend", "TorchOptions"]
 

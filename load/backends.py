@@ -2,7 +2,7 @@
 
     python -m load.backends [--requests N] [--batches 1 8 32] [--only torch-export ...]
 
-The same network (`pipeline.zoo.small_cnn`: ONNX, TorchScript, torch.export and a Keras
+The same network (`pipeline.tools.zoo.small_cnn`: ONNX, TorchScript, torch.export and a Keras
 twin as a TensorFlow SavedModel) is fed preprocessed tensors (FP32[3,64,64] per
 request). For each runtime and batch size, in one run on one embedded broker:
 
@@ -36,13 +36,13 @@ from confluent_kafka.admin import AdminClient
 from load import report, variants
 from load.cpu import CpuSplit, process_seconds, split_now
 from pipeline.app import OpenTopology
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import produce_requests, tensor_request
-from pipeline.kafka import ensure_topics
-from pipeline.loader import load_topology
-from pipeline.messages import Request
-from pipeline.zoo.small_cnn import CNN_SIZE
+from pipeline.config.loader import load_topology
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.clients import ensure_topics
+from pipeline.tools.traffic import produce_requests, tensor_request
+from pipeline.tools.zoo.small_cnn import CNN_SIZE
 from schemas.codec import AvroCodec
+from schemas.messages import Request
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGY = ROOT / "load" / "topologies" / "small-cnn.yaml"

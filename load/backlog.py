@@ -39,10 +39,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from load import report
 from pipeline.app import open_topology
-from pipeline.broker import EmbeddedBroker, free_port
-from pipeline.client import read_topic, tensor_request
-from pipeline.demo import BackgroundPipeline
-from pipeline.kafka import ensure_topics
+from pipeline.kafka.broker import EmbeddedBroker, free_port
+from pipeline.kafka.clients import ensure_topics
+from pipeline.tools.demo import BackgroundPipeline
+from pipeline.tools.traffic import read_topic, tensor_request
 from schemas.codec import AvroCodec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
     python -m load.bench [--scenario tiny|image|all]
 
 One embedded broker for the whole run. Per scenario the requests are produced once to an
-input topic; kp-pipeline, a faust-streaming agent (`pipeline.faust_adapter`), a naive
+input topic; kp-pipeline, a faust-streaming agent (`pipeline.integrations.faust`), a naive
 consumer and a Kafka pass-through each read that topic with their own consumer group,
 then the model alone and (for images) preprocessing plus model run without Kafka.
 
@@ -37,14 +37,14 @@ from confluent_kafka.admin import AdminClient
 from load import generator, report, variants
 from load.report import Check, Row, ScenarioResult
 from pipeline.app import OpenTopology
-from pipeline.broker import EmbeddedBroker, free_port
-from pipeline.client import image_request, produce_requests, tensor_request
-from pipeline.config import ModelSettings
-from pipeline.kafka import ensure_topics, producer_config
-from pipeline.loader import load_topology
-from pipeline.messages import Request
-from pipeline.samples import sample_jpegs
+from pipeline.config.loader import load_topology
+from pipeline.config.topology import ModelSettings
+from pipeline.kafka.broker import EmbeddedBroker, free_port
+from pipeline.kafka.clients import ensure_topics, producer_config
+from pipeline.tools.samples import sample_jpegs
+from pipeline.tools.traffic import image_request, produce_requests, tensor_request
 from schemas.codec import AvroCodec
+from schemas.messages import Request
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 4

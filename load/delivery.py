@@ -37,9 +37,9 @@ from confluent_kafka.admin import AdminClient
 from load import report
 from load.backlog import PARTITIONS, ROOT, open_loop, produce_tiny, topology_for, wait_until
 from pipeline.app import open_topology
-from pipeline.broker import EmbeddedBroker
-from pipeline.demo import BackgroundPipeline
-from pipeline.kafka import ensure_topics
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.clients import ensure_topics
+from pipeline.tools.demo import BackgroundPipeline
 from schemas.codec import AvroCodec
 
 RESULTS = ROOT / "load" / "results"

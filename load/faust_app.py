@@ -1,4 +1,4 @@
-"""A Faust worker serving a topology through `pipeline.faust_adapter`: bench and tests.
+"""A Faust worker serving a topology through `pipeline.integrations.faust`: bench and tests.
 
 `make_app` is the Faust app a user of the adapter would write, with the settings Tansu
 needs; `FaustWorkerThread` runs it in this process on a thread of its own (a real
@@ -24,7 +24,7 @@ from typing import Any
 
 import faust
 
-from pipeline.faust_adapter import KpFaustModel, attach
+from pipeline.integrations.faust import KpFaustModel, attach
 
 __all__ = ["FaustWorkerThread", "make_app"]
 

@@ -39,15 +39,15 @@ from load import report as machine_report
 from load.backlog import scrape, total
 from load.plots import per_second, percentiles
 from pipeline.app import OpenTopology, make_codec, open_topology
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import image_request, tensor_request, text_request
-from pipeline.config import ModelSettings, Topology
-from pipeline.demo import BackgroundPipeline
-from pipeline.errors import KpError
-from pipeline.kafka import admin_config, ensure_topics
-from pipeline.messages import Request, Status
-from pipeline.samples import mixed_texts, sample_jpegs
+from pipeline.config.topology import ModelSettings, Topology
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.clients import admin_config, ensure_topics
+from pipeline.tools.demo import BackgroundPipeline
+from pipeline.tools.samples import mixed_texts, sample_jpegs
+from pipeline.tools.traffic import image_request, tensor_request, text_request
 from schemas.codec import AvroCodec
+from schemas.errors import KpError
+from schemas.messages import Request, Status
 
 __all__ = ["LoadConfig", "LoadReport", "Samples", "main", "measure", "run_load", "schedule"]
 

@@ -3,7 +3,7 @@
     python -m load.preprocess [--batches 1 8 32] [--seconds 2] [--out load/results/preprocess.md]
 
 Inputs are the demo's requests: scikit-image's sample photos as ~35-72 KB JPEGs
-(`pipeline.samples.sample_jpegs`), repeated to fill each batch. Measured, each for
+(`pipeline.tools.samples.sample_jpegs`), repeated to fill each batch. Measured, each for
 ``--seconds`` after one warm-up batch, in one process:
 
 - the full chain, encoded JPEG → FP32[3,224,224]: the CPU stages (Pillow decode and
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from load import report
-from pipeline.samples import sample_jpegs
+from pipeline.tools.samples import sample_jpegs
 from stages.base import Batch, Stage, StageContext
 from stages.preprocess.image import (
     CenterCrop,

@@ -18,10 +18,10 @@ import yaml
 
 from load.backlog import scrape
 from pipeline.app import open_topology
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import produce_requests, text_request
-from pipeline.demo import BackgroundPipeline
-from pipeline.samples import mixed_texts
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.tools.demo import BackgroundPipeline
+from pipeline.tools.samples import mixed_texts
+from pipeline.tools.traffic import produce_requests, text_request
 from schemas.codec import AvroCodec
 from stages.base import Batch, StageContext
 from stages.preprocess.text import Tokenize, TokenizeParams
@@ -128,8 +128,8 @@ def image_demo_share(n: int = 300) -> tuple[float, float]:
     pipeline's histograms; mean over requests of preprocess_ms ÷ end_to_end_ms, from the
     results, where end to end also counts waiting in Kafka and in the batcher).
     """
-    from pipeline.client import image_request, read_topic
-    from pipeline.samples import sample_jpegs
+    from pipeline.tools.samples import sample_jpegs
+    from pipeline.tools.traffic import image_request, read_topic
 
     doc = yaml.safe_load((ROOT / "topology.yaml").read_text())
     tag = f"share-{os.getpid()}"

@@ -6,7 +6,7 @@ last output acknowledged by the broker: the group join (``session.timeout.ms / 2
 Tansu) happens before the clock starts, so it is not counted.
 
 The reference variants (naive, model alone, preprocess + model) run the topology's own
-stages and model through `pipeline.graph.build_model`, so the work per request is the
+stages and model through `pipeline.serving.graph.build_model`, so the work per request is the
 same as in kp-pipeline; only the way it is scheduled differs.
 """
 
@@ -21,12 +21,12 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from pipeline.app import OpenTopology
-from pipeline.demo import BackgroundPipeline
-from pipeline.graph import ModelGraph, build_model
-from pipeline.messages import Envelope, Request
-from pipeline.model_runtime import complete, prepare
-from pipeline.outcomes import OutcomeEncoder
+from pipeline.serving.graph import ModelGraph, build_model
+from pipeline.serving.outcomes import OutcomeEncoder
+from pipeline.serving.runtime import complete, prepare
+from pipeline.tools.demo import BackgroundPipeline
 from schemas.codec import AvroCodec
+from schemas.messages import Envelope, Request
 from stages.base import Batch
 
 __all__ = [
@@ -137,7 +137,7 @@ def kp_pipeline(
 
 
 def faust_agent(opened: OpenTopology, bootstrap: str, n: int, timeout: float) -> Timing:
-    """The same job as a faust-streaming agent, through `pipeline.faust_adapter`.
+    """The same job as a faust-streaming agent, through `pipeline.integrations.faust`.
 
     What a Faust user would write: `load.faust_app.make_app` (Faust's defaults, plus the
     6 s session Tansu's group joins need) and the adapter's agent, which takes batches
@@ -153,8 +153,8 @@ def faust_agent(opened: OpenTopology, bootstrap: str, n: int, timeout: float) ->
     from confluent_kafka.admin import AdminClient
 
     from load.faust_app import FaustWorkerThread, make_app
-    from pipeline.faust_adapter import KpFaustModel, attach
-    from pipeline.kafka import ensure_topics
+    from pipeline.integrations.faust import KpFaustModel, attach
+    from pipeline.kafka.clients import ensure_topics
 
     topics = opened.topology.topics
     source = topics.input[0]
@@ -382,7 +382,7 @@ def kafka_round_trip(
     from confluent_kafka import TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    from pipeline.kafka import ensure_topics
+    from pipeline.kafka.clients import ensure_topics
 
     ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic], 4, 1)
     consumer = Consumer(

@@ -15,14 +15,14 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.config import Topology
-from pipeline.graph import ModelGraph, build_graph, close_graph
-from pipeline.health import Health, MetricsServer
-from pipeline.kafka import admin_config, ensure_topics
-from pipeline.loader import load_topology
-from pipeline.metrics import Metrics
-from pipeline.runner import Pipeline, RunStats
+from pipeline.config.loader import load_topology
+from pipeline.config.topology import Topology
+from pipeline.engine.loop import Pipeline, RunStats
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.clients import admin_config, ensure_topics
+from pipeline.observability.health import Health, MetricsServer
+from pipeline.observability.metrics import Metrics
+from pipeline.serving.graph import ModelGraph, build_graph, close_graph
 from schemas.codec import AvroCodec, load_schema
 from schemas.registry import SchemaRegistryClient
 

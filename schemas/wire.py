@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from pipeline.errors import DecodeError
+from schemas.errors import DecodeError
 
 __all__ = ["MAGIC", "frame", "unframe"]
 

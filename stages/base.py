@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel
 
-from pipeline.errors import GraphError
-from pipeline.tensors import TensorSpec
+from schemas.errors import GraphError
+from schemas.tensors import TensorSpec
 
 __all__ = [
     "Batch",
@@ -113,7 +113,7 @@ class Stage(Protocol):
 
     ``signature`` is the static check run before anything is consumed: given the specs of
     the columns coming in (per row, no batch dimension), it returns the specs going out,
-    or raises `pipeline.errors.GraphError` saying what does not fit.
+    or raises `schemas.errors.GraphError` saying what does not fit.
     """
 
     Params: ClassVar[type[StageParams]]

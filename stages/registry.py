@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.plugins import load_plugin
+from schemas.plugins import load_plugin
 
 __all__ = ["ENTRY_POINT_GROUP", "stage_class"]
 

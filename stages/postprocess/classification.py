@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.errors import GraphError
-from pipeline.tensors import TensorSpec, numpy_dtype
+from schemas.errors import GraphError
+from schemas.tensors import TensorSpec, numpy_dtype
 from stages.base import Batch, StageBase, StageContext, StageParams, require
 
 __all__ = ["Argmax", "Softmax", "Threshold", "TopK", "load_labels"]

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from pipeline.errors import GraphError
-from pipeline.tensors import TensorSpec
+from schemas.errors import GraphError
+from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageParams, require
 
 __all__ = ["ClsPool", "L2Normalize", "MeanPool"]

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from pipeline.errors import GraphError
-from pipeline.tensors import TensorSpec
+from schemas.errors import GraphError
+from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageParams, require, stack_if_uniform
 
 __all__ = ["CenterCrop", "DecodeImage", "Normalize", "Resize", "ToNCHW"]

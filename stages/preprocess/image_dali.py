@@ -52,8 +52,8 @@ from PIL import Image
 from pydantic import Field
 
 from backends.devices import parse_device
-from pipeline.errors import GraphError, KpError
-from pipeline.tensors import TensorSpec
+from schemas.errors import GraphError, KpError
+from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require
 from stages.preprocess.image import Resize, ResizeParams
 from stages.preprocess.image_fused import cupy_stream, stream_handle

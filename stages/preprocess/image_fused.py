@@ -31,8 +31,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from backends.devices import parse_device
-from pipeline.errors import GraphError, KpError
-from pipeline.tensors import TensorSpec
+from schemas.errors import GraphError, KpError
+from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require
 
 __all__ = ["NormalizeNCHW", "NormalizeNCHWParams", "cupy_stream", "stream_handle"]

@@ -9,8 +9,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.errors import GraphError
-from pipeline.tensors import DATATYPES, TensorSpec, numpy_dtype
+from schemas.errors import GraphError
+from schemas.tensors import DATATYPES, TensorSpec, numpy_dtype
 from stages.base import Batch, Column, StageBase, StageParams, require, stack_if_uniform
 
 __all__ = ["Cast", "PadCrop", "Rename", "Scale"]

@@ -32,8 +32,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from pipeline.errors import GraphError, RequestError
-from pipeline.tensors import TensorSpec
+from schemas.errors import GraphError, RequestError
+from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require
 
 __all__ = ["TextTooLongError", "Tokenize", "bucket_for"]

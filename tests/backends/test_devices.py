@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from backends.devices import PinnedBuffers, is_device_array, parse_device, resolve_device
-from pipeline.errors import BackendError
+from schemas.errors import BackendError
 
 
 @pytest.mark.parametrize(

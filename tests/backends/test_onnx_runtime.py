@@ -10,9 +10,9 @@ import pytest
 
 from backends.base import Backend, ModelSpec
 from backends.onnx_runtime import OnnxRuntimeBackend
-from pipeline.errors import BackendError
-from pipeline.tensors import TensorSpec
-from pipeline.zoo.tiny import export_tiny_mlp_onnx, tiny_mlp_reference
+from pipeline.tools.zoo.tiny import export_tiny_mlp_onnx, tiny_mlp_reference
+from schemas.errors import BackendError
+from schemas.tensors import TensorSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_ONNX = ROOT / "models" / "tiny_mlp.onnx"
@@ -22,7 +22,7 @@ NO_EFFNET = "models/efficientnet_lite0.onnx missing: run `kp-pipeline models exp
 
 @pytest.fixture(scope="module", params=["shipped", "exported"])
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny MLP in models/, and one exported afresh from pipeline.zoo."""
+    """The tiny MLP in models/, and one exported afresh from pipeline.tools.zoo."""
     if request.param == "shipped":
         if not TINY_ONNX.exists():
             pytest.skip("models/tiny_mlp.onnx missing: run `kp-pipeline models export`")
@@ -145,8 +145,8 @@ def test_chelsea_the_cat_is_a_cat_through_the_demo_topology() -> None:
     data = pytest.importorskip("skimage.data")
     from PIL import Image
 
-    from pipeline.graph import build_graph
-    from pipeline.loader import load_topology
+    from pipeline.config.loader import load_topology
+    from pipeline.serving.graph import build_graph
     from stages.base import Batch
 
     buf = io.BytesIO()

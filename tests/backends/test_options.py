@@ -8,8 +8,8 @@ import pytest
 
 from backends.base import ModelSpec
 from backends.options import StrictOptions, parse_options, parse_signature_json, signature_json
-from pipeline.errors import BackendError
-from pipeline.tensors import TensorSpec
+from schemas.errors import BackendError
+from schemas.tensors import TensorSpec
 
 
 class Opts(StrictOptions):

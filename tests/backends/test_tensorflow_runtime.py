@@ -12,11 +12,11 @@ import pytest
 from backends import tensorflow_runtime
 from backends.base import Backend, ModelSpec
 from backends.tensorflow_runtime import TensorFlowBackend
-from pipeline.errors import BackendError
-from pipeline.tensors import TensorSpec
-from pipeline.zoo.keras_twins import export_small_cnn_savedmodel, export_tiny_mlp_savedmodel
-from pipeline.zoo.small_cnn import export_small_cnn_onnx
-from pipeline.zoo.tiny import tiny_mlp_reference
+from pipeline.tools.zoo.keras_twins import export_small_cnn_savedmodel, export_tiny_mlp_savedmodel
+from pipeline.tools.zoo.small_cnn import export_small_cnn_onnx
+from pipeline.tools.zoo.tiny import tiny_mlp_reference
+from schemas.errors import BackendError
+from schemas.tensors import TensorSpec
 
 tf = pytest.importorskip("tensorflow")
 

@@ -28,9 +28,9 @@ from backends.tensorrt_runtime import (
     read_signature,
     set_input_shapes,
 )
-from pipeline.errors import BackendError
-from pipeline.tensors import TensorSpec
-from pipeline.zoo.tiny import export_tiny_mlp_onnx, tiny_mlp_reference
+from pipeline.tools.zoo.tiny import export_tiny_mlp_onnx, tiny_mlp_reference
+from schemas.errors import BackendError
+from schemas.tensors import TensorSpec
 
 Shape = tuple[int, ...]
 

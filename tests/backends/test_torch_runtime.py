@@ -12,10 +12,10 @@ import pytest
 
 from backends.base import Backend, ModelSpec
 from backends.torch_runtime import TorchBackend
-from pipeline.errors import BackendError
-from pipeline.tensors import TensorSpec
-from pipeline.zoo import small_cnn, tiny
-from pipeline.zoo.tiny import tiny_mlp_reference
+from pipeline.tools.zoo import small_cnn, tiny
+from pipeline.tools.zoo.tiny import tiny_mlp_reference
+from schemas.errors import BackendError
+from schemas.tensors import TensorSpec
 
 torch = pytest.importorskip("torch")
 
@@ -24,7 +24,7 @@ SIGNATURE = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [64]}],
     "outputs": [{"name": "logits", "datatype": "FP32", "shape": [10]}],
 }
-FACTORY = {"factory": "pipeline.zoo.tiny:tiny_mlp_module", **SIGNATURE}
+FACTORY = {"factory": "pipeline.tools.zoo.tiny:tiny_mlp_module", **SIGNATURE}
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +240,11 @@ def test_an_embedded_signature_that_is_not_json_is_refused(tmp_path: Path) -> No
     ("factory", "message"),
     [
         ("no.such.module:build", "options.factory: torch module factory 'no.such.module:build'"),
-        ("pipeline.zoo.tiny:nothing_here", "has no 'nothing_here'"),
-        ("pipeline.zoo.tiny:tiny_weights", "tiny_weights failed on|returned tuple, not a Module"),
+        ("pipeline.tools.zoo.tiny:nothing_here", "has no 'nothing_here'"),
+        (
+            "pipeline.tools.zoo.tiny:tiny_weights",
+            "tiny_weights failed on|returned tuple, not a Module",
+        ),
     ],
 )
 def test_factory_failures_name_the_factory(models: Path, factory: str, message: str) -> None:

@@ -414,7 +414,7 @@ def test_topology_configmap_is_mounted_where_the_command_reads_it(helm: Path) ->
 
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_configmap_topology_loads_with_the_deployments_environment(helm: Path, case: str) -> None:
-    from pipeline.loader import parse_topology
+    from pipeline.config.loader import parse_topology
 
     objects = render(helm, CASES[case])
     text = one(objects, "ConfigMap")["data"]["topology.yaml"]

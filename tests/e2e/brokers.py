@@ -8,7 +8,7 @@
   same port and storage (`stop_broker`, `start_broker`).
 
 Both are context managers and expose ``bootstrap_servers`` like
-`pipeline.broker.EmbeddedBroker`. What each broker does and does not do is proven by
+`pipeline.kafka.broker.EmbeddedBroker`. What each broker does and does not do is proven by
 ``test_brokers_pipe.py``.
 """
 
@@ -33,8 +33,8 @@ from typing import IO, Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pipeline.broker import EmbeddedBroker, free_port
-from pipeline.errors import BrokerError
+from pipeline.kafka.broker import EmbeddedBroker, free_port
+from schemas.errors import BrokerError
 
 __all__ = [
     "NOIDA_CLIENT_SETTINGS",

@@ -21,8 +21,8 @@ from e2e.brokers import (
 )
 from e2e.kit import MODELS, Topics, new_topics, write_tiny_topology
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.kafka import ensure_topics
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.clients import ensure_topics
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -18,9 +18,9 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.app import open_topology
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import produce_requests, read_topic, tensor_request
-from pipeline.demo import BackgroundPipeline
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.tools.demo import BackgroundPipeline
+from pipeline.tools.traffic import produce_requests, read_topic, tensor_request
 from schemas.codec import AvroCodec
 
 ROOT = Path(__file__).resolve().parents[2]

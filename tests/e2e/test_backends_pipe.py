@@ -29,10 +29,10 @@ from e2e.kit import (
     wait_for,
 )
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import image_request, produce_requests, tensor_request
-from pipeline.samples import SAMPLES, sample_jpegs
-from pipeline.zoo import tiny_mlp_reference
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.tools.samples import SAMPLES, sample_jpegs
+from pipeline.tools.traffic import image_request, produce_requests, tensor_request
+from pipeline.tools.zoo import tiny_mlp_reference
 from schemas.codec import AvroCodec
 
 TINY_MODELS = {
@@ -42,7 +42,7 @@ TINY_MODELS = {
     "tiny-factory": (
         "torch",
         "tiny_mlp.pth",
-        "{factory: 'pipeline.zoo.tiny:tiny_mlp_module', "
+        "{factory: 'pipeline.tools.zoo.tiny:tiny_mlp_module', "
         "inputs: [{name: x, datatype: FP32, shape: [64]}], "
         "outputs: [{name: logits, datatype: FP32, shape: [10]}]}",
     ),

@@ -20,7 +20,7 @@ import pytest
 from e2e.kit import MODELS, ROOT, Topics, start_background, wait_for
 
 from load.backlog import memory_run, produce_tiny, scrape, total
-from pipeline.broker import EmbeddedBroker
+from pipeline.kafka.broker import EmbeddedBroker
 
 # Peak RSS bound for the tiny model, whatever the backlog: measured 127–162 MiB here
 # (Python, NumPy, ONNX Runtime, librdkafka's 16 MiB prefetch, 2048 requests in flight).

@@ -49,8 +49,8 @@ from e2e.kit import (
     write_tiny_topology,
 )
 
-from pipeline.client import read_topic, tensor_request
-from pipeline.kafka import ensure_topics
+from pipeline.kafka.clients import ensure_topics
+from pipeline.tools.traffic import read_topic, tensor_request
 from schemas.codec import AvroCodec
 
 N = 5000

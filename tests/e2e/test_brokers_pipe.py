@@ -24,9 +24,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient
 from e2e.brokers import NoidaBroker, TansuS3Broker
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import read_topic
-from pipeline.kafka import ensure_topics
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.clients import ensure_topics
+from pipeline.tools.traffic import read_topic
 
 BROKERS = ("noida", "tansu", "tansu_s3")
 FIXTURES = {"noida": "noida", "tansu": "broker", "tansu_s3": "tansu_s3"}
@@ -437,7 +437,7 @@ def test_paused_partitions_are_not_fetched_until_resumed(kafka: Kafka) -> None:
     assert seen == {0: 20, 1: 20}
 
 
-# The pipeline's consumer asks for fetch.wait.max.ms 10 (pipeline/kafka.py says why).
+# The pipeline's consumer asks for fetch.wait.max.ms 10 (pipeline/kafka/clients.py says why).
 SHORT_FETCH_WAIT_MS = 10
 LONG_PARTITION_BATCHES = 500
 

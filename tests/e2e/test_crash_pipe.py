@@ -37,12 +37,12 @@ from e2e.kit import (
     write_tiny_topology,
 )
 
-from pipeline.kafka import ensure_topics
+from pipeline.kafka.clients import ensure_topics
 
 N = 20_000
 KILLS = 5
 MAX_IN_FLIGHT = 2048
-ASSIGNED = "pipeline.runner: assigned "
+ASSIGNED = "pipeline.engine.loop: assigned "
 
 
 def _settings(broker: Any) -> dict[str, Any]:

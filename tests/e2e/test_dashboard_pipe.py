@@ -32,12 +32,12 @@ from e2e.kit import (
 )
 from e2e.prometheus import ALERTS, DEPLOY, JOB, Prometheus, free_port
 
-from pipeline import metrics
 from pipeline.app import open_topology
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import produce_requests, tensor_request
-from pipeline.demo import BackgroundPipeline
-from pipeline.kafka import ensure_topics
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.clients import ensure_topics
+from pipeline.observability import metrics
+from pipeline.tools.demo import BackgroundPipeline
+from pipeline.tools.traffic import produce_requests, tensor_request
 from schemas.codec import AvroCodec
 
 DASHBOARD = DEPLOY / "grafana" / "kp-pipeline.json"
@@ -300,7 +300,7 @@ def test_dashboard_is_well_formed() -> None:
 
 
 def _catalog() -> set[str]:
-    """The metric names of pipeline/metrics.py's catalog (its module docstring)."""
+    """The metric names of pipeline/observability/metrics.py's catalog (its module docstring)."""
     doc = metrics.__doc__ or ""
     return set(re.findall(r"^(kp_\w+)", doc, re.M)) | set(re.findall(r" / (kp_\w+)", doc))
 
@@ -396,7 +396,9 @@ def test_every_catalog_metric_is_scraped(scraped: Scraped) -> None:
     missing = sorted(_catalog() - served)
     if not scraped.gpu_exported:  # only exported where NVML sees a GPU
         missing = [n for n in missing if not n.startswith("kp_gpu_")]
-    assert not missing, f"in the catalog of pipeline/metrics.py but never scraped: {missing}"
+    assert not missing, (
+        f"in the catalog of pipeline/observability/metrics.py but never scraped: {missing}"
+    )
 
 
 # -- the rules ------------------------------------------------------------------------------

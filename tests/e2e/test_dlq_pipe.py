@@ -31,10 +31,10 @@ from e2e.kit import (
     write_tiny_topology,
 )
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import produce_requests, read_topic, tensor_request
-from pipeline.messages import Request
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.tools.traffic import produce_requests, read_topic, tensor_request
 from schemas.codec import AvroCodec, load_schema
+from schemas.messages import Request
 from schemas.registry import SchemaRegistryClient
 
 CODEC = AvroCodec()

@@ -26,7 +26,7 @@ from e2e.kit import (
     write_tiny_topology,
 )
 
-from pipeline.kafka import ensure_topics
+from pipeline.kafka.clients import ensure_topics
 
 N = 8000
 

@@ -18,11 +18,11 @@ from e2e.kit import (
 )
 
 from load.faust_app import FaustWorkerThread, make_app
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import produce_requests, tensor_request
-from pipeline.faust_adapter import DeliveryError, KpFaustModel, attach
-from pipeline.outcomes import Outcome
-from pipeline.zoo import tiny_mlp_reference
+from pipeline.integrations.faust import DeliveryError, KpFaustModel, attach
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.serving.outcomes import Outcome
+from pipeline.tools.traffic import produce_requests, tensor_request
+from pipeline.tools.zoo import tiny_mlp_reference
 from schemas.codec import AvroCodec
 
 N = 1000

@@ -30,13 +30,13 @@ from e2e.kit import (
     write_tiny_topology,
 )
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import produce_requests, read_topic, tensor_request
-from pipeline.errors import RequestError
-from pipeline.loader import load_topology
-from pipeline.routing import ModelRoute, Router
+from pipeline.config.loader import load_topology
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.serving.routing import ModelRoute, Router
+from pipeline.tools.traffic import produce_requests, read_topic, tensor_request
 from schemas.binary import decode_long, encode_long
 from schemas.codec import AvroCodec
+from schemas.errors import RequestError
 
 N = 500
 SEED = 20_250_611

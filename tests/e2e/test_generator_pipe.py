@@ -9,7 +9,7 @@ import pytest
 from e2e.kit import Topics, start_background
 
 from load.generator import LoadConfig, run_load
-from pipeline.broker import EmbeddedBroker
+from pipeline.kafka.broker import EmbeddedBroker
 
 RATE, SECONDS = 1000.0, 3.0
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from e2e.kit import MODELS, ROOT, Topics, committed_offsets, end_offsets, read_all, start_background
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import image_request, produce_requests
-from pipeline.samples import SAMPLES, sample_jpegs
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.tools.samples import SAMPLES, sample_jpegs
+from pipeline.tools.traffic import image_request, produce_requests
 from schemas.codec import AvroCodec
 
 pytestmark = pytest.mark.image_model

@@ -23,10 +23,10 @@ import numpy as np
 from e2e.kit import Topics, spawn_run, wait_for
 
 from load.backlog import scrape
-from pipeline.broker import EmbeddedBroker, free_port
-from pipeline.client import produce_requests, read_topic, tensor_request
-from pipeline.messages import DeadLetter, Result, Status
+from pipeline.kafka.broker import EmbeddedBroker, free_port
+from pipeline.tools.traffic import produce_requests, read_topic, tensor_request
 from schemas.codec import AvroCodec
+from schemas.messages import DeadLetter, Result, Status
 
 N = 3000
 POISON = 30  # 1%

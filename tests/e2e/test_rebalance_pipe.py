@@ -28,7 +28,7 @@ from e2e.kit import (
     write_tiny_topology,
 )
 
-from pipeline.kafka import ensure_topics
+from pipeline.kafka.clients import ensure_topics
 
 N = 20_000  # at least: traffic goes on until the last replica has left
 PARTITIONS = 6

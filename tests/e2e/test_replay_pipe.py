@@ -25,8 +25,8 @@ from e2e.kit import (
 )
 
 from load.backlog import free_port, scrape, total
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import read_topic, tensor_request
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.tools.traffic import read_topic, tensor_request
 from schemas.codec import AvroCodec
 
 T0 = 1_795_132_800_000  # 2026-11-20T00:00Z

@@ -16,9 +16,9 @@ from e2e.kit import (
     write_tiny_topology,
 )
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import produce_requests, tensor_request
-from pipeline.zoo import tiny_mlp_reference
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.tools.traffic import produce_requests, tensor_request
+from pipeline.tools.zoo import tiny_mlp_reference
 from schemas.codec import AvroCodec
 
 N = 1000

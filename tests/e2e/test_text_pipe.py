@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from e2e.kit import ROOT, Topics, read_all, start_background
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.client import image_request, produce_requests, text_request
-from pipeline.samples import mixed_texts
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.tools.samples import mixed_texts
+from pipeline.tools.traffic import image_request, produce_requests, text_request
 from schemas.codec import AvroCodec
 
 MODEL = ROOT / "models" / "minilm_l6_int8.onnx"

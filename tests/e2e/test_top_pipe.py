@@ -9,7 +9,7 @@ from pathlib import Path
 
 from e2e.kit import ROOT, Topics, produce_tiny, start_background, tiny_vectors, wait_for
 
-from pipeline.broker import EmbeddedBroker
+from pipeline.kafka.broker import EmbeddedBroker
 
 
 def test_top_shows_partitions_and_models_of_a_running_pipeline(

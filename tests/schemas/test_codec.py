@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import DecodeError, RequestError, TensorError
-from pipeline.messages import DeadLetter, Request, Status, Timings
 from schemas.codec import MAX_TENSORS, AvroCodec, load_schema
+from schemas.errors import DecodeError, RequestError, TensorError
+from schemas.messages import DeadLetter, Request, Status, Timings
 
 CODEC = AvroCodec()
 REQUEST_SCHEMA = fastavro.parse_schema(load_schema("request"))

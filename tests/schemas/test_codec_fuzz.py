@@ -31,14 +31,14 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.client import image_request, tensor_request, text_request
-from pipeline.errors import RequestError
-from pipeline.graph import build_graph
-from pipeline.loader import parse_topology
-from pipeline.messages import Request
-from pipeline.routing import ModelRoute, Router
+from pipeline.config.loader import parse_topology
+from pipeline.serving.graph import build_graph
+from pipeline.serving.routing import ModelRoute, Router
+from pipeline.tools.traffic import image_request, tensor_request, text_request
 from schemas.binary import decode_long, encode_long
 from schemas.codec import AvroCodec, load_schema
+from schemas.errors import RequestError
+from schemas.messages import Request
 from schemas.wire import frame
 
 ROOT = Path(__file__).resolve().parents[2]

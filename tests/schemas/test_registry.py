@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import BrokerError
 from schemas.codec import load_schema
+from schemas.errors import BrokerError
 from schemas.registry import SchemaRegistryClient
 
 SR_JSON = "application/vnd.schemaregistry.v1+json"

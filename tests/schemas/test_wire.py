@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.errors import DecodeError
-from pipeline.messages import DeadLetter, Request, Timings
 from schemas.codec import AvroCodec, load_schema
+from schemas.errors import DecodeError
+from schemas.messages import DeadLetter, Request, Timings
 from schemas.wire import MAGIC, frame, unframe
 
 

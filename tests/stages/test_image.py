@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import GraphError
-from pipeline.tensors import TensorSpec
+from schemas.errors import GraphError
+from schemas.tensors import TensorSpec
 from stages.base import Batch
 from stages.preprocess.image import (
     CenterCrop,

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.errors import GraphError
-from pipeline.tensors import TensorSpec
+from schemas.errors import GraphError
+from schemas.tensors import TensorSpec
 from stages.base import Batch, StageContext
 from stages.preprocess.image import (
     CenterCrop,
@@ -102,7 +102,7 @@ def _border(size: int, resized: int, crop: int, band: int = 2) -> np.ndarray:
 @pytest.fixture(scope="module")
 def demo() -> list[bytes]:
     pytest.importorskip("skimage.data")
-    from pipeline.samples import sample_jpegs
+    from pipeline.tools.samples import sample_jpegs
 
     return list(sample_jpegs().values())
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.errors import GraphError
-from pipeline.tensors import TensorSpec
+from schemas.errors import GraphError
+from schemas.tensors import TensorSpec
 from stages.base import Batch, StageContext
 from stages.preprocess.image import Normalize, NormalizeParams, ToNCHW, ToNCHWParams
 from stages.preprocess.image_fused import (

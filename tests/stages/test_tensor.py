@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.errors import GraphError
-from pipeline.tensors import TensorSpec
+from schemas.errors import GraphError
+from schemas.tensors import TensorSpec
 from stages.base import Batch
 from stages.preprocess.tensor import (
     Cast,

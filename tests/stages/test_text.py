@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backends.base import ModelInfo
-from pipeline.errors import GraphError, RequestError
-from pipeline.tensors import TensorSpec
+from schemas.errors import GraphError, RequestError
+from schemas.tensors import TensorSpec
 from stages.base import Batch, StageContext
 from stages.preprocess.text import TextTooLongError, Tokenize, TokenizeParams, bucket_for
 

@@ -29,8 +29,8 @@ class ScaleBackend:
 
     def load(self, spec: Any, device: str) -> Any:
         from backends.base import ModelInfo
-        from pipeline.errors import BackendError
-        from pipeline.tensors import TensorSpec
+        from schemas.errors import BackendError
+        from schemas.tensors import TensorSpec
 
         if device not in ("cpu", "auto"):
             raise BackendError(f"scale runs on the CPU only, not {device}")

@@ -1,0 +1,429 @@
+"""Pydantic models that mirror topology.yaml one to one.
+
+Every section forbids unknown keys, so a typo is an error naming its path, not a
+silently ignored setting. Stage and backend parameters are validated later, by the
+stage's or backend's own model (each receives only its own section), when the graph is
+built (`pipeline.serving.graph`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+from schemas.tensors import DATATYPES, TensorSpec
+
+__all__ = [
+    "BatchingSettings",
+    "FlowSettings",
+    "InputSettings",
+    "KafkaSettings",
+    "LagControlSettings",
+    "MetricsSettings",
+    "ModelSettings",
+    "RetrySettings",
+    "SchemaRegistrySettings",
+    "SecuritySettings",
+    "StageSettings",
+    "TopicSettings",
+    "Topology",
+]
+
+KafkaValue = str | int | float | bool
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecuritySettings(_Strict):
+    """How to authenticate to the cluster; passed to librdkafka as given."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+
+
+class SchemaRegistrySettings(_Strict):
+    """With a registry, values use the Confluent wire format (magic byte + schema id)."""
+
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class KafkaSettings(_Strict):
+    """Where the cluster is and how to talk to it."""
+
+    bootstrap_servers: str = Field(
+        "embedded",
+        description="'embedded' starts a Tansu broker on loopback for this run; "
+        "anything else is a librdkafka bootstrap list used as given.",
+    )
+    group_id: str = "kp-pipeline"
+    client_id: str = "kp-pipeline"
+    security: SecuritySettings = SecuritySettings()
+    schema_registry: SchemaRegistrySettings | None = None
+    consumer: dict[str, KafkaValue] = Field(
+        default_factory=dict, description="Extra librdkafka consumer properties."
+    )
+    producer: dict[str, KafkaValue] = Field(
+        default_factory=dict, description="Extra librdkafka producer properties."
+    )
+    transactional_id: str | None = Field(
+        None,
+        description="exactly_once: this replica's transactional id. Default "
+        "'<group_id>-<replica id>', the replica id from --replica-id, KP_REPLICA_ID or the "
+        "host name. It must be the same after a restart (a StatefulSet's pod name is), so "
+        "the restarted replica fences its zombie and aborts what it left open.",
+    )
+    static_membership: bool = Field(
+        False,
+        description="Join the group as a static member named by the replica id "
+        "(group.instance.id): a replica restarted under the same name takes its partitions "
+        "back without a rebalance. A stopped static member keeps its partitions until "
+        "session.timeout.ms passes. Needs unique replica ids (--replica-id, KP_REPLICA_ID).",
+    )
+    transaction_timeout_ms: int = Field(
+        60_000,
+        ge=1000,
+        description="exactly_once: the broker aborts a transaction left open this long "
+        "(a replica that died and never came back).",
+    )
+
+    @property
+    def embedded(self) -> bool:
+        """Whether this run starts its own broker."""
+        return self.bootstrap_servers == "embedded"
+
+
+class TopicSettings(_Strict):
+    """The topics a topology reads and writes."""
+
+    input: list[str] = Field(min_length=1)
+    output: str
+    dead_letter: str
+    replay_output: str | None = Field(
+        None, description="Where `kp-pipeline replay` writes results (--output overrides)."
+    )
+    create: bool = Field(True, description="Create missing topics at start.")
+    partitions: int = Field(4, ge=1, description="Partitions of topics created at start.")
+    replication_factor: int = Field(1, ge=1)
+
+
+class FlowSettings(_Strict):
+    """How much work may be in flight, and how often progress is committed.
+
+    Above ``max_in_flight`` consumed-but-undelivered requests, or ``max_in_flight_bytes``
+    of their record bytes, the consumer pauses its partitions; once both are back at or
+    below their low marks (``resume_below``, ``resume_below_bytes``) it resumes. What is
+    not pulled stays in Kafka as lag. The byte mark is what bounds memory when requests
+    are large (images); the count mark bounds the work a crash would redo.
+
+    After a resume the first records arrive in ~10–20 ms (the runner nudges librdkafka's
+    fetcher; left alone it waited ~0.9 s, measured with librdkafka 2.16 on Tansu), so the
+    low marks only need to hold that long of work. Each pause drops the records
+    librdkafka had prefetched, which are fetched again after the resume: a wide gap
+    between the marks (the default: half) keeps pauses rare.
+    """
+
+    max_in_flight: int = Field(2048, ge=1)
+    resume_below: int | None = Field(None, ge=0, description="Default: half of max_in_flight.")
+    max_in_flight_bytes: int = Field(
+        256 * 2**20, ge=1024, description="Record bytes in flight above which partitions pause."
+    )
+    resume_below_bytes: int | None = Field(
+        None, ge=0, description="Default: half of max_in_flight_bytes."
+    )
+    consume_batch: int = Field(500, ge=1, le=100_000)
+    poll_timeout_ms: int = Field(10, ge=1, description="Longest wait in one consume call.")
+    commit_interval_ms: int = Field(500, ge=10)
+    drain_timeout_s: float = Field(30.0, gt=0)
+    lag_interval_ms: int = Field(
+        1000, ge=50, description="How often lag is measured and the batch control loop runs."
+    )
+    revoke_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="On a rebalance, how long in-flight work of revoked partitions may take "
+        "to finish and be committed before the partitions are let go; what is left is "
+        "served again by the new owner.",
+    )
+
+    @model_validator(mode="after")
+    def _marks(self) -> FlowSettings:
+        if self.resume_below is not None and self.resume_below >= self.max_in_flight:
+            raise ValueError(
+                f"resume_below ({self.resume_below}) must be below max_in_flight "
+                f"({self.max_in_flight})"
+            )
+        if (
+            self.resume_below_bytes is not None
+            and self.resume_below_bytes >= self.max_in_flight_bytes
+        ):
+            raise ValueError(
+                f"resume_below_bytes ({self.resume_below_bytes}) must be below "
+                f"max_in_flight_bytes ({self.max_in_flight_bytes})"
+            )
+        return self
+
+    @property
+    def low_mark(self) -> int:
+        """In-flight count under which paused partitions resume."""
+        return self.max_in_flight // 2 if self.resume_below is None else self.resume_below
+
+    @property
+    def low_mark_bytes(self) -> int:
+        """In-flight bytes under which paused partitions resume."""
+        if self.resume_below_bytes is None:
+            return self.max_in_flight_bytes // 2
+        return self.resume_below_bytes
+
+
+class MetricsSettings(_Strict):
+    """Where ``/metrics``, ``/healthz`` and ``/readyz`` are served (one HTTP port)."""
+
+    enabled: bool = True
+    host: str = Field("0.0.0.0", description="Interface to listen on; 127.0.0.1 keeps it local.")
+    port: int = Field(9464, ge=0, le=65535, description="0 picks a free port (tests).")
+    stale_after_s: float = Field(
+        30.0, gt=0, description="/healthz fails when the main loop has not turned for this long."
+    )
+
+
+class LagControlSettings(_Strict):
+    """The lag-driven batching control loop: trade latency for throughput under lag.
+
+    While the oldest unserved request is older than ``lag_seconds`` and the lag is not
+    falling, each control tick (``flow.lag_interval_ms``) doubles the batch size and
+    delay limits, up to the ceilings here; once the lag is below a quarter of
+    ``lag_seconds`` each tick halves them back to the configured ``max_batch_size`` and
+    ``max_delay_ms``.
+    """
+
+    enabled: bool = True
+    lag_seconds: float = Field(2.0, gt=0)
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Ceiling; default 8x max_batch_size, within the model's limit."
+    )
+    max_delay_ms: float | None = Field(
+        None, ge=0, description="Ceiling; default 4x max_delay_ms, at least 20 ms."
+    )
+
+
+class BatchingSettings(_Strict):
+    """A batch is flushed when it is full or its oldest request has waited max_delay_ms."""
+
+    max_batch_size: int = Field(32, ge=1)
+    max_delay_ms: float = Field(5.0, ge=0)
+    lag_control: LagControlSettings = LagControlSettings()
+
+    @model_validator(mode="after")
+    def _ceilings(self) -> BatchingSettings:
+        c = self.lag_control
+        if c.max_batch_size is not None and c.max_batch_size < self.max_batch_size:
+            raise ValueError(
+                f"lag_control.max_batch_size ({c.max_batch_size}) is below max_batch_size "
+                f"({self.max_batch_size})"
+            )
+        if c.max_delay_ms is not None and c.max_delay_ms < self.max_delay_ms:
+            raise ValueError(
+                f"lag_control.max_delay_ms ({c.max_delay_ms}) is below max_delay_ms "
+                f"({self.max_delay_ms})"
+            )
+        return self
+
+
+# Case-insensitive substrings of "ExceptionType: message" that mean the device ran out of
+# memory, as each backend words it. A bare "oom" would also match "room" or "zoom".
+DEFAULT_TRANSIENT = (
+    "out of memory",  # torch "CUDA out of memory. Tried to allocate", cudaErrorMemoryAllocation
+    "OutOfMemoryError",  # torch.OutOfMemoryError (torch.cuda.OutOfMemoryError)
+    "CUDA_ERROR_OUT_OF_MEMORY",  # the CUDA driver API (CuPy, Numba, TensorRT's log)
+    "cudaErrorMemoryAllocation",  # the CUDA runtime API, by name
+    "CUBLAS_STATUS_ALLOC_FAILED",  # cuBLAS could not allocate its workspace
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "ResourceExhausted",  # TensorFlow's ResourceExhaustedError
+    "Resource exhausted",  # TensorFlow's status text: "Resource exhausted: OOM when allocating"
+    "OOM when allocating",
+    "RESOURCE_EXHAUSTED",  # gRPC's status code (a remote Triton, say)
+    "Failed to allocate memory",  # onnxruntime's BFCArena: "... for requested buffer of size"
+    "MemoryError",  # Python's own, raised by NumPy: "Unable to allocate 3.00 GiB"
+)
+
+
+class RetrySettings(_Strict):
+    """What to do when running a batch fails: retry what is transient, isolate what is not.
+
+    A failure whose "ExceptionType: message" contains one of ``transient`` (any case) is
+    retried on the same instance, the same batch, up to ``max_attempts`` runs in all,
+    sleeping between runs a random time up to ``backoff_ms`` doubled per retry and capped
+    at ``max_backoff_ms`` ("full jitter", as AWS's backoff article and librdkafka do: the
+    instances that ran out of memory together do not retry together). Any other failure,
+    or a transient one that outlasts its attempts, is treated as poison: with
+    ``split_on_failure`` the batch is halved until the failing requests are alone (they
+    become ``inference_failed`` dead letters, every other request gets its result);
+    without it the whole batch becomes dead letters.
+    """
+
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Runs of a batch failing transiently, the first included."
+    )
+    backoff_ms: float = Field(50.0, ge=0, description="Ceiling of the first retry's delay.")
+    max_backoff_ms: float = Field(2000.0, ge=0, description="Ceiling of any retry's delay.")
+    transient: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TRANSIENT),
+        description='Case-insensitive substrings of "ExceptionType: message" that mark a '
+        "failure worth retrying (default: the backends' out-of-memory errors). Replaces "
+        "the default list; [] retries nothing.",
+    )
+    split_on_failure: bool = Field(
+        True, description="Halve a failing batch to isolate the requests that fail it."
+    )
+
+    @field_validator("transient")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        if any(not p.strip() for p in v):
+            raise ValueError("an empty pattern would match every error")
+        return v
+
+    @model_validator(mode="after")
+    def _ceiling(self) -> RetrySettings:
+        if self.max_backoff_ms < self.backoff_ms:
+            raise ValueError(
+                f"max_backoff_ms ({self.max_backoff_ms:g}) is below backoff_ms "
+                f"({self.backoff_ms:g})"
+            )
+        return self
+
+    def is_transient(self, error: str) -> bool:
+        """Whether ``error`` ("ExceptionType: message") is worth running again."""
+        text = error.casefold()
+        return any(p.casefold() in text for p in self.transient)
+
+    def backoff_s(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait after failed run ``attempt`` (1, 2, ...): "full jitter".
+
+        Uniform between 0 and ``backoff_ms`` doubled per earlier retry, capped at
+        ``max_backoff_ms``: instances that failed together spread their retries out.
+        """
+        ceiling = min(self.max_backoff_ms, self.backoff_ms * 2.0 ** min(attempt - 1, 30))
+        return rng.uniform(0.0, ceiling) / 1000.0
+
+
+class InputSettings(_Strict):
+    """One tensor a request must carry: ``-1`` in ``shape`` means any size."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    @field_validator("datatype")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DATATYPES:
+            raise ValueError(f"unknown datatype {v!r}; one of {', '.join(sorted(DATATYPES))}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if any(d < -1 or d == 0 for d in v):
+            raise ValueError("dimensions are positive, or -1 for any size")
+        return v
+
+    def spec(self) -> TensorSpec:
+        """The input as a `TensorSpec` (``-1`` becomes a free dimension)."""
+        return TensorSpec(self.datatype, tuple(None if d == -1 else d for d in self.shape))
+
+
+class StageSettings(BaseModel):
+    """``{stage: <name or module:Class>, <its parameters>...}``; parameters are the stage's."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    stage: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The stage's own section, without the ``stage`` key."""
+        return dict(self.model_extra or {})
+
+
+class ModelSettings(_Strict):
+    """One served model: its runtime, artifact, inputs, batching and stages."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = "1"
+    backend: str = Field(description="Entry-point name (onnxruntime, ...) or 'module:Class'.")
+    artifact: Path = Field(description="Model file, relative to the topology file.")
+    device: str | list[str] = Field(
+        "cpu",
+        description="cpu | auto | cuda | cuda:N, or a list that instances take in turn "
+        "(instances: 4 with [cuda:0, cuda:1] puts two on each GPU).",
+    )
+    instances: int = Field(1, ge=1, le=64, description="Model copies, each its own thread.")
+    inputs: list[InputSettings] = Field(min_length=1)
+    batching: BatchingSettings = BatchingSettings()
+    retry: RetrySettings = RetrySettings()
+    preprocess: list[StageSettings] = Field(default_factory=list)
+    postprocess: list[StageSettings] = Field(default_factory=list)
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="The backend's own settings, checked by the backend."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _devices(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("name at least one device")
+        for d in v if isinstance(v, list) else [v]:
+            if not _DEVICE.match(d):
+                raise ValueError(f"{d!r} is not a device: cpu, auto, cuda or cuda:N (or a list)")
+        return v
+
+    def instance_devices(self) -> list[str]:
+        """The device of each instance: a list is taken in turn, a single device by all."""
+        devices = self.device if isinstance(self.device, list) else [self.device]
+        return [devices[i % len(devices)] for i in range(self.instances)]
+
+
+class Topology(_Strict):
+    """The whole topology.yaml."""
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings
+    delivery: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="at_least_once: an offset is committed after its outcome is "
+        "acknowledged; a crash repeats at most what was in flight. exactly_once: outcomes "
+        "and offsets are committed together in Kafka transactions; read_committed readers "
+        "see each outcome once.",
+    )
+    flow: FlowSettings = FlowSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    models: list[ModelSettings] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Topology:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in seen:
+                raise ValueError(f"model name {m.name!r} appears twice")
+            seen.add(m.name)
+        return self

@@ -1,0 +1,470 @@
+"""Getting outcomes to Kafka and committing the offsets they answer, under two guarantees.
+
+**At-least-once** (`AtLeastOnce`): each outcome is produced as soon as it is ready; its
+record counts as done when the broker acknowledges it, and the consumer commits the
+contiguous done prefix of each partition (`pipeline.engine.offsets`). A crash repeats what was in
+flight and what was acknowledged since the last commit, never less.
+
+**Exactly-once** (`ExactlyOnce`): consume-process-produce inside Kafka transactions, the
+way Kafka Streams' EOS v2 (KIP-447) does it. Outcomes are held until every earlier record
+of their partition has its outcome too, then produced into the open transaction in offset
+order; each commit interval the transaction gets the offsets of exactly that prefix
+(``send_offsets_to_transaction`` with the consumer's group metadata) and commits. So a
+transaction's outcomes and its offsets move together: after a crash, a ``read_committed``
+reader sees each outcome once, and the replica serves again exactly what the last
+committed transaction did not cover. Holding to the prefix is what makes that exact: an
+outcome committed ahead of its offset would be served, and published, twice.
+
+The transactional id is the replica's and stays the same across restarts: the restarted
+replica's ``init_transactions`` fences the old producer (a zombie that was only paused
+gets a fatal error on its next call and stops) and aborts whatever it left open. The
+group metadata sent with the offsets lets the broker refuse a commit from a member the
+group has already replaced.
+
+Both share what happens when the broker refuses an outcome for good (too large, topic
+gone): the request becomes a dead letter instead, see `Delivery.replacement`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from pipeline.engine.offsets import OffsetTracker
+from pipeline.serving.outcomes import Outcome, OutcomeEncoder
+
+__all__ = ["PERMANENT", "AtLeastOnce", "Delivery", "ExactlyOnce"]
+
+log = logging.getLogger(__name__)
+
+# Broker answers that retrying the same bytes to the same topic will not change.
+PERMANENT = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.INVALID_MSG_SIZE,
+    }
+)
+
+# A newer producer with our transactional id exists: we are the zombie.
+_FENCED = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
+
+Positions = dict[tuple[str, int], int]
+
+# The shortest gap between two commits of a replica with nothing left in flight: every
+# transaction writes a marker to each partition it touched, so they are not free.
+_IDLE_COMMIT_S = 0.01
+
+
+def _refusal(e: Exception) -> KafkaError:
+    return KafkaError(KafkaError.TOPIC_EXCEPTION, f"{type(e).__name__}: {e}")
+
+
+class Delivery:
+    """What both guarantees share: the clients, the tracker, and refused outcomes.
+
+    ``on_acked`` is called once per outcome that readers can now see (for counting);
+    ``on_committed`` with the positions committed. ``pending`` holds outcomes to publish
+    on the next turn (dead letters standing in for refused results); ``fatal`` is set
+    when the pipeline must stop, saying why.
+    """
+
+    def __init__(
+        self,
+        producer: Producer,
+        consumer: Consumer,
+        tracker: OffsetTracker,
+        encoder: OutcomeEncoder,
+        on_acked: Callable[[Outcome], None],
+        on_committed: Callable[[Positions], None],
+        commit_interval_ms: int,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.producer = producer
+        self.consumer = consumer
+        self.tracker = tracker
+        self.encoder = encoder
+        self.on_acked = on_acked
+        self.on_committed = on_committed
+        self.commit_interval_s = commit_interval_ms / 1000.0
+        self.timeout_s = timeout_s  # of one blocking call to the cluster
+        self.pending: list[Outcome] = []
+        self.fatal: str | None = None
+        self.transactions = {"committed": 0, "aborted": 0}  # stays 0 at-least-once
+        self._last_commit = time.monotonic()
+
+    def start(self) -> None:
+        """Anything to do with the cluster before the first record is consumed."""
+
+    def publish(self, outcomes: Iterable[Outcome]) -> None:
+        """Send outcomes on their way (or hold them, for exactly-once)."""
+        raise NotImplementedError
+
+    def commit(self, force: bool) -> None:
+        """Commit what is done, when the commit interval has passed or ``force``."""
+        raise NotImplementedError
+
+    def settle(self, timeout: float) -> int:
+        """Deliver and commit everything publishable; returns outcomes still undelivered."""
+        raise NotImplementedError
+
+    def commit_done(self, err: KafkaError | None, offsets: list[TopicPartition]) -> None:
+        """The consumer's answer to one of its commits (exactly-once commits none)."""
+
+    def lost(self, partitions: list[tuple[str, int]]) -> None:
+        """Partitions were taken without a chance to commit: drop what they owe."""
+
+    def forget(self, partitions: list[tuple[str, int]]) -> None:
+        """Partitions were let go after their last commit: drop anything kept for them."""
+
+    def _take_pending(self) -> list[Outcome]:
+        pending, self.pending = self.pending, []
+        return pending
+
+    def _due(self, force: bool) -> bool:
+        now = time.monotonic()
+        if not force and now - self._last_commit < self.commit_interval_s:
+            return False
+        self._last_commit = now
+        return True
+
+    def _produce(
+        self, out: Outcome, callback: Callable[[KafkaError | None, Message], None] | None
+    ) -> bool:
+        """Produce, waiting while the producer's queue is full; False if refused at once."""
+        while True:
+            try:
+                key, headers = out.envelope.key, out.headers
+                self.producer.produce(
+                    out.topic, out.value, key, headers=headers, on_delivery=callback
+                )
+                return True
+            except BufferError:  # the producer's queue is full: let it drain
+                self.producer.poll(0.05)
+            except (KafkaException, ValueError, TypeError) as e:  # refused before sending
+                # (too large, unknown topic; a name librdkafka cannot even take raises
+                # ValueError): permanent, so the request becomes a dead letter.
+                err = e.args[0] if isinstance(e, KafkaException) else _refusal(e)
+                replacement = self.replacement(out, err)
+                if replacement is not None:
+                    self.pending.append(replacement)
+                return False
+
+    def replacement(self, out: Outcome, err: KafkaError) -> Outcome | None:
+        """The dead letter to send instead of an outcome the broker refused for good.
+
+        See `OutcomeEncoder.stand_in`. Any other failure sets ``fatal``: the record stays
+        uncommitted and a restart serves it again, rather than running on with a hole in
+        the partition.
+        """
+        env = out.envelope
+        where = f"{env.topic}/{env.partition}@{env.offset}"
+        if err.code() not in PERMANENT:
+            self.fatal = self.fatal or f"delivery to {out.topic} failed for {where}: {err}"
+            return None
+        stand_in = self.encoder.stand_in(out, err.str())
+        if stand_in is None:
+            self.fatal = self.fatal or f"dead letter for {where} cannot be written: {err}"
+        return stand_in
+
+
+class AtLeastOnce(Delivery):
+    """Produce at once; commit the consumer's offsets over what the broker acknowledged."""
+
+    def publish(self, outcomes: Iterable[Outcome]) -> None:
+        """Produce each one now; its record is done when the broker acknowledges it."""
+        for out in outcomes:
+            self._produce(out, functools.partial(self._delivered, out))
+
+    def _delivered(self, out: Outcome, err: KafkaError | None, _: Message) -> None:
+        if err is not None:
+            replacement = self.replacement(out, err)
+            if replacement is not None:
+                self.pending.append(replacement)
+            return
+        env = out.envelope
+        self.tracker.done((env.topic, env.partition), env.offset, env.generation, len(env.value))
+        self.on_acked(out)
+
+    def commit(self, force: bool) -> None:
+        """Commit the consumer's done prefixes: asynchronously, or synchronously if forced."""
+        if not self._due(force):
+            return
+        positions = self.tracker.committable()
+        if not positions:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+        try:
+            if force:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+        except Exception as e:  # a failed commit is retried with the next one
+            log.warning("commit failed (will retry): %s", e)
+            return
+        self.tracker.mark_committed(positions)
+        self.on_committed(positions)
+
+    def commit_done(self, err: KafkaError | None, offsets: list[TopicPartition]) -> None:
+        """The consumer's answer to a commit (its ``on_commit``): retry what failed.
+
+        `commit` marks positions committed when it hands them over, so that an unchanged
+        position is not committed again every interval. An asynchronous commit that then
+        fails (the broker went away, a coordinator moved) must be offered again: otherwise
+        a partition that makes no further progress keeps a stale committed offset, which
+        lag exporters and autoscalers read as lag that never drains, and a restart would
+        serve its records again.
+        """
+        failed = [
+            tp for tp in offsets if (err is not None or tp.error is not None) and tp.offset >= 0
+        ]
+        retried = [
+            tp for tp in failed if self.tracker.commit_failed((tp.topic, tp.partition), tp.offset)
+        ]
+        if retried:
+            log.warning(
+                "commit of %d partitions failed (%s); it is retried with the next commit",
+                len(retried),
+                err if err is not None else retried[0].error,
+            )
+            self._last_commit = 0.0  # the next turn commits, not one interval later
+
+    def settle(self, timeout: float) -> int:
+        """Flush the producer (and stand-in dead letters), then commit synchronously."""
+        deadline = time.monotonic() + timeout
+        remaining = self.producer.flush(max(0.0, timeout))
+        while self.pending and self.fatal is None and time.monotonic() < deadline:
+            self.publish(self._take_pending())  # dead letters for results refused meanwhile
+            remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
+        if self.fatal is None:
+            self.commit(force=True)
+        return remaining
+
+
+class ExactlyOnce(Delivery):
+    """Outcomes and offsets committed together in one transaction per commit interval."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Outcomes waiting for an earlier record of their partition, by offset.
+        self._held: defaultdict[tuple[str, int], dict[int, Outcome]] = defaultdict(dict)
+        self._in_txn: list[Outcome] = []  # produced into the open transaction
+        self._refused: dict[int, KafkaError] = {}  # id(outcome) -> the broker's refusal
+        self._open = False
+        # Delivery reports are asked for only after an abort, to find which outcome the
+        # broker refused: a callback per outcome costs the main loop ~5% of its time.
+        self._watch = False
+        # The periodic commit runs on its own thread: the main loop keeps consuming and the
+        # models keep running meanwhile; outcomes wait in _held until it is over.
+        self._committing: threading.Thread | None = None
+        self._commit_error: KafkaError | None = None
+        self._commit_positions: Positions = {}
+
+    def start(self) -> None:
+        """Fence an older producer with this transactional id; abort what it left open."""
+        self.producer.init_transactions(self.timeout_s)
+
+    def publish(self, outcomes: Iterable[Outcome]) -> None:
+        """Hold each one until its partition's earlier records have theirs, then produce."""
+        touched = set()
+        for out in outcomes:
+            env = out.envelope
+            tp = (env.topic, env.partition)
+            if self.tracker.generation(tp) != env.generation:
+                continue  # the partition moved on: its new owner serves the record
+            self._held[tp][env.offset] = out
+            touched.add(tp)
+        if self._committing is None:  # else released once the commit is over
+            for tp in touched:
+                self._release(tp)
+
+    def _release(self, tp: tuple[str, int]) -> None:
+        """Produce the held outcomes that continue the partition's done prefix, in order."""
+        held = self._held[tp]
+        while held:
+            oldest = self.tracker.oldest(tp)
+            if oldest is None or oldest[0] not in held:
+                break
+            out = held.pop(oldest[0])
+            env = out.envelope
+            self._send(out)
+            self.tracker.done(tp, env.offset, env.generation, len(env.value))
+
+    def _send(self, out: Outcome) -> None:
+        if not self._open:
+            self.producer.begin_transaction()
+            self._open = True
+        callback = functools.partial(self._delivered, out) if self._watch else None
+        if self._produce(out, callback):
+            self._in_txn.append(out)
+        else:
+            # Refused before sending: its stand-in goes in this transaction, in its place.
+            for replacement in self._take_pending():
+                self._send(replacement)
+
+    def _delivered(self, out: Outcome, err: KafkaError | None, _: Message) -> None:
+        if err is not None:
+            self._refused[id(out)] = err  # the commit will fail; the retry replaces it
+
+    def commit(self, force: bool) -> None:
+        """Send the done prefixes' offsets into the open transaction and commit it.
+
+        Forced (revoke, shutdown), it commits here and now; otherwise on a thread of its
+        own, whose end a later call takes note of. The commit costs round trips to two
+        coordinators and the flush of every outcome in the transaction (30–50 ms a
+        commit, measured on Tansu), time the main loop spends serving instead.
+        """
+        if self._committing is not None:
+            if force:
+                self._committing.join()
+            elif self._committing.is_alive():
+                return
+            self._committed()
+            if not force:
+                return
+        if not self._open or not (self._due(force) or self._idle()):
+            return
+        positions = self.tracker.committable()
+        if force:
+            self._settled(self._end_transaction(positions), positions)
+            return
+        self._commit_positions = positions
+        self._committing = threading.Thread(
+            target=self._commit_in_background, args=(positions,), name="kp-commit", daemon=True
+        )
+        self._committing.start()
+
+    def _idle(self) -> bool:
+        """Nothing consumed is left outside the open transaction: commit it now.
+
+        Under load the interval paces commits; when the work runs dry (the end of a
+        backlog, a quiet moment) waiting out the interval would only delay the outcomes.
+        """
+        gap = max(_IDLE_COMMIT_S, self.commit_interval_s / 10)  # at most 10 per interval
+        if self.tracker.in_flight or time.monotonic() - self._last_commit < gap:
+            return False
+        self._last_commit = time.monotonic()
+        return True
+
+    def _end_transaction(self, positions: Positions) -> KafkaError | None:
+        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+        try:
+            if offsets:
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.consumer_group_metadata(), self.timeout_s
+                )
+            self.producer.commit_transaction(self.timeout_s)
+        except KafkaException as e:
+            return cast(KafkaError, e.args[0])
+        return None
+
+    def _commit_in_background(self, positions: Positions) -> None:
+        self._commit_error = self._end_transaction(positions)
+
+    def _committed(self) -> None:
+        """Take note of the background commit's end; release what waited for it."""
+        self._committing = None
+        self._settled(self._commit_error, self._commit_positions)
+        for tp in list(self._held):
+            self._release(tp)
+
+    def _settled(self, err: KafkaError | None, positions: Positions) -> None:
+        if err is not None:
+            self._failed(err)
+            return
+        self._open = False
+        self._watch = False
+        self.transactions["committed"] += 1
+        committed, self._in_txn = self._in_txn, []
+        for out in committed:
+            self.on_acked(out)
+        self.tracker.mark_committed(positions)
+        if positions:
+            self.on_committed(positions)
+
+    def _failed(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._stop("transaction failed for good", err)
+            return
+        if not err.txn_requires_abort():
+            log.warning("transaction commit failed (will retry): %s", err.str())
+            return
+        log.warning("transaction aborted (its outcomes go again): %s", err.str())
+        self._abort_and_redo()
+
+    def _stop(self, what: str, err: KafkaError) -> None:
+        zombie = err.code() in _FENCED or "fenced" in err.str().lower()
+        self.fatal = self.fatal or f"{what}: {err.str()}" + (
+            " (a newer producer with this transactional id fenced this one: it replaced "
+            "this replica, or two running replicas share one name; give each its own "
+            "--replica-id)"
+            if zombie
+            else ""
+        )
+
+    def _abort_and_redo(self, drop: set[tuple[str, int]] | None = None) -> None:
+        """Abort the open transaction and produce its outcomes again in a new one.
+
+        Outcomes the broker refused for good are replaced by their dead letters; those of
+        partitions this replica no longer owns (or ``drop``) are left to the new owner.
+        """
+        try:
+            self.producer.abort_transaction(self.timeout_s)
+        except KafkaException as e:
+            self._stop("cannot abort the transaction", e.args[0])
+            return
+        self._open = False
+        self._watch = True  # the next attempt finds out which outcome is refused
+        self.transactions["aborted"] += 1
+        redo, self._in_txn = self._in_txn, []
+        refused, self._refused = self._refused, {}
+        for out in redo:
+            env = out.envelope
+            tp = (env.topic, env.partition)
+            if (drop and tp in drop) or self.tracker.generation(tp) != env.generation:
+                continue
+            err = refused.get(id(out))
+            if err is None:
+                self._send(out)
+                continue
+            replacement = self.replacement(out, err)
+            if replacement is not None:
+                self._send(replacement)
+
+    def settle(self, timeout: float) -> int:
+        """Commit the open transaction, retrying until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self._open and self.fatal is None and time.monotonic() < deadline:
+            self.commit(force=True)
+        return len(self._in_txn)
+
+    def lost(self, partitions: list[tuple[str, int]]) -> None:
+        """Abort what the open transaction holds for them: the new owner serves it again."""
+        if self._committing is not None:  # it may still commit; nothing to undo then
+            self._committing.join()
+            self._committed()
+        gone = set(partitions)
+        for tp in gone:
+            self._held.pop(tp, None)
+        owed = any((o.envelope.topic, o.envelope.partition) in gone for o in self._in_txn)
+        if self._open and owed:
+            self._abort_and_redo(drop=gone)
+
+    def forget(self, partitions: list[tuple[str, int]]) -> None:
+        """Drop outcomes still held for them (their records go to the next owner)."""
+        for tp in partitions:
+            self._held.pop(tp, None)

@@ -1,0 +1,658 @@
+"""The main loop: consume, decode, batch, dispatch, publish, commit, apply backpressure.
+
+All Kafka I/O happens on the thread that calls `Pipeline.run`; models run on their own
+threads (`pipeline.serving.runtime`) and hand back encoded outcomes. A record's offset is
+committed only with or after its outcome (result or dead letter), and only once every
+earlier record of its partition has one too (`pipeline.engine.offsets`); how outcomes and
+offsets reach Kafka, at least once or exactly once, is `pipeline.engine.delivery`'s.
+
+Rebalances are cooperative (incremental): only the partitions that move are revoked, and
+their in-flight work is finished and committed, within ``flow.revoke_timeout_s``, before
+they go; the others keep being served throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from pipeline.config.topology import Topology
+from pipeline.engine.backpressure import Backpressure
+from pipeline.engine.batch_control import LagBatchControl
+from pipeline.engine.batcher import Flushed, MicroBatcher
+from pipeline.engine.delivery import AtLeastOnce, Delivery, ExactlyOnce, Positions
+from pipeline.engine.lag import LagMonitor
+from pipeline.engine.offsets import OffsetTracker
+from pipeline.kafka.clients import consumer_config, producer_config, transactional_id
+from pipeline.kafka.clients import replica_id as kafka_replica_id
+from pipeline.observability.health import Health
+from pipeline.observability.metrics import GpuSampler, Metrics
+from pipeline.serving.graph import ModelGraph
+from pipeline.serving.outcomes import Outcome, OutcomeEncoder
+from pipeline.serving.routing import ModelRoute, Router
+from pipeline.serving.runtime import ModelRuntime
+from schemas.codec import AvroCodec
+from schemas.errors import BrokerError, RequestError
+from schemas.messages import Envelope
+
+__all__ = ["Pipeline", "RunStats"]
+
+# Dead-letter reasons the engine itself gives; their series start at zero.
+_REASONS = (
+    "bad_request",
+    "undecodable",
+    "unknown_model",
+    "bad_tensor",
+    "preprocess_failed",
+    "inference_failed",
+    "undeliverable",
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunStats:
+    """Counters of one run, for the closing summary."""
+
+    consumed: int = 0
+    pauses: int = 0
+    results: int = 0
+    dead_letters: int = 0
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    first_consumed: float | None = None
+    last_delivered: float | None = None
+
+
+class Pipeline:
+    """One replica: a consumer, the models' runtimes and a producer, wired to a topology."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        graph: list[ModelGraph],
+        bootstrap: str,
+        codec: AvroCodec | None = None,
+        embedded: bool = False,
+        consumer: Consumer | None = None,
+        producer: Producer | None = None,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
+        ranges: Mapping[tuple[str, int], tuple[int, int]] | None = None,
+        replica_id: str | None = None,
+    ) -> None:
+        self.topology = topology
+        self.flow = topology.flow
+        self.codec = codec or AvroCodec()
+        # A bounded run (a replay) serves [start, end) of each listed partition, assigned
+        # directly (no group membership), and stops by itself once all of it is delivered.
+        self.ranges = dict(ranges) if ranges is not None else None
+        self._finished: set[tuple[str, int]] = set()
+        self.range_begin: dict[tuple[str, int], int] = {}
+        self.encoder = OutcomeEncoder(
+            self.codec,
+            topology.topics.output,
+            topology.topics.dead_letter,
+            reply_topics=ranges is None,
+        )
+        self.metrics = metrics or Metrics()
+        self.health = health or Health(topology.metrics.stale_after_s)
+        self._cooperative = False
+        if consumer is None:
+            consumer = self._consumer(bootstrap, embedded, replica_id)
+        else:
+            self.health.broker_up = True  # a test double: nothing to watch
+        self.consumer = consumer
+        self.exactly_once = topology.delivery == "exactly_once"
+        self.transactional_id = (
+            transactional_id(topology.kafka, replica_id) if self.exactly_once else None
+        )
+        self.producer = producer or Producer(
+            producer_config(topology.kafka, bootstrap, self.transactional_id)
+        )
+        self.tracker = OffsetTracker()
+        self.backpressure = Backpressure(
+            self.flow.max_in_flight,
+            self.flow.low_mark,
+            self.flow.max_in_flight_bytes,
+            self.flow.low_mark_bytes,
+        )
+        self.lag = LagMonitor(self.consumer)
+        self.gpus = GpuSampler(self.metrics)
+        self.stats = RunStats()
+        self._completed: queue.SimpleQueue[list[Outcome]] = queue.SimpleQueue()
+        self._pending: list[Outcome] = []
+        self._fatal: str | None = None
+        kind = ExactlyOnce if self.exactly_once else AtLeastOnce
+        self.delivery: Delivery = kind(
+            self.producer,
+            self.consumer,
+            self.tracker,
+            self.encoder,
+            _weak(self._acknowledged),
+            _weak(self._committed),
+            self.flow.commit_interval_ms,
+        )
+        self.router = Router(
+            {m.name: ModelRoute(m.name, m.settings.version, m.inputs, m.bucketer) for m in graph}
+        )
+        self.batchers = {
+            m.name: MicroBatcher[Any, Envelope](
+                m.settings.batching.max_batch_size, m.settings.batching.max_delay_ms / 1000.0
+            )
+            for m in graph
+        }
+        self.runtimes = {
+            m.name: ModelRuntime(m, self.encoder, self._completed.put, self.metrics) for m in graph
+        }
+        self.controls = {
+            m.name: LagBatchControl.from_settings(m.settings.batching, m.info.max_batch_size)
+            for m in graph
+            if m.settings.batching.lag_control.enabled
+        }
+        biggest = max((m.settings.batching.max_batch_size for m in graph), default=0)
+        if self.flow.max_in_flight < 4 * biggest:
+            log.warning(
+                "flow.max_in_flight (%d) holds fewer than 4 batches of %d: the consumer will "
+                "pause and resume constantly, and each pause drops librdkafka's prefetch",
+                self.flow.max_in_flight,
+                biggest,
+            )
+        self.assigned = threading.Event()
+        self.metrics_url: str | None = None  # where /metrics is served, when it is
+        self._next_lag = 0.0
+        # Per-record counts gathered between metric updates (the hot path adds to dicts).
+        self._consumed_tp: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self._consumed_bytes: defaultdict[str, int] = defaultdict(int)
+        self._acked: defaultdict[tuple[str, str, str | None, str], int] = defaultdict(int)
+        self._latency: defaultdict[str, list[float]] = defaultdict(list)
+        self._transactions_seen: dict[str, int] = {}
+        self._declare_metrics(graph)
+
+    def _consumer(self, bootstrap: str, embedded: bool, replica_id: str | None) -> Consumer:
+        kafka = self.topology.kafka
+        static = kafka.static_membership and self.ranges is None  # a replay joins no group
+        conf = consumer_config(
+            kafka, bootstrap, embedded, kafka_replica_id(replica_id) if static else None
+        )
+        conf.setdefault("statistics.interval.ms", 1000)
+        conf["stats_cb"] = _weak(self._on_stats)
+        conf["error_cb"] = _weak(self._on_client_error)
+        conf["on_commit"] = _weak(self._on_commit)
+        self._cooperative = "cooperative" in str(conf.get("partition.assignment.strategy"))
+        return Consumer(conf)
+
+    def _declare_metrics(self, graph: list[ModelGraph]) -> None:
+        m, tracker, bp = self.metrics, self.tracker, self.backpressure
+        for g in graph:
+            m.declare_model(g.name, g.devices)
+            m.batch_limit.labels(g.name).set(g.settings.batching.max_batch_size)
+            m.batch_delay.labels(g.name).set(g.settings.batching.max_delay_ms / 1000.0)
+        for reason in _REASONS:
+            m.declare_reason(reason)
+        for topic in self.topology.topics.input:
+            m.consumed_bytes.labels(topic)
+        for topic in (self.topology.topics.output, self.topology.topics.dead_letter):
+            m.produced.labels(topic)
+        # Read at scrape time: no cost on the hot path, and never stale.
+        m.in_flight.set_function(lambda: tracker.in_flight)
+        m.in_flight_bytes.set_function(lambda: tracker.in_flight_bytes)
+        m.assigned.set_function(lambda: len(tracker.partitions()))
+        m.paused.set_function(lambda: len(tracker.partitions()) if bp.paused else 0)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> RunStats:
+        """Serve until ``stop`` is set, then drain and commit; raises on a fatal Kafka error."""
+        self.delivery.start()
+        for runtime in self.runtimes.values():
+            runtime.start()
+        self.health.models_loaded = True
+        self.lag.start()
+        if self.ranges is None:
+            self.consumer.subscribe(
+                self.topology.topics.input,
+                on_assign=_weak(self._on_assign),
+                on_revoke=_weak(self._on_revoke),
+                on_lost=_weak(self._on_lost),
+            )
+        else:
+            self._assign_ranges(self.ranges)
+        try:
+            while not stop.is_set() and self._failure() is None and not self._range_served():
+                self._pull()
+                now = time.monotonic()
+                self._dispatch(now)
+                self._publish()
+                self.producer.poll(0)
+                self._commit(force=False)
+                self._apply_backpressure()
+                self._observe(now)
+                self.health.beat()
+        finally:
+            self._shutdown()
+        failure = self._failure()
+        if failure is not None:
+            raise BrokerError(failure)
+        return self.stats
+
+    def _failure(self) -> str | None:
+        """Why the pipeline must stop, if it must."""
+        return self._fatal or self.delivery.fatal
+
+    def _pull(self) -> None:
+        # Paused partitions return nothing; consuming anyway keeps the group protocol served.
+        n = min(self.flow.consume_batch, self.backpressure.capacity(self.tracker.in_flight))
+        msgs = self.consumer.consume(max(n, 1), self._wait_s())
+        now = time.monotonic()
+        if msgs:
+            self.health.broker_up = True
+            if self.stats.first_consumed is None:
+                self.stats.first_consumed = now
+        for msg in msgs:
+            self._accept(msg, now)
+
+    def _accept(self, msg: Message, now: float) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF and self.ranges is not None:
+                self._finish((cast(str, msg.topic()), cast(int, msg.partition())))
+                return
+            self._on_consume_error(err)
+            return
+        tp = (cast(str, msg.topic()), cast(int, msg.partition()))
+        generation = self.tracker.generation(tp)
+        if generation is None:  # prefetched before a revoke: the new owner will serve it
+            return
+        offset = cast(int, msg.offset())
+        if self.ranges is not None and not self._in_range(tp, offset):
+            return
+        value = msg.value()
+        size = len(value) if value else 0
+        timestamp_ms = msg.timestamp()[1]
+        if timestamp_ms <= 0:  # no timestamp on the record: date it by its arrival
+            timestamp_ms = int(time.time() * 1000)
+        if not self.tracker.track(tp, offset, size, timestamp_ms):
+            log.warning("%s[%d]@%d re-delivered by the client; already served", *tp, offset)
+            return
+        self.stats.consumed += 1
+        self._consumed_tp[tp] += 1
+        self._consumed_bytes[tp[0]] += size
+        env = Envelope(tp[0], tp[1], offset, msg.key(), value or b"", timestamp_ms, now, generation)
+        try:
+            if value is None:
+                raise RequestError("record has no value (tombstone)")
+            env.request = request = self.codec.decode_request(value)
+            route = self.router.route(request)
+            key = route.batch_key(request)
+        except RequestError as e:
+            self._pending.append(self.encoder.dead_letter(env, e.reason, str(e)))
+            return
+        flushed = self.batchers[route.name].add(key, env, now)
+        if flushed is not None:
+            self._submit(route.name, flushed)
+
+    def _dispatch(self, now: float) -> None:
+        for name, batcher in self.batchers.items():
+            for flushed in batcher.due(now):
+                self._submit(name, flushed)
+
+    def _submit(self, model: str, flushed: Flushed[Any, Envelope]) -> None:
+        self.metrics.batches.labels(model, flushed.reason).inc()
+        self.metrics.batch_size.labels(model).observe(len(flushed.items))
+        self.runtimes[model].submit(flushed.items)
+
+    def _publish(self) -> None:
+        outcomes = self._pending + self.delivery.pending
+        self._pending, self.delivery.pending = [], []
+        while True:
+            try:
+                outcomes.extend(self._completed.get_nowait())
+            except queue.Empty:
+                break
+        if outcomes:
+            self.delivery.publish(outcomes)
+
+    def _commit(self, force: bool) -> None:
+        self.delivery.commit(force)
+
+    def _acknowledged(self, out: Outcome) -> None:
+        """Count an outcome readers can now see."""
+        if out.reason is not None:
+            self.stats.dead_letters += 1
+        else:
+            self.stats.results += 1
+            self._latency[out.model].append(time.time() - out.envelope.timestamp_ms / 1000.0)
+        # A model label only for served models: a request naming random models must not
+        # make a new metric series each.
+        model = out.model if out.model in self.runtimes else ""
+        self._acked[(out.topic, model, out.reason, out.status)] += 1
+        self.stats.last_delivered = time.monotonic()
+
+    def _committed(self, positions: Positions) -> None:
+        self.stats.committed.update(positions)
+
+    def _apply_backpressure(self) -> None:
+        decision = self.backpressure.update(self.tracker.in_flight, self.tracker.in_flight_bytes)
+        if decision is None:
+            return
+        parts = [
+            TopicPartition(t, p)
+            for t, p in self.tracker.partitions()
+            if (t, p) not in self._finished
+        ]
+        if decision:
+            self.consumer.pause(parts)
+            self.metrics.pauses.inc()
+        else:
+            self.consumer.resume(parts)
+            _wake_fetcher(self.consumer, parts)
+            self.metrics.resumes.inc()
+        self.stats.pauses += decision
+        log.debug("%s at %d in flight", "paused" if decision else "resumed", self.tracker.in_flight)
+
+    # -- measuring --------------------------------------------------------------------------
+
+    def _observe(self, now: float) -> None:
+        """Move gathered counts into the metrics; each lag interval, measure lag and steer."""
+        self._flush_counts()
+        if now < self._next_lag:
+            return
+        self._next_lag = now + self.flow.lag_interval_ms / 1000.0
+        m = self.metrics
+        lags = self.lag.measure(self.tracker, self.tracker.partitions(), self.backpressure.paused)
+        for (topic, partition), lag in lags.items():
+            m.lag.labels(topic, str(partition)).set(lag.messages)
+            m.lag_seconds.labels(topic, str(partition)).set(lag.seconds)
+        worst = max((lag.seconds for lag in lags.values()), default=0.0)
+        for name, control in self.controls.items():
+            direction = control.step(worst)
+            if direction is None:
+                continue
+            batcher, limits = self.batchers[name], control.limits
+            batcher.max_batch_size, batcher.max_delay_s = limits.size, limits.delay_s
+            m.batch_adjustments.labels(name, direction).inc()
+            m.batch_limit.labels(name).set(limits.size)
+            m.batch_delay.labels(name).set(limits.delay_s)
+            log.info(
+                "model %s: lag %.1f s, batches %s to %d requests / %.0f ms",
+                name,
+                worst,
+                direction,
+                limits.size,
+                limits.delay_s * 1000.0,
+            )
+        self.gpus.sample()
+
+    def _flush_counts(self) -> None:
+        m = self.metrics
+        for result, n in self.delivery.transactions.items():
+            if n != self._transactions_seen.get(result, 0):
+                m.transactions.labels(result).inc(n - self._transactions_seen.get(result, 0))
+                self._transactions_seen[result] = n
+        if self._consumed_tp:
+            for (topic, partition), n in self._consumed_tp.items():
+                m.consumed.labels(topic, str(partition)).inc(n)
+            for topic, n in self._consumed_bytes.items():
+                m.consumed_bytes.labels(topic).inc(n)
+            self._consumed_tp.clear()
+            self._consumed_bytes.clear()
+        if self._acked:
+            for (topic, model, reason, status), n in self._acked.items():
+                m.produced.labels(topic).inc(n)
+                if reason is None:
+                    m.results.labels(model, status).inc(n)
+                else:
+                    m.dead_letters.labels(reason, model).inc(n)
+            self._acked.clear()
+        if self._latency:
+            for model, seconds in self._latency.items():
+                m.latency.observe_many(model, seconds)
+            self._latency.clear()
+
+    def _on_stats(self, stats_json: str) -> None:
+        """Note from librdkafka's statistics whether any broker connection is up."""
+        try:
+            brokers = json.loads(stats_json).get("brokers", {})
+        except ValueError:
+            return
+        self.health.broker_up = any(
+            b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers.values()
+        )
+
+    def _on_client_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            if self.health.broker_up:
+                log.warning("kafka: no broker reachable (%s); retrying", err.str())
+            self.health.broker_up = False
+        elif err.code() == KafkaError._TRANSPORT:  # each reconnect attempt says this
+            log.debug("kafka: %s", err)
+        else:
+            log.warning("kafka: %s", err)
+
+    def _wait_s(self) -> float:
+        if self._pending or not self._completed.empty():
+            return 0.0
+        wait = self.flow.poll_timeout_ms / 1000.0
+        now = time.monotonic()
+        for batcher in self.batchers.values():
+            deadline = batcher.next_deadline()
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - now))
+        if any(r.busy for r in self.runtimes.values()):
+            wait = min(wait, 0.002)
+        return wait
+
+    # -- bounded runs (replays) -----------------------------------------------------------
+
+    def _assign_ranges(self, ranges: Mapping[tuple[str, int], tuple[int, int]]) -> None:
+        """Assign each partition at its start, or where this group's last run stopped."""
+        listed = [TopicPartition(t, p) for t, p in ranges]
+        committed = {
+            (c.topic, c.partition): c.offset for c in self.consumer.committed(listed, timeout=30)
+        }
+        parts = []
+        for tp, (start, end) in ranges.items():
+            done = committed.get(tp, -1)
+            begin = done if start <= done <= end else start
+            self.range_begin[tp] = begin
+            self.tracker.assign(tp)
+            if begin >= end:
+                self._finished.add(tp)
+            else:
+                parts.append(TopicPartition(tp[0], tp[1], begin))
+        self.consumer.assign(parts)
+        self.health.assignment = len(parts)
+        self.assigned.set()
+        log.info("replaying %s", _names(parts))
+
+    def _in_range(self, tp: tuple[str, int], offset: int) -> bool:
+        """Whether to serve this record; the partition is finished at its range's end."""
+        assert self.ranges is not None
+        end = self.ranges[tp][1]
+        if offset >= end:
+            self._finish(tp)
+            return False
+        if offset == end - 1:
+            self._finish(tp)
+        return True
+
+    def _finish(self, tp: tuple[str, int]) -> None:
+        if tp not in self._finished:
+            self._finished.add(tp)
+            self.consumer.pause([TopicPartition(*tp)])
+
+    def _range_served(self) -> bool:
+        """A bounded run is over once every partition is read to its end and delivered."""
+        return (
+            self.ranges is not None
+            and len(self._finished) == len(self.ranges)
+            and self.tracker.in_flight == 0
+        )
+
+    # -- rebalance ------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self.tracker.assign((p.topic, p.partition))
+            self.metrics.consumed.labels(p.topic, str(p.partition))  # at zero from now on
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        if self.backpressure.paused:
+            consumer.pause(partitions)
+        self.health.assignment = len(self.tracker.partitions())
+        self.assigned.set()
+        if partitions:
+            log.info("assigned %s", _names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Finish the revoked partitions' in-flight work, commit it, then let them go.
+
+        Bounded by ``flow.revoke_timeout_s``: the group waits for this callback, so a
+        slow model must not stall everyone's rebalance. What is left unfinished is served
+        again by the new owner, from the commit made here.
+        """
+        started = time.monotonic()
+        revoked = [(p.topic, p.partition) for p in partitions]
+        owed = sum(self.tracker.outstanding(tp) for tp in revoked)
+        left = self._finish_work(started + self.flow.revoke_timeout_s, revoked)
+        self._let_go(partitions)
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
+        log.info(
+            "revoked %s after finishing %d in-flight requests in %.0f ms%s",
+            _names(partitions),
+            owed - left,
+            (time.monotonic() - started) * 1000.0,
+            f"; {left} requests left to the next owner" if left else "",
+        )
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.delivery.lost([(p.topic, p.partition) for p in partitions])
+        self._let_go(partitions)
+        if not self.tracker.partitions():
+            # Dropped by the group (a broker outage longer than the session): not ready
+            # until it assigns again, unlike a replica legitimately assigned nothing.
+            self.health.assignment = None
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+        log.warning("lost %s", _names(partitions))
+
+    def _finish_work(self, deadline: float, partitions: list[tuple[str, int]] | None) -> int:
+        """Run open batches, deliver and commit until ``partitions`` (None: all) owe nothing.
+
+        Returns how many of their records are still without a committed outcome.
+        """
+
+        def owed() -> int:
+            parts = self.tracker.partitions() if partitions is None else partitions
+            return sum(self.tracker.outstanding(tp) for tp in parts)
+
+        for name, batcher in self.batchers.items():
+            for flushed in batcher.drain():
+                self._submit(name, flushed)
+        while self._failure() is None and time.monotonic() < deadline and owed():
+            self._publish()
+            self.producer.poll(0.005)
+        self._publish()
+        remaining = self.delivery.settle(max(0.0, deadline - time.monotonic()))
+        if remaining:
+            log.warning("%d outcomes undelivered; they will be served again", remaining)
+        return owed()
+
+    def _let_go(self, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            tp = (p.topic, p.partition)
+            self.tracker.revoke(tp)
+            self.lag.forget(tp)
+            for gauge in (self.metrics.lag, self.metrics.lag_seconds):
+                with contextlib.suppress(KeyError):  # never measured
+                    gauge.remove(p.topic, str(p.partition))
+        self.delivery.forget([(p.topic, p.partition) for p in partitions])
+        self.health.assignment = len(self.tracker.partitions())
+
+    def _on_commit(self, err: KafkaError | None, offsets: list[TopicPartition]) -> None:
+        if err is not None and err.code() == KafkaError._NO_OFFSET:
+            return  # nothing was left to commit
+        self.delivery.commit_done(err, offsets)
+
+    def _on_consume_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = f"consumer: {err}"
+        else:
+            log.warning("consumer: %s", err)
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Stop pulling, finish in-flight work, deliver, commit, close."""
+        self.health.stopping = True
+        deadline = time.monotonic() + self.flow.drain_timeout_s
+        if self._failure() is None:
+            self._finish_work(deadline, None)
+        for runtime in self.runtimes.values():
+            runtime.stop(timeout=max(0.1, deadline - time.monotonic()))
+        self._flush_counts()
+        self.lag.stop()
+        self.consumer.close()
+        log.info(
+            "stopped: %d consumed, %d results, %d dead letters",
+            self.stats.consumed,
+            self.stats.results,
+            self.stats.dead_letters,
+        )
+
+
+def _wake_fetcher(consumer: Consumer, parts: list[TopicPartition]) -> None:
+    """Make librdkafka fetch resumed partitions now rather than at its next timer.
+
+    librdkafka 2.16 does not wake a broker's fetcher when partitions are resumed: it
+    notices at its next periodic wake-up, and records arrived 820–900 ms after resume()
+    (measured on Tansu, any fetch.wait.max.ms; confluent-kafka-go#630 shows the same
+    against Kafka). A seek to where a partition already stands changes nothing, but is an
+    operation the fetcher acts on at once: records then arrived 9–16 ms after resume().
+    Pausing purges the prefetched records, so the fetch starts at that position anyway.
+    """
+    for tp in consumer.position(parts):
+        if tp.offset >= 0:  # never consumed yet: nothing to restart from
+            try:
+                consumer.seek(tp)
+            except KafkaException as e:  # e.g. revoked meanwhile; the timer still fetches
+                log.debug("seek %s[%d]@%d on resume: %s", tp.topic, tp.partition, tp.offset, e)
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"
+
+
+def _weak(method: Callable[..., None]) -> Callable[..., None]:
+    """A callback that does not keep its object alive.
+
+    The consumer keeps its rebalance callbacks; bound methods would make the pipeline and
+    its consumer a reference cycle, so its Kafka clients would close only at some later
+    garbage collection instead of when the pipeline is dropped.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return call

@@ -1,0 +1,1 @@
+"""kp-pipeline's models served from other stream processors (Faust)."""

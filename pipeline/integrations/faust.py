@@ -1,0 +1,525 @@
+"""Serving a kp-pipeline model from inside a Faust (faust-streaming) application.
+
+For teams that already run Faust workers and want kp-pipeline's model handling without
+its consumer loop: the same topology file, the same preprocess stages, backend and
+postprocess stages, the same Avro requests, results and dead letters, with the same
+dead-letter reasons (``undecodable``, ``unknown_model``, ``bad_tensor``, a stage's own
+reasons, ``preprocess_failed``, ``inference_failed``, ``undeliverable``). Faust owns the
+Kafka side: connections, the consumer group, offsets. Nothing here re-implements the
+model side either; a batch goes through the pieces `pipeline.engine.loop` uses:
+`pipeline.serving.routing.Router` checks each request and gives its shape-aware batch key,
+`pipeline.serving.runtime.prepare` and `complete` run the stages and the model, and
+`pipeline.serving.outcomes.OutcomeEncoder` encodes each request's one outcome.
+
+Use::
+
+    import faust
+    from pipeline.integrations.faust import attach
+
+    app = faust.App(
+        "tiny-serving",
+        broker="kafka://127.0.0.1:9092",
+        broker_session_timeout=6.0,      # Tansu joins take half of it
+        broker_commit_interval=0.5,
+        topic_disable_leader=True,       # no leader topic: nothing here needs one
+        web_enabled=False,
+    )
+    served = attach(app, "load/topologies/tiny-mlp.yaml")   # loads the model now
+
+    # faust -A mymodule:app worker -l info   (or app.main())
+
+`attach` defines one agent on the topology's input topics. It reads batches with
+``stream.noack_take(take_size, within=max_delay_s)`` (sizes from the topology's
+batching, see `KpFaustModel.take_size`), runs each through `KpFaustModel.handle` and
+`KpFaustModel.publish`, then acks its events. An agent of your own does the same::
+
+    model = KpFaustModel.from_topology("topology.yaml")
+
+    @app.agent(app.topic(*model.input_topics, value_type=bytes, value_serializer="raw"))
+    async def infer(stream):
+        async for events in stream.noack_take(model.take_size, within=model.max_delay_s):
+            await model.publish(app, await model.handle(events))
+            for event in events:
+                await stream.ack(event)
+
+From the topology: the models, their batching, the topics, the Schema Registry. Not
+from it: the ``kafka`` connection settings, ``flow`` and ``metrics`` (the Faust app has
+its own), and lag-driven batching (``lag_control``): batch size and delay stay fixed.
+The output and dead-letter topics must exist (``topics.create`` is ``kp-pipeline run``'s
+job; Faust declares missing input topics itself, with its own partition count).
+
+Delivery is at least once, as in kp-pipeline, with Faust's default
+``processing_guarantee`` and an agent written as above. Faust commits an offset once
+that event and every earlier one of its partition are acked, and flushes its producer
+before each commit. `KpFaustModel.publish` returns only after the broker acknowledged
+every result and dead letter of the batch (sent at once, never held back for the
+commit), and the events are acked after that. So a crash, a rebalance or a stop at any
+moment leaves the events whose outcomes were not acknowledged uncommitted, and they are
+served again: duplicates are possible, losses are not. ``take`` and ``take_events``
+would not do: they ack the batch in a ``finally`` clause when the loop body ends, also
+when it ends with an exception (the agent is restarted and the batch is committed; seen
+on Tansu with faust-streaming 0.15.3), so a failed publish would lose its requests.
+``handle`` never raises for a bad request (that is a dead letter), and ``publish``
+raises `DeliveryError` only for a failure a retry in place cannot fix (a result too
+large or a topic that cannot be written becomes a dead letter instead, as in
+kp-pipeline). `attach`'s agent crashes the app on any exception, so the worker stops
+with the batch un-acked and a restart serves it again, as kp-pipeline stops.
+
+The blocking work (decoding, stages, inference, encoding) runs on threads, so Faust's
+event loop keeps fetching meanwhile: each model instance (``instances:``) has its own
+thread, and the model batches of one ``take`` batch are spread over the instances. The
+agent serves one ``take`` batch at a time; Faust fills the next one meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import faust
+from faust.types import AgentT, EventT, TopicT
+
+from pipeline.app import OpenTopology, make_codec, open_topology
+from pipeline.config.loader import load_topology
+from pipeline.serving.graph import ModelGraph, build_graph, close_graph
+from pipeline.serving.outcomes import Outcome, OutcomeEncoder
+from pipeline.serving.routing import ModelRoute, Router
+from pipeline.serving.runtime import complete, prepare
+from schemas.codec import AvroCodec
+from schemas.errors import BrokerError, KpError, RequestError
+from schemas.messages import Envelope
+
+__all__ = ["DeliveryError", "FaustStats", "KpFaustModel", "attach"]
+
+log = logging.getLogger(__name__)
+
+# aiokafka's answers that sending the same bytes to the same topic again will not change:
+# a result refused with one becomes an ``undeliverable`` dead letter, as in the runner.
+# Matched by class name (and base classes): aiokafka ships no type information, and
+# nothing else here needs it.
+_PERMANENT = frozenset(
+    {
+        "MessageSizeTooLargeError",
+        "RecordListTooLargeError",
+        "CorruptRecordException",
+        "InvalidMessageError",
+        "TopicAuthorizationFailedError",
+        "UnknownTopicOrPartitionError",
+        "InvalidTopicError",
+    }
+)
+
+
+class DeliveryError(BrokerError):
+    """An outcome the broker did not take, for a reason a retry in place cannot fix."""
+
+
+@dataclass
+class FaustStats:
+    """What one `KpFaustModel` did, for logs and benchmarks (monotonic clock)."""
+
+    consumed: int = 0
+    results: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    first_consumed: float | None = None
+    last_delivered: float | None = None
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """At most one model's ``max_batch_size`` requests with one batch key."""
+
+    model: str
+    rows: list[Envelope]
+
+
+class KpFaustModel:
+    """A topology's models, ready to serve batches of Faust events.
+
+    Build it with `from_topology` (or `from_opened`); it loads every model now, so a bad
+    topology or model fails before the worker consumes anything, with the same messages
+    as ``kp-pipeline validate``. Close it (or use it as a context manager) to unload.
+    """
+
+    def __init__(
+        self,
+        opened: OpenTopology,
+        graph: Sequence[ModelGraph],
+        codec: AvroCodec | None = None,
+    ) -> None:
+        if not graph:
+            raise KpError(f"{opened.source}: no model to serve")
+        self.opened = opened
+        self.graph = {m.name: m for m in graph}
+        topics = opened.topology.topics
+        self.codec = codec or make_codec(opened.topology)
+        self.encoder = OutcomeEncoder(self.codec, topics.output, topics.dead_letter)
+        self.router = Router(
+            {m.name: ModelRoute(m.name, m.settings.version, m.inputs, m.bucketer) for m in graph}
+        )
+        self.stats = FaustStats()
+        # One thread per model instance: a backend session (and its CUDA stream) is only
+        # ever used by its own thread, as in `pipeline.serving.runtime`.
+        self._workers = {
+            m.name: [
+                concurrent.futures.ThreadPoolExecutor(1, f"kp-faust-{m.name}-{i}")
+                for i in range(len(m.instances))
+            ]
+            for m in graph
+        }
+        self._turns = {m.name: itertools.count() for m in graph}
+        # Decoding and routing, off the event loop; waits on the instance threads.
+        self._intake = concurrent.futures.ThreadPoolExecutor(4, "kp-faust-intake")
+        self._topics: dict[str, TopicT] = {}  # of `_topics_app`
+        self._topics_app: faust.App | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_topology(
+        cls,
+        path: str | Path,
+        model: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> KpFaustModel:
+        """Load a topology file and build its models (``model``: only that one).
+
+        ``env`` replaces the process environment for the file's ``${VAR}``s.
+        """
+        if env is None:
+            opened = open_topology(path)
+        else:
+            opened = OpenTopology(load_topology(path, env), str(path), Path(path).resolve().parent)
+        return cls.from_opened(opened, model)
+
+    @classmethod
+    def from_opened(cls, opened: OpenTopology, model: str | None = None) -> KpFaustModel:
+        """Build the models of an already loaded topology (``model``: only that one)."""
+        topology = opened.topology
+        if model is not None:
+            chosen = [m for m in topology.models if m.name == model]
+            if not chosen:
+                served = ", ".join(m.name for m in topology.models)
+                raise KpError(f"{opened.source}: no model {model!r} (it has {served})")
+            topology = topology.model_copy(update={"models": chosen})
+            opened = dataclasses.replace(opened, topology=topology)
+        graph = build_graph(topology, opened.source, opened.base_dir)
+        try:
+            return cls(opened, graph)
+        except BaseException:  # e.g. the Schema Registry refused: unload what was loaded
+            close_graph(graph)
+            raise
+
+    # -- what the agent needs ---------------------------------------------------------
+
+    @property
+    def input_topics(self) -> list[str]:
+        """The topology's input topics: the agent's channel."""
+        return list(self.opened.topology.topics.input)
+
+    @property
+    def take_size(self) -> int:
+        """The default events per ``take``: enough for a full batch on every instance.
+
+        The agent serves one ``take`` batch at a time, so a batch of one model's
+        ``max_batch_size`` would leave all but one of its instances idle: the default
+        is the largest ``max_batch_size × instances`` among the models served.
+        """
+        return max(
+            m.settings.batching.max_batch_size * len(m.instances) for m in self.graph.values()
+        )
+
+    @property
+    def max_delay_s(self) -> float:
+        """The shortest ``batching.max_delay_ms`` served, in seconds: the default ``within``."""
+        return min(m.settings.batching.max_delay_ms for m in self.graph.values()) / 1000.0
+
+    # -- one batch ----------------------------------------------------------------------
+
+    @staticmethod
+    def envelope(event: EventT[Any]) -> Envelope:
+        """The consumed record behind a Faust event, from its raw message bytes.
+
+        Works whatever the topic's value type is: the raw key and value are used, not
+        what Faust deserialized. ``consumed_at`` is when Faust's monitor saw the message
+        (its ``time_in``, on the same monotonic clock) when it has one.
+        """
+        msg = event.message
+        timestamp_ms = int(msg.timestamp * 1000.0)
+        if timestamp_ms <= 0:  # no timestamp on the record: date it by its arrival
+            timestamp_ms = int(time.time() * 1000)
+        consumed_at = msg.time_in if msg.time_in is not None else time.monotonic()
+        return Envelope(
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            msg.key,
+            msg.value or b"",
+            timestamp_ms,
+            consumed_at,
+        )
+
+    async def handle(self, events: Sequence[EventT[Any]]) -> list[Outcome]:
+        """Serve one batch of events: exactly one outcome per event, in event order.
+
+        Runs on worker threads (`process`), so the event loop is free meanwhile. Never
+        raises for a request's own problem: that is a dead letter among the outcomes.
+        """
+        tombstones = frozenset(i for i, e in enumerate(events) if e.message.value is None)
+        return await self.handle_envelopes([self.envelope(e) for e in events], tombstones)
+
+    async def handle_envelopes(
+        self, rows: list[Envelope], tombstones: frozenset[int] = frozenset()
+    ) -> list[Outcome]:
+        """`handle` for records already turned into envelopes (tests, other clients).
+
+        ``tombstones``: the positions of records that had no value at all.
+        """
+        if not rows:
+            return []
+        now = time.monotonic()
+        with self._lock:
+            self.stats.consumed += len(rows)
+            self.stats.batches += 1
+            if self.stats.first_consumed is None:
+                self.stats.first_consumed = min(now, *(r.consumed_at for r in rows))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._intake, self.process, rows, tombstones)
+
+    def process(
+        self, rows: list[Envelope], tombstones: frozenset[int] = frozenset()
+    ) -> list[Outcome]:
+        """The blocking part of `handle`: decode, route, group, run, encode.
+
+        Requests are grouped by their route's batch key (the model and, for models with
+        free dimensions, the input shapes; a text's length bucket), so a model batch never
+        mixes shapes, and each group is cut to the model's ``max_batch_size``. The chunks
+        of each model are spread over its instances, each instance running its share in
+        order on its own thread.
+        """
+        letters, chunks = self._split(rows, tombstones)
+        outcomes = list(letters)
+        pending: list[concurrent.futures.Future[list[Outcome]]] = []
+        for name, mine in _by_model(chunks).items():
+            workers = self._workers[name]
+            shares: list[list[_Chunk]] = [[] for _ in workers]
+            for chunk in mine:
+                shares[next(self._turns[name]) % len(workers)].append(chunk)
+            for i, share in enumerate(shares):
+                if share:
+                    pending.append(workers[i].submit(self._run_share, name, i, share))
+        for fut in pending:
+            outcomes.extend(fut.result())
+        order = {id(r): i for i, r in enumerate(rows)}
+        outcomes.sort(key=lambda o: order[id(o.envelope)])
+        return outcomes
+
+    def _split(
+        self, rows: list[Envelope], tombstones: frozenset[int]
+    ) -> tuple[list[Outcome], list[_Chunk]]:
+        """Decode and route every row; dead letters for the refused, chunks for the rest."""
+        letters: list[Outcome] = []
+        groups: dict[tuple[str, Hashable], list[Envelope]] = {}
+        for i, env in enumerate(rows):
+            try:
+                if i in tombstones:
+                    raise RequestError("record has no value (tombstone)")
+                if env.request is None:
+                    env.request = self.codec.decode_request(env.value)
+                route = self.router.route(env.request)
+                key = route.batch_key(env.request)
+            except RequestError as e:
+                letters.append(self.encoder.dead_letter(env, e.reason, str(e)))
+                continue
+            groups.setdefault((route.name, key), []).append(env)
+        chunks = []
+        for (name, _), members in groups.items():
+            size = self.graph[name].settings.batching.max_batch_size
+            for start in range(0, len(members), size):
+                chunks.append(_Chunk(name, members[start : start + size]))
+        return letters, chunks
+
+    def _run_share(self, name: str, instance: int, share: list[_Chunk]) -> list[Outcome]:
+        """One instance's chunks, in order, on that instance's thread.
+
+        Failures become dead letters for the rows they touched, with the runtime's
+        reasons, so one bad batch never stops the agent.
+        """
+        graph = self.graph[name]
+        backend = graph.instances[instance]
+        stages = graph.stages_for(instance)
+        out: list[Outcome] = []
+        for chunk in share:
+            try:
+                item = prepare(graph, self.encoder, chunk.rows, stages)
+            except Exception as e:
+                log.exception("model %s: preprocessing failed", name)
+                out += self._fail(chunk.rows, "preprocess_failed", e)
+                continue
+            out += item.dead_letters
+            try:
+                out += complete(graph, self.encoder, backend, item)
+            except Exception as e:
+                log.exception("model %s: inference failed for a batch of %d", name, len(item.batch))
+                out += self._fail(item.batch.rows, "inference_failed", e)
+        return out
+
+    def _fail(self, rows: Iterable[Envelope], reason: str, e: Exception) -> list[Outcome]:
+        error = f"{type(e).__name__}: {e}"
+        return [self.encoder.dead_letter(r, reason, error) for r in rows]
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def publish(self, app: faust.App, outcomes: Sequence[Outcome]) -> None:
+        """Send every outcome to its topic with its request's key; wait for the broker.
+
+        Results go to the output topic (or the request's reply topic), dead letters to
+        the dead-letter topic with the ``kp.reason``/``kp.error``/``kp.source`` headers,
+        as kp-pipeline produces them. Returns once the broker acknowledged all of them:
+        ack the events only after that. A result the broker refuses for good (too large,
+        a topic that cannot be written) is sent as an ``undeliverable`` dead letter
+        instead, and a dead letter that is too large is sent without the request's
+        bytes; any other failure raises `DeliveryError`.
+        """
+        pending = list(outcomes)
+        while pending:
+            # Concurrently: aiokafka makes a send wait while its partition's batch is
+            # full, and one send at a time would wait a round trip for each batch.
+            sends = [self._deliver(app, out) for out in pending]
+            done = await asyncio.gather(*sends, return_exceptions=True)
+            retry: list[Outcome] = []
+            for out, error in zip(pending, done, strict=True):
+                if error is None:
+                    self._count(out)
+                elif isinstance(error, Exception):
+                    retry.append(self._refused(out, error))
+                else:
+                    raise error
+            pending = retry
+
+    async def _deliver(self, app: faust.App, out: Outcome) -> None:
+        """Send one outcome through Faust's producer and wait for the broker's ack."""
+        topic = self._topic(app, out.topic)
+        headers = [
+            (k, v.encode() if isinstance(v, str) else v or b"") for k, v in out.headers or []
+        ]
+        fut = await topic.send(
+            key=out.envelope.key, value=out.value, headers=headers or None, force=True
+        )
+        await fut
+
+    def _topic(self, app: faust.App, name: str) -> TopicT:
+        if app is not self._topics_app:  # a topic object belongs to one app
+            self._topics, self._topics_app = {}, app
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = app.topic(
+                name,
+                key_type=bytes,
+                value_type=bytes,
+                key_serializer="raw",
+                value_serializer="raw",
+            )
+            self._topics[name] = topic
+        return topic
+
+    def _count(self, out: Outcome) -> None:
+        with self._lock:
+            if out.reason is None:
+                self.stats.results += 1
+            else:
+                self.stats.dead_letters += 1
+            self.stats.last_delivered = time.monotonic()
+
+    def _refused(self, out: Outcome, err: Exception) -> Outcome:
+        """What to send instead of an outcome the broker refused, or raise."""
+        env = out.envelope
+        where = f"{env.topic}/{env.partition}@{env.offset}"
+        cause = err.__cause__ if err.__cause__ is not None else err  # Faust wraps send errors
+        if not any(c.__name__ in _PERMANENT for c in type(cause).__mro__):
+            raise DeliveryError(f"delivery to {out.topic} failed for {where}: {cause!r}") from err
+        stand_in = self.encoder.stand_in(out, repr(cause))
+        if stand_in is not None:
+            return stand_in
+        raise DeliveryError(f"dead letter for {where} cannot be written to {out.topic}: {cause!r}")
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the threads and unload the models."""
+        self._intake.shutdown(wait=True)
+        for workers in self._workers.values():
+            for w in workers:
+                w.shutdown(wait=True)
+        close_graph(list(self.graph.values()))
+
+    def __enter__(self) -> KpFaustModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach(
+    app: faust.App,
+    model: KpFaustModel | str | Path,
+    *,
+    batch_size: int | None = None,
+    within: float | None = None,
+    name: str = "kp-inference",
+) -> KpFaustModel:
+    """Define the agent that serves ``model`` (a topology file, or a built model) on ``app``.
+
+    The agent reads the topology's input topics in batches of up to ``batch_size``
+    events, waiting at most ``within`` seconds for a batch to fill (default:
+    `KpFaustModel.take_size` and the topology's ``max_delay_ms``), and acks each
+    batch's events only after all of its outcomes are acknowledged by the broker (see
+    the module's docstring for the delivery semantics). An exception (a `DeliveryError`)
+    crashes the app, so the worker stops with the batch un-acked. Returns the model,
+    whose ``stats`` count what the agent did; a model built here from a path stays
+    loaded until its ``close()``.
+    """
+    served = model if isinstance(model, KpFaustModel) else KpFaustModel.from_topology(model)
+    size = batch_size or served.take_size
+    delay = served.max_delay_s if within is None else within
+    channel = app.topic(
+        *served.input_topics,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+    async def serve(stream: faust.StreamT[bytes]) -> None:
+        batches = cast(faust.Stream[bytes], stream).noack_take(size, within=delay)
+        async for batch in batches:
+            # noack_take yields the events themselves (it buffers `current_event`).
+            events = cast(Sequence[EventT[bytes]], batch)
+            try:
+                await served.publish(app, await served.handle(events))
+            except Exception as e:  # DeliveryError, or a bug: never ack what was not served
+                log.exception("%s; stopping the worker, the batch stays uncommitted", e)
+                await app.crash(e)
+                return
+            for event in events:
+                await stream.ack(event)
+
+    agent: AgentT[bytes] = app.agent(channel, name=name)(serve)
+    log.debug("attached agent %s to %s", agent.name, ", ".join(served.input_topics))
+    return served
+
+
+def _by_model(chunks: Iterable[_Chunk]) -> dict[str, list[_Chunk]]:
+    out: dict[str, list[_Chunk]] = {}
+    for chunk in chunks:
+        out.setdefault(chunk.model, []).append(chunk)
+    return out

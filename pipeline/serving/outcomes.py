@@ -1,0 +1,180 @@
+"""Turning a request's fate into the bytes that go to Kafka: a result or a dead letter.
+
+Every consumed record ends as exactly one `Outcome`; the offset tracker counts a record
+done only when its outcome is acknowledged by the broker. A request that reached its
+model but was not run (its deadline had passed) gets a result too, with status EXPIRED:
+the client asked a question and is owed an answer on its reply topic, while a dead letter
+is for an operator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.codec import AvroCodec
+from schemas.messages import DeadLetter, Envelope, Result, Status, Timings
+
+__all__ = ["Outcome", "OutcomeEncoder"]
+
+Headers = list[tuple[str, str | bytes | None]]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """Bytes ready to produce for one consumed record."""
+
+    envelope: Envelope
+    topic: str
+    value: bytes
+    headers: Headers | None = None
+    reason: str | None = None  # set for dead letters
+    model: str = ""  # for metrics; "" when the request never reached a model
+    status: str = "OK"  # of a result (OK, ERROR, EXPIRED)
+
+
+class OutcomeEncoder:
+    """Encodes results and dead letters for one topology (thread-safe: no shared state)."""
+
+    def __init__(
+        self,
+        codec: AvroCodec,
+        output_topic: str,
+        dead_letter_topic: str,
+        reply_topics: bool = True,
+    ) -> None:
+        self.codec = codec
+        self.output_topic = output_topic
+        self.dead_letter_topic = dead_letter_topic
+        # A replay writes every result to its own output, never to a live reply topic.
+        self.reply_topics = reply_topics
+
+    def results(
+        self,
+        rows: Sequence[Envelope],
+        model: str,
+        version: str,
+        columns: dict[str, Any],
+        started: float,
+        phase_ms: tuple[float, float, float],
+        batch_size: int,
+    ) -> list[Outcome]:
+        """OK results for every row of a batch, encoded in one pass (the hot path).
+
+        ``started`` is the monotonic time the batch left the batcher; ``phase_ms`` are
+        its preprocess, compute and postprocess times.
+        """
+        encoder = self.codec.result_batch(model, version, columns)
+        now_ms = time.time() * 1000.0
+        pre_ms, compute_ms, post_ms = phase_ms
+        out = []
+        for i, env in enumerate(rows):
+            request = env.request
+            assert request is not None
+            timings = (
+                (started - env.consumed_at) * 1000.0,
+                pre_ms,
+                compute_ms,
+                post_ms,
+                now_ms - env.timestamp_ms,
+            )
+            value = encoder.encode(
+                i, request.id, timings, batch_size, env.topic, env.partition, env.offset
+            )
+            topic = (self.reply_topics and request.reply_topic) or self.output_topic
+            out.append(Outcome(env, topic, value, model=model))
+        return out
+
+    def expired(
+        self, env: Envelope, model: str, version: str, now_ms: float, started: float
+    ) -> Outcome:
+        """An EXPIRED result for a request whose ``deadline_ms`` had passed at ``now_ms``.
+
+        ``started`` is the monotonic time its batch reached preprocessing: the queue time
+        it spent. It carries no outputs and a batch size of 0 (no model ran it); the error
+        says by how much the deadline was missed.
+        """
+        request = env.request
+        assert request is not None
+        assert request.deadline_ms is not None
+        missed = now_ms - request.deadline_ms
+        result = Result(
+            id=request.id,
+            model=model,
+            model_version=version,
+            status=Status.EXPIRED,
+            outputs={},
+            timings=Timings(
+                queue_ms=max(0.0, (started - env.consumed_at) * 1000.0),
+                end_to_end_ms=now_ms - env.timestamp_ms,
+            ),
+            batch_size=0,
+            topic=env.topic,
+            partition=env.partition,
+            offset=env.offset,
+            error=f"deadline passed {missed:.0f} ms before preprocessing "
+            f"(deadline_ms {request.deadline_ms})",
+        )
+        topic = (self.reply_topics and request.reply_topic) or self.output_topic
+        value = self.codec.encode_result(result)
+        return Outcome(env, topic, value, model=model, status=Status.EXPIRED.value)
+
+    def stand_in(self, out: Outcome, cause: str) -> Outcome | None:
+        """The dead letter to send instead of an outcome the broker refused for good.
+
+        A result becomes an ``undeliverable`` dead letter; a dead letter goes again
+        without the request's bytes. None when even that is impossible (a dead letter
+        already without them): the caller must stop rather than lose the record.
+        """
+        env = out.envelope
+        if out.reason is None:
+            error = f"its result cannot be written to {out.topic}: {cause}"
+            return self.dead_letter(env, "undeliverable", error)
+        if env.value:
+            trimmed = dataclasses.replace(env, value=b"")
+            error = f"{cause}; the request's bytes were dropped from this dead letter"
+            return self.dead_letter(trimmed, out.reason, error)
+        return None
+
+    def dead_letter(self, env: Envelope, reason: str, error: str) -> Outcome:
+        """A dead letter with the original bytes; the reason also travels in headers."""
+        request = env.request
+        # Capped, so a dead letter always fits where its request did (a request whose
+        # bytes are mostly a 1 MB id would otherwise have a dead letter just as large).
+        letter = DeadLetter(
+            reason=reason,
+            error=_cap(error, MAX_ERROR),
+            topic=env.topic,
+            partition=env.partition,
+            offset=env.offset,
+            payload=env.value,
+            failed_at_ms=int(time.time() * 1000),
+            id=None if request is None else _cap(request.id, MAX_NAME),
+            model=None if request is None else _cap(request.model, MAX_NAME),
+        )
+        headers: Headers = [
+            ("kp.reason", reason.encode()),
+            ("kp.error", error.encode()[:1024]),
+            ("kp.source", f"{env.topic}/{env.partition}/{env.offset}".encode()),
+        ]
+        return Outcome(
+            env,
+            self.dead_letter_topic,
+            self.codec.encode_dead_letter(letter),
+            headers,
+            reason,
+            model=letter.model or "",
+        )
+
+
+MAX_NAME = 256
+"""Characters of a request's id or model name kept in its dead letter."""
+MAX_ERROR = 4096
+"""Characters of an error kept in a dead letter."""
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

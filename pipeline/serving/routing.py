@@ -1,0 +1,99 @@
+"""Which model a request goes to, whether its tensors fit, and which batch it joins."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+import numpy as np
+
+from schemas.errors import RoutingError, TensorError
+from schemas.messages import Request
+from schemas.tensors import TensorSpec, numpy_dtype, oip_datatype
+
+__all__ = ["ModelRoute", "Router"]
+
+
+class ModelRoute:
+    """One served model's name, version and declared inputs."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        inputs: Mapping[str, TensorSpec],
+        bucketer: Callable[[Mapping[str, Any]], Hashable] | None = None,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.inputs = dict(inputs)
+        self.bucketer = bucketer  # e.g. a text's length bucket: one open batch per bucket
+        # With no free dimension every request of the model shares one signature, and the
+        # check is a dtype and shape comparison per tensor (the common, hot case).
+        self._fixed = all(None not in s.shape for s in self.inputs.values())
+        self._exact: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] | None = None
+        if self._fixed and "BYTES" not in {s.datatype for s in self.inputs.values()}:
+            self._exact = {
+                n: (numpy_dtype(s.datatype), tuple(d for d in s.shape if d is not None))
+                for n, s in self.inputs.items()
+            }
+
+    def batch_key(self, request: Request) -> Hashable:
+        """Check the request's tensors; return the key of the batch it may join."""
+        key = self._signature_key(request)
+        if self.bucketer is None:
+            return key
+        return (key, self.bucketer(request.inputs))
+
+    def _signature_key(self, request: Request) -> Hashable:
+        tensors = request.inputs
+        exact = self._exact
+        if exact is not None and len(tensors) == len(exact):
+            for name, (dtype, shape) in exact.items():
+                arr = tensors.get(name)
+                if arr is None or arr.dtype != dtype or arr.shape != shape:
+                    break
+            else:
+                return self.name
+        if tensors.keys() != self.inputs.keys():
+            missing = sorted(self.inputs.keys() - tensors.keys())
+            extra = sorted(tensors.keys() - self.inputs.keys())
+            parts = [
+                f"missing {missing}" if missing else "",
+                f"unexpected {extra}" if extra else "",
+            ]
+            raise TensorError(
+                f"model {self.name!r} takes inputs {sorted(self.inputs)}: "
+                + "; ".join(p for p in parts if p)
+            )
+        for name, spec in self.inputs.items():
+            arr = tensors[name]
+            datatype = oip_datatype(arr.dtype)
+            if not spec.accepts(datatype, arr.shape):
+                raise TensorError(
+                    f"input {name!r} is {datatype}{list(arr.shape)}; model {self.name!r} "
+                    f"takes {spec}"
+                )
+        if self._fixed:
+            return self.name
+        return (self.name, *((n, tensors[n].shape) for n in self.inputs))
+
+
+class Router:
+    """Finds the route of a request by model name (and version, when given)."""
+
+    def __init__(self, routes: Mapping[str, ModelRoute]) -> None:
+        self.routes = dict(routes)
+
+    def route(self, request: Request) -> ModelRoute:
+        """The route for ``request``, or a `RoutingError` naming what is served."""
+        route = self.routes.get(request.model)
+        if route is None:
+            served = ", ".join(sorted(self.routes))
+            raise RoutingError(f"unknown model {request.model!r} (served: {served})")
+        if request.model_version not in (None, "", route.version):
+            raise RoutingError(
+                f"model {request.model!r} version {request.model_version!r} is not served "
+                f"(serving {route.version!r})"
+            )
+        return route

@@ -1,0 +1,1 @@
+"""The operator commands beside ``run``: dlq, replay, top, demo, produce/results, models."""

@@ -1,0 +1,201 @@
+"""``kp-pipeline demo``: the whole product in one command, on an embedded broker.
+
+Starts Tansu, serves the topology, produces the sample photos (and one corrupt image) as
+requests, prints one line per result and the dead letter, then a throughput line, and
+shuts everything down cleanly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pipeline.app import OpenTopology, make_codec, serve
+from pipeline.engine.loop import Pipeline, RunStats
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.tools.samples import SAMPLE_TEXTS, sample_jpegs
+from pipeline.tools.traffic import image_request, produce_requests, read_topic, text_request
+from schemas.codec import AvroCodec
+from schemas.errors import KpError
+from schemas.messages import DeadLetter, Request, Result
+
+__all__ = ["BackgroundPipeline", "run_demo"]
+
+Echo = Callable[[str], None]
+
+
+class BackgroundPipeline:
+    """A pipeline served on a thread, for the demo, tests and benchmarks."""
+
+    def __init__(self, opened: OpenTopology, bootstrap: str, metrics_port: int = 0) -> None:
+        self._opened = opened
+        self._bootstrap = bootstrap
+        self._metrics_port = metrics_port  # 0: any free port, so several can run at once
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="pipeline")
+        self.pipeline: Pipeline | None = None
+        self.stats: RunStats | None = None
+        self.error: BaseException | None = None
+
+    def start(self, timeout: float = 60.0) -> BackgroundPipeline:
+        """Start serving and wait until partitions are assigned."""
+        self._thread.start()
+        self._ready.wait(timeout)
+        if self.error is not None:
+            self._thread.join()
+            raise self.error
+        assert self.pipeline is not None
+        if not self.pipeline.assigned.wait(timeout):
+            self.stop()
+            raise KpError(f"no partitions assigned within {timeout}s")
+        return self
+
+    def stop(self) -> RunStats:
+        """Drain, commit and stop; re-raises what the pipeline raised."""
+        self._stop.set()
+        self._thread.join()
+        self.pipeline = None  # the last reference: its Kafka clients close here
+        if self.error is not None:
+            raise self.error
+        assert self.stats is not None
+        return self.stats
+
+    def _serve(self) -> None:
+        def on_ready(_: str, pipeline: Pipeline) -> None:
+            self.pipeline = pipeline
+            self._ready.set()
+
+        try:
+            self.stats = serve(
+                self._opened,
+                self._stop,
+                self._bootstrap,
+                on_ready=on_ready,
+                metrics_port=self._metrics_port,
+            )
+        except BaseException as e:
+            self.error = e
+            self._ready.set()
+
+
+def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
+    """Run the demo (photos, or texts when the model tokenizes); returns the exit code."""
+    topology = opened.topology
+    model = topology.models[0]
+    text = any(stage.stage == "tokenize" for stage in model.preprocess)
+    codec = make_codec(topology)
+    with EmbeddedBroker() as broker:
+        address = broker.bootstrap_servers
+        echo(f"embedded Tansu broker on {address}")
+        served = BackgroundPipeline(opened, address).start()
+        devices = ", ".join(dict.fromkeys(model.instance_devices()))
+        echo(
+            f"serving {model.name} ({model.backend} on {devices}) from "
+            f"{', '.join(topology.topics.input)} → {topology.topics.output}"
+        )
+        t0 = time.monotonic()
+        produce = _produce_texts if text else _produce_samples
+        produce(codec, address, topology.topics.input[0], model.name, requests, echo)
+        results = [
+            codec.decode_result(m.value())
+            for m in read_topic(address, topology.topics.output, count=requests, timeout=300)
+        ]
+        elapsed = time.monotonic() - t0
+        letters = [
+            codec.decode_dead_letter(m.value())
+            for m in read_topic(address, topology.topics.dead_letter, count=1, timeout=30)
+        ]
+        stats = served.stop()
+    (_report_texts if text else _report)(results, letters, show, topology.topics.dead_letter, echo)
+    rate = len(results) / elapsed if elapsed > 0 else 0.0
+    echo(
+        f"{len(results)} results, {len(letters)} dead letter in {elapsed:.2f} s: "
+        f"{rate:.1f} requests/s (first request produced → last result read; "
+        f"the pipeline consumed {stats.consumed} and committed every offset it consumed: "
+        f"{sum(stats.committed.values()) == stats.consumed})"
+    )
+    if len(results) != requests or len(letters) != 1:
+        raise KpError(f"expected {requests} results and 1 dead letter")
+    return 0
+
+
+def _produce_texts(
+    codec: AvroCodec, address: str, topic: str, model: str, requests: int, echo: Echo
+) -> None:
+    names = list(SAMPLE_TEXTS)
+    good = [
+        text_request(f"demo-{i:05d}-{name}", model, SAMPLE_TEXTS[name])
+        for i, name in ((i, names[i % len(names)]) for i in range(requests))
+    ]
+    _produce(codec, address, topic, [*good, text_request("demo-too-long", model, "kafka " * 400)])
+    echo(f"produced {requests} texts of mixed lengths ({len(names)} samples) and 1 too long")
+
+
+def _report_texts(
+    results: list[Result], letters: list[DeadLetter], show: int, dlq: str, echo: Echo
+) -> None:
+    """Each sample's nearest other sample by cosine similarity: its paraphrase, if it works."""
+    by_sample: dict[str, np.ndarray[Any, Any]] = {}
+    for r in results:
+        by_sample.setdefault(r.id.split("-", 2)[2], r.outputs["embedding"].astype(np.float64))
+    echo("")
+    echo(f"{'id':<22} {'text':<44} {'dims':>4} {'norm':>5} {'batch':>5} {'nearest (cosine)':<20}")
+    for r in sorted(results, key=lambda r: r.id)[:show]:
+        name = r.id.split("-", 2)[2]
+        emb = r.outputs["embedding"].astype(np.float64)
+        others = {k: float(emb @ v) for k, v in by_sample.items() if k != name}
+        near = max(others, key=lambda k: others[k]) if others else "-"
+        echo(
+            f"{r.id:<22} {SAMPLE_TEXTS[name][:44]:<44} {emb.size:>4} "
+            f"{np.linalg.norm(emb):>5.3f} {r.batch_size:>5} {near} ({others.get(near, 0):.2f})"
+        )
+    _report_tail(results, letters, show, dlq, echo)
+
+
+def _produce_samples(
+    codec: AvroCodec, address: str, topic: str, model: str, requests: int, echo: Echo
+) -> None:
+    photos = sample_jpegs()
+    names = list(photos)
+    good = [
+        image_request(f"demo-{i:05d}-{photo}", model, photos[photo])
+        for i, photo in ((i, names[i % len(names)]) for i in range(requests))
+    ]
+    corrupt = image_request("demo-corrupt", model, photos[names[0]][:600])
+    _produce(codec, address, topic, [*good, corrupt])
+    echo(f"produced {requests} photo requests ({', '.join(names)}) and 1 corrupt image")
+
+
+def _produce(codec: AvroCodec, address: str, topic: str, requests: list[Request]) -> None:
+    produce_requests(address, topic, [(r.id.encode(), codec.encode_request(r)) for r in requests])
+
+
+def _report(
+    results: list[Result], letters: list[DeadLetter], show: int, dlq: str, echo: Echo
+) -> None:
+    echo("")
+    echo(f"{'id':<20} {'top-5 classes':<84} {'batch':>5} {'compute':>9} {'e2e':>9}")
+    for r in sorted(results, key=lambda r: r.id)[:show]:
+        labels = [b.decode() for b in r.outputs["labels"].tolist()]
+        scores = r.outputs["scores"].tolist()
+        top = " | ".join(f"{lab} {s:.0%}" for lab, s in zip(labels, scores, strict=True))
+        echo(
+            f"{r.id:<20} {top[:84]:<84} {r.batch_size:>5} "
+            f"{r.timings.compute_ms:>7.1f}ms {r.timings.end_to_end_ms:>7.0f}ms"
+        )
+    _report_tail(results, letters, show, dlq, echo)
+
+
+def _report_tail(
+    results: list[Result], letters: list[DeadLetter], show: int, dlq: str, echo: Echo
+) -> None:
+    if len(results) > show:
+        echo(f"... {len(results) - show} more results")
+    for d in letters:
+        echo(f"dead letter: {d.id} → {dlq}: {d.reason}: {d.error[:90]}")
+    echo("")

@@ -1,0 +1,185 @@
+"""The main loop's delivery decisions, with in-memory Kafka doubles (no broker)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+
+from pipeline.config.loader import parse_topology
+from pipeline.engine.loop import Pipeline
+from pipeline.serving.outcomes import Outcome
+from schemas.codec import AvroCodec
+from schemas.messages import Envelope, Request
+
+ROOT = Path(__file__).resolve().parents[3]
+TOPOLOGY = """
+topics: {input: [in], output: out, dead_letter: dlq}
+flow: {max_in_flight: 10}
+models:
+  - name: m
+    backend: onnxruntime
+    artifact: x.onnx
+    inputs: [{name: x, datatype: FP32, shape: [1]}]
+"""
+
+
+class FakeProducer:
+    """Refuses values over ``limit`` bytes at produce(); acks the rest on poll()."""
+
+    def __init__(self, limit: int, late_error: KafkaError | None = None) -> None:
+        self.limit = limit
+        self.late_error = late_error
+        self.sent: list[tuple[str, bytes]] = []
+        self._acks: list[Any] = []
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: Any = None,
+        headers: Any = None,
+        on_delivery: Any = None,
+    ) -> None:
+        if len(value) > self.limit:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"))
+        self._acks.append((on_delivery, self.late_error if topic == "out" else None))
+        self.sent.append((topic, value))
+
+    def poll(self, _: float = 0) -> int:
+        acks, self._acks = self._acks, []
+        for callback, err in acks:
+            callback(err, None)
+        return len(acks)
+
+
+def _pipeline(producer: FakeProducer) -> Pipeline:
+    topology = parse_topology(TOPOLOGY, "t.yaml", {})
+    return Pipeline(topology, [], "unused:9092", consumer=object(), producer=producer)  # type: ignore[arg-type]
+
+
+def _envelope(p: Pipeline, value: bytes) -> Envelope:
+    generation = p.tracker.assign(("in", 0))
+    p.tracker.track(("in", 0), 7)
+    return Envelope(
+        "in", 0, 7, b"k", value, 0, time.monotonic(), generation, Request("r7", "m", {})
+    )
+
+
+def _settle(p: Pipeline) -> None:
+    for _ in range(3):
+        p._publish()
+        p.producer.poll(0)
+
+
+def test_a_result_too_large_to_send_becomes_a_dead_letter() -> None:
+    producer = FakeProducer(limit=400)
+    p = _pipeline(producer)
+    env = _envelope(p, b"small request")
+    p._pending.append(Outcome(env, "out", b"x" * 1000))
+    _settle(p)
+    [(topic, value)] = producer.sent
+    letter = AvroCodec().decode_dead_letter(value)
+    assert (topic, letter.reason, letter.payload) == ("dlq", "undeliverable", b"small request")
+    assert "cannot be written to out" in letter.error
+    assert p.tracker.committable() == {("in", 0): 8}
+    assert p._failure() is None
+
+
+def test_a_dead_letter_too_large_is_sent_without_the_request_bytes() -> None:
+    producer = FakeProducer(limit=400)
+    p = _pipeline(producer)
+    env = _envelope(p, b"y" * 1000)
+    p._pending.append(p.encoder.dead_letter(env, "bad_tensor", "wrong shape"))
+    _settle(p)
+    [(topic, value)] = producer.sent
+    letter = AvroCodec().decode_dead_letter(value)
+    assert (topic, letter.reason, letter.payload) == ("dlq", "bad_tensor", b"")
+    assert "bytes were dropped" in letter.error
+    assert p.tracker.committable() == {("in", 0): 8}
+
+
+def test_a_refused_result_reported_late_also_becomes_a_dead_letter() -> None:
+    producer = FakeProducer(
+        limit=10_000, late_error=KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    )
+    p = _pipeline(producer)
+    p._pending.append(Outcome(_envelope(p, b"req"), "out", b"result"))
+    _settle(p)
+    assert [t for t, _ in producer.sent] == ["out", "dlq"]
+    assert p.tracker.committable() == {("in", 0): 8}
+
+
+def test_a_transient_failure_stops_without_committing() -> None:
+    producer = FakeProducer(limit=10_000, late_error=KafkaError(KafkaError._MSG_TIMED_OUT))
+    p = _pipeline(producer)
+    p._pending.append(Outcome(_envelope(p, b"req"), "out", b"result"))
+    _settle(p)
+    assert p._failure() is not None
+    assert "delivery to out failed for in/0@7" in (p._failure() or "")
+    assert p.tracker.committable() == {}
+
+
+class PausingConsumer:
+    """Records pause, resume and seek; knows each partition's position."""
+
+    def assign(self, parts: list[Any]) -> None:
+        self.assigned = parts
+
+    def __init__(self, positions: dict[int, int]) -> None:
+        self.positions = positions
+        self.calls: list[tuple[str, list[tuple[int, int]]]] = []
+
+    def pause(self, parts: list[Any]) -> None:
+        self.calls.append(("pause", [(tp.partition, tp.offset) for tp in parts]))
+
+    def resume(self, parts: list[Any]) -> None:
+        self.calls.append(("resume", [(tp.partition, tp.offset) for tp in parts]))
+
+    def position(self, parts: list[Any]) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [
+            TopicPartition(tp.topic, tp.partition, self.positions[tp.partition]) for tp in parts
+        ]
+
+    def seek(self, tp: Any) -> None:
+        if tp.partition == 2:
+            raise KafkaException(KafkaError(KafkaError._STATE, "not fetching"))
+        self.calls.append(("seek", [(tp.partition, tp.offset)]))
+
+
+def test_resuming_seeks_each_partition_to_where_it_stands() -> None:
+    """librdkafka only fetches a resumed partition at its next timer (~0.9 s measured);
+    a seek to the current position makes it fetch at once. Never-consumed partitions
+    (no position) are left alone, and a refused seek is not an error."""
+    consumer = PausingConsumer({0: 41, 1: -1001, 2: 5})
+    topology = parse_topology(TOPOLOGY, "t.yaml", {})
+    p = Pipeline(topology, [], "unused:9092", consumer=consumer, producer=FakeProducer(10))  # type: ignore[arg-type]
+    for part in (0, 1, 2):
+        p.tracker.assign(("in", part))
+    for offset in range(10):  # the high mark: 10 in flight
+        p.tracker.track(("in", 0), offset)
+    p._apply_backpressure()
+    assert [c[0] for c in consumer.calls] == ["pause"]
+    for offset in range(6):  # down to the low mark (5)
+        p.tracker.done(("in", 0), offset, p.tracker.generation(("in", 0)))
+    p._apply_backpressure()
+    assert consumer.calls[1:] == [
+        ("resume", [(0, -1001), (1, -1001), (2, -1001)]),
+        ("seek", [(0, 41)]),
+    ]
+
+
+def test_a_replica_whose_partitions_are_all_lost_is_not_ready_until_assigned_again() -> None:
+    from confluent_kafka import TopicPartition
+
+    p = _pipeline(FakeProducer(limit=10_000))
+    p._on_assign(PausingConsumer({}), [TopicPartition("in", 0)])  # type: ignore[arg-type]
+    assert p.health.assignment == 1
+    p._on_lost(object(), [TopicPartition("in", 0)])  # type: ignore[arg-type]
+    assert p.health.assignment is None
+    p._on_assign(PausingConsumer({}), [])  # type: ignore[arg-type]
+    assert p.health.assignment == 0  # assigned nothing on purpose: ready

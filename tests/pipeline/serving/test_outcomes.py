@@ -1,0 +1,94 @@
+"""Outcomes: EXPIRED results for requests that missed their deadline, and their bytes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.serving.outcomes import OutcomeEncoder
+from schemas.codec import AvroCodec
+from schemas.messages import Envelope, Request, Result, Status, Timings
+from schemas.wire import unframe
+
+CODEC = AvroCodec()
+
+
+def _env(deadline_ms: int | None, reply_topic: str | None = None) -> Envelope:
+    now = time.time() * 1000
+    return Envelope(
+        topic="in",
+        partition=3,
+        offset=2**40,
+        key=b"k",
+        value=b"raw",
+        timestamp_ms=int(now) - 250,
+        consumed_at=time.monotonic() - 0.1,
+        request=Request(
+            "r7",
+            "m",
+            {"x": np.zeros(2, np.float32)},
+            deadline_ms=deadline_ms,
+            reply_topic=reply_topic,
+        ),
+    )
+
+
+def test_an_expired_request_gets_a_result_saying_by_how_much_it_missed() -> None:
+    encoder = OutcomeEncoder(CODEC, "results", "dlq")
+    now_ms = float(int(time.time() * 1000))
+    env = _env(int(now_ms) - 1500)
+    out = encoder.expired(env, "m", "4", now_ms, time.monotonic())
+    assert (out.topic, out.reason, out.headers, out.model, out.status) == (
+        "results",
+        None,
+        None,
+        "m",
+        "EXPIRED",
+    )
+    result = CODEC.decode_result(out.value)
+    assert (result.id, result.model, result.model_version) == ("r7", "m", "4")
+    assert (result.status, result.outputs, result.batch_size) == (Status.EXPIRED, {}, 0)
+    assert (result.topic, result.partition, result.offset) == ("in", 3, 2**40)
+    assert (
+        result.error
+        == f"deadline passed 1500 ms before preprocessing (deadline_ms {int(now_ms) - 1500})"
+    )
+    assert result.timings.queue_ms == pytest.approx(100, abs=50)
+    assert result.timings.end_to_end_ms == pytest.approx(250, abs=5)
+    assert (result.timings.compute_ms, result.timings.preprocess_ms) == (0, 0)
+
+
+def test_an_expired_result_goes_to_the_reply_topic_unless_replaying() -> None:
+    now_ms = float(int(time.time() * 1000))
+    env = _env(int(now_ms) - 1, reply_topic="mine")
+    live = OutcomeEncoder(CODEC, "results", "dlq")
+    replay = OutcomeEncoder(CODEC, "replayed", "dlq", reply_topics=False)
+    assert live.expired(env, "m", "1", now_ms, time.monotonic()).topic == "mine"
+    assert replay.expired(env, "m", "1", now_ms, time.monotonic()).topic == "replayed"
+
+
+def test_encode_result_round_trips_any_result_and_frames_for_a_registry() -> None:
+    result = Result(
+        id="r",
+        model="m",
+        model_version="2",
+        status=Status.OK,
+        outputs={"y": np.array([1.5, -2], np.float32), "c": np.array([3], np.int64)},
+        timings=Timings(1, 2, 3, 4, 5),
+        batch_size=9,
+        topic="in",
+        partition=1,
+        offset=77,
+        error=None,
+    )
+    back = CODEC.decode_result(CODEC.encode_result(result))
+    assert back.outputs.keys() == result.outputs.keys()
+    for name, arr in result.outputs.items():
+        np.testing.assert_array_equal(back.outputs[name], arr)
+        assert back.outputs[name].dtype == arr.dtype
+    back.outputs = result.outputs = {}
+    assert back == result
+    framed = AvroCodec(result_schema_id=12).encode_result(result)
+    assert unframe(framed)[0] == 12
