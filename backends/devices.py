@@ -1,8 +1,7 @@
 """Where an instance runs, and moving tensors there without needless copies.
 
-Device strings are the topology's: ``cpu``, ``cuda`` (= ``cuda:0``), ``cuda:N`` and
-``auto`` (the first GPU when the runtime sees one, else the CPU). `resolve_device` turns
-them into a concrete place for one runtime, refusing a GPU the runtime cannot see.
+Device strings are the topology's (`schemas.devices`). `resolve_device` turns them into
+a concrete place for one runtime, refusing a GPU the runtime cannot see.
 
 `PinnedBuffers` keeps one page-locked host buffer per tensor name and reuses it batch
 after batch: copies between pinned memory and the GPU can run asynchronously on the
@@ -13,25 +12,14 @@ documented API and have not run on the project's machines (no GPU was lent).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 
+from schemas.devices import parse_device
 from schemas.errors import BackendError
 
-__all__ = ["PinnedBuffers", "StreamOwner", "is_device_array", "parse_device", "resolve_device"]
-
-_DEVICE = re.compile(r"^(cpu|auto|cuda)(?::(\d+))?$")
-
-
-def parse_device(device: str) -> tuple[str, int | None]:
-    """``'cuda:1'`` → ``('cuda', 1)``; ``'cpu'`` → ``('cpu', None)``."""
-    m = _DEVICE.match(device)
-    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
-        raise BackendError(f"device {device!r}: expected cpu, auto, cuda or cuda:N")
-    kind, index = m.group(1), m.group(2)
-    return kind, None if index is None else int(index)
+__all__ = ["PinnedBuffers", "StreamOwner", "resolve_device"]
 
 
 def resolve_device(device: str, gpus: int | None, runtime: str) -> str:
@@ -51,11 +39,6 @@ def resolve_device(device: str, gpus: int | None, runtime: str) -> str:
     if gpus is not None and n >= gpus:
         raise BackendError(f"device {device!r}: {runtime} sees {gpus} CUDA device(s)")
     return f"cuda:{n}"
-
-
-def is_device_array(x: Any) -> bool:
-    """Whether ``x`` is a non-NumPy array that can be handed over through DLPack."""
-    return not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__")
 
 
 class StreamOwner:

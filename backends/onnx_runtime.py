@@ -33,8 +33,9 @@ from typing import Any, Literal
 import numpy as np
 
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
-from backends.devices import StreamOwner, is_device_array, resolve_device
+from backends.devices import StreamOwner, resolve_device
 from backends.options import StrictOptions, parse_options
+from schemas.devices import is_device_array
 from schemas.errors import BackendError
 from schemas.tensors import TensorSpec, numpy_dtype
 

@@ -19,10 +19,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from backends.base import ModelSpec
-from pipeline.config.loader import error_message, format_path
-from pipeline.config.topology import InputSettings as DeclaredTensor
-from schemas.errors import BackendError
-from schemas.tensors import TensorSpec
+from schemas.errors import BackendError, error_message, format_path
+from schemas.tensors import DeclaredTensor, TensorSpec
 
 __all__ = [
     "SIGNATURE_FILE",

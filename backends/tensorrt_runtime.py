@@ -38,14 +38,9 @@ import numpy as np
 from pydantic import Field
 
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
-from backends.devices import (
-    PinnedBuffers,
-    StreamOwner,
-    is_device_array,
-    parse_device,
-    resolve_device,
-)
+from backends.devices import PinnedBuffers, StreamOwner, resolve_device
 from backends.options import StrictOptions, parse_options
+from schemas.devices import is_device_array, parse_device
 from schemas.errors import BackendError
 from schemas.tensors import TensorSpec
 

@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import Field
 
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
-from backends.devices import PinnedBuffers, StreamOwner, is_device_array, resolve_device
+from backends.devices import PinnedBuffers, StreamOwner, resolve_device
 from backends.options import (
     SIGNATURE_FILE,
     DeclaredTensor,
@@ -48,6 +48,7 @@ from backends.options import (
     parse_signature_json,
     signature_of,
 )
+from schemas.devices import is_device_array
 from schemas.errors import BackendError, GraphError
 from schemas.plugins import import_object
 from schemas.tensors import TensorSpec, numpy_dtype, oip_datatype_named

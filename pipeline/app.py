@@ -24,6 +24,7 @@ from pipeline.observability.health import Health, MetricsServer
 from pipeline.observability.metrics import Metrics
 from pipeline.serving.graph import ModelGraph, build_graph, close_graph
 from schemas.codec import AvroCodec, load_schema
+from schemas.messages import Partition
 from schemas.registry import SchemaRegistryClient
 
 __all__ = ["OpenTopology", "cluster", "make_codec", "open_topology", "serve"]
@@ -96,7 +97,7 @@ def serve(
     bootstrap: str | None = None,
     on_ready: Callable[[str, Pipeline], None] | None = None,
     metrics_port: int | None = None,
-    ranges: Mapping[tuple[str, int], tuple[int, int]] | None = None,
+    ranges: Mapping[Partition, tuple[int, int]] | None = None,
     replica_id: str | None = None,
 ) -> RunStats:
     """Check everything, then run one replica until ``stop`` is set.

@@ -1,7 +1,7 @@
 """The ``kp-pipeline`` command.
 
-Exit codes: 0 done; 1 a runtime failure (broker, delivery); 2 a bad topology, graph or
-command line: nothing was consumed.
+Exit codes are `schemas.errors.ExitCode`: 0 done; 1 a runtime failure (broker, delivery);
+2 a bad topology, graph or command line: nothing was consumed.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.tools import dlq, replay, top
-from schemas.errors import ConfigError, GraphError, KpError
+from schemas.errors import ConfigError, ExitCode, KpError, describe, exit_code
 
 __all__ = ["main"]
 
 log = logging.getLogger("kp-pipeline")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED = ExitCode.OK, ExitCode.FAILED
 
 
 def _echo(line: str) -> None:
@@ -130,7 +130,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
                 probe = cls.probe()
                 usable, detail = probe.usable, probe.detail
         except Exception as e:  # a broken plugin is reported, not fatal
-            usable, detail = False, f"cannot load {target}: {type(e).__name__}: {e}"
+            usable, detail = False, f"cannot load {target}: {describe(e)}"
         rows.append((name, target, "yes" if usable else "no", detail))
     width = max((len(r[0]) for r in rows), default=7)
     _echo(f"{'backend':<{width}}  usable  details")
@@ -319,12 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         code: int = args.func(args)
-    except (ConfigError, GraphError) as e:
-        print(f"kp-pipeline: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KpError as e:
         print(f"kp-pipeline: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return exit_code(e)
     return code
 
 

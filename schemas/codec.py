@@ -19,7 +19,7 @@ import fastavro
 
 from schemas import SCHEMA_DIR
 from schemas.binary import MAX_PARAMETERS, MAX_TENSORS, ResultBatchEncoder, read_request
-from schemas.errors import DecodeError, RequestError
+from schemas.errors import DecodeError, RequestError, describe
 from schemas.messages import DeadLetter, Request, Result, Status, Timings
 from schemas.tensors import array_to_bytes, bytes_to_array
 from schemas.wire import frame, unframe
@@ -128,7 +128,7 @@ class AvroCodec:
         except RequestError:
             raise
         except Exception as e:  # garbage raises many types; all mean "not a request"
-            raise DecodeError(f"not an InferenceRequest: {type(e).__name__}: {e}") from None
+            raise DecodeError(f"not an InferenceRequest: {describe(e)}") from None
         if buf.tell() != len(payload):
             raise DecodeError(
                 f"not an InferenceRequest: {len(payload) - buf.tell()} bytes after the record"

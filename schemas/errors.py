@@ -15,20 +15,36 @@
 `RequestError` is the only one the main loop expects while running: it travels as a value
 to the dead-letter topic with ``reason`` (a short, stable word for dashboards) and the
 message. Everything else stops the pipeline before (or instead of) consuming.
+
+Every command exits with an `ExitCode`: 0 done, 1 a runtime failure (broker, delivery,
+a declined prompt), 2 bad input (``ConfigError`` and ``GraphError``, a bad command line):
+refused before anything was consumed or sent. `exit_code` maps an error to its code.
+
+Errors read the same wherever they are shown: `describe` is the one "Type: message" form
+(dead letters, logs, ``kp-pipeline backends``), and `format_path` with `error_message`
+turn pydantic's validation errors into ``models[0].batching.max_batch_size: unknown key``.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
 
 __all__ = [
     "BackendError",
     "BrokerError",
     "ConfigError",
     "DecodeError",
+    "ExitCode",
     "GraphError",
     "KpError",
     "RequestError",
     "RoutingError",
     "TensorError",
+    "describe",
+    "error_message",
+    "exit_code",
+    "format_path",
 ]
 
 
@@ -74,3 +90,41 @@ class TensorError(RequestError):
     """A tensor's datatype, shape or byte size does not fit what the model accepts."""
 
     reason = "bad_tensor"
+
+
+class ExitCode(IntEnum):
+    """What every ``kp-pipeline`` command exits with."""
+
+    OK = 0
+    FAILED = 1  # a runtime failure: the broker, a delivery, a declined prompt
+    BAD_INPUT = 2  # a bad topology, graph or command line: nothing was consumed or sent
+
+
+def exit_code(error: KpError) -> ExitCode:
+    """The exit code of a command that stopped with ``error``."""
+    return ExitCode.BAD_INPUT if isinstance(error, ConfigError | GraphError) else ExitCode.FAILED
+
+
+def describe(error: BaseException) -> str:
+    """An exception as dead letters, logs and retry patterns see it: ``Type: message``."""
+    return f"{type(error).__name__}: {error}"
+
+
+def format_path(loc: tuple[Any, ...]) -> str:
+    """``('models', 0, 'batching', 'max_batch_size')`` → ``models[0].batching.max_batch_size``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def error_message(err: Any, unknown: str = "unknown key") -> str:
+    """One pydantic error as a user reads it; ``unknown`` names an extra key's kind."""
+    if err["type"] == "extra_forbidden":
+        return unknown
+    if err["type"] == "missing":
+        return "required, missing"
+    return str(err["msg"]).removeprefix("Value error, ")

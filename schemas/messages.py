@@ -9,11 +9,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 
-__all__ = ["DeadLetter", "Envelope", "Request", "Result", "Status", "Timings"]
+__all__ = [
+    "DeadLetter",
+    "Envelope",
+    "Partition",
+    "Request",
+    "Result",
+    "Status",
+    "Timings",
+    "partition_of",
+]
+
+Partition: TypeAlias = tuple[str, int]
+"""A Kafka partition as (topic, number): the key of everything kept per partition."""
+
+
+class _Placed(Protocol):
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+
+
+def partition_of(placed: _Placed) -> Partition:
+    """The `Partition` of a client's TopicPartition, an `Envelope` or a dead letter."""
+    return (placed.topic, placed.partition)
 
 
 @dataclass(slots=True)

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from schemas.errors import TensorError
 
 __all__ = [
     "DATATYPES",
+    "DeclaredTensor",
     "TensorSpec",
     "array_to_bytes",
     "bytes_to_array",
@@ -186,3 +188,34 @@ def array_to_bytes(array: np.ndarray[Any, Any]) -> tuple[str, list[int], bytes]:
         return datatype, shape, pack_bytes_elements(elements)
     little = array.astype(array.dtype.newbyteorder("<"), copy=False)
     return datatype, shape, np.ascontiguousarray(little).tobytes()
+
+
+class DeclaredTensor(BaseModel):
+    """A tensor as topology.yaml declares it (per row, no batch dimension; ``-1`` = any size).
+
+    A model's ``inputs`` and a backend's ``options.inputs``/``outputs`` use this same form.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    @field_validator("datatype")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DATATYPES:
+            raise ValueError(f"unknown datatype {v!r}; one of {', '.join(sorted(DATATYPES))}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if any(d < -1 or d == 0 for d in v):
+            raise ValueError("dimensions are positive, or -1 for any size")
+        return v
+
+    def spec(self) -> TensorSpec:
+        """The input as a `TensorSpec` (``-1`` becomes a free dimension)."""
+        return TensorSpec(self.datatype, tuple(None if d == -1 else d for d in self.shape))

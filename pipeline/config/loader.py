@@ -18,22 +18,11 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.config.topology import Topology
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, error_message, format_path
 
-__all__ = ["error_message", "format_path", "interpolate", "load_topology", "parse_topology"]
+__all__ = ["interpolate", "load_topology", "parse_topology"]
 
 _REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def format_path(loc: tuple[Any, ...]) -> str:
-    """``('models', 0, 'batching', 'max_batch_size')`` → ``models[0].batching.max_batch_size``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
 
 
 def interpolate(value: Any, env: Mapping[str, str], path: tuple[Any, ...] = ()) -> Any:
@@ -91,12 +80,3 @@ def load_topology(path: str | Path, env: Mapping[str, str] | None = None) -> Top
         for m in topology.models
     ]
     return topology.model_copy(update={"models": models})
-
-
-def error_message(err: Any, unknown: str = "unknown key") -> str:
-    """One pydantic error as a user reads it; ``unknown`` names an extra key's kind."""
-    if err["type"] == "extra_forbidden":
-        return unknown
-    if err["type"] == "missing":
-        return "required, missing"
-    return str(err["msg"]).removeprefix("Value error, ")

@@ -9,7 +9,6 @@ built (`pipeline.serving.graph`).
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,12 +21,13 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.tensors import DATATYPES, TensorSpec
+from schemas.devices import DEVICE_FORMS, parse_device
+from schemas.errors import BackendError
+from schemas.tensors import DeclaredTensor
 
 __all__ = [
     "BatchingSettings",
     "FlowSettings",
-    "InputSettings",
     "KafkaSettings",
     "LagControlSettings",
     "MetricsSettings",
@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 KafkaValue = str | int | float | bool
-_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 
 class _Strict(BaseModel):
@@ -326,32 +325,6 @@ class RetrySettings(_Strict):
         return rng.uniform(0.0, ceiling) / 1000.0
 
 
-class InputSettings(_Strict):
-    """One tensor a request must carry: ``-1`` in ``shape`` means any size."""
-
-    name: str
-    datatype: str
-    shape: list[int]
-
-    @field_validator("datatype")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in DATATYPES:
-            raise ValueError(f"unknown datatype {v!r}; one of {', '.join(sorted(DATATYPES))}")
-        return v
-
-    @field_validator("shape")
-    @classmethod
-    def _dims(cls, v: list[int]) -> list[int]:
-        if any(d < -1 or d == 0 for d in v):
-            raise ValueError("dimensions are positive, or -1 for any size")
-        return v
-
-    def spec(self) -> TensorSpec:
-        """The input as a `TensorSpec` (``-1`` becomes a free dimension)."""
-        return TensorSpec(self.datatype, tuple(None if d == -1 else d for d in self.shape))
-
-
 class StageSettings(BaseModel):
     """``{stage: <name or module:Class>, <its parameters>...}``; parameters are the stage's."""
 
@@ -378,7 +351,7 @@ class ModelSettings(_Strict):
         "(instances: 4 with [cuda:0, cuda:1] puts two on each GPU).",
     )
     instances: int = Field(1, ge=1, le=64, description="Model copies, each its own thread.")
-    inputs: list[InputSettings] = Field(min_length=1)
+    inputs: list[DeclaredTensor] = Field(min_length=1)
     batching: BatchingSettings = BatchingSettings()
     retry: RetrySettings = RetrySettings()
     preprocess: list[StageSettings] = Field(default_factory=list)
@@ -393,8 +366,10 @@ class ModelSettings(_Strict):
         if isinstance(v, list) and not v:
             raise ValueError("name at least one device")
         for d in v if isinstance(v, list) else [v]:
-            if not _DEVICE.match(d):
-                raise ValueError(f"{d!r} is not a device: cpu, auto, cuda or cuda:N (or a list)")
+            try:
+                parse_device(d)
+            except BackendError:
+                raise ValueError(f"{d!r} is not a device: {DEVICE_FORMS} (or a list)") from None
         return v
 
     def instance_devices(self) -> list[str]:

@@ -39,6 +39,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from pipeline.engine.offsets import OffsetTracker
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
+from schemas.errors import describe
+from schemas.messages import Partition, partition_of
 
 __all__ = ["PERMANENT", "AtLeastOnce", "Delivery", "ExactlyOnce"]
 
@@ -63,7 +65,7 @@ _FENCED = frozenset(
     {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 )
 
-Positions = dict[tuple[str, int], int]
+Positions = dict[Partition, int]
 
 # The shortest gap between two commits of a replica with nothing left in flight: every
 # transaction writes a marker to each partition it touched, so they are not free.
@@ -71,7 +73,7 @@ _IDLE_COMMIT_S = 0.01
 
 
 def _refusal(e: Exception) -> KafkaError:
-    return KafkaError(KafkaError.TOPIC_EXCEPTION, f"{type(e).__name__}: {e}")
+    return KafkaError(KafkaError.TOPIC_EXCEPTION, describe(e))
 
 
 class Delivery:
@@ -125,10 +127,10 @@ class Delivery:
     def commit_done(self, err: KafkaError | None, offsets: list[TopicPartition]) -> None:
         """The consumer's answer to one of its commits (exactly-once commits none)."""
 
-    def lost(self, partitions: list[tuple[str, int]]) -> None:
+    def lost(self, partitions: list[Partition]) -> None:
         """Partitions were taken without a chance to commit: drop what they owe."""
 
-    def forget(self, partitions: list[tuple[str, int]]) -> None:
+    def forget(self, partitions: list[Partition]) -> None:
         """Partitions were let go after their last commit: drop anything kept for them."""
 
     def _take_pending(self) -> list[Outcome]:
@@ -197,7 +199,7 @@ class AtLeastOnce(Delivery):
                 self.pending.append(replacement)
             return
         env = out.envelope
-        self.tracker.done((env.topic, env.partition), env.offset, env.generation, len(env.value))
+        self.tracker.done(partition_of(env), env.offset, env.generation, len(env.value))
         self.on_acked(out)
 
     def commit(self, force: bool) -> None:
@@ -232,9 +234,7 @@ class AtLeastOnce(Delivery):
         failed = [
             tp for tp in offsets if (err is not None or tp.error is not None) and tp.offset >= 0
         ]
-        retried = [
-            tp for tp in failed if self.tracker.commit_failed((tp.topic, tp.partition), tp.offset)
-        ]
+        retried = [tp for tp in failed if self.tracker.commit_failed(partition_of(tp), tp.offset)]
         if retried:
             log.warning(
                 "commit of %d partitions failed (%s); it is retried with the next commit",
@@ -261,7 +261,7 @@ class ExactlyOnce(Delivery):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Outcomes waiting for an earlier record of their partition, by offset.
-        self._held: defaultdict[tuple[str, int], dict[int, Outcome]] = defaultdict(dict)
+        self._held: defaultdict[Partition, dict[int, Outcome]] = defaultdict(dict)
         self._in_txn: list[Outcome] = []  # produced into the open transaction
         self._refused: dict[int, KafkaError] = {}  # id(outcome) -> the broker's refusal
         self._open = False
@@ -283,7 +283,7 @@ class ExactlyOnce(Delivery):
         touched = set()
         for out in outcomes:
             env = out.envelope
-            tp = (env.topic, env.partition)
+            tp = partition_of(env)
             if self.tracker.generation(tp) != env.generation:
                 continue  # the partition moved on: its new owner serves the record
             self._held[tp][env.offset] = out
@@ -292,7 +292,7 @@ class ExactlyOnce(Delivery):
             for tp in touched:
                 self._release(tp)
 
-    def _release(self, tp: tuple[str, int]) -> None:
+    def _release(self, tp: Partition) -> None:
         """Produce the held outcomes that continue the partition's done prefix, in order."""
         held = self._held[tp]
         while held:
@@ -416,7 +416,7 @@ class ExactlyOnce(Delivery):
             else ""
         )
 
-    def _abort_and_redo(self, drop: set[tuple[str, int]] | None = None) -> None:
+    def _abort_and_redo(self, drop: set[Partition] | None = None) -> None:
         """Abort the open transaction and produce its outcomes again in a new one.
 
         Outcomes the broker refused for good are replaced by their dead letters; those of
@@ -434,7 +434,7 @@ class ExactlyOnce(Delivery):
         refused, self._refused = self._refused, {}
         for out in redo:
             env = out.envelope
-            tp = (env.topic, env.partition)
+            tp = partition_of(env)
             if (drop and tp in drop) or self.tracker.generation(tp) != env.generation:
                 continue
             err = refused.get(id(out))
@@ -452,7 +452,7 @@ class ExactlyOnce(Delivery):
             self.commit(force=True)
         return len(self._in_txn)
 
-    def lost(self, partitions: list[tuple[str, int]]) -> None:
+    def lost(self, partitions: list[Partition]) -> None:
         """Abort what the open transaction holds for them: the new owner serves it again."""
         if self._committing is not None:  # it may still commit; nothing to undo then
             self._committing.join()
@@ -464,7 +464,7 @@ class ExactlyOnce(Delivery):
         if self._open and owed:
             self._abort_and_redo(drop=gone)
 
-    def forget(self, partitions: list[tuple[str, int]]) -> None:
+    def forget(self, partitions: list[Partition]) -> None:
         """Drop outcomes still held for them (their records go to the next owner)."""
         for tp in partitions:
             self._held.pop(tp, None)

@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from pipeline.engine.offsets import OffsetTracker
+from schemas.messages import Partition, partition_of
 
 __all__ = ["LagMonitor", "PartitionLag", "WatermarkHistory"]
 
 log = logging.getLogger(__name__)
-
-TP = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +83,10 @@ class LagMonitor:
         self._consumer = consumer
         self._refresh_s = refresh_s
         self._timeout = query_timeout_s
-        self._history: dict[TP, WatermarkHistory] = {}
-        self._queried_high: dict[TP, int] = {}
-        self._queried_start: dict[TP, int] = {}
-        self._wanted: tuple[list[TP], list[TP]] = ([], [])
+        self._history: dict[Partition, WatermarkHistory] = {}
+        self._queried_high: dict[Partition, int] = {}
+        self._queried_start: dict[Partition, int] = {}
+        self._wanted: tuple[list[Partition], list[Partition]] = ([], [])
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -114,7 +113,7 @@ class LagMonitor:
             except Exception as e:  # a broker away now; the next round tries again
                 log.debug("lag refresh failed: %s", e)
 
-    def _refresh(self, stale: list[TP], unstarted: list[TP]) -> None:
+    def _refresh(self, stale: list[Partition], unstarted: list[Partition]) -> None:
         for tp in stale:
             low, high = self._consumer.get_watermark_offsets(
                 TopicPartition(*tp), timeout=self._timeout, cached=False
@@ -128,22 +127,22 @@ class LagMonitor:
             for p in self._consumer.committed(parts, timeout=self._timeout):
                 if p.offset >= 0:
                     with self._lock:
-                        self._queried_start[(p.topic, p.partition)] = p.offset
+                        self._queried_start[partition_of(p)] = p.offset
 
     # -- measuring ---------------------------------------------------------------------------
 
     def measure(
         self,
         tracker: OffsetTracker,
-        partitions: Iterable[TP],
+        partitions: Iterable[Partition],
         paused: bool,
         now: float | None = None,
-    ) -> dict[TP, PartitionLag]:
+    ) -> dict[Partition, PartitionLag]:
         """Lag of each partition whose watermark and position are known."""
         now = time.time() if now is None else now
-        out: dict[TP, PartitionLag] = {}
-        stale: list[TP] = []
-        unstarted: list[TP] = []
+        out: dict[Partition, PartitionLag] = {}
+        stale: list[Partition] = []
+        unstarted: list[Partition] = []
         for tp in partitions:
             high = self._high(tp)
             if high is None or paused:
@@ -162,14 +161,14 @@ class LagMonitor:
             self._wanted = (sorted(set(stale)), unstarted)
         return out
 
-    def forget(self, tp: TP) -> None:
+    def forget(self, tp: Partition) -> None:
         """Drop what is known of a partition this replica no longer serves."""
         self._history.pop(tp, None)
         with self._lock:
             self._queried_high.pop(tp, None)
             self._queried_start.pop(tp, None)
 
-    def _high(self, tp: TP) -> int | None:
+    def _high(self, tp: Partition) -> int | None:
         try:
             _, cached = self._consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
         except KafkaException:
@@ -179,7 +178,7 @@ class LagMonitor:
         high = max(cached, queried)
         return high if high >= 0 else None
 
-    def _start(self, tracker: OffsetTracker, tp: TP) -> int | None:
+    def _start(self, tracker: OffsetTracker, tp: Partition) -> int | None:
         oldest = tracker.oldest(tp)
         if oldest is not None:
             return oldest[0]
@@ -192,7 +191,9 @@ class LagMonitor:
         with self._lock:
             return self._queried_start.get(tp)
 
-    def _age(self, tracker: OffsetTracker, tp: TP, start: int, messages: int, now: float) -> float:
+    def _age(
+        self, tracker: OffsetTracker, tp: Partition, start: int, messages: int, now: float
+    ) -> float:
         oldest = tracker.oldest(tp)
         if oldest is not None:
             return max(0.0, now - oldest[1] / 1000.0)

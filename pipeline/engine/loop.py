@@ -44,7 +44,7 @@ from pipeline.serving.routing import ModelRoute, Router
 from pipeline.serving.runtime import ModelRuntime
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerError, RequestError
-from schemas.messages import Envelope
+from schemas.messages import Envelope, Partition, partition_of
 
 __all__ = ["Pipeline", "RunStats"]
 
@@ -70,7 +70,7 @@ class RunStats:
     pauses: int = 0
     results: int = 0
     dead_letters: int = 0
-    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    committed: dict[Partition, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     first_consumed: float | None = None
     last_delivered: float | None = None
@@ -90,7 +90,7 @@ class Pipeline:
         producer: Producer | None = None,
         metrics: Metrics | None = None,
         health: Health | None = None,
-        ranges: Mapping[tuple[str, int], tuple[int, int]] | None = None,
+        ranges: Mapping[Partition, tuple[int, int]] | None = None,
         replica_id: str | None = None,
     ) -> None:
         self.topology = topology
@@ -99,8 +99,8 @@ class Pipeline:
         # A bounded run (a replay) serves [start, end) of each listed partition, assigned
         # directly (no group membership), and stops by itself once all of it is delivered.
         self.ranges = dict(ranges) if ranges is not None else None
-        self._finished: set[tuple[str, int]] = set()
-        self.range_begin: dict[tuple[str, int], int] = {}
+        self._finished: set[Partition] = set()
+        self.range_begin: dict[Partition, int] = {}
         self.encoder = OutcomeEncoder(
             self.codec,
             topology.topics.output,
@@ -174,7 +174,7 @@ class Pipeline:
         self.metrics_url: str | None = None  # where /metrics is served, when it is
         self._next_lag = 0.0
         # Per-record counts gathered between metric updates (the hot path adds to dicts).
-        self._consumed_tp: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self._consumed_tp: defaultdict[Partition, int] = defaultdict(int)
         self._consumed_bytes: defaultdict[str, int] = defaultdict(int)
         self._acked: defaultdict[tuple[str, str, str | None, str], int] = defaultdict(int)
         self._latency: defaultdict[str, list[float]] = defaultdict(list)
@@ -457,12 +457,10 @@ class Pipeline:
 
     # -- bounded runs (replays) -----------------------------------------------------------
 
-    def _assign_ranges(self, ranges: Mapping[tuple[str, int], tuple[int, int]]) -> None:
+    def _assign_ranges(self, ranges: Mapping[Partition, tuple[int, int]]) -> None:
         """Assign each partition at its start, or where this group's last run stopped."""
         listed = [TopicPartition(t, p) for t, p in ranges]
-        committed = {
-            (c.topic, c.partition): c.offset for c in self.consumer.committed(listed, timeout=30)
-        }
+        committed = {partition_of(c): c.offset for c in self.consumer.committed(listed, timeout=30)}
         parts = []
         for tp, (start, end) in ranges.items():
             done = committed.get(tp, -1)
@@ -478,7 +476,7 @@ class Pipeline:
         self.assigned.set()
         log.info("replaying %s", _names(parts))
 
-    def _in_range(self, tp: tuple[str, int], offset: int) -> bool:
+    def _in_range(self, tp: Partition, offset: int) -> bool:
         """Whether to serve this record; the partition is finished at its range's end."""
         assert self.ranges is not None
         end = self.ranges[tp][1]
@@ -489,7 +487,7 @@ class Pipeline:
             self._finish(tp)
         return True
 
-    def _finish(self, tp: tuple[str, int]) -> None:
+    def _finish(self, tp: Partition) -> None:
         if tp not in self._finished:
             self._finished.add(tp)
             self.consumer.pause([TopicPartition(*tp)])
@@ -506,7 +504,7 @@ class Pipeline:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for p in partitions:
-            self.tracker.assign((p.topic, p.partition))
+            self.tracker.assign(partition_of(p))
             self.metrics.consumed.labels(p.topic, str(p.partition))  # at zero from now on
         if self._cooperative:
             consumer.incremental_assign(partitions)
@@ -527,7 +525,7 @@ class Pipeline:
         again by the new owner, from the commit made here.
         """
         started = time.monotonic()
-        revoked = [(p.topic, p.partition) for p in partitions]
+        revoked = [partition_of(p) for p in partitions]
         owed = sum(self.tracker.outstanding(tp) for tp in revoked)
         left = self._finish_work(started + self.flow.revoke_timeout_s, revoked)
         self._let_go(partitions)
@@ -544,7 +542,7 @@ class Pipeline:
         )
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.delivery.lost([(p.topic, p.partition) for p in partitions])
+        self.delivery.lost([partition_of(p) for p in partitions])
         self._let_go(partitions)
         if not self.tracker.partitions():
             # Dropped by the group (a broker outage longer than the session): not ready
@@ -554,7 +552,7 @@ class Pipeline:
             consumer.incremental_unassign(partitions)
         log.warning("lost %s", _names(partitions))
 
-    def _finish_work(self, deadline: float, partitions: list[tuple[str, int]] | None) -> int:
+    def _finish_work(self, deadline: float, partitions: list[Partition] | None) -> int:
         """Run open batches, deliver and commit until ``partitions`` (None: all) owe nothing.
 
         Returns how many of their records are still without a committed outcome.
@@ -578,13 +576,13 @@ class Pipeline:
 
     def _let_go(self, partitions: list[TopicPartition]) -> None:
         for p in partitions:
-            tp = (p.topic, p.partition)
+            tp = partition_of(p)
             self.tracker.revoke(tp)
             self.lag.forget(tp)
             for gauge in (self.metrics.lag, self.metrics.lag_seconds):
                 with contextlib.suppress(KeyError):  # never measured
                     gauge.remove(p.topic, str(p.partition))
-        self.delivery.forget([(p.topic, p.partition) for p in partitions])
+        self.delivery.forget([partition_of(p) for p in partitions])
         self.health.assignment = len(self.tracker.partitions())
 
     def _on_commit(self, err: KafkaError | None, offsets: list[TopicPartition]) -> None:

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["OffsetTracker", "TopicPartition"]
+from schemas.messages import Partition
 
-TopicPartition = tuple[str, int]
+__all__ = ["OffsetTracker"]
 
 
 @dataclass(slots=True)
@@ -38,12 +38,12 @@ class OffsetTracker:
     """What may be committed, per partition; single-threaded (the Kafka thread owns it)."""
 
     def __init__(self) -> None:
-        self._parts: dict[TopicPartition, _Partition] = {}
+        self._parts: dict[Partition, _Partition] = {}
         self._generation = 0
         self.in_flight = 0
         self.in_flight_bytes = 0
 
-    def assign(self, tp: TopicPartition) -> int:
+    def assign(self, tp: Partition) -> int:
         """Start tracking a newly assigned partition; returns its generation."""
         old = self._parts.get(tp)
         if old is not None:
@@ -52,7 +52,7 @@ class OffsetTracker:
         self._parts[tp] = _Partition(self._generation)
         return self._generation
 
-    def revoke(self, tp: TopicPartition) -> int | None:
+    def revoke(self, tp: Partition) -> int | None:
         """Stop tracking ``tp``; returns its last committable position, if any."""
         part = self._parts.pop(tp, None)
         if part is None:
@@ -64,12 +64,12 @@ class OffsetTracker:
         self.in_flight -= len(part.pending) - len(part.done)
         self.in_flight_bytes -= part.in_flight_bytes
 
-    def generation(self, tp: TopicPartition) -> int | None:
+    def generation(self, tp: Partition) -> int | None:
         """The current generation of ``tp``, or None when it is not assigned."""
         part = self._parts.get(tp)
         return None if part is None else part.generation
 
-    def track(self, tp: TopicPartition, offset: int, size: int = 0, timestamp_ms: int = 0) -> bool:
+    def track(self, tp: Partition, offset: int, size: int = 0, timestamp_ms: int = 0) -> bool:
         """Record a consumed offset; False (and nothing recorded) if it is not past the last.
 
         Offsets of one assignment arrive in increasing order; one that does not (the client
@@ -87,7 +87,7 @@ class OffsetTracker:
         self.in_flight_bytes += size
         return True
 
-    def done(self, tp: TopicPartition, offset: int, generation: int, size: int = 0) -> bool:
+    def done(self, tp: Partition, offset: int, generation: int, size: int = 0) -> bool:
         """Mark an offset's outcome delivered; False if it belongs to an old assignment.
 
         ``size`` is the record size given to `track`, so the in-flight bytes fall with it.
@@ -109,19 +109,19 @@ class OffsetTracker:
             part.position = first + 1
         return True
 
-    def outstanding(self, tp: TopicPartition) -> int:
+    def outstanding(self, tp: Partition) -> int:
         """Records of ``tp`` consumed and not yet done."""
         part = self._parts.get(tp)
         return 0 if part is None else len(part.pending) - len(part.done)
 
-    def oldest(self, tp: TopicPartition) -> tuple[int, int] | None:
+    def oldest(self, tp: Partition) -> tuple[int, int] | None:
         """Offset and record timestamp (ms) of the oldest record not yet served, if tracked."""
         part = self._parts.get(tp)
         if part is None or not part.pending:
             return None
         return part.pending[0], part.stamps[0]
 
-    def next_offset(self, tp: TopicPartition) -> int | None:
+    def next_offset(self, tp: Partition) -> int | None:
         """The first offset not yet consumed in this assignment, when known."""
         part = self._parts.get(tp)
         if part is None:
@@ -130,12 +130,12 @@ class OffsetTracker:
             return part.pending[-1] + 1
         return part.position
 
-    def last_timestamp_ms(self, tp: TopicPartition) -> int | None:
+    def last_timestamp_ms(self, tp: Partition) -> int | None:
         """Record timestamp of the newest record consumed in this assignment."""
         part = self._parts.get(tp)
         return None if part is None else part.last_timestamp_ms
 
-    def committable(self) -> dict[TopicPartition, int]:
+    def committable(self) -> dict[Partition, int]:
         """Positions that advanced since the last `mark_committed`."""
         return {
             tp: p.position
@@ -143,14 +143,14 @@ class OffsetTracker:
             if p.position is not None and p.position != p.committed
         }
 
-    def mark_committed(self, positions: dict[TopicPartition, int]) -> None:
+    def mark_committed(self, positions: dict[Partition, int]) -> None:
         """Record that ``positions`` were handed to the consumer's commit."""
         for tp, pos in positions.items():
             part = self._parts.get(tp)
             if part is not None:
                 part.committed = pos
 
-    def commit_failed(self, tp: TopicPartition, position: int) -> bool:
+    def commit_failed(self, tp: Partition, position: int) -> bool:
         """An asynchronous commit of ``position`` failed: offer it again to the next commit.
 
         False when nothing changes: the partition is gone, or a later commit was handed
@@ -162,6 +162,6 @@ class OffsetTracker:
         part.committed = None
         return True
 
-    def partitions(self) -> list[TopicPartition]:
+    def partitions(self) -> list[Partition]:
         """The partitions being tracked."""
         return list(self._parts)

@@ -95,7 +95,7 @@ from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.routing import ModelRoute, Router
 from pipeline.serving.runtime import complete, prepare
 from schemas.codec import AvroCodec
-from schemas.errors import BrokerError, KpError, RequestError
+from schemas.errors import BrokerError, KpError, RequestError, describe
 from schemas.messages import Envelope
 
 __all__ = ["DeliveryError", "FaustStats", "KpFaustModel", "attach"]
@@ -374,7 +374,7 @@ class KpFaustModel:
         return out
 
     def _fail(self, rows: Iterable[Envelope], reason: str, e: Exception) -> list[Outcome]:
-        error = f"{type(e).__name__}: {e}"
+        error = describe(e)
         return [self.encoder.dead_letter(r, reason, error) for r in rows]
 
     # -- publishing -----------------------------------------------------------------------

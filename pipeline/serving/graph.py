@@ -19,9 +19,8 @@ from pydantic import ValidationError
 
 from backends.base import Backend, ModelInfo, ModelSpec
 from backends.registry import backend_class
-from pipeline.config.loader import error_message, format_path
 from pipeline.config.topology import ModelSettings, StageSettings, Topology
-from schemas.errors import GraphError, KpError
+from schemas.errors import GraphError, KpError, describe, error_message, format_path
 from schemas.tensors import TensorSpec, numpy_dtype
 from stages.base import Stage, StageContext
 from stages.registry import stage_class
@@ -125,7 +124,7 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGra
             b.unload()
         for stage in [*pre, *post]:
             stage.close()
-        detail = str(e) if isinstance(e, KpError) else f"{type(e).__name__}: {e}"
+        detail = str(e) if isinstance(e, KpError) else describe(e)
         raise GraphError(f"{where} ({settings.name}): {detail}") from None
 
     declared = {i.name: i.spec() for i in settings.inputs}

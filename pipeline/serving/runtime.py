@@ -41,10 +41,11 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend
-from backends.devices import is_device_array
 from pipeline.observability.metrics import Metrics
 from pipeline.serving.graph import ModelGraph
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
+from schemas.devices import is_device_array
+from schemas.errors import describe
 from schemas.messages import Envelope
 from stages.base import Batch, Stage
 
@@ -237,7 +238,7 @@ class ModelRuntime:
             except Exception as e:
                 log.exception("model %s: preprocessing failed", self.name)
                 self._release(inst, 0, 0.0)
-                self._fail(rows, "preprocess_failed", f"{type(e).__name__}: {e}")
+                self._fail(rows, "preprocess_failed", describe(e))
                 continue
             self._observe_prepared(inst, rows, item)
             if not item.batch.rows:
@@ -272,7 +273,7 @@ class ModelRuntime:
                 return self._run(inst, item), slept
             except Exception as e:
                 failure = e
-            error = _describe(failure)
+            error = describe(failure)
             if attempt >= retry.max_attempts or not retry.is_transient(error):
                 break
             delay = retry.backoff_s(attempt, self._rng)
@@ -315,7 +316,7 @@ class ModelRuntime:
                 outcomes += self._run(inst, part)
                 continue
             except Exception as e:
-                error = _describe(e)
+                error = describe(e)
             if len(part.batch) > 1 and runs < budget:
                 pending.extend(reversed(halve(part)))
                 splits += 1
@@ -473,11 +474,6 @@ def run_stages(stages: Sequence[Stage], batch: Batch) -> Batch:
                 f"rejects for {before} rows in"
             )
     return batch
-
-
-def _describe(e: BaseException) -> str:
-    """An error as dead letters and the transient patterns see it: "Type: message"."""
-    return f"{type(e).__name__}: {e}"
 
 
 def _feed(column: Any) -> Any:

@@ -44,7 +44,7 @@ from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.clients import admin_config
 from pipeline.tools.replay import RangeError, parse_time
 from schemas.codec import AvroCodec
-from schemas.errors import BrokerError, ConfigError
+from schemas.errors import BrokerError, ConfigError, describe
 from schemas.messages import DeadLetter
 
 __all__ = [
@@ -300,7 +300,7 @@ def _decode(codec: AvroCodec, msg: Any, keep_payload: bool) -> Letter:
         if not keep_payload:
             dead.payload = b""
     except Exception as e:  # anything written there by someone else: counted, not fatal
-        problem = f"{type(e).__name__}: {e}"
+        problem = describe(e)
     return Letter(msg.partition(), int(msg.offset()), msg.key(), headers, dead, problem, size)
 
 

@@ -65,6 +65,7 @@ from pipeline.tools.dlq import (
 )
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerError
+from schemas.messages import Partition
 
 __all__ = [
     "Plan",
@@ -124,7 +125,7 @@ def redrive_counts(
 
     Offsets close together are read through in one go; far ones are sought.
     """
-    wanted: dict[tuple[str, int], list[int]] = defaultdict(list)
+    wanted: dict[Partition, list[int]] = defaultdict(list)
     for topic, partition, offset in set(sources):
         wanted[(topic, partition)].append(offset)
     found: dict[tuple[str, int, int], int] = {}

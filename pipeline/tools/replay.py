@@ -38,6 +38,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.clients import admin_config
 from schemas.errors import ConfigError
+from schemas.messages import Partition
 
 __all__ = [
     "Progress",
@@ -50,8 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-TP = tuple[str, int]
 
 
 class RangeError(ConfigError):
@@ -158,14 +157,14 @@ def resolve_ranges(
     end_ms: int | None = None,
     start_offsets: dict[int, int] | int | None = None,
     end_offsets: dict[int, int] | int | None = None,
-) -> dict[TP, tuple[int, int]]:
+) -> dict[Partition, tuple[int, int]]:
     """``[start, end)`` per partition with records in the range; raises `RangeError`."""
     if start_ms is not None and end_ms is not None and end_ms <= start_ms:
         raise RangeError("--to: it is not after --from")
     probe = _Probe(settings, bootstrap)
     try:
         meta = probe.consumer.list_topics(timeout=15)
-        ranges: dict[TP, tuple[int, int]] = {}
+        ranges: dict[Partition, tuple[int, int]] = {}
         for topic in topics:
             info = meta.topics.get(topic)
             if info is None or info.error is not None:
@@ -250,7 +249,7 @@ class Progress:
         self.out.flush()
 
 
-def describe(ranges: Mapping[TP, tuple[int, int]]) -> str:
+def describe(ranges: Mapping[Partition, tuple[int, int]]) -> str:
     """``topic[p] start..end`` for each partition."""
     return ", ".join(f"{t}[{p}] {s}..{e}" for (t, p), (s, e) in sorted(ranges.items()))
 

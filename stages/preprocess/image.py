@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from schemas.errors import GraphError
+from schemas.errors import GraphError, describe
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageParams, require, stack_if_uniform
 
@@ -101,7 +101,7 @@ class DecodeImage(StageBase):
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise _RefusedError("image_too_large", str(e)) from None
         except Exception as e:  # Pillow raises many types for corrupt data
-            message = f"cannot decode image: {type(e).__name__}: {e}"
+            message = f"cannot decode image: {describe(e)}"
             raise _RefusedError("bad_image", message) from None
         arr = np.asarray(img)
         return arr if arr.ndim == 3 else arr[:, :, None]

@@ -51,8 +51,8 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from backends.devices import parse_device
-from schemas.errors import GraphError, KpError
+from schemas.devices import parse_device
+from schemas.errors import GraphError, KpError, describe
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require
 from stages.preprocess.image import Resize, ResizeParams
@@ -277,7 +277,7 @@ def _header_size(blob: Any, max_pixels: int) -> tuple[int, int]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _RefusedError("image_too_large", str(e)) from None
     except Exception as e:  # Pillow raises many types for unreadable headers
-        message = f"cannot decode image: {type(e).__name__}: {e}"
+        message = f"cannot decode image: {describe(e)}"
         raise _RefusedError("bad_image", message) from None
     if w * h > max_pixels:
         raise _RefusedError("image_too_large", f"{w}x{h} pixels is over max_pixels={max_pixels}")

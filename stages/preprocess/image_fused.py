@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from backends.devices import parse_device
+from schemas.devices import parse_device
 from schemas.errors import GraphError, KpError
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends.devices import PinnedBuffers, is_device_array, parse_device, resolve_device
+from backends.devices import PinnedBuffers, resolve_device
+from schemas.devices import is_device_array, parse_device
 from schemas.errors import BackendError
 
 

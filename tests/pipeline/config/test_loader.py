@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config.loader import format_path, interpolate, load_topology, parse_topology
-from schemas.errors import ConfigError
+from pipeline.config.loader import interpolate, load_topology, parse_topology
+from schemas.errors import ConfigError, format_path
 
 GOOD = """
 kafka: {bootstrap_servers: "${BOOT:-embedded}"}

@@ -13,6 +13,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
+from pipeline.tools import redrive
+from pipeline.tools.dlq import read_letters
+from pipeline.tools.redrive import plan_redrive, redrive_counts, send_plan
+from schemas.errors import BrokerError
 from tests.pipeline.tools.test_dlq import (
     CODEC,
     DLQ,
@@ -27,11 +32,6 @@ from tests.pipeline.tools.test_dlq import (
     run_dlq,
     wrap,
 )
-
-from pipeline.tools import redrive
-from pipeline.tools.dlq import read_letters
-from pipeline.tools.redrive import plan_redrive, redrive_counts, send_plan
-from schemas.errors import BrokerError
 
 # -- doubles ------------------------------------------------------------------------------
 
