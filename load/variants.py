@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer
 from pipeline.app import OpenTopology
 from pipeline.serving.graph import ModelGraph, build_model
 from pipeline.serving.outcomes import OutcomeEncoder
-from pipeline.serving.runtime import complete, prepare
+from pipeline.serving.steps import complete, prepare
 from pipeline.tools.demo import BackgroundPipeline
 from schemas.codec import AvroCodec
 from schemas.messages import Envelope, Request

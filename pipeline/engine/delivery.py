@@ -38,27 +38,14 @@ from typing import Any, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from pipeline.engine.offsets import OffsetTracker
+from pipeline.kafka.refusals import is_permanent
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from schemas.errors import describe
 from schemas.messages import Partition, partition_of
 
-__all__ = ["PERMANENT", "AtLeastOnce", "Delivery", "ExactlyOnce"]
+__all__ = ["AtLeastOnce", "Delivery", "ExactlyOnce"]
 
 log = logging.getLogger(__name__)
-
-# Broker answers that retrying the same bytes to the same topic will not change.
-PERMANENT = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._UNKNOWN_TOPIC,
-        KafkaError.TOPIC_EXCEPTION,
-        KafkaError.INVALID_MSG_SIZE,
-    }
-)
 
 # A newer producer with our transactional id exists: we are the zombie.
 _FENCED = frozenset(
@@ -175,7 +162,7 @@ class Delivery:
         """
         env = out.envelope
         where = f"{env.topic}/{env.partition}@{env.offset}"
-        if err.code() not in PERMANENT:
+        if not is_permanent(err.code()):
             self.fatal = self.fatal or f"delivery to {out.topic} failed for {where}: {err}"
             return None
         stand_in = self.encoder.stand_in(out, err.str())

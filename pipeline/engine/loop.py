@@ -39,11 +39,11 @@ from pipeline.kafka.clients import replica_id as kafka_replica_id
 from pipeline.observability.health import Health
 from pipeline.observability.metrics import GpuSampler, Metrics
 from pipeline.serving.graph import ModelGraph
+from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
-from pipeline.serving.routing import ModelRoute, Router
 from pipeline.serving.runtime import ModelRuntime
 from schemas.codec import AvroCodec
-from schemas.errors import BrokerError, RequestError
+from schemas.errors import BrokerError
 from schemas.messages import Envelope, Partition, partition_of
 
 __all__ = ["Pipeline", "RunStats"]
@@ -145,9 +145,7 @@ class Pipeline:
             _weak(self._committed),
             self.flow.commit_interval_ms,
         )
-        self.router = Router(
-            {m.name: ModelRoute(m.name, m.settings.version, m.inputs, m.bucketer) for m in graph}
-        )
+        self.intake = Intake(graph, self.codec, self.encoder)
         self.batchers = {
             m.name: MicroBatcher[Any, Envelope](
                 m.settings.batching.max_batch_size, m.settings.batching.max_delay_ms / 1000.0
@@ -291,18 +289,14 @@ class Pipeline:
         self._consumed_tp[tp] += 1
         self._consumed_bytes[tp[0]] += size
         env = Envelope(tp[0], tp[1], offset, msg.key(), value or b"", timestamp_ms, now, generation)
-        try:
-            if value is None:
-                raise RequestError("record has no value (tombstone)")
-            env.request = request = self.codec.decode_request(value)
-            route = self.router.route(request)
-            key = route.batch_key(request)
-        except RequestError as e:
-            self._pending.append(self.encoder.dead_letter(env, e.reason, str(e)))
+        admitted = self.intake.admit(env, value is None)
+        if isinstance(admitted, Outcome):  # its dead letter
+            self._pending.append(admitted)
             return
-        flushed = self.batchers[route.name].add(key, env, now)
+        model, key = admitted
+        flushed = self.batchers[model].add(key, env, now)
         if flushed is not None:
-            self._submit(route.name, flushed)
+            self._submit(model, flushed)
 
     def _dispatch(self, now: float) -> None:
         for name, batcher in self.batchers.items():

@@ -5,11 +5,12 @@ its consumer loop: the same topology file, the same preprocess stages, backend a
 postprocess stages, the same Avro requests, results and dead letters, with the same
 dead-letter reasons (``undecodable``, ``unknown_model``, ``bad_tensor``, a stage's own
 reasons, ``preprocess_failed``, ``inference_failed``, ``undeliverable``). Faust owns the
-Kafka side: connections, the consumer group, offsets. Nothing here re-implements the
-model side either; a batch goes through the pieces `pipeline.engine.loop` uses:
-`pipeline.serving.routing.Router` checks each request and gives its shape-aware batch key,
-`pipeline.serving.runtime.prepare` and `complete` run the stages and the model, and
-`pipeline.serving.outcomes.OutcomeEncoder` encodes each request's one outcome.
+Kafka side: connections, the consumer group, offsets. The model side is kp-pipeline's
+own serving core, the one `pipeline.engine.loop` runs: `pipeline.serving.intake.Intake`
+decodes, routes and keys each request, and each model's
+`pipeline.serving.runtime.ModelRuntime` runs its batches, so requests past their
+``deadline_ms`` get EXPIRED results, transient failures are retried and a poison request
+is isolated by halving, exactly as in ``kp-pipeline run``.
 
 Use::
 
@@ -66,9 +67,10 @@ kp-pipeline). `attach`'s agent crashes the app on any exception, so the worker s
 with the batch un-acked and a restart serves it again, as kp-pipeline stops.
 
 The blocking work (decoding, stages, inference, encoding) runs on threads, so Faust's
-event loop keeps fetching meanwhile: each model instance (``instances:``) has its own
-thread, and the model batches of one ``take`` batch are spread over the instances. The
-agent serves one ``take`` batch at a time; Faust fills the next one meanwhile.
+event loop keeps fetching meanwhile: each model's runtime has a preprocess thread and a
+thread per instance (``instances:``), and the model batches of one ``take`` batch go to
+the least-busy instance. The agent serves one ``take`` batch at a time; Faust fills the
+next one meanwhile.
 """
 
 from __future__ import annotations
@@ -76,11 +78,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import itertools
 import logging
 import threading
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -90,33 +91,19 @@ from faust.types import AgentT, EventT, TopicT
 
 from pipeline.app import OpenTopology, make_codec, open_topology
 from pipeline.config.loader import load_topology
+from pipeline.kafka.refusals import is_permanent
+from pipeline.observability.metrics import Metrics
 from pipeline.serving.graph import ModelGraph, build_graph, close_graph
+from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
-from pipeline.serving.routing import ModelRoute, Router
-from pipeline.serving.runtime import complete, prepare
+from pipeline.serving.runtime import ModelRuntime
 from schemas.codec import AvroCodec
-from schemas.errors import BrokerError, KpError, RequestError, describe
+from schemas.errors import BrokerError, KpError
 from schemas.messages import Envelope
 
 __all__ = ["DeliveryError", "FaustStats", "KpFaustModel", "attach"]
 
 log = logging.getLogger(__name__)
-
-# aiokafka's answers that sending the same bytes to the same topic again will not change:
-# a result refused with one becomes an ``undeliverable`` dead letter, as in the runner.
-# Matched by class name (and base classes): aiokafka ships no type information, and
-# nothing else here needs it.
-_PERMANENT = frozenset(
-    {
-        "MessageSizeTooLargeError",
-        "RecordListTooLargeError",
-        "CorruptRecordException",
-        "InvalidMessageError",
-        "TopicAuthorizationFailedError",
-        "UnknownTopicOrPartitionError",
-        "InvalidTopicError",
-    }
-)
 
 
 class DeliveryError(BrokerError):
@@ -135,12 +122,24 @@ class FaustStats:
     last_delivered: float | None = None
 
 
-@dataclass(slots=True)
-class _Chunk:
-    """At most one model's ``max_batch_size`` requests with one batch key."""
+class _Gathered:
+    """Collects the outcomes the runtimes emit for one batch of events, from their threads."""
 
-    model: str
-    rows: list[Envelope]
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.outcomes: list[Outcome] = []
+        self._cond = threading.Condition()
+
+    def emit(self, outcomes: list[Outcome]) -> None:
+        with self._cond:
+            self.outcomes.extend(outcomes)
+            self._cond.notify_all()
+
+    def wait(self) -> list[Outcome]:
+        """Every outcome; the runtime gives each submitted row exactly one."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.outcomes) >= self.expected)
+            return self.outcomes
 
 
 class KpFaustModel:
@@ -164,21 +163,16 @@ class KpFaustModel:
         topics = opened.topology.topics
         self.codec = codec or make_codec(opened.topology)
         self.encoder = OutcomeEncoder(self.codec, topics.output, topics.dead_letter)
-        self.router = Router(
-            {m.name: ModelRoute(m.name, m.settings.version, m.inputs, m.bucketer) for m in graph}
-        )
+        self.intake = Intake(graph, self.codec, self.encoder)
         self.stats = FaustStats()
-        # One thread per model instance: a backend session (and its CUDA stream) is only
-        # ever used by its own thread, as in `pipeline.serving.runtime`.
-        self._workers = {
-            m.name: [
-                concurrent.futures.ThreadPoolExecutor(1, f"kp-faust-{m.name}-{i}")
-                for i in range(len(m.instances))
-            ]
-            for m in graph
+        # The Faust app exports its own metrics; the runtimes' stay in this registry.
+        self.metrics = Metrics()
+        self.runtimes = {
+            m.name: ModelRuntime(m, self.encoder, _nowhere, self.metrics) for m in graph
         }
-        self._turns = {m.name: itertools.count() for m in graph}
-        # Decoding and routing, off the event loop; waits on the instance threads.
+        for runtime in self.runtimes.values():
+            runtime.start()
+        # Decoding and routing, off the event loop; waits on the runtimes' threads.
         self._intake = concurrent.futures.ThreadPoolExecutor(4, "kp-faust-intake")
         self._topics: dict[str, TopicT] = {}  # of `_topics_app`
         self._topics_app: faust.App | None = None
@@ -300,82 +294,28 @@ class KpFaustModel:
     ) -> list[Outcome]:
         """The blocking part of `handle`: decode, route, group, run, encode.
 
-        Requests are grouped by their route's batch key (the model and, for models with
-        free dimensions, the input shapes; a text's length bucket), so a model batch never
-        mixes shapes, and each group is cut to the model's ``max_batch_size``. The chunks
-        of each model are spread over its instances, each instance running its share in
-        order on its own thread.
+        Requests are grouped by their batch key (`pipeline.serving.intake`), so a model
+        batch never mixes shapes, and each group is cut to the model's
+        ``max_batch_size``. The batches go to their model's runtime, which spreads them
+        over its instances; this returns once every row has its outcome.
         """
-        letters, chunks = self._split(rows, tombstones)
-        outcomes = list(letters)
-        pending: list[concurrent.futures.Future[list[Outcome]]] = []
-        for name, mine in _by_model(chunks).items():
-            workers = self._workers[name]
-            shares: list[list[_Chunk]] = [[] for _ in workers]
-            for chunk in mine:
-                shares[next(self._turns[name]) % len(workers)].append(chunk)
-            for i, share in enumerate(shares):
-                if share:
-                    pending.append(workers[i].submit(self._run_share, name, i, share))
-        for fut in pending:
-            outcomes.extend(fut.result())
-        order = {id(r): i for i, r in enumerate(rows)}
-        outcomes.sort(key=lambda o: order[id(o.envelope)])
-        return outcomes
-
-    def _split(
-        self, rows: list[Envelope], tombstones: frozenset[int]
-    ) -> tuple[list[Outcome], list[_Chunk]]:
-        """Decode and route every row; dead letters for the refused, chunks for the rest."""
         letters: list[Outcome] = []
         groups: dict[tuple[str, Hashable], list[Envelope]] = {}
         for i, env in enumerate(rows):
-            try:
-                if i in tombstones:
-                    raise RequestError("record has no value (tombstone)")
-                if env.request is None:
-                    env.request = self.codec.decode_request(env.value)
-                route = self.router.route(env.request)
-                key = route.batch_key(env.request)
-            except RequestError as e:
-                letters.append(self.encoder.dead_letter(env, e.reason, str(e)))
-                continue
-            groups.setdefault((route.name, key), []).append(env)
-        chunks = []
+            admitted = self.intake.admit(env, i in tombstones)
+            if isinstance(admitted, Outcome):
+                letters.append(admitted)
+            else:
+                groups.setdefault(admitted, []).append(env)
+        gathered = _Gathered(len(rows) - len(letters))
         for (name, _), members in groups.items():
             size = self.graph[name].settings.batching.max_batch_size
             for start in range(0, len(members), size):
-                chunks.append(_Chunk(name, members[start : start + size]))
-        return letters, chunks
-
-    def _run_share(self, name: str, instance: int, share: list[_Chunk]) -> list[Outcome]:
-        """One instance's chunks, in order, on that instance's thread.
-
-        Failures become dead letters for the rows they touched, with the runtime's
-        reasons, so one bad batch never stops the agent.
-        """
-        graph = self.graph[name]
-        backend = graph.instances[instance]
-        stages = graph.stages_for(instance)
-        out: list[Outcome] = []
-        for chunk in share:
-            try:
-                item = prepare(graph, self.encoder, chunk.rows, stages)
-            except Exception as e:
-                log.exception("model %s: preprocessing failed", name)
-                out += self._fail(chunk.rows, "preprocess_failed", e)
-                continue
-            out += item.dead_letters
-            try:
-                out += complete(graph, self.encoder, backend, item)
-            except Exception as e:
-                log.exception("model %s: inference failed for a batch of %d", name, len(item.batch))
-                out += self._fail(item.batch.rows, "inference_failed", e)
-        return out
-
-    def _fail(self, rows: Iterable[Envelope], reason: str, e: Exception) -> list[Outcome]:
-        error = describe(e)
-        return [self.encoder.dead_letter(r, reason, error) for r in rows]
+                self.runtimes[name].submit(members[start : start + size], gathered.emit)
+        outcomes = letters + gathered.wait()
+        order = {id(r): i for i, r in enumerate(rows)}
+        outcomes.sort(key=lambda o: order[id(o.envelope)])
+        return outcomes
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -445,7 +385,7 @@ class KpFaustModel:
         env = out.envelope
         where = f"{env.topic}/{env.partition}@{env.offset}"
         cause = err.__cause__ if err.__cause__ is not None else err  # Faust wraps send errors
-        if not any(c.__name__ in _PERMANENT for c in type(cause).__mro__):
+        if not is_permanent(getattr(cause, "errno", None)):  # aiokafka: the protocol code
             raise DeliveryError(f"delivery to {out.topic} failed for {where}: {cause!r}") from err
         stand_in = self.encoder.stand_in(out, repr(cause))
         if stand_in is not None:
@@ -457,9 +397,8 @@ class KpFaustModel:
     def close(self) -> None:
         """Stop the threads and unload the models."""
         self._intake.shutdown(wait=True)
-        for workers in self._workers.values():
-            for w in workers:
-                w.shutdown(wait=True)
+        for runtime in self.runtimes.values():
+            runtime.stop(timeout=60.0)
         close_graph(list(self.graph.values()))
 
     def __enter__(self) -> KpFaustModel:
@@ -518,8 +457,6 @@ def attach(
     return served
 
 
-def _by_model(chunks: Iterable[_Chunk]) -> dict[str, list[_Chunk]]:
-    out: dict[str, list[_Chunk]] = {}
-    for chunk in chunks:
-        out.setdefault(chunk.model, []).append(chunk)
-    return out
+def _nowhere(outcomes: list[Outcome]) -> None:
+    """The runtimes' default emit: never used, every batch names its own."""
+    raise AssertionError(f"{len(outcomes)} outcomes of a batch submitted without an emit")

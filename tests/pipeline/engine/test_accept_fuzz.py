@@ -173,7 +173,7 @@ def oracle(codec: AvroCodec, p: Pipeline, value: bytes | None) -> str:
         return "bad_request"
     try:
         request = codec.decode_request(value)
-        p.router.route(request).batch_key(request)
+        p.intake.router.route(request).batch_key(request)
     except RequestError as e:
         return e.reason
     return "batched"

@@ -26,6 +26,7 @@ from pipeline.tools.traffic import tensor_request
 from pipeline.tools.zoo import tiny_mlp_reference
 from schemas.codec import AvroCodec
 from schemas.errors import KpError
+from schemas.messages import Status
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY_ONNX = ROOT / "models" / "tiny_mlp.onnx"
@@ -171,7 +172,7 @@ def test_refused_requests_become_dead_letters_and_the_rest_is_served(
     assert [CODEC.decode_result(outcomes[i].value).batch_size for i in (0, 6)] == [2, 2]
 
 
-def test_chunks_spread_over_instances_each_on_its_own_thread(
+def test_batches_spread_over_instances_each_on_its_own_thread(
     model: KpFaustModel, app: faust.App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[tuple[int, str]] = []
@@ -189,7 +190,7 @@ def test_chunks_spread_over_instances_each_on_its_own_thread(
 
     assert len(seen) == 4  # 32 requests in model batches of 8
     assert {i for i, _ in seen} == {0, 1}
-    assert all(name.startswith(f"kp-faust-tiny-mlp-{i}") for i, name in seen)
+    assert all(name == f"infer-tiny-mlp-{i}" for i, name in seen)
 
 
 def test_a_failing_batch_becomes_dead_letters_only_for_its_rows(
@@ -206,6 +207,88 @@ def test_a_failing_batch_becomes_dead_letters_only_for_its_rows(
     assert Counter(o.reason for o in outcomes) == {None: 8, "inference_failed": 8}
     failed = [CODEC.decode_dead_letter(o.value) for o in outcomes if o.reason]
     assert all("out of memory (pretend)" in d.error for d in failed)
+
+
+def _retries(model: KpFaustModel) -> float:
+    return model.metrics.inference_retries.labels("tiny-mlp")._value.get()  # type: ignore[no-any-return]
+
+
+def test_a_transient_failure_is_retried_like_the_main_path(
+    model: KpFaustModel, app: faust.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failures = {"left": 1}
+    for backend in model.graph["tiny-mlp"].instances:
+        real = backend.infer
+
+        def flaky(feeds: Mapping[str, Any], real: Any = real) -> Any:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise RuntimeError("CUDA out of memory (pretend)")
+            return real(feeds)
+
+        monkeypatch.setattr(backend, "infer", flaky)
+    before = _retries(model)
+    xs = [vector(64, i) for i in range(8)]
+    outcomes = serve(model, events(app, [request(f"r-{i}", x) for i, x in enumerate(xs)]))
+
+    assert [o.reason for o in outcomes] == [None] * 8  # the retry served the whole batch
+    assert _retries(model) == before + 1
+    for x, o in zip(xs, outcomes, strict=True):
+        assert CODEC.decode_result(o.value).batch_size == 8
+        assert CODEC.decode_result(o.value).outputs["classes"].tolist() == expected_classes(x)
+
+
+def test_a_poison_request_is_isolated_by_halving_like_the_main_path(
+    model: KpFaustModel, app: faust.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs: list[int] = []
+    for backend in model.graph["tiny-mlp"].instances:
+        real = backend.infer
+
+        def picky(feeds: Mapping[str, Any], real: Any = real) -> Any:
+            x = np.asarray(feeds["x"])
+            runs.append(len(x))
+            if (x[:, 0] == 42.0).any():
+                raise ValueError("this model cannot take 42")
+            return real(feeds)
+
+        monkeypatch.setattr(backend, "infer", picky)
+    xs = [vector(64, i) for i in range(8)]
+    xs[5][0] = 42.0
+    outcomes = serve(model, events(app, [request(f"p-{i}", x) for i, x in enumerate(xs)]))
+
+    assert [o.reason for o in outcomes] == [None] * 5 + ["inference_failed"] + [None] * 2
+    letter = CODEC.decode_dead_letter(outcomes[5].value)
+    assert letter.id == "p-5"
+    assert "ValueError: this model cannot take 42" in letter.error
+    sizes = [CODEC.decode_result(o.value).batch_size for o in outcomes if o.reason is None]
+    assert max(sizes) == 4  # the good rows ran in the halves, not in the poisoned 8
+    assert runs == [8, 4, 4, 2, 1, 1, 2]  # depth first: the whole, halves, down to the poison
+
+
+def test_a_request_past_its_deadline_expires_unrun_like_the_main_path(
+    model: KpFaustModel, app: faust.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[int] = []
+    for backend in model.graph["tiny-mlp"].instances:
+        real = backend.infer
+
+        def counted(feeds: Mapping[str, Any], real: Any = real) -> Any:
+            ran.append(len(feeds["x"]))
+            return real(feeds)
+
+        monkeypatch.setattr(backend, "infer", counted)
+    late = tensor_request("late", "tiny-mlp", {"x": vector(64, 1)})
+    late.deadline_ms = int(time.time() * 1000) - 5_000
+    values = [request("on-time", vector(64, 0)), CODEC.encode_request(late)]
+    outcomes = serve(model, events(app, values))
+
+    on_time, expired = (CODEC.decode_result(o.value) for o in outcomes)
+    assert on_time.status == Status.OK
+    assert expired.status == Status.EXPIRED
+    assert expired.id == "late"
+    assert "deadline passed" in (expired.error or "")
+    assert ran == [1]  # only the on-time request reached the model
 
 
 def test_handle_leaves_the_event_loop_free(

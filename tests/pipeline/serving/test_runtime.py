@@ -26,14 +26,9 @@ from pipeline.config.topology import ModelSettings, RetrySettings
 from pipeline.observability.metrics import Metrics
 from pipeline.serving.graph import ModelGraph
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
-from pipeline.serving.runtime import (
-    DEPTH,
-    ISOLATE,
-    ModelRuntime,
-    Prepared,
-    halve,
-    isolation_budget,
-)
+from pipeline.serving.recovery import ISOLATE, halve, isolation_budget
+from pipeline.serving.runtime import DEPTH, ModelRuntime
+from pipeline.serving.steps import Prepared
 from schemas.codec import AvroCodec
 from schemas.messages import Envelope, Request, Status
 from schemas.tensors import TensorSpec
@@ -569,7 +564,7 @@ def _serve_once(
     metrics.declare_model("m", ["cpu"])  # as the runner does
     runtime = ModelRuntime(graph, OutcomeEncoder(CODEC, "results", "dlq"), sink.emit, metrics)
     if top_jitter:
-        runtime._rng = _TopOfRange()
+        runtime.recovery._rng = _TopOfRange()
     runtime.start()
     try:
         runtime.submit(rows)

@@ -1,0 +1,135 @@
+"""The steps one batch goes through, as plain functions: no threads, no metrics.
+
+`expire` answers requests whose deadline has passed; `prepare` stacks the rows' tensors
+into columns and runs the preprocess stages; `complete` runs the model and the
+postprocess stages and encodes every row's outcome. `pipeline.serving.runtime` runs
+them on its threads; `pipeline.serving.recovery` re-runs `complete` on parts of a batch
+that failed.
+
+A stage must account for every row it is given (kept, or rejected with a reason):
+`run_stages` checks that after each stage, so a buggy stage fails its batch loudly
+instead of losing requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from backends.base import Backend
+from pipeline.serving.graph import ModelGraph
+from pipeline.serving.outcomes import Outcome, OutcomeEncoder
+from schemas.devices import is_device_array
+from schemas.messages import Envelope
+from stages.base import Batch, Stage
+
+__all__ = ["Prepared", "StageContractError", "complete", "expire", "prepare", "run_stages"]
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A preprocessed batch on its way to an instance, and the dead letters it shed."""
+
+    batch: Batch
+    started: float
+    preprocess_ms: float
+    dead_letters: list[Outcome]
+    compute_ms: float = 0.0  # set by `complete`
+    postprocess_ms: float = 0.0
+
+
+class StageContractError(Exception):
+    """A stage returned a different number of rows (kept + rejected) than it was given."""
+
+
+def prepare(
+    graph: ModelGraph,
+    encoder: OutcomeEncoder,
+    rows: list[Envelope],
+    stages: Sequence[Stage] | None = None,
+) -> Prepared:
+    """Stack the rows' tensors into columns and run the preprocess stages.
+
+    ``stages`` are the chosen instance's (its device and stream); default: the model's.
+
+    Rows a stage rejects leave the batch as encoded dead letters in the result.
+    """
+    started = time.monotonic()
+    columns: dict[str, Any] = {
+        name: np.stack([r.request.inputs[name] for r in rows])  # type: ignore[union-attr]
+        for name in graph.inputs
+    }
+    chain = graph.preprocess if stages is None else stages
+    batch = run_stages(chain, Batch(list(rows), columns))
+    letters = [encoder.dead_letter(r, reason, msg) for r, reason, msg in batch.rejected]
+    batch.rejected = []
+    return Prepared(batch, started, (time.monotonic() - started) * 1000.0, letters)
+
+
+def expire(
+    encoder: OutcomeEncoder, model: str, version: str, rows: list[Envelope]
+) -> tuple[list[Envelope], list[Outcome]]:
+    """The rows still within their deadline, and EXPIRED results for the others."""
+    if all(r.request is None or r.request.deadline_ms is None for r in rows):
+        return rows, []  # the usual case: nobody set a deadline
+    now_ms, started = time.time() * 1000.0, time.monotonic()
+    live: list[Envelope] = []
+    expired: list[Outcome] = []
+    for r in rows:
+        deadline = None if r.request is None else r.request.deadline_ms
+        if deadline is not None and deadline < now_ms:
+            expired.append(encoder.expired(r, model, version, now_ms, started))
+        else:
+            live.append(r)
+    return live, expired
+
+
+def complete(
+    graph: ModelGraph, encoder: OutcomeEncoder, backend: Backend, item: Prepared
+) -> list[Outcome]:
+    """Run the model on a prepared batch, then postprocess and encode every row's outcome.
+
+    Raises whatever the backend or a postprocess stage raised; nothing is emitted then.
+    """
+    batch = item.batch
+    if not batch.rows:
+        return []
+    feeds = {name: _feed(batch.columns[name]) for name in graph.info.inputs}
+    t0 = time.monotonic()
+    outputs = backend.infer(feeds)
+    t1 = time.monotonic()
+    # Postprocess sees what fed the model too (an attention mask for pooling, say).
+    post = run_stages(graph.postprocess, Batch(batch.rows, {**batch.columns, **outputs}))
+    t2 = time.monotonic()
+    outcomes = [encoder.dead_letter(r, reason, msg) for r, reason, msg in post.rejected]
+    item.compute_ms, item.postprocess_ms = (t1 - t0) * 1000.0, (t2 - t1) * 1000.0
+    phases = (item.preprocess_ms, item.compute_ms, item.postprocess_ms)
+    size = len(batch.rows)  # the rows the model ran, postprocess rejects included
+    s = graph.settings
+    published = {name: post.columns[name] for name in graph.outputs}
+    outcomes += encoder.results(post.rows, s.name, s.version, published, item.started, phases, size)
+    return outcomes
+
+
+def run_stages(stages: Sequence[Stage], batch: Batch) -> Batch:
+    """Run stages in order, checking each keeps every row accounted for (rows + rejects)."""
+    for stage in stages:
+        if not batch.rows:  # every row rejected: keep their reasons, run nothing more
+            break
+        before = len(batch) + len(batch.rejected)
+        batch = stage.process(batch)
+        if len(batch) + len(batch.rejected) != before:
+            raise StageContractError(
+                f"stage {stage.name} returned {len(batch)} rows and {len(batch.rejected)} "
+                f"rejects for {before} rows in"
+            )
+    return batch
+
+
+def _feed(column: Any) -> Any:
+    """A column as the backend takes it: device arrays as they are, the rest as NumPy."""
+    return column if is_device_array(column) else np.asarray(column)
