@@ -13,16 +13,24 @@ request (lag in seconds, `pipeline.engine.lag`) once per tick:
 
 Multiplicative steps reach the ceiling in a few ticks and come back as fast; the gap
 between the two thresholds keeps it from oscillating around one value. Pure: the caller
-passes the lag and applies the limits (`pipeline.engine.loop`), so it is tested without Kafka.
+passes the lag, and `steer` applies the limits to the batchers, so it is tested without
+Kafka.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config.topology import BatchingSettings
+from pipeline.engine.batcher import MicroBatcher
+from pipeline.observability.metrics import Metrics
 
-__all__ = ["BatchLimits", "LagBatchControl"]
+__all__ = ["BatchLimits", "LagBatchControl", "steer"]
+
+log = logging.getLogger(__name__)
 
 _MIN_CEILING_DELAY_S = 0.020
 
@@ -90,3 +98,25 @@ class LagBatchControl:
             return None
         self.limits = limits
         return direction
+
+
+def steer(
+    controls: Mapping[str, LagBatchControl],
+    batchers: Mapping[str, MicroBatcher[Any, Any]],
+    worst_lag_s: float,
+    metrics: Metrics,
+) -> None:
+    """One tick of every model's control: apply, count and log each change of limits."""
+    for name, control in controls.items():
+        direction = control.step(worst_lag_s)
+        if direction is None:
+            continue
+        batcher, limits = batchers[name], control.limits
+        batcher.max_batch_size, batcher.max_delay_s = limits.size, limits.delay_s
+        metrics.batch_adjustments.labels(name, direction).inc()
+        metrics.batch_limit.labels(name).set(limits.size)
+        metrics.batch_delay.labels(name).set(limits.delay_s)
+        log.info(
+            "model %s: lag %.1f s, batches %s to %d requests / %.0f ms",
+            *(name, worst_lag_s, direction, limits.size, limits.delay_s * 1000.0),
+        )

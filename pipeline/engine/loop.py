@@ -14,28 +14,28 @@ they go; the others keep being served throughout.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import threading
 import time
 import weakref
-from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from pipeline.config.topology import Topology
-from pipeline.engine.backpressure import Backpressure
-from pipeline.engine.batch_control import LagBatchControl
+from pipeline.engine.accounting import Accounting, RunStats
+from pipeline.engine.backpressure import Backpressure, wake_fetcher
+from pipeline.engine.batch_control import LagBatchControl, steer
 from pipeline.engine.batcher import Flushed, MicroBatcher
-from pipeline.engine.delivery import AtLeastOnce, Delivery, ExactlyOnce, Positions
+from pipeline.engine.delivery import AtLeastOnce, Delivery, ExactlyOnce
 from pipeline.engine.lag import LagMonitor
 from pipeline.engine.offsets import OffsetTracker
+from pipeline.engine.ranges import BoundedRanges, names
 from pipeline.kafka.clients import consumer_config, producer_config, transactional_id
 from pipeline.kafka.clients import replica_id as kafka_replica_id
+from pipeline.kafka.watch import ClientWatch
 from pipeline.observability.health import Health
 from pipeline.observability.metrics import GpuSampler, Metrics
 from pipeline.serving.graph import ModelGraph
@@ -48,32 +48,7 @@ from schemas.messages import Envelope, Partition, partition_of
 
 __all__ = ["Pipeline", "RunStats"]
 
-# Dead-letter reasons the engine itself gives; their series start at zero.
-_REASONS = (
-    "bad_request",
-    "undecodable",
-    "unknown_model",
-    "bad_tensor",
-    "preprocess_failed",
-    "inference_failed",
-    "undeliverable",
-)
-
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunStats:
-    """Counters of one run, for the closing summary."""
-
-    consumed: int = 0
-    pauses: int = 0
-    results: int = 0
-    dead_letters: int = 0
-    committed: dict[Partition, int] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-    first_consumed: float | None = None
-    last_delivered: float | None = None
 
 
 class Pipeline:
@@ -98,9 +73,7 @@ class Pipeline:
         self.codec = codec or AvroCodec()
         # A bounded run (a replay) serves [start, end) of each listed partition, assigned
         # directly (no group membership), and stops by itself once all of it is delivered.
-        self.ranges = dict(ranges) if ranges is not None else None
-        self._finished: set[Partition] = set()
-        self.range_begin: dict[Partition, int] = {}
+        self.bounded = BoundedRanges(ranges) if ranges is not None else None
         self.encoder = OutcomeEncoder(
             self.codec,
             topology.topics.output,
@@ -109,6 +82,8 @@ class Pipeline:
         )
         self.metrics = metrics or Metrics()
         self.health = health or Health(topology.metrics.stale_after_s)
+        self.accounting = Accounting(self.metrics, (m.name for m in graph))
+        self.stats: RunStats = self.accounting.stats
         self._cooperative = False
         if consumer is None:
             consumer = self._consumer(bootstrap, embedded, replica_id)
@@ -131,7 +106,6 @@ class Pipeline:
         )
         self.lag = LagMonitor(self.consumer)
         self.gpus = GpuSampler(self.metrics)
-        self.stats = RunStats()
         self._completed: queue.SimpleQueue[list[Outcome]] = queue.SimpleQueue()
         self._pending: list[Outcome] = []
         self._fatal: str | None = None
@@ -141,8 +115,8 @@ class Pipeline:
             self.consumer,
             self.tracker,
             self.encoder,
-            _weak(self._acknowledged),
-            _weak(self._committed),
+            self.accounting.acknowledged,
+            self.accounting.committed,
             self.flow.commit_interval_ms,
         )
         self.intake = Intake(graph, self.codec, self.encoder)
@@ -171,44 +145,22 @@ class Pipeline:
         self.assigned = threading.Event()
         self.metrics_url: str | None = None  # where /metrics is served, when it is
         self._next_lag = 0.0
-        # Per-record counts gathered between metric updates (the hot path adds to dicts).
-        self._consumed_tp: defaultdict[Partition, int] = defaultdict(int)
-        self._consumed_bytes: defaultdict[str, int] = defaultdict(int)
-        self._acked: defaultdict[tuple[str, str, str | None, str], int] = defaultdict(int)
-        self._latency: defaultdict[str, list[float]] = defaultdict(list)
-        self._transactions_seen: dict[str, int] = {}
-        self._declare_metrics(graph)
+        bp = self.backpressure
+        self.accounting.declare(graph, topology.topics, self.tracker, lambda: bp.paused)
 
     def _consumer(self, bootstrap: str, embedded: bool, replica_id: str | None) -> Consumer:
         kafka = self.topology.kafka
-        static = kafka.static_membership and self.ranges is None  # a replay joins no group
+        static = kafka.static_membership and self.bounded is None  # a replay joins no group
         conf = consumer_config(
             kafka, bootstrap, embedded, kafka_replica_id(replica_id) if static else None
         )
         conf.setdefault("statistics.interval.ms", 1000)
-        conf["stats_cb"] = _weak(self._on_stats)
-        conf["error_cb"] = _weak(self._on_client_error)
+        watch = ClientWatch(self.health)
+        conf["stats_cb"] = watch.on_stats
+        conf["error_cb"] = watch.on_error
         conf["on_commit"] = _weak(self._on_commit)
         self._cooperative = "cooperative" in str(conf.get("partition.assignment.strategy"))
         return Consumer(conf)
-
-    def _declare_metrics(self, graph: list[ModelGraph]) -> None:
-        m, tracker, bp = self.metrics, self.tracker, self.backpressure
-        for g in graph:
-            m.declare_model(g.name, g.devices)
-            m.batch_limit.labels(g.name).set(g.settings.batching.max_batch_size)
-            m.batch_delay.labels(g.name).set(g.settings.batching.max_delay_ms / 1000.0)
-        for reason in _REASONS:
-            m.declare_reason(reason)
-        for topic in self.topology.topics.input:
-            m.consumed_bytes.labels(topic)
-        for topic in (self.topology.topics.output, self.topology.topics.dead_letter):
-            m.produced.labels(topic)
-        # Read at scrape time: no cost on the hot path, and never stale.
-        m.in_flight.set_function(lambda: tracker.in_flight)
-        m.in_flight_bytes.set_function(lambda: tracker.in_flight_bytes)
-        m.assigned.set_function(lambda: len(tracker.partitions()))
-        m.paused.set_function(lambda: len(tracker.partitions()) if bp.paused else 0)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -219,7 +171,7 @@ class Pipeline:
             runtime.start()
         self.health.models_loaded = True
         self.lag.start()
-        if self.ranges is None:
+        if self.bounded is None:
             self.consumer.subscribe(
                 self.topology.topics.input,
                 on_assign=_weak(self._on_assign),
@@ -227,7 +179,8 @@ class Pipeline:
                 on_lost=_weak(self._on_lost),
             )
         else:
-            self._assign_ranges(self.ranges)
+            self.health.assignment = self.bounded.assign(self.consumer, self.tracker)
+            self.assigned.set()
         try:
             while not stop.is_set() and self._failure() is None and not self._range_served():
                 self._pull()
@@ -264,18 +217,18 @@ class Pipeline:
 
     def _accept(self, msg: Message, now: float) -> None:
         err = msg.error()
+        tp = (cast(str, msg.topic()), cast(int, msg.partition()))
         if err is not None:
-            if err.code() == KafkaError._PARTITION_EOF and self.ranges is not None:
-                self._finish((cast(str, msg.topic()), cast(int, msg.partition())))
+            if err.code() == KafkaError._PARTITION_EOF and self.bounded is not None:
+                self.bounded.finish(self.consumer, tp)
                 return
             self._on_consume_error(err)
             return
-        tp = (cast(str, msg.topic()), cast(int, msg.partition()))
         generation = self.tracker.generation(tp)
         if generation is None:  # prefetched before a revoke: the new owner will serve it
             return
         offset = cast(int, msg.offset())
-        if self.ranges is not None and not self._in_range(tp, offset):
+        if self.bounded is not None and not self.bounded.admit(self.consumer, tp, offset):
             return
         value = msg.value()
         size = len(value) if value else 0
@@ -285,9 +238,7 @@ class Pipeline:
         if not self.tracker.track(tp, offset, size, timestamp_ms):
             log.warning("%s[%d]@%d re-delivered by the client; already served", *tp, offset)
             return
-        self.stats.consumed += 1
-        self._consumed_tp[tp] += 1
-        self._consumed_bytes[tp[0]] += size
+        self.accounting.consumed(tp, size)
         env = Envelope(tp[0], tp[1], offset, msg.key(), value or b"", timestamp_ms, now, generation)
         admitted = self.intake.admit(env, value is None)
         if isinstance(admitted, Outcome):  # its dead letter
@@ -322,22 +273,6 @@ class Pipeline:
     def _commit(self, force: bool) -> None:
         self.delivery.commit(force)
 
-    def _acknowledged(self, out: Outcome) -> None:
-        """Count an outcome readers can now see."""
-        if out.reason is not None:
-            self.stats.dead_letters += 1
-        else:
-            self.stats.results += 1
-            self._latency[out.model].append(time.time() - out.envelope.timestamp_ms / 1000.0)
-        # A model label only for served models: a request naming random models must not
-        # make a new metric series each.
-        model = out.model if out.model in self.runtimes else ""
-        self._acked[(out.topic, model, out.reason, out.status)] += 1
-        self.stats.last_delivered = time.monotonic()
-
-    def _committed(self, positions: Positions) -> None:
-        self.stats.committed.update(positions)
-
     def _apply_backpressure(self) -> None:
         decision = self.backpressure.update(self.tracker.in_flight, self.tracker.in_flight_bytes)
         if decision is None:
@@ -345,14 +280,14 @@ class Pipeline:
         parts = [
             TopicPartition(t, p)
             for t, p in self.tracker.partitions()
-            if (t, p) not in self._finished
+            if self.bounded is None or (t, p) not in self.bounded.finished
         ]
         if decision:
             self.consumer.pause(parts)
             self.metrics.pauses.inc()
         else:
             self.consumer.resume(parts)
-            _wake_fetcher(self.consumer, parts)
+            wake_fetcher(self.consumer, parts)
             self.metrics.resumes.inc()
         self.stats.pauses += decision
         log.debug("%s at %d in flight", "paused" if decision else "resumed", self.tracker.in_flight)
@@ -361,7 +296,7 @@ class Pipeline:
 
     def _observe(self, now: float) -> None:
         """Move gathered counts into the metrics; each lag interval, measure lag and steer."""
-        self._flush_counts()
+        self.accounting.flush(self.delivery.transactions)
         if now < self._next_lag:
             return
         self._next_lag = now + self.flow.lag_interval_ms / 1000.0
@@ -371,70 +306,8 @@ class Pipeline:
             m.lag.labels(topic, str(partition)).set(lag.messages)
             m.lag_seconds.labels(topic, str(partition)).set(lag.seconds)
         worst = max((lag.seconds for lag in lags.values()), default=0.0)
-        for name, control in self.controls.items():
-            direction = control.step(worst)
-            if direction is None:
-                continue
-            batcher, limits = self.batchers[name], control.limits
-            batcher.max_batch_size, batcher.max_delay_s = limits.size, limits.delay_s
-            m.batch_adjustments.labels(name, direction).inc()
-            m.batch_limit.labels(name).set(limits.size)
-            m.batch_delay.labels(name).set(limits.delay_s)
-            log.info(
-                "model %s: lag %.1f s, batches %s to %d requests / %.0f ms",
-                name,
-                worst,
-                direction,
-                limits.size,
-                limits.delay_s * 1000.0,
-            )
+        steer(self.controls, self.batchers, worst, m)
         self.gpus.sample()
-
-    def _flush_counts(self) -> None:
-        m = self.metrics
-        for result, n in self.delivery.transactions.items():
-            if n != self._transactions_seen.get(result, 0):
-                m.transactions.labels(result).inc(n - self._transactions_seen.get(result, 0))
-                self._transactions_seen[result] = n
-        if self._consumed_tp:
-            for (topic, partition), n in self._consumed_tp.items():
-                m.consumed.labels(topic, str(partition)).inc(n)
-            for topic, n in self._consumed_bytes.items():
-                m.consumed_bytes.labels(topic).inc(n)
-            self._consumed_tp.clear()
-            self._consumed_bytes.clear()
-        if self._acked:
-            for (topic, model, reason, status), n in self._acked.items():
-                m.produced.labels(topic).inc(n)
-                if reason is None:
-                    m.results.labels(model, status).inc(n)
-                else:
-                    m.dead_letters.labels(reason, model).inc(n)
-            self._acked.clear()
-        if self._latency:
-            for model, seconds in self._latency.items():
-                m.latency.observe_many(model, seconds)
-            self._latency.clear()
-
-    def _on_stats(self, stats_json: str) -> None:
-        """Note from librdkafka's statistics whether any broker connection is up."""
-        try:
-            brokers = json.loads(stats_json).get("brokers", {})
-        except ValueError:
-            return
-        self.health.broker_up = any(
-            b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers.values()
-        )
-
-    def _on_client_error(self, err: KafkaError) -> None:
-        if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            if self.health.broker_up:
-                log.warning("kafka: no broker reachable (%s); retrying", err.str())
-            self.health.broker_up = False
-        elif err.code() == KafkaError._TRANSPORT:  # each reconnect attempt says this
-            log.debug("kafka: %s", err)
-        else:
-            log.warning("kafka: %s", err)
 
     def _wait_s(self) -> float:
         if self._pending or not self._completed.empty():
@@ -451,48 +324,14 @@ class Pipeline:
 
     # -- bounded runs (replays) -----------------------------------------------------------
 
-    def _assign_ranges(self, ranges: Mapping[Partition, tuple[int, int]]) -> None:
-        """Assign each partition at its start, or where this group's last run stopped."""
-        listed = [TopicPartition(t, p) for t, p in ranges]
-        committed = {partition_of(c): c.offset for c in self.consumer.committed(listed, timeout=30)}
-        parts = []
-        for tp, (start, end) in ranges.items():
-            done = committed.get(tp, -1)
-            begin = done if start <= done <= end else start
-            self.range_begin[tp] = begin
-            self.tracker.assign(tp)
-            if begin >= end:
-                self._finished.add(tp)
-            else:
-                parts.append(TopicPartition(tp[0], tp[1], begin))
-        self.consumer.assign(parts)
-        self.health.assignment = len(parts)
-        self.assigned.set()
-        log.info("replaying %s", _names(parts))
-
-    def _in_range(self, tp: Partition, offset: int) -> bool:
-        """Whether to serve this record; the partition is finished at its range's end."""
-        assert self.ranges is not None
-        end = self.ranges[tp][1]
-        if offset >= end:
-            self._finish(tp)
-            return False
-        if offset == end - 1:
-            self._finish(tp)
-        return True
-
-    def _finish(self, tp: Partition) -> None:
-        if tp not in self._finished:
-            self._finished.add(tp)
-            self.consumer.pause([TopicPartition(*tp)])
+    @property
+    def range_begin(self) -> dict[Partition, int]:
+        """Where a bounded run started each partition (empty for an unbounded one)."""
+        return {} if self.bounded is None else self.bounded.begin
 
     def _range_served(self) -> bool:
         """A bounded run is over once every partition is read to its end and delivered."""
-        return (
-            self.ranges is not None
-            and len(self._finished) == len(self.ranges)
-            and self.tracker.in_flight == 0
-        )
+        return self.bounded is not None and self.bounded.served(self.tracker.in_flight)
 
     # -- rebalance ------------------------------------------------------------------------
 
@@ -509,7 +348,7 @@ class Pipeline:
         self.health.assignment = len(self.tracker.partitions())
         self.assigned.set()
         if partitions:
-            log.info("assigned %s", _names(partitions))
+            log.info("assigned %s", names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Finish the revoked partitions' in-flight work, commit it, then let them go.
@@ -529,7 +368,7 @@ class Pipeline:
             consumer.unassign()
         log.info(
             "revoked %s after finishing %d in-flight requests in %.0f ms%s",
-            _names(partitions),
+            names(partitions),
             owed - left,
             (time.monotonic() - started) * 1000.0,
             f"; {left} requests left to the next owner" if left else "",
@@ -544,7 +383,7 @@ class Pipeline:
             self.health.assignment = None
         if self._cooperative:
             consumer.incremental_unassign(partitions)
-        log.warning("lost %s", _names(partitions))
+        log.warning("lost %s", names(partitions))
 
     def _finish_work(self, deadline: float, partitions: list[Partition] | None) -> int:
         """Run open batches, deliver and commit until ``partitions`` (None: all) owe nothing.
@@ -600,7 +439,7 @@ class Pipeline:
             self._finish_work(deadline, None)
         for runtime in self.runtimes.values():
             runtime.stop(timeout=max(0.1, deadline - time.monotonic()))
-        self._flush_counts()
+        self.accounting.flush(self.delivery.transactions)
         self.lag.stop()
         self.consumer.close()
         log.info(
@@ -609,28 +448,6 @@ class Pipeline:
             self.stats.results,
             self.stats.dead_letters,
         )
-
-
-def _wake_fetcher(consumer: Consumer, parts: list[TopicPartition]) -> None:
-    """Make librdkafka fetch resumed partitions now rather than at its next timer.
-
-    librdkafka 2.16 does not wake a broker's fetcher when partitions are resumed: it
-    notices at its next periodic wake-up, and records arrived 820–900 ms after resume()
-    (measured on Tansu, any fetch.wait.max.ms; confluent-kafka-go#630 shows the same
-    against Kafka). A seek to where a partition already stands changes nothing, but is an
-    operation the fetcher acts on at once: records then arrived 9–16 ms after resume().
-    Pausing purges the prefetched records, so the fetch starts at that position anyway.
-    """
-    for tp in consumer.position(parts):
-        if tp.offset >= 0:  # never consumed yet: nothing to restart from
-            try:
-                consumer.seek(tp)
-            except KafkaException as e:  # e.g. revoked meanwhile; the timer still fetches
-                log.debug("seek %s[%d]@%d on resume: %s", tp.topic, tp.partition, tp.offset, e)
-
-
-def _names(partitions: list[TopicPartition]) -> str:
-    return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"
 
 
 def _weak(method: Callable[..., None]) -> Callable[..., None]:
