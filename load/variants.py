@@ -21,7 +21,7 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from pipeline.app import OpenTopology
-from pipeline.serving.graph import ModelGraph, build_model
+from pipeline.serving.graph import ServedModel, build_model
 from pipeline.serving.outcomes import OutcomeEncoder
 from pipeline.serving.steps import complete, prepare
 from pipeline.tools.demo import BackgroundPipeline
@@ -190,7 +190,7 @@ def faust_agent(opened: OpenTopology, bootstrap: str, n: int, timeout: float) ->
     return Timing(n, stats.last_delivered - stats.first_consumed, note)
 
 
-def naive(graph: ModelGraph, src: Source, n: int) -> Timing:
+def naive(graph: ServedModel, src: Source, n: int) -> Timing:
     """One message, one inference, one produce (flushed), one synchronous commit.
 
     The loop most first consumers are: correct and simple, and it pays a broker round
@@ -273,7 +273,7 @@ def passthrough(src: Source, n: int) -> Timing:
 # -- references without Kafka ------------------------------------------------------------
 
 
-def model_alone(graph: ModelGraph, requests: Sequence[Request], batch_size: int, n: int) -> Timing:
+def model_alone(graph: ServedModel, requests: Sequence[Request], batch_size: int, n: int) -> Timing:
     """backend.infer on one preprocessed batch, repeated: the model's own ceiling."""
     backend = graph.instances[0]
     encoder = OutcomeEncoder(AvroCodec(), "out", "dlq")
@@ -287,7 +287,7 @@ def model_alone(graph: ModelGraph, requests: Sequence[Request], batch_size: int,
 
 
 def preprocess_and_model(
-    graph: ModelGraph, requests: Sequence[Request], batch_size: int, n: int
+    graph: ServedModel, requests: Sequence[Request], batch_size: int, n: int
 ) -> Timing:
     """Decode, preprocess, infer and postprocess back to back in one thread, no Kafka.
 
@@ -312,7 +312,7 @@ def preprocess_and_model(
     return Timing(done, time.monotonic() - start)
 
 
-def reference_graph(opened: OpenTopology, options: dict[str, Any] | None = None) -> ModelGraph:
+def reference_graph(opened: OpenTopology, options: dict[str, Any] | None = None) -> ServedModel:
     """The topology's first model as one instance, with the runtime's default threading.
 
     The reference variants run a single stream of work, for which the runtime's default
@@ -364,7 +364,7 @@ def _rows(requests: Sequence[Request]) -> list[Envelope]:
     return [Envelope("in", 0, i, None, b"", 0, now, request=r) for i, r in enumerate(requests)]
 
 
-def _feeds(graph: ModelGraph, batch: Batch) -> Feeds:
+def _feeds(graph: ServedModel, batch: Batch) -> Feeds:
     return {name: np.asarray(batch.columns[name]) for name in graph.info.inputs}
 
 

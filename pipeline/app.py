@@ -22,7 +22,7 @@ from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import admin_config, ensure_topics
 from pipeline.observability.health import Health, MetricsServer
 from pipeline.observability.metrics import Metrics
-from pipeline.serving.graph import ModelGraph, build_graph, close_graph
+from pipeline.serving.graph import ServedModel, build_graph, close_graph
 from schemas.codec import AvroCodec, load_schema
 from schemas.messages import Partition
 from schemas.registry import SchemaRegistryClient
@@ -47,7 +47,7 @@ def open_topology(path: str | Path) -> OpenTopology:
     return OpenTopology(topology, str(path), Path(path).resolve().parent)
 
 
-def check_graph(opened: OpenTopology) -> list[ModelGraph]:
+def check_graph(opened: OpenTopology) -> list[ServedModel]:
     """Build every model (loads them) and check the graph (raises `GraphError`)."""
     return build_graph(opened.topology, opened.source, opened.base_dir)
 

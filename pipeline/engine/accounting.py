@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pipeline.config.topology import TopicSettings
 from pipeline.engine.offsets import OffsetTracker
 from pipeline.observability.metrics import Metrics
-from pipeline.serving.graph import ModelGraph
+from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome
 from schemas.messages import Partition
 
@@ -64,7 +64,7 @@ class Accounting:
 
     def declare(
         self,
-        graph: Iterable[ModelGraph],
+        graph: Iterable[ServedModel],
         topics: TopicSettings,
         tracker: OffsetTracker,
         paused: Callable[[], bool],

@@ -38,7 +38,7 @@ from pipeline.kafka.clients import replica_id as kafka_replica_id
 from pipeline.kafka.watch import ClientWatch
 from pipeline.observability.health import Health
 from pipeline.observability.metrics import GpuSampler, Metrics
-from pipeline.serving.graph import ModelGraph
+from pipeline.serving.graph import ServedModel
 from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.runtime import ModelRuntime
@@ -57,7 +57,7 @@ class Pipeline:
     def __init__(
         self,
         topology: Topology,
-        graph: list[ModelGraph],
+        graph: list[ServedModel],
         bootstrap: str,
         codec: AvroCodec | None = None,
         embedded: bool = False,

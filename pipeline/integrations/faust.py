@@ -93,7 +93,7 @@ from pipeline.app import OpenTopology, make_codec, open_topology
 from pipeline.config.loader import load_topology
 from pipeline.kafka.refusals import is_permanent
 from pipeline.observability.metrics import Metrics
-from pipeline.serving.graph import ModelGraph, build_graph, close_graph
+from pipeline.serving.graph import ServedModel, build_graph, close_graph
 from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.runtime import ModelRuntime
@@ -153,7 +153,7 @@ class KpFaustModel:
     def __init__(
         self,
         opened: OpenTopology,
-        graph: Sequence[ModelGraph],
+        graph: Sequence[ServedModel],
         codec: AvroCodec | None = None,
     ) -> None:
         if not graph:

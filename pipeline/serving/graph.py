@@ -25,7 +25,7 @@ from schemas.tensors import TensorSpec, numpy_dtype
 from stages.base import Stage, StageContext
 from stages.registry import stage_class
 
-__all__ = ["ModelGraph", "build_graph", "build_model", "close_graph"]
+__all__ = ["ServedModel", "build_graph", "build_model", "close_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ Bucketer = Callable[[Mapping[str, Any]], Hashable]
 
 
 @dataclass
-class ModelGraph:
+class ServedModel:
     """One model, ready to serve: stages set up, instances loaded, specs checked."""
 
     settings: ModelSettings
@@ -71,9 +71,9 @@ class ModelGraph:
             backend.unload()
 
 
-def build_graph(topology: Topology, source: str, base_dir: Path) -> list[ModelGraph]:
+def build_graph(topology: Topology, source: str, base_dir: Path) -> list[ServedModel]:
     """Build every model of the topology; on any error, release what was built."""
-    built: list[ModelGraph] = []
+    built: list[ServedModel] = []
     try:
         for i, settings in enumerate(topology.models):
             built.append(build_model(settings, f"{source}: models[{i}]", base_dir))
@@ -83,13 +83,13 @@ def build_graph(topology: Topology, source: str, base_dir: Path) -> list[ModelGr
     return built
 
 
-def close_graph(graph: Sequence[ModelGraph]) -> None:
+def close_graph(graph: Sequence[ServedModel]) -> None:
     """Release every model of a graph."""
     for model in graph:
         model.close()
 
 
-def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGraph:
+def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ServedModel:
     """Build and check one model; ``where`` prefixes error messages."""
     if not settings.artifact.exists():
         raise GraphError(
@@ -158,7 +158,7 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ModelGra
         raise
     pre = per_instance[0]
     bucketer = pre[0].bucket_key if pre and hasattr(pre[0], "bucket_key") else None
-    return ModelGraph(
+    return ServedModel(
         settings, pre, post, instances, info, declared, outputs, placed, bucketer, per_instance
     )
 

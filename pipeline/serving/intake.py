@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-from pipeline.serving.graph import ModelGraph
+from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.routing import ModelRoute, Router
 from schemas.codec import AvroCodec
@@ -28,7 +28,7 @@ Admitted = tuple[str, Hashable]
 class Intake:
     """Decodes, routes and keys consumed records for the models of one topology."""
 
-    def __init__(self, graph: Sequence[ModelGraph], codec: AvroCodec, encoder: OutcomeEncoder):
+    def __init__(self, graph: Sequence[ServedModel], codec: AvroCodec, encoder: OutcomeEncoder):
         self.codec = codec
         self.encoder = encoder
         self.router = Router(

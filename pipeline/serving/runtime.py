@@ -36,7 +36,7 @@ import numpy as np
 
 from backends.base import Backend
 from pipeline.observability.metrics import Metrics
-from pipeline.serving.graph import ModelGraph
+from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.recovery import Recovery
 from pipeline.serving.steps import Prepared, complete, expire, prepare
@@ -78,7 +78,7 @@ class ModelRuntime:
 
     def __init__(
         self,
-        graph: ModelGraph,
+        graph: ServedModel,
         encoder: OutcomeEncoder,
         emit: Emit,
         metrics: Metrics | None = None,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend
-from pipeline.serving.graph import ModelGraph
+from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from schemas.devices import is_device_array
 from schemas.messages import Envelope
@@ -47,7 +47,7 @@ class StageContractError(Exception):
 
 
 def prepare(
-    graph: ModelGraph,
+    graph: ServedModel,
     encoder: OutcomeEncoder,
     rows: list[Envelope],
     stages: Sequence[Stage] | None = None,
@@ -89,7 +89,7 @@ def expire(
 
 
 def complete(
-    graph: ModelGraph, encoder: OutcomeEncoder, backend: Backend, item: Prepared
+    graph: ServedModel, encoder: OutcomeEncoder, backend: Backend, item: Prepared
 ) -> list[Outcome]:
     """Run the model on a prepared batch, then postprocess and encode every row's outcome.
 

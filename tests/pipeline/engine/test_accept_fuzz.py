@@ -27,7 +27,7 @@ from hypothesis.extra import numpy as hnp
 
 from pipeline.config.loader import parse_topology
 from pipeline.engine.loop import Pipeline
-from pipeline.serving.graph import ModelGraph, build_graph
+from pipeline.serving.graph import ServedModel, build_graph
 from pipeline.tools.traffic import tensor_request, text_request
 from schemas.codec import AvroCodec, load_schema
 from schemas.errors import RequestError
@@ -90,7 +90,7 @@ REGISTRY = AvroCodec(StubRegistry(), request_schema_id=1)
 
 
 @functools.cache
-def graph() -> list[ModelGraph]:
+def graph() -> list[ServedModel]:
     for artifact in ("tiny_mlp.onnx", "minilm_l6_int8.onnx", "minilm_tokenizer.json"):
         if not (ROOT / "models" / artifact).exists():
             pytest.skip(f"models/{artifact} missing: run `make models`")

@@ -9,7 +9,7 @@ import pytest
 
 from backends.onnx_runtime import OnnxRuntimeBackend
 from pipeline.config.loader import load_topology
-from pipeline.serving.graph import ModelGraph, build_graph
+from pipeline.serving.graph import ServedModel, build_graph
 from schemas.errors import BackendError, GraphError
 from schemas.tensors import TensorSpec
 from stages.base import StageParams
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _build(tmp_path: Path, text: str, artifact: Path = TINY_ONNX) -> list[ModelGraph]:
+def _build(tmp_path: Path, text: str, artifact: Path = TINY_ONNX) -> list[ServedModel]:
     path = tmp_path / "t.yaml"
     path.write_text(text.replace("ARTIFACT", str(artifact)))
     return build_graph(load_topology(path, env={}), str(path), tmp_path)

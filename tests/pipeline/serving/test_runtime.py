@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from backends.base import ModelInfo, ModelSpec
 from pipeline.config.topology import ModelSettings, RetrySettings
 from pipeline.observability.metrics import Metrics
-from pipeline.serving.graph import ModelGraph
+from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.recovery import ISOLATE, halve, isolation_budget
 from pipeline.serving.runtime import DEPTH, ModelRuntime
@@ -128,7 +128,7 @@ def _graph(
     pre: list[Stage] | None = None,
     post: list[Stage] | None = None,
     retry: Mapping[str, Any] = FAST_RETRY,
-) -> ModelGraph:
+) -> ServedModel:
     settings = ModelSettings(
         name="m",
         version="3",
@@ -152,7 +152,7 @@ def _graph(
     outputs = dict(info.outputs)
     for stage in post:  # what the graph would publish
         outputs = stage.signature(outputs)
-    return ModelGraph(
+    return ServedModel(
         settings, pre, post, backends, info, {"image": TensorSpec("BYTES", (1,))}, outputs, devices
     )
 
@@ -161,7 +161,7 @@ def _graph(
 def serve() -> Iterator[Any]:
     started: list[ModelRuntime] = []
 
-    def start(graph: ModelGraph) -> tuple[ModelRuntime, Sink]:
+    def start(graph: ServedModel) -> tuple[ModelRuntime, Sink]:
         sink = Sink()
         runtime = ModelRuntime(graph, OutcomeEncoder(CODEC, "results", "dlq"), sink.emit)
         runtime.start()
@@ -520,7 +520,7 @@ class Doubler:
         pass
 
 
-def _numbers(backend: Doubler, **retry: Any) -> ModelGraph:
+def _numbers(backend: Doubler, **retry: Any) -> ServedModel:
     settings = ModelSettings(
         name="m",
         version="3",
@@ -530,7 +530,7 @@ def _numbers(backend: Doubler, **retry: Any) -> ModelGraph:
         retry={"backoff_ms": 0, "max_backoff_ms": 0, **retry},
     )
     info = backend.load(ModelSpec("m", settings.artifact), "cpu")
-    return ModelGraph(
+    return ServedModel(
         settings, [], [], [backend], info, dict(info.inputs), dict(info.outputs), ["cpu"]
     )
 
@@ -557,7 +557,7 @@ class _TopOfRange(random.Random):
 
 
 def _serve_once(
-    graph: ModelGraph, rows: list[Envelope], top_jitter: bool = False
+    graph: ServedModel, rows: list[Envelope], top_jitter: bool = False
 ) -> tuple[ModelRuntime, dict[int, Outcome]]:
     sink = Sink()
     metrics = Metrics()
