@@ -180,7 +180,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
         ]
     topic = args.topic or topology.topics.input[0]
     n = produce_requests(
-        _bootstrap(args, topology), topic, ((r.id.encode(), codec.encode_request(r)) for r in reqs)
+        topology.kafka,
+        _bootstrap(args, topology),
+        topic,
+        ((r.id.encode(), codec.encode_request(r)) for r in reqs),
     )
     _echo(f"produced {n} requests to {topic}")
     return EXIT_OK
@@ -195,8 +198,9 @@ def cmd_results(args: argparse.Namespace) -> int:
     codec = make_codec(topology)
     topic = topology.topics.dead_letter if args.dead_letters else topology.topics.output
     n = 0
+    bootstrap = _bootstrap(args, topology)
     for msg in read_topic(
-        _bootstrap(args, topology), topic, count=args.count, timeout=args.timeout, idle=args.idle
+        topology.kafka, bootstrap, topic, count=args.count, timeout=args.timeout, idle=args.idle
     ):
         n += 1
         if args.dead_letters:

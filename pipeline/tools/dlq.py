@@ -41,7 +41,7 @@ from typing import Any, TextIO
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from pipeline.config.topology import KafkaSettings
-from pipeline.kafka.clients import admin_config
+from pipeline.kafka.clients import reader_config
 from pipeline.tools.replay import RangeError, parse_time
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerError, ConfigError, describe
@@ -209,18 +209,7 @@ class Letter:
 
 def open_consumer(settings: KafkaSettings, bootstrap: str) -> Any:
     """An assign-only reader that reports each partition's end and commits nothing."""
-    conf = admin_config(settings, bootstrap)
-    conf.update(settings.consumer)
-    conf.update(
-        {
-            "group.id": "kp-dlq",  # required by librdkafka; unused with assign()
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",  # a removed offset reads on from the log start
-            "fetch.wait.max.ms": 10,
-        }
-    )
-    return Consumer(conf)
+    return Consumer(reader_config(settings, bootstrap, group_id="kp-dlq", partition_eof=True))
 
 
 def partitions_of(consumer: Any, topic: str) -> list[int] | None:

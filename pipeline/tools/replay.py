@@ -36,7 +36,7 @@ from typing import Any, TextIO
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.config.topology import KafkaSettings
-from pipeline.kafka.clients import admin_config
+from pipeline.kafka.clients import reader_config
 from schemas.errors import ConfigError
 from schemas.messages import Partition
 
@@ -86,15 +86,7 @@ class _Probe:
     """Reads single records by offset: timestamps, and the partition's real ends."""
 
     def __init__(self, settings: KafkaSettings, bootstrap: str) -> None:
-        conf = admin_config(settings, bootstrap)
-        conf.update(
-            {
-                "group.id": "kp-replay-probe",  # required by librdkafka; assign() only
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": 10,
-            }
-        )
+        conf = reader_config(settings, bootstrap, group_id="kp-replay-probe", partition_eof=True)
         self.consumer = Consumer(conf)
 
     def close(self) -> None:
