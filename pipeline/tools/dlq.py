@@ -42,7 +42,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.clients import reader_config
-from pipeline.tools.replay import RangeError, parse_time
+from pipeline.tools.timespec import TimeError, parse_time
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerError, ConfigError, describe
 from schemas.messages import DeadLetter
@@ -93,7 +93,7 @@ def parse_since(text: str, flag: str, now_ms: int | None = None) -> int:
         return now - int(float(found[1]) * _UNIT_S[found[2]] * 1000)
     try:
         return parse_time(text, flag)
-    except RangeError:
+    except TimeError:
         raise DlqError(
             f"{flag}: {text!r} is neither an ISO 8601 time (2026-11-20T10:00Z) "
             "nor a time ago (30s, 90m, 2h, 7d)"
