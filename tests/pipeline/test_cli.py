@@ -134,7 +134,7 @@ SECURED = """  bootstrap_servers: broker.example:9093
 READERS = (
     "pipeline.tools.traffic.Consumer",
     "pipeline.tools.replay.Consumer",
-    "pipeline.tools.dlq.Consumer",
+    "pipeline.tools.dlq.reading.Consumer",
 )
 PRODUCERS = ("pipeline.tools.traffic.Producer",)
 
