@@ -37,6 +37,7 @@ from load import report, variants
 from load.cpu import CpuSplit, process_seconds, split_now
 from pipeline.app import OpenTopology
 from pipeline.config.loader import load_topology
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import ensure_topics
 from pipeline.tools.traffic import produce_requests, tensor_request
@@ -245,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         topic = "bench.backends.requests"
         print(f"embedded Tansu broker on {bootstrap}", flush=True)
         ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic], PARTITIONS, 1)
-        produce_requests(bootstrap, topic, ((r.id.encode(), codec.encode_request(r)) for r in reqs))
+        produce_requests(
+            KafkaSettings(),
+            bootstrap,
+            topic,
+            ((r.id.encode(), codec.encode_request(r)) for r in reqs),
+        )
         print(f"produced {len(reqs)} requests ({reqs[0].inputs['x'].nbytes:,} bytes each)")
         for name in names:
             for batch in args.batches:

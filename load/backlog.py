@@ -220,7 +220,8 @@ def control_run(
          "KP_GROUP": f"{tag}-{mode}"}
     )  # fmt: skip
     produce_tiny(bootstrap, names["in"], backlog, "b")
-    served = BackgroundPipeline(open_topology(path), bootstrap).start()
+    opened = open_topology(path)
+    served = BackgroundPipeline(opened, bootstrap).start()
     try:
         assert served.pipeline is not None
         stats = served.pipeline.stats
@@ -241,7 +242,9 @@ def control_run(
             r.timings.end_to_end_ms
             for r in (
                 AvroCodec().decode_result(m.value())
-                for m in read_topic(bootstrap, names["out"], backlog + steady, 120)
+                for m in read_topic(
+                    opened.topology.kafka, bootstrap, names["out"], backlog + steady, 120
+                )
             )
             if r.id.startswith("s-")
         ]

@@ -118,7 +118,12 @@ def run_scenario(plan: Plan, bootstrap: str) -> ScenarioResult:
     requests = plan.make(settings, n)
     codec = AvroCodec()
     ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic], PARTITIONS, 1)
-    produce_requests(bootstrap, topic, ((r.id.encode(), codec.encode_request(r)) for r in requests))
+    produce_requests(
+        topology.kafka,
+        bootstrap,
+        topic,
+        ((r.id.encode(), codec.encode_request(r)) for r in requests),
+    )
     print(f"   produced {n} requests", flush=True)
 
     threads = settings.options.get("intra_op_threads", "default")

@@ -92,12 +92,14 @@ def _serve(bootstrap: str, mode: str, texts: list[str], codec: AvroCodec) -> Pad
     model["preprocess"][0]["padding"] = mode
     path = Path(f"/tmp/{tag}.yaml")
     path.write_text(yaml.safe_dump(doc))
-    served = BackgroundPipeline(open_topology(path), bootstrap).start()
+    opened = open_topology(path)
+    served = BackgroundPipeline(opened, bootstrap).start()
     try:
         assert served.pipeline is not None
         stats, url = served.pipeline.stats, served.pipeline.metrics_url
         assert url is not None
         produce_requests(
+            opened.topology.kafka,
             bootstrap,
             f"{tag}-in",
             (
@@ -144,12 +146,15 @@ def image_demo_share(n: int = 300) -> tuple[float, float]:
     photos = list(sample_jpegs().values())
     with EmbeddedBroker() as broker:
         bootstrap = broker.bootstrap_servers
-        served = BackgroundPipeline(open_topology(path), bootstrap).start()
+        opened = open_topology(path)
+        kafka = opened.topology.kafka
+        served = BackgroundPipeline(opened, bootstrap).start()
         try:
             assert served.pipeline is not None
             url = served.pipeline.metrics_url
             assert url is not None
             produce_requests(
+                kafka,
                 bootstrap,
                 f"{tag}-in",
                 (
@@ -159,7 +164,7 @@ def image_demo_share(n: int = 300) -> tuple[float, float]:
             )
             results = [
                 codec.decode_result(m.value())
-                for m in read_topic(bootstrap, f"{tag}-out", count=n, timeout=300)
+                for m in read_topic(kafka, bootstrap, f"{tag}-out", count=n, timeout=300)
             ]
             s = scrape(url)
         finally:

@@ -23,8 +23,6 @@ __all__ = ["main"]
 
 log = logging.getLogger("kp-pipeline")
 
-EXIT_OK, EXIT_FAILED = ExitCode.OK, ExitCode.FAILED
-
 
 def _echo(line: str) -> None:
     print(line, flush=True)
@@ -61,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         replica_id=args.replica_id,
     )
     _echo(f"consumed {stats.consumed}, results {stats.results}, dead letters {stats.dead_letters}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -82,7 +80,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     finally:
         close_graph(graph)
     _echo(f"{args.topology}: OK")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -98,8 +96,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             if not broker.running:
                 _echo("broker exited")
-                return EXIT_FAILED
-    return EXIT_OK
+                return ExitCode.FAILED
+    return ExitCode.OK
 
 
 def cmd_models_export(args: argparse.Namespace) -> int:
@@ -113,7 +111,7 @@ def cmd_models_export(args: argparse.Namespace) -> int:
         _echo(f"kept {len(report.existing)} existing file(s) (--force rebuilds them)")
     for line in report.skipped:
         _echo(f"skipped {line}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -136,7 +134,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
     _echo(f"{'backend':<{width}}  usable  details")
     for name, target, yes_no, detail in rows:
         _echo(f"{name:<{width}}  {yes_no:<6}  {detail}  [{target}]")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _bootstrap(args: argparse.Namespace, topology: Any) -> str:
@@ -180,10 +178,13 @@ def cmd_produce(args: argparse.Namespace) -> int:
         ]
     topic = args.topic or topology.topics.input[0]
     n = produce_requests(
-        _bootstrap(args, topology), topic, ((r.id.encode(), codec.encode_request(r)) for r in reqs)
+        topology.kafka,
+        _bootstrap(args, topology),
+        topic,
+        ((r.id.encode(), codec.encode_request(r)) for r in reqs),
     )
     _echo(f"produced {n} requests to {topic}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -195,8 +196,9 @@ def cmd_results(args: argparse.Namespace) -> int:
     codec = make_codec(topology)
     topic = topology.topics.dead_letter if args.dead_letters else topology.topics.output
     n = 0
+    bootstrap = _bootstrap(args, topology)
     for msg in read_topic(
-        _bootstrap(args, topology), topic, count=args.count, timeout=args.timeout, idle=args.idle
+        topology.kafka, bootstrap, topic, count=args.count, timeout=args.timeout, idle=args.idle
     ):
         n += 1
         if args.dead_letters:
@@ -210,7 +212,7 @@ def cmd_results(args: argparse.Namespace) -> int:
             f"e2e={r.timings.end_to_end_ms:.0f}ms {outs}"
         )
     _echo(f"{n} records from {topic}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _short(v: np.ndarray[Any, Any]) -> str:

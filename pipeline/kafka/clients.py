@@ -1,4 +1,11 @@
-"""librdkafka settings for our clients, and creating the topology's topics."""
+"""librdkafka settings for our clients, and creating the topology's topics.
+
+Every Kafka client kp-pipeline makes takes its settings from here: a topology's
+`KafkaSettings` plus the bootstrap address it is run against. So the cluster's security
+(SASL, TLS) and the user's extra ``kafka.consumer``/``kafka.producer`` properties reach the
+serving loop and every command alike (``produce``, ``results``, ``replay``, ``dlq``), and
+a command cannot talk to a secured cluster differently from the pipeline it inspects.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ __all__ = [
     "consumer_config",
     "ensure_topics",
     "producer_config",
+    "reader_config",
     "replica_id",
     "transactional_id",
 ]
@@ -89,6 +97,34 @@ def consumer_config(
     if instance is not None:
         conf["group.instance.id"] = _safe(instance)
     conf.update(settings.consumer)
+    return conf
+
+
+def reader_config(
+    settings: KafkaSettings, bootstrap: str, *, group_id: str, partition_eof: bool
+) -> dict[str, Any]:
+    """Settings of an assign-only reader: the tools' reads, which join no group.
+
+    A reader (``results``, ``dlq``, replay's probe) is assigned its partitions and commits
+    nothing, so it can read a live pipeline's topics without moving its group's offsets.
+    ``group_id`` is only there because librdkafka requires one. ``partition_eof`` reports
+    each partition's end as the broker sees it in fetch responses, for readers that stop
+    there.
+
+    The user's ``kafka.consumer`` properties apply (isolation level, timeouts, what the
+    cluster needs), but not over the settings that make this a reader.
+    """
+    conf = _common(settings, bootstrap)
+    conf.update(settings.consumer)
+    conf.update(
+        {
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.partition.eof": partition_eof,
+            "auto.offset.reset": "earliest",  # a removed offset reads on from the log start
+            "fetch.wait.max.ms": 10,  # see consumer_config: an idle fetch is not held long
+        }
+    )
     return conf
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline.app import OpenTopology, make_codec, serve
+from pipeline.config.topology import KafkaSettings
 from pipeline.engine.loop import Pipeline, RunStats
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.samples import SAMPLE_TEXTS, sample_jpegs
@@ -83,6 +85,20 @@ class BackgroundPipeline:
             self._ready.set()
 
 
+@dataclass(frozen=True)
+class _Send:
+    """Sends the demo's requests to its input topic, as the topology's producer."""
+
+    codec: AvroCodec
+    kafka: KafkaSettings
+    address: str
+    topic: str
+
+    def __call__(self, requests: list[Request]) -> None:
+        encoded = [(r.id.encode(), self.codec.encode_request(r)) for r in requests]
+        produce_requests(self.kafka, self.address, self.topic, encoded)
+
+
 def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
     """Run the demo (photos, or texts when the model tokenizes); returns the exit code."""
     topology = opened.topology
@@ -99,16 +115,17 @@ def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
             f"{', '.join(topology.topics.input)} → {topology.topics.output}"
         )
         t0 = time.monotonic()
-        produce = _produce_texts if text else _produce_samples
-        produce(codec, address, topology.topics.input[0], model.name, requests, echo)
+        send = _Send(codec, topology.kafka, address, topology.topics.input[0])
+        (_produce_texts if text else _produce_samples)(send, model.name, requests, echo)
+        kafka, topics = topology.kafka, topology.topics
         results = [
             codec.decode_result(m.value())
-            for m in read_topic(address, topology.topics.output, count=requests, timeout=300)
+            for m in read_topic(kafka, address, topics.output, count=requests, timeout=300)
         ]
         elapsed = time.monotonic() - t0
         letters = [
             codec.decode_dead_letter(m.value())
-            for m in read_topic(address, topology.topics.dead_letter, count=1, timeout=30)
+            for m in read_topic(kafka, address, topics.dead_letter, count=1, timeout=30)
         ]
         stats = served.stop()
     (_report_texts if text else _report)(results, letters, show, topology.topics.dead_letter, echo)
@@ -124,15 +141,13 @@ def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
     return 0
 
 
-def _produce_texts(
-    codec: AvroCodec, address: str, topic: str, model: str, requests: int, echo: Echo
-) -> None:
+def _produce_texts(send: _Send, model: str, requests: int, echo: Echo) -> None:
     names = list(SAMPLE_TEXTS)
     good = [
         text_request(f"demo-{i:05d}-{name}", model, SAMPLE_TEXTS[name])
         for i, name in ((i, names[i % len(names)]) for i in range(requests))
     ]
-    _produce(codec, address, topic, [*good, text_request("demo-too-long", model, "kafka " * 400)])
+    send([*good, text_request("demo-too-long", model, "kafka " * 400)])
     echo(f"produced {requests} texts of mixed lengths ({len(names)} samples) and 1 too long")
 
 
@@ -157,9 +172,7 @@ def _report_texts(
     _report_tail(results, letters, show, dlq, echo)
 
 
-def _produce_samples(
-    codec: AvroCodec, address: str, topic: str, model: str, requests: int, echo: Echo
-) -> None:
+def _produce_samples(send: _Send, model: str, requests: int, echo: Echo) -> None:
     photos = sample_jpegs()
     names = list(photos)
     good = [
@@ -167,12 +180,8 @@ def _produce_samples(
         for i, photo in ((i, names[i % len(names)]) for i in range(requests))
     ]
     corrupt = image_request("demo-corrupt", model, photos[names[0]][:600])
-    _produce(codec, address, topic, [*good, corrupt])
+    send([*good, corrupt])
     echo(f"produced {requests} photo requests ({', '.join(names)}) and 1 corrupt image")
-
-
-def _produce(codec: AvroCodec, address: str, topic: str, requests: list[Request]) -> None:
-    produce_requests(address, topic, [(r.id.encode(), codec.encode_request(r)) for r in requests])
 
 
 def _report(

@@ -11,7 +11,8 @@ batching, backpressure and at-least-once commits, with three differences:
 * Results go to the replay output topic (never to a request's live reply topic) and
   dead letters to ``<output>-dead-letters``.
 
-The range comes from times (``--from``/``--to``, ISO 8601) or offsets per partition.
+The range comes from times (``--from``/``--to``, ISO 8601: `pipeline.tools.timespec`) or
+offsets per partition.
 Times become offsets here, before anything is consumed or written: the broker's
 ListOffsets-by-time answer is checked against the records themselves (the record at the
 answer is at or after the time, the one before it is not) and, where it is wrong (Tansu
@@ -23,7 +24,6 @@ assumed to be in timestamp order within a partition, which holds for broker-assi
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import signal
 import sys
@@ -36,7 +36,8 @@ from typing import Any, TextIO
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.config.topology import KafkaSettings
-from pipeline.kafka.clients import admin_config
+from pipeline.kafka.clients import reader_config
+from pipeline.tools.timespec import parse_time
 from schemas.errors import ConfigError
 from schemas.messages import Partition
 
@@ -45,7 +46,6 @@ __all__ = [
     "RangeError",
     "add_parser",
     "parse_offsets",
-    "parse_time",
     "resolve_ranges",
     "run",
 ]
@@ -55,17 +55,6 @@ log = logging.getLogger(__name__)
 
 class RangeError(ConfigError):
     """The replay range is unusable: refused before anything is read or written."""
-
-
-def parse_time(text: str, flag: str) -> int:
-    """ISO 8601 (``2026-11-20T00:00Z``, ``2026-11-20``; no zone = UTC) to epoch ms."""
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise RangeError(f"{flag}: {text!r} is not an ISO 8601 time (2026-11-20T00:00Z)") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp() * 1000)
 
 
 def parse_offsets(text: str, flag: str) -> dict[int, int] | int:
@@ -86,15 +75,7 @@ class _Probe:
     """Reads single records by offset: timestamps, and the partition's real ends."""
 
     def __init__(self, settings: KafkaSettings, bootstrap: str) -> None:
-        conf = admin_config(settings, bootstrap)
-        conf.update(
-            {
-                "group.id": "kp-replay-probe",  # required by librdkafka; assign() only
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": 10,
-            }
-        )
+        conf = reader_config(settings, bootstrap, group_id="kp-replay-probe", partition_eof=True)
         self.consumer = Consumer(conf)
 
     def close(self) -> None:

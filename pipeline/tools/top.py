@@ -6,6 +6,9 @@ shell or during a load test there is often neither. This scrapes the endpoint ev
 interval and prints what a dashboard would: rates, lag, mean batch size, p50/p99 from
 bucket deltas with PromQL's own interpolation. Plain text and ANSI clear-screen, no curses.
 The pure parts (`parse`, `compute`, `render`) are tested without a server.
+
+Exits with `schemas.errors.ExitCode`: 0 after one frame (``--once``) or Ctrl-C; 2 for a
+bad target, or an endpoint that cannot be scraped at the start (with ``--once``, at all).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from schemas.errors import ExitCode
+
 __all__ = [
     "Frame",
     "ModelRow",
@@ -38,7 +43,6 @@ __all__ = [
 ]
 
 DEFAULT_URL = "http://127.0.0.1:9464/metrics"
-EXIT_OK, EXIT_BAD = 0, 2
 SCRAPE_TIMEOUT_S = 3.0
 CONSUMED = "kp_consumed_records_total"
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
@@ -332,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         url = target_url(args.target or args.url)
     except ValueError as e:
         print(f"kp-pipeline top: bad target {args.target or args.url!r}: {e}", file=sys.stderr)
-        return EXIT_BAD
+        return ExitCode.BAD_INPUT
     color = not args.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
     try:
         prev, t0 = scrape(url), time.monotonic()
@@ -350,15 +354,15 @@ def run(args: argparse.Namespace) -> int:
             text = render(replace(compute(prev, cur, t1 - t0), source=url), width, color=color)
             if args.once:
                 print(text)
-                return EXIT_OK
+                return ExitCode.OK
             sys.stdout.write(f"{CLEAR}{text}\n")
             sys.stdout.flush()
             prev, t0 = cur, t1
     except ScrapeError as e:
         print(f"kp-pipeline top: {e}", file=sys.stderr)
-        return EXIT_BAD
+        return ExitCode.BAD_INPUT
     except KeyboardInterrupt:
-        return EXIT_OK
+        return ExitCode.OK
 
 
 def _seconds(text: str) -> float:

@@ -1,7 +1,10 @@
 """Producing requests and reading results.
 
 What the ``produce`` and ``results`` commands, the demo, the tests and the benchmarks use
-to talk to a running pipeline.
+to talk to a running pipeline. Both take the topology's `KafkaSettings` with the address,
+and build their clients in `pipeline.kafka.clients` like the pipeline does, so a secured
+cluster (SASL, TLS) is reached the same way; a plain ``KafkaSettings()`` suits a bare
+local broker.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from pipeline.config.topology import KafkaSettings
+from pipeline.kafka.clients import producer_config, reader_config
 from schemas.errors import BrokerError
 from schemas.messages import Request
 
@@ -39,14 +44,18 @@ def tensor_request(
 
 
 def produce_requests(
+    settings: KafkaSettings,
     bootstrap: str,
     topic: str,
     requests: Iterable[tuple[bytes | None, bytes]],
-    extra: dict[str, Any] | None = None,
     timeout: float = 60.0,
 ) -> int:
-    """Produce (key, value) pairs and wait until the broker has acknowledged all of them."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, **(extra or {})})
+    """Produce (key, value) pairs and wait until the broker has acknowledged all of them.
+
+    The producer is the topology's (`producer_config`): idempotent, so a retry through a
+    broker hiccup does not send a request twice.
+    """
+    producer = Producer(producer_config(settings, bootstrap))
     failures: list[str] = []
 
     def on_delivery(err: Any, _msg: Any) -> None:
@@ -70,26 +79,21 @@ def produce_requests(
 
 
 def read_topic(
+    settings: KafkaSettings,
     bootstrap: str,
     topic: str,
     count: int | None = None,
     timeout: float = 30.0,
     idle: float | None = None,
-    extra: dict[str, Any] | None = None,
 ) -> Iterator[Any]:
     """Yield records of every partition of ``topic`` from the beginning, without a group.
 
     Stops after ``count`` records, after ``timeout`` seconds, or after ``idle`` seconds
-    without a record. Reads through assign(), so it commits nothing and joins no group.
+    without a record. Reads through assign() (`reader_config`), so it commits nothing and
+    joins no group; ``settings.consumer`` may set e.g. the isolation level.
     """
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "kp-reader",  # required by librdkafka; unused with assign()
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-            **(extra or {}),
-        }
+        reader_config(settings, bootstrap, group_id="kp-reader", partition_eof=False)
     )
     try:
         meta = consumer.list_topics(topic, timeout=10)

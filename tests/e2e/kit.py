@@ -18,6 +18,7 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.app import open_topology
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.demo import BackgroundPipeline
 from pipeline.tools.traffic import produce_requests, read_topic, tensor_request
@@ -109,6 +110,7 @@ def produce_tiny(
     codec = AvroCodec()
     ids = [f"{prefix}-{first + i}" for i in range(len(vectors))]
     produce_requests(
+        KafkaSettings(),
         broker.bootstrap_servers,
         topic,
         (
@@ -170,7 +172,9 @@ class PacedProducer:
 
 
 def read_all(broker: EmbeddedBroker, topic: str, count: int, timeout: float = 60) -> list[Any]:
-    return list(read_topic(broker.bootstrap_servers, topic, count=count, timeout=timeout))
+    return list(
+        read_topic(KafkaSettings(), broker.bootstrap_servers, topic, count=count, timeout=timeout)
+    )
 
 
 def end_offsets(broker: Any, topic: str) -> dict[int, int]:
@@ -180,8 +184,8 @@ def end_offsets(broker: Any, topic: str) -> dict[int, int]:
     records are the reliable source.
     """
     ends: dict[int, int] = {}
-    settings = getattr(broker, "client_settings", {})
-    for msg in read_topic(broker.bootstrap_servers, topic, timeout=30, idle=1.5, extra=settings):
+    reader = KafkaSettings(consumer=getattr(broker, "client_settings", {}))
+    for msg in read_topic(reader, broker.bootstrap_servers, topic, timeout=30, idle=1.5):
         ends[msg.partition()] = max(ends.get(msg.partition(), 0), msg.offset() + 1)
     return ends
 

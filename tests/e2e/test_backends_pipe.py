@@ -29,6 +29,7 @@ from e2e.kit import (
     wait_for,
 )
 
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.samples import SAMPLES, sample_jpegs
 from pipeline.tools.traffic import image_request, produce_requests, tensor_request
@@ -94,7 +95,7 @@ def test_the_tiny_mlp_in_every_format_gives_the_reference_numbers(
             records.append(
                 (rid.encode(), codec.encode_request(tensor_request(rid, name, {"x": v})))
             )
-    produce_requests(broker.bootstrap_servers, topics.input, records)
+    produce_requests(KafkaSettings(), broker.bootstrap_servers, topics.input, records)
 
     served = start_background(topology, broker)
     msgs = read_all(broker, topics.output, count=len(records), timeout=120)
@@ -152,7 +153,7 @@ def test_efficientnet_in_onnx_torchscript_and_torch_export_agree(
         for name in formats
         for rid in [f"{name}/{s.name}"]
     ]
-    produce_requests(broker.bootstrap_servers, topics.input, records)
+    produce_requests(KafkaSettings(), broker.bootstrap_servers, topics.input, records)
 
     served = start_background(topology, broker)
     msgs = read_all(broker, topics.output, count=len(records), timeout=120)
@@ -189,6 +190,7 @@ def test_two_instances_both_take_batches_under_a_backlog(
     codec = AvroCodec()
     vectors = tiny_vectors(n, seed=5)
     produce_requests(
+        KafkaSettings(),
         broker.bootstrap_servers,
         topics.input,
         (
@@ -285,6 +287,7 @@ def test_a_backend_from_an_installed_package_is_found_and_serves(
     codec = AvroCodec()
     x = np.arange(40, dtype=np.float32).reshape(10, 4)
     produce_requests(
+        KafkaSettings(),
         broker.bootstrap_servers,
         topics.input,
         (

@@ -49,6 +49,7 @@ from e2e.kit import (
     write_tiny_topology,
 )
 
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.clients import ensure_topics
 from pipeline.tools.traffic import read_topic, tensor_request
 from schemas.codec import AvroCodec
@@ -134,7 +135,7 @@ def _input_copies(broker: TansuS3Broker, topic: str) -> collections.Counter[str]
     codec = AvroCodec()
     return collections.Counter(
         codec.decode_request(m.value()).id
-        for m in read_topic(broker.bootstrap_servers, topic, timeout=60, idle=2)
+        for m in read_topic(KafkaSettings(), broker.bootstrap_servers, topic, timeout=60, idle=2)
     )
 
 
@@ -176,11 +177,15 @@ def _stalled(
     pipeline (this test failed once in CI, and never in 25 runs here)."""
     missing = sorted({f"r-{i}" for i in range(N)} - counter.ids, key=lambda s: int(s[2:]))
     codec = AvroCodec()
-    output = read_topic(broker.bootstrap_servers, topics.output, timeout=60, idle=2)
+    output = read_topic(
+        KafkaSettings(), broker.bootstrap_servers, topics.output, timeout=60, idle=2
+    )
     missing_in_output = set(missing) & {codec.decode_result(m.value()).id for m in output}
     where: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
     offsets: collections.Counter[tuple[int, int]] = collections.Counter()
-    for m in read_topic(broker.bootstrap_servers, topics.input, timeout=60, idle=2):
+    for m in read_topic(
+        KafkaSettings(), broker.bootstrap_servers, topics.input, timeout=60, idle=2
+    ):
         offsets[(m.partition(), m.offset())] += 1
         where[codec.decode_request(m.value()).id].append((m.partition(), m.offset()))
     try:

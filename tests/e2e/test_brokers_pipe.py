@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient
 from e2e.brokers import NoidaBroker, TansuS3Broker
 
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import ensure_topics
 from pipeline.tools.traffic import read_topic
@@ -137,12 +138,10 @@ class Kafka:
 
     def values(self, topic: str, isolation: str, count: int | None = None) -> list[bytes]:
         """Every value in ``topic`` as a reader with this isolation level sees it."""
-        extra = {**self.settings, "isolation.level": isolation}
+        reader = KafkaSettings(consumer={**self.settings, "isolation.level": isolation})
         return [
             m.value()
-            for m in read_topic(
-                self.bootstrap, topic, count=count, timeout=20, idle=1.5, extra=extra
-            )
+            for m in read_topic(reader, self.bootstrap, topic, count=count, timeout=20, idle=1.5)
         ]
 
     def close(self) -> None:
@@ -496,7 +495,11 @@ def test_records_and_committed_offsets_survive_a_broker_kill(restartable: Any) -
         before = sorted(
             (m.partition(), m.offset(), m.value())
             for m in read_topic(
-                kafka.bootstrap, topic, count=1000, timeout=20, extra=kafka.settings
+                KafkaSettings(consumer=kafka.settings),
+                kafka.bootstrap,
+                topic,
+                count=1000,
+                timeout=20,
             )
         )
         assert len(before) == 1000
@@ -509,7 +512,12 @@ def test_records_and_committed_offsets_survive_a_broker_kill(restartable: Any) -
         after = sorted(
             (m.partition(), m.offset(), m.value())
             for m in read_topic(
-                kafka.bootstrap, topic, count=1000, timeout=20, idle=3, extra=kafka.settings
+                KafkaSettings(consumer=kafka.settings),
+                kafka.bootstrap,
+                topic,
+                count=1000,
+                timeout=20,
+                idle=3,
             )
         )
         assert after == before, f"{len(after)} of {len(before)} records after the restart"
@@ -524,7 +532,12 @@ def test_records_and_committed_offsets_survive_a_broker_kill(restartable: Any) -
         newest = [
             m
             for m in read_topic(
-                kafka.bootstrap, topic, count=1001, timeout=20, idle=3, extra=kafka.settings
+                KafkaSettings(consumer=kafka.settings),
+                kafka.bootstrap,
+                topic,
+                count=1001,
+                timeout=20,
+                idle=3,
             )
             if m.value() == b"new"
         ]
@@ -597,7 +610,9 @@ def _write_through_a_kill(
         writer.join(30)
     stored = {
         m.value()
-        for m in read_topic(kafka.bootstrap, topic, timeout=60, idle=2, extra=kafka.settings)
+        for m in read_topic(
+            KafkaSettings(consumer=kafka.settings), kafka.bootstrap, topic, timeout=60, idle=2
+        )
     }
     return acked, failed, stored
 

@@ -33,6 +33,7 @@ from e2e.kit import (
 from e2e.prometheus import ALERTS, DEPLOY, JOB, Prometheus, free_port
 
 from pipeline.app import open_topology
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import ensure_topics
 from pipeline.observability import metrics
@@ -155,12 +156,12 @@ def _traffic(broker: EmbeddedBroker, topics: Topics) -> dict[str, int]:
     produce_tiny(broker, topics.input, tiny_vectors(BACKLOG, seed=1), prefix="backlog")
     poison: list[tuple[bytes | None, bytes]] = [(b"garbage", b"\x00\xff not avro")] * 20
     poison += [(b"unknown", unknown), (b"wrong-shape", wrong_shape)]
-    produce_requests(broker.bootstrap_servers, topics.input, poison * 2)
+    produce_requests(KafkaSettings(), broker.bootstrap_servers, topics.input, poison * 2)
     for i in range(ROUNDS):
         t0 = time.monotonic()
         produce_tiny(broker, topics.input, tiny_vectors(PER_ROUND, seed=10 + i), prefix=f"s{i}")
         garbage = [(b"garbage", b"\x00\xff not avro")] * GARBAGE_PER_ROUND
-        produce_requests(broker.bootstrap_servers, topics.input, garbage)
+        produce_requests(KafkaSettings(), broker.bootstrap_servers, topics.input, garbage)
         time.sleep(max(0.0, 0.5 - (time.monotonic() - t0)))
     return {
         "good": BACKLOG + ROUNDS * PER_ROUND,

@@ -31,6 +31,7 @@ from e2e.kit import (
     write_tiny_topology,
 )
 
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.traffic import produce_requests, read_topic, tensor_request
 from schemas.codec import AvroCodec, load_schema
@@ -73,7 +74,7 @@ def _source_headers(broker: EmbeddedBroker, topic: str) -> dict[tuple[int, int],
     """The headers of every record of ``topic`` by (partition, offset)."""
     return {
         (m.partition(), m.offset()): dict(m.headers() or [])
-        for m in read_topic(broker.bootstrap_servers, topic, timeout=30, idle=2)
+        for m in read_topic(KafkaSettings(), broker.bootstrap_servers, topic, timeout=30, idle=2)
     }
 
 
@@ -89,7 +90,10 @@ def test_inspect_lists_exactly_the_dead_letters_and_redriven_ones_come_back_mark
         **{f"short-{i}": (_request(f"short-{i}", "tiny-mlp", 32), "bad_tensor") for i in range(5)},
     }
     produce_requests(
-        broker.bootstrap_servers, topics.input, ((k.encode(), v) for k, (v, _) in bad.items())
+        KafkaSettings(),
+        broker.bootstrap_servers,
+        topics.input,
+        ((k.encode(), v) for k, (v, _) in bad.items()),
     )
     stats = _serve(tiny_topology, broker, topics, 40, 12)
     assert (stats.consumed, stats.results, stats.dead_letters) == (52, 40, 12)
@@ -101,7 +105,9 @@ def test_inspect_lists_exactly_the_dead_letters_and_redriven_ones_come_back_mark
     assert {r["id"] for r in rows} == {None} | {k for k in bad if not k.startswith("junk")}
     inputs = {
         (m.partition(), m.offset()): m.key().decode()
-        for m in read_topic(broker.bootstrap_servers, topics.input, timeout=30, idle=2)
+        for m in read_topic(
+            KafkaSettings(), broker.bootstrap_servers, topics.input, timeout=30, idle=2
+        )
     }
     for r in rows:  # each points at the very record that failed
         assert r["source"]["topic"] == topics.input
@@ -183,7 +189,16 @@ def test_inspect_lists_exactly_the_dead_letters_and_redriven_ones_come_back_mark
         x.split()[-1] for x in plan.stdout.splitlines() if "bad_tensor" in x and "/" in x
     )
     assert counts == {"1": 5}  # each first failure would go out as its first redrive
-    assert len(list(read_topic(broker.bootstrap_servers, topics.input, timeout=30, idle=2))) == 61
+    assert (
+        len(
+            list(
+                read_topic(
+                    KafkaSettings(), broker.bootstrap_servers, topics.input, timeout=30, idle=2
+                )
+            )
+        )
+        == 61
+    )
 
 
 def test_a_fix_then_a_redrive_serves_every_request(
@@ -199,6 +214,7 @@ def test_a_fix_then_a_redrive_serves_every_request(
     served_v1 = produce_tiny(broker, topics.input, tiny_vectors(30), prefix="v1")
     wants_v2 = [f"v2-{i}" for i in range(20)]
     produce_requests(
+        KafkaSettings(),
         broker.bootstrap_servers,
         topics.input,
         ((rid.encode(), _request(rid, "tiny-mlp", version="2")) for rid in wants_v2),
@@ -220,7 +236,17 @@ def test_a_fix_then_a_redrive_serves_every_request(
     assert Counter(r.id for r in results) == Counter([*served_v1, *wants_v2])  # each once
     assert {r.model_version for r in results if r.id.startswith("v2-")} == {"2"}
     assert (
-        len(list(read_topic(broker.bootstrap_servers, topics.dead_letter, timeout=30, idle=2)))
+        len(
+            list(
+                read_topic(
+                    KafkaSettings(),
+                    broker.bootstrap_servers,
+                    topics.dead_letter,
+                    timeout=30,
+                    idle=2,
+                )
+            )
+        )
         == 20
     )
 
@@ -229,7 +255,10 @@ def test_refusals_and_errors_on_the_real_broker(
     broker: EmbeddedBroker, topics: Topics, tiny_topology: Path, tmp_path: Path
 ) -> None:
     produce_requests(
-        broker.bootstrap_servers, topics.input, [(b"nope-0", _request("nope-0", "nope"))]
+        KafkaSettings(),
+        broker.bootstrap_servers,
+        topics.input,
+        [(b"nope-0", _request("nope-0", "nope"))],
     )
     _serve(tiny_topology, broker, topics, 0, 1)
     # What the pipeline writes when a dead letter with the bytes is too large for its topic.
@@ -238,7 +267,10 @@ def test_refusals_and_errors_on_the_real_broker(
     ]
     big = dataclasses.replace(letter, payload=b"", id="big")
     produce_requests(
-        broker.bootstrap_servers, topics.dead_letter, [(b"big", CODEC.encode_dead_letter(big))]
+        KafkaSettings(),
+        broker.bootstrap_servers,
+        topics.dead_letter,
+        [(b"big", CODEC.encode_dead_letter(big))],
     )
 
     sent = _dlq(
@@ -341,6 +373,7 @@ def test_a_registry_topology_decodes_its_framed_dead_letters(
     )
     ids = [f"nope-{i}" for i in range(3)]
     produce_requests(
+        KafkaSettings(),
         broker.bootstrap_servers,
         topics.input,
         (

@@ -18,6 +18,7 @@ from e2e.kit import (
 )
 
 from load.faust_app import FaustWorkerThread, make_app
+from pipeline.config.topology import KafkaSettings
 from pipeline.integrations.faust import DeliveryError, KpFaustModel, attach
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.serving.outcomes import Outcome
@@ -49,7 +50,7 @@ def test_every_request_gets_one_correct_result_and_poison_a_dead_letter(
             tensor_request("wrong-shape", "tiny-mlp", {"x": vectors[0][:63]})
         ),
     }
-    produce_requests(broker.bootstrap_servers, topics.input, list(poison.items()))
+    produce_requests(KafkaSettings(), broker.bootstrap_servers, topics.input, list(poison.items()))
 
     with KpFaustModel.from_topology(tiny_topology) as model:
         worker = start(model, broker, topics, tmp_path)

@@ -31,6 +31,7 @@ from e2e.kit import (
 )
 
 from pipeline.config.loader import load_topology
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.serving.routing import ModelRoute, Router
 from pipeline.tools.traffic import produce_requests, read_topic, tensor_request
@@ -185,14 +186,16 @@ def test_fuzzed_records_are_dead_letters_and_the_pipeline_stays_up(
     assert all(expected[key] == "batched" for key, _ in records if key not in fuzzed)
     # The 1 MiB value is over the producer's default message.max.bytes (1,000,000).
     produce_requests(
+        KafkaSettings(producer={"message.max.bytes": 2 * GARBAGE_SIZE}),
         broker.bootstrap_servers,
         topics.input,
         records,  # a None value is a tombstone
-        extra={"message.max.bytes": 2 * GARBAGE_SIZE},
     )
     by_source = {
         (m.partition(), m.offset()): m.key()
-        for m in read_topic(broker.bootstrap_servers, topics.input, count=len(records))
+        for m in read_topic(
+            KafkaSettings(), broker.bootstrap_servers, topics.input, count=len(records)
+        )
     }
     assert sorted(by_source.values()) == sorted(key for key, _ in records)
     ends: dict[int, int] = {}
@@ -217,11 +220,15 @@ def test_fuzzed_records_are_dead_letters_and_the_pipeline_stays_up(
 
     results = [
         CODEC.decode_result(m.value())
-        for m in read_topic(broker.bootstrap_servers, topics.output, timeout=30, idle=1.5)
+        for m in read_topic(
+            KafkaSettings(), broker.bootstrap_servers, topics.output, timeout=30, idle=1.5
+        )
     ]
     letters = [
         CODEC.decode_dead_letter(m.value())
-        for m in read_topic(broker.bootstrap_servers, topics.dead_letter, timeout=30, idle=1.5)
+        for m in read_topic(
+            KafkaSettings(), broker.bootstrap_servers, topics.dead_letter, timeout=30, idle=1.5
+        )
     ]
     outcomes = Counter(by_source[(r.partition, r.offset)] for r in results)
     outcomes.update(by_source[(d.partition, d.offset)] for d in letters)
@@ -281,10 +288,10 @@ def test_a_poison_record_is_a_dead_letter_not_a_crash(
     ]
     records = [*valid[:20], (b"poison", poison()), *valid[20:]]
     produce_requests(
+        KafkaSettings(producer={"message.max.bytes": 2 * GARBAGE_SIZE}),
         broker.bootstrap_servers,
         topics.input,
         records,
-        extra={"message.max.bytes": 2 * GARBAGE_SIZE},
     )
     ends = end_offsets(broker, topics.input)
     topology = write_tiny_topology(tmp_path / "tiny.yaml", topics)
@@ -309,5 +316,9 @@ def test_a_poison_record_is_a_dead_letter_not_a_crash(
     finally:
         code = terminate(proc)
     assert code == 0
-    letters = list(read_topic(broker.bootstrap_servers, topics.dead_letter, count=1, timeout=10))
+    letters = list(
+        read_topic(
+            KafkaSettings(), broker.bootstrap_servers, topics.dead_letter, count=1, timeout=10
+        )
+    )
     assert [m.key() for m in letters] == [b"poison"]

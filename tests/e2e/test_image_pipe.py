@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from e2e.kit import MODELS, ROOT, Topics, committed_offsets, end_offsets, read_all, start_background
 
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.samples import SAMPLES, sample_jpegs
 from pipeline.tools.traffic import image_request, produce_requests
@@ -69,7 +70,7 @@ def test_known_photos_get_their_class(
             )
     truncated = image_request("truncated", "efficientnet-lite0", photos["cat"][:500])
     records.append((b"truncated", codec.encode_request(truncated)))
-    produce_requests(broker.bootstrap_servers, topics.input, records)
+    produce_requests(KafkaSettings(), broker.bootstrap_servers, topics.input, records)
 
     served = start_background(_demo_topology(tmp_path, topics, chain), broker)
     results = [codec.decode_result(m.value()) for m in read_all(broker, topics.output, 9)]

@@ -23,6 +23,7 @@ import numpy as np
 from e2e.kit import Topics, spawn_run, wait_for
 
 from load.backlog import scrape
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker, free_port
 from pipeline.tools.traffic import produce_requests, read_topic, tensor_request
 from schemas.codec import AvroCodec
@@ -171,13 +172,13 @@ def test_poison_requests_alone_become_dead_letters_and_the_rest_are_served(
         )
     )
     records, expect = _requests(random.Random(2026), int(time.time() * 1000))
-    produce_requests(broker.bootstrap_servers, topics.input, records)
+    produce_requests(KafkaSettings(), broker.bootstrap_servers, topics.input, records)
     samples = _serve(topology, broker, tmp_path / "run.log")
 
     # Read everything there is, duplicates included: each id must appear exactly once.
     codec, bootstrap = AvroCodec(), broker.bootstrap_servers
-    out = read_topic(bootstrap, topics.output, timeout=60, idle=2)
-    dlq = read_topic(bootstrap, topics.dead_letter, timeout=60, idle=2)
+    out = read_topic(KafkaSettings(), bootstrap, topics.output, timeout=60, idle=2)
+    dlq = read_topic(KafkaSettings(), bootstrap, topics.dead_letter, timeout=60, idle=2)
     _check_letters([codec.decode_dead_letter(m.value()) for m in dlq], expect["bad"])
     sizes = _check_results([codec.decode_result(m.value()) for m in out], expect)
     assert any(size < 16 for size in sizes)  # rows served from halves of poisoned batches

@@ -25,6 +25,7 @@ from e2e.kit import (
 )
 
 from load.backlog import free_port, scrape, total
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.traffic import read_topic, tensor_request
 from schemas.codec import AvroCodec
@@ -52,7 +53,7 @@ def _replay(topology: Path, broker: EmbeddedBroker, *args: str) -> subprocess.Co
 
 def _all_ids(broker: EmbeddedBroker, topic: str) -> list[str]:
     """Every result id in ``topic`` (read until 3 s pass without a record)."""
-    records = read_topic(broker.bootstrap_servers, topic, timeout=120, idle=3)
+    records = read_topic(KafkaSettings(), broker.bootstrap_servers, topic, timeout=120, idle=3)
     return [CODEC.decode_result(m.value()).id for m in records]
 
 

@@ -16,6 +16,7 @@ from e2e.kit import (
     write_tiny_topology,
 )
 
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.traffic import produce_requests, tensor_request
 from pipeline.tools.zoo import tiny_mlp_reference
@@ -83,7 +84,7 @@ def test_poison_goes_to_dead_letters_and_the_rest_flows(
         if i % 50 == 25:  # poison in the middle of batches, every partition keeps flowing
             name = list(poison)[i // 50]
             records.append((name.encode(), poison[name]))
-    produce_requests(broker.bootstrap_servers, topics.input, records)
+    produce_requests(KafkaSettings(), broker.bootstrap_servers, topics.input, records)
 
     served = start_background(tiny_topology, broker)
     results = [codec.decode_result(m.value()) for m in read_all(broker, topics.output, 200)]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from e2e.kit import ROOT, Topics, read_all, start_background
 
+from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.samples import mixed_texts
 from pipeline.tools.traffic import image_request, produce_requests, text_request
@@ -84,7 +85,7 @@ def test_every_embedding_equals_its_text_alone(
     not_utf8 = image_request("bytes", "minilm-l6", b"\xff\xfe\xfa", input_name="text")
     records.append((b"bytes", codec.encode_request(not_utf8)))
     try:
-        produce_requests(broker.bootstrap_servers, topics.input, records)
+        produce_requests(KafkaSettings(), broker.bootstrap_servers, topics.input, records)
         results = [codec.decode_result(m.value()) for m in read_all(broker, topics.output, 80)]
         letters = [
             codec.decode_dead_letter(m.value()) for m in read_all(broker, topics.dead_letter, 2)

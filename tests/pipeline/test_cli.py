@@ -1,10 +1,13 @@
-"""The command line: exit codes and messages a user sees for good and bad topologies."""
+"""The command line: exit codes and messages a user sees for good and bad topologies, and
+the cluster settings every command that talks to Kafka takes from its topology."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from pipeline.cli import main
@@ -114,3 +117,90 @@ def test_a_gpu_the_runtime_cannot_see_is_refused_naming_the_model(
     assert (
         "models[0] (tiny-mlp): device 'cuda:0': onnxruntime (no CUDA provider) sees no CUDA" in err
     )
+
+
+# -- every command reaches a secured cluster -------------------------------------------------
+
+SECURED = """  bootstrap_servers: broker.example:9093
+  security:
+    protocol: SASL_SSL
+    sasl_mechanism: PLAIN
+    sasl_username: u
+    sasl_password: p
+    ssl_ca_location: /x
+  producer:
+    compression.type: lz4
+"""
+READERS = (
+    "pipeline.tools.traffic.Consumer",
+    "pipeline.tools.replay.Consumer",
+    "pipeline.tools.dlq.reading.Consumer",
+)
+PRODUCERS = ("pipeline.tools.traffic.Producer",)
+
+
+class RefusedError(Exception):
+    """Raised by a recorded client: the command stops at its first Kafka client."""
+
+
+@pytest.fixture
+def clients(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+    """Every Consumer and Producer the commands make records its settings, then refuses."""
+    made: list[tuple[str, dict[str, Any]]] = []
+
+    def recorder(kind: str) -> Any:
+        def record(conf: dict[str, Any], **_: Any) -> Any:
+            made.append((kind, dict(conf)))
+            raise RefusedError
+
+        return record
+
+    for target in READERS:
+        monkeypatch.setattr(target, recorder("consumer"))
+    for target in PRODUCERS:
+        monkeypatch.setattr(target, recorder("producer"))
+    return made
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("results", "{topology}"),
+        ("results", "{topology}", "--dead-letters"),
+        ("produce", "{topology}", "--tensor", "x={tensor}"),
+        ("replay", "{topology}", "--output", "replayed", "--no-progress"),
+        ("dlq", "inspect", "{topology}"),
+        ("dlq", "redrive", "{topology}", "--all", "--yes"),
+    ],
+    ids=["results", "results-dead-letters", "produce", "replay", "dlq-inspect", "dlq-redrive"],
+)
+def test_commands_reach_the_cluster_with_the_topologys_security_and_client_settings(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    clients: list[tuple[str, dict[str, Any]]],
+    argv: tuple[str, ...],
+) -> None:
+    monkeypatch.delenv("KP_BOOTSTRAP", raising=False)
+    line = "  bootstrap_servers: ${KP_BOOTSTRAP:-embedded}\n"
+    assert line in TINY
+    text = TINY.replace(line, SECURED).replace(
+        "    session.timeout.ms:", "    client.rack: rack-1\n    session.timeout.ms:"
+    )
+    topology = _write(tmp_path, text)
+    np.save(tmp_path / "x.npy", np.zeros(64, np.float32))
+    given = [a.format(topology=topology, tensor=tmp_path / "x.npy") for a in argv]
+    with pytest.raises(RefusedError):
+        main(given)
+    [(kind, conf)] = clients
+    assert conf["bootstrap.servers"] == "broker.example:9093"
+    assert conf["security.protocol"] == "SASL_SSL"
+    assert conf["sasl.mechanism"] == "PLAIN"
+    assert (conf["sasl.username"], conf["sasl.password"]) == ("u", "p")
+    assert conf["ssl.ca.location"] == "/x"
+    if kind == "consumer":  # the topology's kafka.consumer, on a reader that commits nothing
+        assert conf["client.rack"] == "rack-1"
+        assert conf["enable.auto.commit"] is False
+        assert "compression.type" not in conf
+    else:
+        assert conf["compression.type"] == "lz4"
+        assert "client.rack" not in conf

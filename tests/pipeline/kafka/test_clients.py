@@ -1,4 +1,5 @@
-"""librdkafka settings: what delivery depends on is set, and the user's settings win."""
+"""librdkafka settings: what delivery depends on is set, the user's settings win, and
+every client (group consumer, reader, producer, admin) carries the cluster's security."""
 
 from __future__ import annotations
 
@@ -6,8 +7,27 @@ import socket
 
 import pytest
 
-from pipeline.config.topology import KafkaSettings
-from pipeline.kafka.clients import consumer_config, producer_config, replica_id, transactional_id
+from pipeline.config.topology import KafkaSettings, SecuritySettings
+from pipeline.kafka.clients import (
+    admin_config,
+    consumer_config,
+    producer_config,
+    reader_config,
+    replica_id,
+    transactional_id,
+)
+
+SECURE = KafkaSettings(
+    security=SecuritySettings(
+        protocol="SASL_SSL",
+        sasl_mechanism="PLAIN",
+        sasl_username="u",
+        sasl_password="p",
+        ssl_ca_location="/x",
+    ),
+    consumer={"isolation.level": "read_uncommitted", "enable.auto.commit": True},
+    producer={"compression.type": "lz4"},
+)
 
 
 def test_consumers_rebalance_cooperatively_and_read_only_committed_requests() -> None:
@@ -31,6 +51,41 @@ def test_only_exactly_once_producers_are_transactional() -> None:
     assert "transactional.id" not in plain
     txn = producer_config(KafkaSettings(transaction_timeout_ms=5000), "b:9092", "g-r1")
     assert (txn["transactional.id"], txn["transaction.timeout.ms"]) == ("g-r1", 5000)
+
+
+def test_every_client_carries_the_clusters_security() -> None:
+    for conf in (
+        consumer_config(SECURE, "b:9093", embedded=False),
+        reader_config(SECURE, "b:9093", group_id="kp-reader", partition_eof=False),
+        producer_config(SECURE, "b:9093"),
+        admin_config(SECURE, "b:9093"),
+    ):
+        assert conf["bootstrap.servers"] == "b:9093"
+        assert conf["security.protocol"] == "SASL_SSL"
+        assert (conf["sasl.mechanism"], conf["sasl.username"], conf["sasl.password"]) == (
+            "PLAIN",
+            "u",
+            "p",
+        )
+        assert conf["ssl.ca.location"] == "/x"
+
+
+def test_a_reader_takes_the_users_consumer_settings_but_never_commits() -> None:
+    conf = reader_config(SECURE, "b:9093", group_id="kp-dlq", partition_eof=True)
+    assert conf["isolation.level"] == "read_uncommitted"  # the user's, applied
+    assert conf["enable.auto.commit"] is False  # the user's True would commit: not applied
+    assert (conf["group.id"], conf["enable.partition.eof"]) == ("kp-dlq", True)
+    assert (conf["auto.offset.reset"], conf["fetch.wait.max.ms"]) == ("earliest", 10)
+    assert "compression.type" not in conf
+    plain = reader_config(KafkaSettings(), "b:9092", group_id="kp-reader", partition_eof=False)
+    assert plain["enable.partition.eof"] is False
+    assert plain["security.protocol"] == "PLAINTEXT"
+    assert "sasl.username" not in plain
+
+
+def test_the_producer_takes_the_users_producer_settings() -> None:
+    assert producer_config(SECURE, "b:9093")["compression.type"] == "lz4"
+    assert "isolation.level" not in producer_config(SECURE, "b:9093")
 
 
 def test_the_replica_id_comes_from_the_flag_then_the_environment_then_the_host(

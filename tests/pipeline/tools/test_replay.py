@@ -1,4 +1,7 @@
-"""Replay ranges: times and offsets parsed, offsets found by time on any broker, progress."""
+"""Replay ranges: offsets parsed, offsets found by time on any broker, progress.
+
+The times themselves are parsed by `pipeline.tools.timespec` (test_timespec.py).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +13,7 @@ from confluent_kafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.tools.replay import Progress, RangeError, _Probe, parse_offsets, parse_time
-
-
-def test_times_are_iso_8601_and_default_to_utc() -> None:
-    assert parse_time("2026-11-20T00:00Z", "--from") == 1_795_132_800_000
-    assert parse_time("2026-11-20", "--from") == 1_795_132_800_000
-    assert parse_time("2026-11-20T01:00+01:00", "--from") == 1_795_132_800_000
-    with pytest.raises(RangeError, match="--to: 'yesterday' is not an ISO 8601 time"):
-        parse_time("yesterday", "--to")
+from pipeline.tools.replay import Progress, RangeError, _Probe, parse_offsets
 
 
 def test_offsets_per_partition_or_for_all() -> None:

@@ -16,6 +16,7 @@ from prometheus_client import generate_latest
 from pipeline.observability.metrics import Metrics
 from pipeline.tools import top
 from pipeline.tools.top import Snapshot, compute, histogram_quantile, parse, render
+from schemas.errors import ExitCode
 
 INF = math.inf
 
@@ -335,7 +336,7 @@ def test_once_scrapes_twice_and_prints_one_frame(
     address = serve(body)
     args = _args(address, "--once", "--interval", "0.2", "--no-color")
     assert args.func is top.run
-    assert args.func(args) == 0
+    assert args.func(args) == ExitCode.OK
     out = capsys.readouterr().out
     assert f"http://{address}/metrics" in out.splitlines()[0]
     part1 = next(line for line in out.splitlines() if line.startswith("requests") and " 1 " in line)
@@ -433,3 +434,15 @@ def test_defaults_and_interval_validation(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         _args("--interval", "0")
     assert "must be > 0" in capsys.readouterr().err
+
+
+def test_a_bad_target_or_an_endpoint_that_is_not_there_is_bad_input(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert top.run(_args("host:port")) == ExitCode.BAD_INPUT
+    assert "kp-pipeline top: bad target 'host:port'" in capsys.readouterr().err
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert top.run(_args(f"127.0.0.1:{port}", "--once")) == ExitCode.BAD_INPUT
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err

@@ -1,63 +1,47 @@
-"""``kp-pipeline dlq``: find dead letters and show them (``dlq inspect``).
+"""Reading the dead-letter topic, and choosing dead letters: what both ``dlq`` commands share.
 
-Both ``dlq`` subcommands start the same way: open the topology, read its dead-letter
-topic, and keep the dead letters that ``--reason``, ``--model``, ``--id``, ``--since``,
-``--until`` and ``--offsets`` choose. That shared half lives here, with ``inspect``, which
-only shows what it read; `pipeline.tools.redrive` builds ``dlq redrive`` on it. This module
-registers both subcommands, so the command line stays one ``dlq`` command.
-
-A dead letter (`pipeline.serving.outcomes.OutcomeEncoder.dead_letter`) keeps the request's bytes,
-its key and the position it was read from, so a request that failed for a reason that has
-since been fixed (a model not served yet, a bad deploy) can be *redriven*: its original
-bytes are produced again, with its key, to the topic it came from (`pipeline.tools.redrive`).
+``dlq inspect`` and ``dlq redrive`` start the same way: open the topology, read its
+dead-letter topic, and keep the dead letters that ``--reason``, ``--model``, ``--id``,
+``--since``, ``--until`` and ``--offsets`` choose (`Selection`). That half lives here, so
+`pipeline.tools.dlq.inspect` (which only shows) and `pipeline.tools.dlq.redrive` (which
+writes) both build on it and neither on the other.
 
 Reading. The dead-letter topic is read with assign() (no consumer group, nothing
-committed), from the beginning to the end of each partition as the broker reports it in
-fetch responses (``enable.partition.eof``); ListOffsets is not used, because Tansu's
-high watermark there is wrong. A record that is not a dead letter is counted, not fatal.
-Dead letters written in transactions (``delivery: exactly_once``) are read committed
-only (librdkafka's default isolation).
-
-Exit codes follow `pipeline.cli`: ``inspect`` exits 0 done, 1 the broker failed, 2 a bad
-command line or topology or a missing topic; ``redrive``'s are in `pipeline.tools.redrive`.
+committed: `pipeline.kafka.clients.reader_config`), from the beginning to the end of each
+partition as the broker reports it in fetch responses (``enable.partition.eof``);
+ListOffsets is not used, because Tansu's high watermark there is wrong. A record that is
+not a dead letter is counted, not fatal. Dead letters written in transactions
+(``delivery: exactly_once``) are read committed only (librdkafka's default isolation).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import datetime as dt
 import fnmatch
-import json
 import re
-import shutil
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from pipeline.config.topology import KafkaSettings
-from pipeline.kafka.clients import admin_config
-from pipeline.tools.replay import RangeError, parse_time
+from pipeline.kafka.clients import reader_config
+from pipeline.tools.timespec import TimeError, parse_time
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerError, ConfigError, describe
 from schemas.messages import DeadLetter
 
 __all__ = [
-    "EXIT_OK",
     "READ_TIMEOUT_S",
     "DlqContext",
     "DlqError",
     "Letter",
     "Selection",
-    "Table",
-    "add_parser",
+    "Tally",
     "counts",
-    "inspect_row",
     "letters_n",
     "open_consumer",
     "open_context",
@@ -66,16 +50,12 @@ __all__ = [
     "partitions_of",
     "read_letters",
     "read_partition",
-    "terminal_width",
 ]
 
-EXIT_OK = 0
 READ_TIMEOUT_S = 30.0  # no record and no end of partition for this long: the broker is gone
-SAMPLE_ROWS = 200  # rows that size a table's columns before it starts streaming
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _POSITION = re.compile(r"^(\d+):(\d+)(?:-(\d+))?$")
-INSPECT_COLUMNS = ("dlq", "failed at (UTC)", "reason", "model", "id", "source", "error")
 
 
 class DlqError(ConfigError):
@@ -93,7 +73,7 @@ def parse_since(text: str, flag: str, now_ms: int | None = None) -> int:
         return now - int(float(found[1]) * _UNIT_S[found[2]] * 1000)
     try:
         return parse_time(text, flag)
-    except RangeError:
+    except TimeError:
         raise DlqError(
             f"{flag}: {text!r} is neither an ISO 8601 time (2026-11-20T10:00Z) "
             "nor a time ago (30s, 90m, 2h, 7d)"
@@ -209,18 +189,7 @@ class Letter:
 
 def open_consumer(settings: KafkaSettings, bootstrap: str) -> Any:
     """An assign-only reader that reports each partition's end and commits nothing."""
-    conf = admin_config(settings, bootstrap)
-    conf.update(settings.consumer)
-    conf.update(
-        {
-            "group.id": "kp-dlq",  # required by librdkafka; unused with assign()
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",  # a removed offset reads on from the log start
-            "fetch.wait.max.ms": 10,
-        }
-    )
-    return Consumer(conf)
+    return Consumer(reader_config(settings, bootstrap, group_id="kp-dlq", partition_eof=True))
 
 
 def partitions_of(consumer: Any, topic: str) -> list[int] | None:
@@ -304,97 +273,7 @@ def _decode(codec: AvroCodec, msg: Any, keep_payload: bool) -> Letter:
     return Letter(msg.partition(), int(msg.offset()), msg.key(), headers, dead, problem, size)
 
 
-# -- showing ------------------------------------------------------------------------------
-
-
-def utc(ms: int) -> str:
-    """Epoch ms as ``2026-11-20T10:03:01Z``, which ``--since`` takes back."""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
-
-
-class Table:
-    """A text table whose columns are sized by its first rows.
-
-    Later rows are cut to fit, so a table of a million dead letters streams instead of
-    being held in memory to measure it.
-    """
-
-    def __init__(self, columns: Sequence[str], out: TextIO, width: int | None) -> None:
-        self.columns, self.out, self.width = list(columns), out, width
-        self._rows: list[list[str]] | None = []
-        self._widths: list[int] = []
-
-    def add(self, row: Sequence[str]) -> None:
-        """Add a row (printed once the columns are sized)."""
-        cells = [" ".join(c.split()) for c in row]  # an error's newlines stay in one row
-        if self._rows is None:
-            self._print(cells)
-            return
-        self._rows.append(cells)
-        if len(self._rows) >= SAMPLE_ROWS:
-            self.close()
-
-    def close(self) -> None:
-        """Print what is held (the header first); later rows print as they come."""
-        if self._rows is None:
-            return
-        rows, self._rows = self._rows, None
-        sized = [self.columns, *rows]
-        self._widths = [min(max(len(r[i]) for r in sized), 40) for i in range(len(self.columns))]
-        self._print(self.columns)
-        for row in rows:
-            self._print(row)
-
-    def _print(self, cells: Sequence[str]) -> None:
-        head = [_cut(c, w).ljust(w) for c, w in zip(cells[:-1], self._widths, strict=False)]
-        used = sum(self._widths[:-1]) + 2 * (len(self._widths) - 1)
-        room = max(self.width - used, 20) if self.width else 120
-        print("  ".join([*head, _cut(cells[-1], room)]).rstrip(), file=self.out)
-
-
-def inspect_row(letter: Letter) -> list[str]:
-    """A dead letter as a row of ``INSPECT_COLUMNS``."""
-    d = letter.dead
-    assert d is not None
-    return [
-        f"{letter.partition}:{letter.offset}",
-        utc(d.failed_at_ms),
-        d.reason,
-        d.model or "-",
-        d.id or "-",
-        f"{d.topic}/{d.partition}@{d.offset}",
-        d.error,
-    ]
-
-
-def letter_json(topic: str, letter: Letter, payload: bool) -> dict[str, Any]:
-    """A dead letter as one JSON object; ``payload`` adds the request's bytes in base64."""
-    d = letter.dead
-    assert d is not None
-    key = letter.key
-    out: dict[str, Any] = {"topic": topic, "partition": letter.partition, "offset": letter.offset}
-    try:
-        out["key"] = None if key is None else key.decode()
-    except UnicodeDecodeError:
-        out["key_base64"] = base64.b64encode(key or b"").decode()
-    out |= {
-        "failed_at": utc(d.failed_at_ms),
-        "failed_at_ms": d.failed_at_ms,
-        "reason": d.reason,
-        "model": d.model,
-        "id": d.id,
-        "error": d.error,
-        "source": {"topic": d.topic, "partition": d.partition, "offset": d.offset},
-        "payload_bytes": letter.size,
-        "headers": {k: v.decode(errors="replace") for k, v in letter.headers.items()},
-    }
-    if payload:
-        out["payload"] = base64.b64encode(d.payload).decode()
-    return out
+# -- counting -----------------------------------------------------------------------------
 
 
 def letters_n(n: int) -> str:
@@ -452,7 +331,7 @@ class Tally:
         return out
 
 
-# -- the command --------------------------------------------------------------------------
+# -- the topology -------------------------------------------------------------------------
 
 
 @dataclass
@@ -479,105 +358,3 @@ def open_context(args: argparse.Namespace) -> DlqContext:
         )
     t = topology.topics
     return DlqContext(topology.kafka, bootstrap, t.dead_letter, t.output, make_codec(topology))
-
-
-def terminal_width() -> int | None:
-    """The terminal's width to fit a table in; None when stdout is not a terminal."""
-    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    """Print the chosen dead letters as a table (or JSON lines) and a summary."""
-    ctx, selection = open_context(args), Selection.from_args(args)
-    if args.payload and not args.json:
-        raise DlqError("--payload: only with --json (a table has no room for the bytes)")
-    tally, shown = Tally(), 0
-    table = None if args.json else Table(INSPECT_COLUMNS, sys.stdout, terminal_width())
-    consumer = open_consumer(ctx.settings, ctx.bootstrap)
-    try:
-        bounds = selection.bounds()
-        for letter in read_letters(consumer, ctx.dlq, ctx.codec, bounds, args.payload):
-            tally.read(letter)
-            if not selection.matches(letter):
-                continue
-            tally.chose(letter)
-            if args.limit is not None and shown >= args.limit:
-                continue
-            shown += 1
-            if table is None:
-                print(json.dumps(letter_json(ctx.dlq, letter, args.payload)))
-            else:
-                table.add(inspect_row(letter))
-    finally:
-        consumer.close()
-    lines = tally.lines(ctx.dlq, not selection.empty())
-    chosen = sum(tally.reasons.values())
-    if shown < chosen:
-        lines.insert(1, f"  (showing the first {shown}; --limit)")
-    if table is not None:
-        table.close()
-        if shown:
-            print()
-    for line in lines:
-        print(line, file=sys.stdout if table is not None else sys.stderr)
-    return EXIT_OK
-
-
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``dlq inspect`` and ``dlq redrive``."""
-    from pipeline.tools.redrive import run_redrive  # it imports this module: not at the top
-
-    dlq = subparsers.add_parser("dlq", help="inspect dead letters, redrive them")
-    sub = dlq.add_subparsers(dest="dlq_command", required=True)
-    ins = sub.add_parser(
-        "inspect",
-        help="list dead letters, with a summary by reason and model",
-        description="Read the topology's dead-letter topic from its beginning to its end "
-        "(assigned, no consumer group, nothing committed) and list the dead letters that "
-        "match, in (partition, offset) order, with a count by reason and by model.",
-    )
-    red = sub.add_parser(
-        "redrive",
-        help="send chosen dead letters' requests back to their topic",
-        description="Send the chosen dead letters' original request bytes, with their keys, "
-        "back to the topic and partition they were read from (--to: another topic, placed "
-        "by key), with headers kp.redriven-from and kp.redrive-count. Asks before sending "
-        "unless --yes; refuses dead letters without request bytes and requests redriven "
-        "--max-redrives times.",
-    )
-    for p in (ins, red):
-        p.add_argument("topology", nargs="?", default="topology.yaml")
-        p.add_argument("--bootstrap", help="the cluster (default: the topology's)")
-        p.add_argument("--reason", action="append", help="e.g. unknown_model (repeatable)")
-        p.add_argument("--model", action="append", help="model name (repeatable)")
-        p.add_argument("--id", action="append", help="request id or glob, e.g. 'order-*'")
-        p.add_argument("--since", help="failed at or after: ISO 8601 time or 90m, 2h, 7d ago")
-        p.add_argument("--until", help="failed before: ISO 8601 time or 90m, 2h, 7d ago")
-        p.add_argument("--offsets", action="append", help="dead-letter positions P:O,P:O1-O2")
-        p.add_argument("--limit", type=_positive, help="at most this many dead letters")
-    ins.add_argument(
-        "--json", action="store_true", help="one JSON object per line; the summary to stderr"
-    )
-    ins.add_argument("--payload", action="store_true", help="with --json: the request in base64")
-    ins.set_defaults(func=run_inspect)
-    red.add_argument("--to", help="send here instead of each request's source topic")
-    red.add_argument("--all", action="store_true", help="every dead letter (no selection)")
-    red.add_argument("--dry-run", action="store_true", help="show what would go; send nothing")
-    red.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    red.add_argument(
-        "--max-redrives",
-        type=_positive,
-        default=3,
-        help="refuse requests already redriven this many times (default 3)",
-    )
-    red.set_defaults(func=run_redrive)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return value

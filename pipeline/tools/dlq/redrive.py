@@ -3,8 +3,8 @@
 A request that failed for a reason since fixed (a model not served yet, a bad deploy) is
 in its dead letter, bytes, key and source position included; redriving produces it again.
 That is the one part of ``kp-pipeline dlq`` that writes, so it is kept apart from the
-reading, choosing and showing in `pipeline.tools.dlq`, which it builds on (``dlq`` registers
-this subcommand too).
+reading and choosing in `pipeline.tools.dlq.reading` and the showing in
+`pipeline.tools.dlq.inspect`, which it builds on.
 
 * A request goes to its source topic *and partition*, so per-key order stays what the
   original producer's partitioner chose (librdkafka's and Java's differ); ``--to`` sends
@@ -26,7 +26,7 @@ this subcommand too).
 * A redrive is not deduplicated: the same command run twice sends the requests twice.
   The printed positions, and ``--offsets``, are how to send an exact set once.
 
-Exit codes follow `pipeline.cli`: 0 done (refused dead letters are reported, not
+Exit codes are `schemas.errors.ExitCode`: 0 done (refused dead letters are reported, not
 failures); 1 a delivery failed (the message names the ``--offsets`` to send the rest) or
 the prompt was declined; 2 a bad command line or topology, a missing topic, or no
 terminal to confirm on: nothing was sent.
@@ -46,25 +46,22 @@ from confluent_kafka import Producer
 
 from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.clients import producer_config
-from pipeline.tools.dlq import (
-    EXIT_OK,
+from pipeline.tools.dlq.inspect import Table, inspect_row, terminal_width
+from pipeline.tools.dlq.reading import (
     READ_TIMEOUT_S,
     DlqError,
     Letter,
     Selection,
-    Table,
     counts,
-    inspect_row,
     letters_n,
     open_consumer,
     open_context,
     partitions_of,
     read_letters,
     read_partition,
-    terminal_width,
 )
 from schemas.codec import AvroCodec
-from schemas.errors import BrokerError
+from schemas.errors import BrokerError, ExitCode
 from schemas.messages import Partition
 
 __all__ = [
@@ -80,7 +77,6 @@ __all__ = [
 ]
 
 REDRIVEN_FROM, REDRIVE_COUNT = "kp.redriven-from", "kp.redrive-count"
-EXIT_DECLINED = 1
 SEEK_GAP = 1000  # source records further apart than this are sought, not read through
 SHOW_LINES = 20  # plan rows and refusal lines shown before "... and N more"
 PLAN_COLUMNS = ("dlq", "failed at (UTC)", "reason", "model", "id", "to", "redrive")
@@ -347,22 +343,22 @@ def run_redrive(args: argparse.Namespace) -> int:
             print("nothing to redrive" if chosen else "no dead letters match the selection")
             for line in summary([], plan)[1:]:  # what was refused, if anything
                 print(line)
-            return EXIT_OK
+            return ExitCode.OK
         if args.dry_run or not args.yes:
             _show_plan(plan, everything=args.dry_run)
         if args.dry_run:
             print("\n".join(summary(plan.send, plan, "would redrive")))
             print("dry run: nothing sent")
-            return EXIT_OK
+            return ExitCode.OK
         if not args.yes and not _confirm(f"redrive {letters_n(len(plan.send))}? [y/N] "):
             print("nothing sent")
-            return EXIT_DECLINED
+            return ExitCode.FAILED  # declined
         producer = open_producer(ctx.settings, ctx.bootstrap)
         sent = send_plan(consumer, producer, ctx.dlq, ctx.codec, plan)
     finally:
         consumer.close()
     print("\n".join(summary(sent, plan)))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _report_refused(plan: Plan) -> None:

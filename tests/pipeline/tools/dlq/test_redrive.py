@@ -1,6 +1,6 @@
 """``kp-pipeline dlq redrive``: redrive counts, the plan and its refusals, sending, the command.
 
-Kafka is replaced by the in-memory doubles of tests/pipeline/test_dlq.py, and a producer
+Kafka is replaced by the in-memory doubles of doubles.py, and a producer
 that acknowledges or refuses; the real broker is in tests/e2e/test_dlq_pipe.py.
 """
 
@@ -14,15 +14,16 @@ from typing import Any
 
 import pytest
 
-from pipeline.tools import redrive
-from pipeline.tools.dlq import read_letters
-from pipeline.tools.redrive import plan_redrive, redrive_counts, send_plan
+from pipeline.tools.dlq import redrive
+from pipeline.tools.dlq.reading import read_letters
+from pipeline.tools.dlq.redrive import plan_redrive, redrive_counts, send_plan
 from schemas.errors import BrokerError
-from tests.pipeline.tools.test_dlq import (
+from tests.pipeline.tools.dlq.doubles import (
     CODEC,
     DLQ,
     IN,
     OUT,
+    TOPOLOGY,
     FakeConsumer,
     FakeError,
     FakeMessage,
@@ -244,3 +245,35 @@ def test_when_everything_chosen_is_refused_nothing_is_sent(
     assert run_dlq(tmp_path, "redrive", "--id", "nobody", "--yes") == 0
     assert capsys.readouterr().out.splitlines() == ["no dead letters match the selection"]
     assert kafka.producer.sent == []
+
+
+def test_redrive_produces_with_the_topologys_security_and_producer_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = fake_kafka()
+    monkeypatch.setattr(redrive, "open_consumer", lambda settings, bootstrap: world.consumer)
+    made: list[dict[str, Any]] = []
+
+    class RefusedError(Exception):
+        pass
+
+    def record(conf: dict[str, Any]) -> Any:
+        made.append(dict(conf))
+        raise RefusedError
+
+    monkeypatch.setattr(redrive, "Producer", record)
+    secured = TOPOLOGY.replace(
+        'kafka: {bootstrap_servers: "broker:9092"}',
+        'kafka: {bootstrap_servers: "broker:9093", producer: {compression.type: lz4},'
+        " security: {protocol: SASL_SSL, sasl_mechanism: PLAIN, sasl_username: u,"
+        " sasl_password: p, ssl_ca_location: /x}}",
+    )
+    with pytest.raises(RefusedError):
+        run_dlq(tmp_path, "redrive", "--all", "--yes", text=secured)
+    [conf] = made
+    assert conf["bootstrap.servers"] == "broker:9093"
+    assert (conf["security.protocol"], conf["sasl.mechanism"]) == ("SASL_SSL", "PLAIN")
+    assert (conf["sasl.username"], conf["sasl.password"]) == ("u", "p")
+    assert conf["ssl.ca.location"] == "/x"
+    assert conf["compression.type"] == "lz4"
+    assert conf["enable.idempotence"] is True  # a retried send is not written twice
