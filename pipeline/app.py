@@ -17,7 +17,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.config.loader import load_topology
 from pipeline.config.topology import Topology
-from pipeline.engine.loop import Pipeline, RunStats
+from pipeline.engine.loop import Replica, RunStats
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import admin_config, ensure_topics
 from pipeline.observability.health import Health, MetricsServer
@@ -95,7 +95,7 @@ def serve(
     opened: OpenTopology,
     stop: threading.Event,
     bootstrap: str | None = None,
-    on_ready: Callable[[str, Pipeline], None] | None = None,
+    on_ready: Callable[[str, Replica], None] | None = None,
     metrics_port: int | None = None,
     ranges: Mapping[Partition, tuple[int, int]] | None = None,
     replica_id: str | None = None,
@@ -117,7 +117,7 @@ def serve(
         try:
             with cluster(topology, bootstrap) as address:
                 create_topics(topology, address)
-                pipeline = Pipeline(
+                pipeline = Replica(
                     topology,
                     graph,
                     address,

@@ -1,6 +1,6 @@
 """The main loop: consume, decode, batch, dispatch, publish, commit, apply backpressure.
 
-All Kafka I/O happens on the thread that calls `Pipeline.run`; models run on their own
+All Kafka I/O happens on the thread that calls `Replica.run`; models run on their own
 threads (`pipeline.serving.runtime`) and hand back encoded outcomes. A record's offset is
 committed only with or after its outcome (result or dead letter), and only once every
 earlier record of its partition has one too (`pipeline.engine.offsets`); how outcomes and
@@ -46,12 +46,12 @@ from schemas.codec import AvroCodec
 from schemas.errors import BrokerError
 from schemas.messages import Envelope, Partition, partition_of
 
-__all__ = ["Pipeline", "RunStats"]
+__all__ = ["Replica", "RunStats"]
 
 log = logging.getLogger(__name__)
 
 
-class Pipeline:
+class Replica:
     """One replica: a consumer, the models' runtimes and a producer, wired to a topology."""
 
     def __init__(

@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.app import OpenTopology, make_codec, serve
 from pipeline.config.topology import KafkaSettings
-from pipeline.engine.loop import Pipeline, RunStats
+from pipeline.engine.loop import Replica, RunStats
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.samples import SAMPLE_TEXTS, sample_jpegs
 from pipeline.tools.traffic import image_request, produce_requests, read_topic, text_request
@@ -40,7 +40,7 @@ class BackgroundPipeline:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="pipeline")
-        self.pipeline: Pipeline | None = None
+        self.pipeline: Replica | None = None
         self.stats: RunStats | None = None
         self.error: BaseException | None = None
 
@@ -68,7 +68,7 @@ class BackgroundPipeline:
         return self.stats
 
     def _serve(self) -> None:
-        def on_ready(_: str, pipeline: Pipeline) -> None:
+        def on_ready(_: str, pipeline: Replica) -> None:
             self.pipeline = pipeline
             self._ready.set()
 

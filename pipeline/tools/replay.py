@@ -4,7 +4,7 @@ A replay is a batch job on the same engine as `kp-pipeline run`: the same stages
 batching, backpressure and at-least-once commits, with three differences:
 
 * It reads ``[start, end)`` of each input partition, assigned directly, and stops by
-  itself once all of it is delivered (`pipeline.engine.loop.Pipeline` with ``ranges``).
+  itself once all of it is delivered (`pipeline.engine.loop.Replica` with ``ranges``).
 * It commits to its own consumer group (default ``<group_id>.replay.<output>``), so the
   live group's offsets are never touched, and an interrupted replay started again with
   the same command resumes where it stopped.

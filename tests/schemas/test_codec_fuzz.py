@@ -6,7 +6,7 @@ valid requests mutated the ways a broken or hostile producer would: bit flips,
 truncations, insertions, deletions, splices of two requests, and forged lengths and counts
 that claim gigabytes. Nothing may raise anything else, and decoding may not allocate much
 more than the record's own size. What decodes then goes through a real topology's router
-and tensor checks, as `Pipeline._accept` does.
+and tensor checks, as `Replica._accept` does.
 
 Every test is derandomized (no example database), so a run is the same run every time.
 """
@@ -381,7 +381,7 @@ def test_the_specialised_reader_agrees_with_fastavro(payload: bytes) -> None:
         assert type(plain) is type(registry), f"plain: {plain!r}; registry: {registry!r}"
 
 
-# -- decode, route, check tensors: what Pipeline._accept does --------------------------------
+# -- decode, route, check tensors: what Replica._accept does --------------------------------
 
 TOPOLOGY = """
 topics: {input: [in], output: out, dead_letter: dlq}

@@ -1,7 +1,7 @@
-"""`Pipeline._accept` on fuzzed records: each becomes one dead letter or joins a batch.
+"""`Replica._accept` on fuzzed records: each becomes one dead letter or joins a batch.
 
 Real confluent `Message` objects carry hypothesis' bytes (random, valid requests, valid
-requests mutated, empty values, tombstones) into a Pipeline over a real graph (the tiny
+requests mutated, empty values, tombstones) into a Replica over a real graph (the tiny
 MLP and the MiniLM text model, whose router tokenizes to pick a bucket), with the Kafka
 clients replaced by doubles. Nothing may raise; every record must be held by the offset
 tracker and end as exactly one dead letter or one batch row, as an independent decode and
@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pipeline.config.loader import parse_topology
-from pipeline.engine.loop import Pipeline
+from pipeline.engine.loop import Replica
 from pipeline.serving.graph import ServedModel, build_graph
 from pipeline.tools.traffic import tensor_request, text_request
 from schemas.codec import AvroCodec, load_schema
@@ -138,13 +138,13 @@ class FakeProducer:
 
 def pipeline(
     codec: AvroCodec, producer: FakeProducer | None = None
-) -> tuple[Pipeline, list[Envelope]]:
-    """A Pipeline over the real graph; what its runtimes were handed is returned.
+) -> tuple[Replica, list[Envelope]]:
+    """A Replica over the real graph; what its runtimes were handed is returned.
 
     Always with a fake producer: a real one per hypothesis example costs ~0.1 s to destroy.
     """
     topology = parse_topology(TOPOLOGY, "fuzz.yaml", {})
-    p = Pipeline(
+    p = Replica(
         topology,
         graph(),
         "unused:9092",
@@ -167,7 +167,7 @@ def message(partition: int, offset: int, value: bytes | None, key: bytes | None)
     )
 
 
-def oracle(codec: AvroCodec, p: Pipeline, value: bytes | None) -> str:
+def oracle(codec: AvroCodec, p: Replica, value: bytes | None) -> str:
     """What should become of a value, decoded and routed on its own."""
     if value is None:
         return "bad_request"

@@ -9,7 +9,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 
 from pipeline.config.loader import parse_topology
-from pipeline.engine.loop import Pipeline
+from pipeline.engine.loop import Replica
 from pipeline.serving.outcomes import Outcome
 from schemas.codec import AvroCodec
 from schemas.messages import Envelope, Request
@@ -55,12 +55,12 @@ class FakeProducer:
         return len(acks)
 
 
-def _pipeline(producer: FakeProducer) -> Pipeline:
+def _pipeline(producer: FakeProducer) -> Replica:
     topology = parse_topology(TOPOLOGY, "t.yaml", {})
-    return Pipeline(topology, [], "unused:9092", consumer=object(), producer=producer)  # type: ignore[arg-type]
+    return Replica(topology, [], "unused:9092", consumer=object(), producer=producer)  # type: ignore[arg-type]
 
 
-def _envelope(p: Pipeline, value: bytes) -> Envelope:
+def _envelope(p: Replica, value: bytes) -> Envelope:
     generation = p.tracker.assign(("in", 0))
     p.tracker.track(("in", 0), 7)
     return Envelope(
@@ -68,7 +68,7 @@ def _envelope(p: Pipeline, value: bytes) -> Envelope:
     )
 
 
-def _settle(p: Pipeline) -> None:
+def _settle(p: Replica) -> None:
     for _ in range(3):
         p._publish()
         p.producer.poll(0)
@@ -157,7 +157,7 @@ def test_resuming_seeks_each_partition_to_where_it_stands() -> None:
     (no position) are left alone, and a refused seek is not an error."""
     consumer = PausingConsumer({0: 41, 1: -1001, 2: 5})
     topology = parse_topology(TOPOLOGY, "t.yaml", {})
-    p = Pipeline(topology, [], "unused:9092", consumer=consumer, producer=FakeProducer(10))  # type: ignore[arg-type]
+    p = Replica(topology, [], "unused:9092", consumer=consumer, producer=FakeProducer(10))  # type: ignore[arg-type]
     for part in (0, 1, 2):
         p.tracker.assign(("in", part))
     for offset in range(10):  # the high mark: 10 in flight
