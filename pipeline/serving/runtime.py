@@ -1,12 +1,15 @@
 """Running one model's batches off the caller's thread: preprocess, infer, postprocess.
 
-Per model, a preprocess thread takes routed batches, picks the least-busy instance (the
-one with the fewest batches queued or running; ties rotate), preprocesses the batch for
-it and hands it over. Each instance (its own backend session, device and, on a GPU, its
-own CUDA stream) runs on its own thread, so preprocessing of the next batch overlaps
-inference of the current one, and N instances overlap each other. An instance holds at
-most `DEPTH` batches, so preprocessing runs only a little ahead of the models. Outcomes
-(encoded results and dead letters) go back through the batch's ``emit``.
+Per model, a dispatch thread takes routed batches and picks the least-busy instance (the
+one with the fewest batches queued or running; ties rotate), waiting while every
+instance holds `DEPTH` batches. Each instance (its own backend session, device and, on a
+GPU, its own CUDA stream) is a small pipeline of two threads: one preprocesses its
+batches, the other runs the model on them. So preprocessing of the next batch overlaps
+inference of the current one, the instances' preprocessing overlaps too (decoding and
+resizing release the GIL), and a front door that waits for each batch (the Faust
+adapter) still gets its batches preprocessed side by side. Preprocessing runs only a
+little ahead of the models. Outcomes (encoded results and dead letters) go back through
+the batch's ``emit``.
 
 This is the one serving core: the Kafka loop (`pipeline.engine.loop`) and the Faust
 adapter (`pipeline.integrations.faust`) both submit batches here, so deadlines, retries
@@ -69,7 +72,8 @@ class InstanceStats:
 class _Instance:
     backend: Backend
     stats: InstanceStats
-    inbox: queue.SimpleQueue[tuple[Prepared, Emit] | None]
+    raw: queue.SimpleQueue[tuple[list[Envelope], Emit] | None]  # to preprocess
+    inbox: queue.SimpleQueue[tuple[Prepared, Emit] | None]  # to run
     outstanding: int = 0
 
 
@@ -91,7 +95,7 @@ class ModelRuntime:
         # Unbounded here, bounded by the caller's in-flight limit.
         self._incoming: queue.SimpleQueue[tuple[list[Envelope], Emit] | None] = queue.SimpleQueue()
         self._instances = [
-            _Instance(backend, InstanceStats(i, device), queue.SimpleQueue())
+            _Instance(backend, InstanceStats(i, device), queue.SimpleQueue(), queue.SimpleQueue())
             for i, (backend, device) in enumerate(zip(graph.instances, graph.devices, strict=True))
         ]
         self._room = threading.Condition()
@@ -106,17 +110,19 @@ class ModelRuntime:
         return self.graph.name
 
     def start(self) -> None:
-        """Start the preprocess thread and one thread per instance."""
-        pre = threading.Thread(target=self._preprocess_loop, name=f"pre-{self.name}", daemon=True)
-        self._threads.append(pre)
+        """Start the dispatch thread, and a preprocess and an infer thread per instance."""
+        name = self.name
+        self._threads.append(
+            threading.Thread(target=self._dispatch_loop, name=f"dispatch-{name}", daemon=True)
+        )
         for inst in self._instances:
-            t = threading.Thread(
-                target=self._infer_loop,
-                args=(inst,),
-                name=f"infer-{self.name}-{inst.stats.index}",
-                daemon=True,
-            )
-            self._threads.append(t)
+            i = inst.stats.index
+            for loop, role in ((self._preprocess_loop, "pre"), (self._infer_loop, "infer")):
+                self._threads.append(
+                    threading.Thread(
+                        target=loop, args=(inst,), name=f"{role}-{name}-{i}", daemon=True
+                    )
+                )
         for t in self._threads:
             t.start()
 
@@ -176,16 +182,23 @@ class ModelRuntime:
 
     # -- threads --------------------------------------------------------------------------
 
-    def _preprocess_loop(self) -> None:
+    def _dispatch_loop(self) -> None:
         while True:
             work = self._incoming.get()
             if work is None:
                 for inst in self._instances:
-                    inst.inbox.put(None)
+                    inst.raw.put(None)
+                return
+            # Chosen before preprocessing, so GPU stages can run on the instance's device.
+            self._acquire().raw.put(work)
+
+    def _preprocess_loop(self, inst: _Instance) -> None:
+        while True:
+            work = inst.raw.get()
+            if work is None:
+                inst.inbox.put(None)
                 return
             rows, emit = work
-            # Chosen before preprocessing, so GPU stages can run on the instance's device.
-            inst = self._acquire()
             # Checked after the wait for an instance: the last moment before any work.
             s = self.graph.settings
             rows, expired = expire(self.encoder, s.name, s.version, rows)
