@@ -17,7 +17,7 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from pipeline.config.topology import KafkaSettings
-from pipeline.kafka.clients import producer_config, reader_config
+from pipeline.kafka.clients import reader_config, sender_config
 from schemas.errors import BrokerError
 from schemas.messages import Request
 
@@ -52,10 +52,10 @@ def produce_requests(
 ) -> int:
     """Produce (key, value) pairs and wait until the broker has acknowledged all of them.
 
-    The producer is the topology's (`producer_config`): idempotent, so a retry through a
-    broker hiccup does not send a request twice.
+    The producer carries the topology's security and producer properties
+    (`sender_config`).
     """
-    producer = Producer(producer_config(settings, bootstrap))
+    producer = Producer(sender_config(settings, bootstrap))
     failures: list[str] = []
 
     def on_delivery(err: Any, _msg: Any) -> None:

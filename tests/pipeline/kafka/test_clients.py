@@ -14,6 +14,7 @@ from pipeline.kafka.clients import (
     producer_config,
     reader_config,
     replica_id,
+    sender_config,
     transactional_id,
 )
 
@@ -58,6 +59,7 @@ def test_every_client_carries_the_clusters_security() -> None:
         consumer_config(SECURE, "b:9093", embedded=False),
         reader_config(SECURE, "b:9093", group_id="kp-reader", partition_eof=False),
         producer_config(SECURE, "b:9093"),
+        sender_config(SECURE, "b:9093"),
         admin_config(SECURE, "b:9093"),
     ):
         assert conf["bootstrap.servers"] == "b:9093"
@@ -83,9 +85,14 @@ def test_a_reader_takes_the_users_consumer_settings_but_never_commits() -> None:
     assert "sasl.username" not in plain
 
 
-def test_the_producer_takes_the_users_producer_settings() -> None:
-    assert producer_config(SECURE, "b:9093")["compression.type"] == "lz4"
-    assert "isolation.level" not in producer_config(SECURE, "b:9093")
+def test_the_producers_take_the_users_producer_settings() -> None:
+    for conf in (producer_config(SECURE, "b:9093"), sender_config(SECURE, "b:9093")):
+        assert conf["compression.type"] == "lz4"
+        assert "isolation.level" not in conf
+
+
+def test_the_tools_request_producer_skips_the_serving_producers_idempotence() -> None:
+    assert "enable.idempotence" not in sender_config(KafkaSettings(), "b:9092")
 
 
 def test_the_replica_id_comes_from_the_flag_then_the_environment_then_the_host(
