@@ -7,7 +7,7 @@ TOOLS  := $(VENV)/.deploy-tools
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-preprocess bench-latency bench-delivery prometheus-tools ci clean
+.PHONY: help setup models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-preprocess bench-latency bench-delivery prometheus-tools gpu-kit gpu-check ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -79,6 +79,12 @@ bench-backlog: setup  ## peak RSS against backlog size; the lag control loop on 
 
 bench-delivery: setup  ## exactly-once against at-least-once throughput, and produce→visible latency
 	$(BIN)/python -m load.delivery
+
+gpu-kit: $(STAMP)  ## download the wheels a GPU machine lacks into .gpu-kit/ (carry it there)
+	bash tests/gpu/kit.sh
+
+gpu-check:  ## on a GPU machine with .gpu-kit: run every gpu-marked test (no venv, no network)
+	bash tests/gpu/check.sh
 
 ci: test  ## what .ci/run runs
 
