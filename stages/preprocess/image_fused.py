@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from schemas.devices import parse_device
+from schemas.devices import gpu_install_hint, parse_device
 from schemas.errors import GraphError, KpError
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require
@@ -212,7 +212,7 @@ def _cupy() -> Any:
     try:
         import cupy
     except ImportError:
-        raise GraphError("normalize_nchw on CUDA needs CuPy: pip install cupy-cuda12x") from None
+        raise GraphError(f"normalize_nchw on CUDA needs CuPy: {gpu_install_hint()}") from None
     return cupy
 
 

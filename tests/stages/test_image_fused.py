@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from schemas import devices
 from schemas.errors import GraphError
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageContext
@@ -164,6 +165,30 @@ def test_cuda_without_cupy_is_refused_at_setup() -> None:
         pytest.skip("CuPy is installed")
     with pytest.raises(GraphError, match="needs CuPy"):
         _fused(np.zeros((1, 2, 2, 3), np.uint8), device="cuda:0")
+
+
+@pytest.mark.parametrize(
+    ("torch_cuda", "hint"),
+    [
+        ("13.0", "pip install 'kp-pipeline[gpu-cu13]'"),
+        ("12.6", "pip install 'kp-pipeline[gpu-cu12]'"),
+        (
+            None,
+            "pip install 'kp-pipeline[gpu-cu12]' (CUDA 12) or 'kp-pipeline[gpu-cu13]' (CUDA 13)",
+        ),
+    ],
+)
+def test_the_cupy_hint_names_the_extra_for_the_machines_cuda(
+    monkeypatch: pytest.MonkeyPatch, torch_cuda: str | None, hint: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` fails
+    monkeypatch.setitem(
+        sys.modules, "torch", SimpleNamespace(version=SimpleNamespace(cuda=torch_cuda))
+    )
+    monkeypatch.setattr(devices, "_driver_cuda_major", lambda: None, raising=False)
+    with pytest.raises(GraphError) as e:
+        _fused(np.zeros((1, 2, 2, 3), np.uint8), device="cuda:0")
+    assert str(e.value) == f"normalize_nchw on CUDA needs CuPy: {hint}"
 
 
 # -- CUDA ordering, on a fake CuPy: which stream each host copy and each launch is on.
