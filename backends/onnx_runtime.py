@@ -35,7 +35,7 @@ import numpy as np
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
 from backends.devices import StreamOwner, resolve_device
 from backends.options import StrictOptions, parse_options
-from schemas.devices import is_device_array
+from schemas.devices import gpu_extra, is_device_array
 from schemas.errors import BackendError
 from schemas.tensors import TensorSpec, numpy_dtype
 
@@ -88,7 +88,9 @@ class OnnxRuntimeBackend(StreamOwner):
             import onnxruntime as ort
         except ImportError as e:
             return Probe(
-                False, f"onnxruntime does not import ({e}): pip install 'kp-pipeline[cpu]' or [gpu]"
+                False,
+                f"onnxruntime does not import ({e}): pip install 'kp-pipeline[cpu]', "
+                f"or {gpu_extra()} for onnxruntime-gpu (never both)",
             )
         providers = ", ".join(ort.get_available_providers())
         return Probe(True, f"onnxruntime {ort.__version__}; providers: {providers}")
@@ -100,7 +102,7 @@ class OnnxRuntimeBackend(StreamOwner):
         except ImportError:
             raise BackendError(
                 "onnxruntime is not installed: pip install 'kp-pipeline[cpu]' "
-                "(or 'kp-pipeline[gpu]' for onnxruntime-gpu; never both)"
+                f"(or {gpu_extra()} for onnxruntime-gpu; never both)"
             ) from None
         opts = parse_options(OnnxRuntimeOptions, spec, "onnxruntime")
         if not spec.artifact.is_file():

@@ -1,20 +1,37 @@
-"""Device strings as topology.yaml writes them, and what counts as an array on a device.
+"""Device strings, arrays on a device, and which GPU extra fits this machine's CUDA.
 
-``cpu``, ``cuda`` (= ``cuda:0``), ``cuda:N`` and ``auto`` (the first GPU when the runtime
-sees one, else the CPU). The topology's check, the backends' placement and the GPU
-stages all read them through `parse_device`, so one pattern decides what a device is.
+Device strings as topology.yaml writes them: ``cpu``, ``cuda`` (= ``cuda:0``), ``cuda:N``
+and ``auto`` (the first GPU when the runtime sees one, else the CPU). The topology's check,
+the backends' placement and the GPU stages all read them through `parse_device`, so one
+pattern decides what a device is.
+
+The GPU wheels come per CUDA major version (``cupy-cuda12x``/``cupy-cuda13x``, DALI's
+``-cuda120``/``-cuda130``, onnxruntime-gpu before/from 1.27), gathered in the extras
+``gpu-cu12`` and ``gpu-cu13``. Install hints name the one for this machine through
+`gpu_extra`; it lives here so that stages and backends can both use it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import re
+import sys
 from typing import Any
 
 import numpy as np
 
 from schemas.errors import BackendError
 
-__all__ = ["DEVICE_FORMS", "is_device_array", "parse_device"]
+__all__ = [
+    "DEVICE_FORMS",
+    "GPU_EXTRAS",
+    "cuda_major",
+    "gpu_extra",
+    "gpu_extra_for",
+    "gpu_install_hint",
+    "is_device_array",
+    "parse_device",
+]
 
 DEVICE_FORMS = "cpu, auto, cuda or cuda:N"
 _DEVICE = re.compile(r"^(cpu|auto|cuda)(?::(\d+))?$")
@@ -32,3 +49,61 @@ def parse_device(device: str) -> tuple[str, int | None]:
 def is_device_array(x: Any) -> bool:
     """Whether ``x`` is a non-NumPy array that can be handed over through DLPack."""
     return not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__")
+
+
+# The project's GPU extras by the CUDA major version their wheels are built for.
+GPU_EXTRAS = {12: "gpu-cu12", 13: "gpu-cu13"}
+
+
+def cuda_major() -> int | None:
+    """The CUDA major version GPU wheels must match here, or None where none is found.
+
+    A loaded PyTorch built for CUDA says it first: wheels beside it should share its CUDA.
+    Else the driver: ``cuDriverGetVersion`` gives the newest CUDA it runs (1000 × major +
+    10 × minor) and is documented without a ``cuInit`` first. Torch is not imported here:
+    this runs on the way to an error message, where seconds of import only delay it.
+    """
+    torch = sys.modules.get("torch")
+    version = getattr(getattr(torch, "version", None), "cuda", None)
+    if isinstance(version, str) and version.partition(".")[0].isdigit():
+        return int(version.partition(".")[0])
+    return _driver_cuda_major()
+
+
+def _driver_cuda_major() -> int | None:
+    """From libcuda itself, so that no Python package is needed; None without a driver.
+
+    Written against the CUDA driver API's documentation; NOT RUN here (no driver on the
+    project's machines, where it returns None).
+    """
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+        version = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):  # no driver, or not NVIDIA's
+        return None
+    return version.value // 1000 or None
+
+
+def gpu_extra() -> str:
+    """``'kp-pipeline[gpu-cuNN]'`` for this machine's CUDA (`cuda_major`); both where unknown."""
+    return gpu_extra_for(cuda_major())
+
+
+def gpu_extra_for(major: int | None) -> str:
+    """The GPU extra for CUDA ``major``; both, with their CUDA versions, for None.
+
+    A driver newer than every extra runs the newest one (drivers run older CUDA); one
+    older than all of them is treated as unknown.
+    """
+    fitting = [m for m in GPU_EXTRAS if major is not None and m <= major]
+    if fitting:
+        return f"'kp-pipeline[{GPU_EXTRAS[max(fitting)]}]'"
+    return " or ".join(f"'kp-pipeline[{extra}]' (CUDA {m})" for m, extra in GPU_EXTRAS.items())
+
+
+def gpu_install_hint() -> str:
+    """The pip command for `gpu_extra`, for error messages."""
+    return f"pip install {gpu_extra()}"

@@ -46,8 +46,8 @@ kp_inference_retries_total           counter    model (re-runs after a transient
 kp_transactions_total                counter    result (committed, aborted; exactly-once)
 kp_model_instances                   gauge      model, device
 kp_ready                             gauge      1 while /readyz answers 200
-kp_gpu_memory_used_bytes             gauge      device (only where a GPU is visible)
-kp_gpu_utilization_ratio             gauge      device (only where a GPU is visible)
+kp_gpu_memory_used_bytes             gauge      device (cuda:N as this process's CUDA numbers it)
+kp_gpu_utilization_ratio             gauge      device (only where NVML sees the GPU)
 kp_build_info                        info       version
 process_* (resident memory, CPU)     gauge      from prometheus-client's process collector
 ===================================  =========  ===========================================
@@ -55,8 +55,10 @@ process_* (resident memory, CPU)     gauge      from prometheus-client's process
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -74,7 +76,16 @@ from prometheus_client import (
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["LATENCY_BUCKETS", "SIZE_BUCKETS", "BulkHistogram", "GpuSampler", "Metrics"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "SIZE_BUCKETS",
+    "BulkHistogram",
+    "GpuSampler",
+    "Metrics",
+    "cuda_bus_ids",
+]
+
+log = logging.getLogger(__name__)
 
 # 1 ms to 60 s: batch phases on a GPU are ~1 ms, end-to-end under a backlog is seconds.
 LATENCY_BUCKETS = (
@@ -350,28 +361,49 @@ class BulkHistogram(Collector):
 
 
 class GpuSampler:
-    """GPU memory and utilization through NVML, where a GPU and ``nvidia-ml-py`` exist.
+    """GPU memory and utilization through NVML, labelled ``cuda:N`` as CUDA numbers devices.
+
+    NVML numbers GPUs its own way: it ignores ``CUDA_VISIBLE_DEVICES`` and may order them
+    unlike CUDA (whose default order is fastest first), so NVML index i is not ``cuda:i``.
+    Each device this process's CUDA sees is matched to its NVML handle by PCI bus id
+    (``bus_ids``: CUDA's, for ``cuda:0``, ``cuda:1``, ...; `cuda_bus_ids` by default). A
+    device NVML refuses is logged once and skipped; the others are still sampled.
 
     Not run on the project's machines (no GPU here; the GPU machines lent to it have no
-    nvidia-ml-py): written against NVML's documented calls, and silent where NVML is
-    missing, so a CPU replica simply exports no ``kp_gpu_*`` series.
+    nvidia-ml-py): written against the documentation of NVML
+    (``nvmlDeviceGetHandleByPciBusId``), PyTorch and CuPy, tested with a fake ``pynvml``,
+    and silent where NVML is missing, so a CPU replica simply exports no ``kp_gpu_*`` series.
     """
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        nvml: Any = None,
+        bus_ids: Callable[[], Sequence[str]] | None = None,
+    ) -> None:
         self._metrics = metrics
-        self._nvml: Any = None
         self._handles: list[tuple[str, Any]] = []
+        self._failing: set[str] = set()  # devices whose failure is already logged
+        self._nvml = nvml if nvml is not None else _import_nvml()
+        if self._nvml is None:
+            return
         try:
-            import pynvml  # type: ignore[import-not-found]
-
-            pynvml.nvmlInit()
-            count = pynvml.nvmlDeviceGetCount()
-            self._handles = [
-                (f"cuda:{i}", pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)
-            ]
-            self._nvml = pynvml
-        except Exception:  # no library, no driver or no GPU: nothing to export
-            self._handles = []
+            self._nvml.nvmlInit()
+        except Exception:  # no driver or no GPU: nothing to export
+            return
+        try:
+            visible = list((bus_ids or cuda_bus_ids)())
+        except Exception as e:  # a CUDA that fails here fails the models too; say why
+            log.warning("no GPU metrics: cannot read CUDA's PCI bus ids (%s)", e)
+            return
+        for n, bus_id in enumerate(visible):
+            try:  # bytes: older nvidia-ml-py passes the argument straight to ctypes
+                handle = self._nvml.nvmlDeviceGetHandleByPciBusId(bus_id.encode())
+            except Exception as e:
+                self._failed(f"cuda:{n}", f"NVML has no device at PCI {bus_id}: {e}")
+                continue
+            self._handles.append((f"cuda:{n}", handle))
 
     @property
     def available(self) -> bool:
@@ -384,10 +416,70 @@ class GpuSampler:
             try:
                 memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
                 rates = self._nvml.nvmlDeviceGetUtilizationRates(handle)
-            except Exception:  # a GPU that fell off the bus must not stop the pipeline
+            except Exception as e:  # a GPU that fell off the bus must not stop the pipeline
+                self._failed(name, f"NVML cannot read it: {e}")
                 continue
             self._metrics.gpu_memory_used.labels(name).set(memory.used)
             self._metrics.gpu_utilization.labels(name).set(rates.gpu / 100.0)
+
+    def _failed(self, name: str, why: str) -> None:
+        """Log a device's first failure only: sampling repeats every few seconds."""
+        if name not in self._failing:
+            self._failing.add(name)
+            log.warning("no GPU metrics for %s: %s", name, why)
+
+
+def cuda_bus_ids() -> list[str]:
+    """PCI bus ids of the CUDA devices this process sees, index N for ``cuda:N``.
+
+    Read through PyTorch when it is already loaded (a torch backend), else CuPy (the GPU
+    extras install it), else PyTorch: both number devices as CUDA does, after
+    ``CUDA_VISIBLE_DEVICES``. Written against ``torch.cuda.get_device_properties`` (its
+    ``pci_domain_id``, ``pci_bus_id``, ``pci_device_id``) and CuPy's
+    ``cuda.runtime.deviceGetPCIBusId``; NOT RUN here (no GPU).
+    """
+    readers = [_torch_bus_ids, _cupy_bus_ids, _torch_bus_ids]
+    if "torch" not in sys.modules:
+        readers = readers[1:]
+    errors = []
+    for read in readers:
+        try:
+            ids = read()
+        except Exception as e:  # not installed, or too old for the attribute: try the next
+            errors.append(f"{read.__name__}: {e}")
+            continue
+        if ids:  # a CPU build of torch sees none where CuPy may see some
+            return ids
+    if len(errors) == len(readers):
+        raise RuntimeError("; ".join(errors))
+    return []
+
+
+def _torch_bus_ids() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p: Any = torch.cuda.get_device_properties(i)
+        out.append(f"{p.pci_domain_id:04x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0")
+    return out
+
+
+def _cupy_bus_ids() -> list[str]:
+    import cupy
+
+    runtime = cupy.cuda.runtime
+    return [str(runtime.deviceGetPCIBusId(i)) for i in range(runtime.getDeviceCount())]
+
+
+def _import_nvml() -> Any:
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:  # nvidia-ml-py is in the GPU extras only
+        return None
+    return pynvml
 
 
 def _le(bound: float) -> str:

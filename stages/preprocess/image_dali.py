@@ -51,7 +51,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from schemas.devices import parse_device
+from schemas.devices import GPU_EXTRAS, cuda_major, gpu_extra_for, parse_device
 from schemas.errors import GraphError, KpError, describe
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require
@@ -306,8 +306,16 @@ def _dali() -> Any:
         for sub in ("fn", "types", "pipeline", "backend"):
             importlib.import_module(f"nvidia.dali.{sub}")
     except ImportError:
-        raise GraphError("dali_image needs NVIDIA DALI: pip install nvidia-dali-cuda120") from None
+        raise GraphError(f"dali_image needs NVIDIA DALI: {_dali_hint()}") from None
     return dali
+
+
+def _dali_hint() -> str:
+    """The GPU extra (its DALI runs the CPU operators too) where CUDA is found, else ``dali``."""
+    major = cuda_major()
+    if major is not None and major >= min(GPU_EXTRAS):
+        return f"pip install {gpu_extra_for(major)}"
+    return f"pip install 'kp-pipeline[dali]' (CPU operators), or {gpu_extra_for(None)} on a GPU"
 
 
 class _RefusedError(Exception):

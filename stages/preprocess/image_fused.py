@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from schemas.devices import parse_device
+from schemas.devices import gpu_install_hint, parse_device
 from schemas.errors import GraphError, KpError
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require
@@ -91,7 +91,13 @@ class NormalizeNCHW(StageBase):
         return out
 
     def setup(self, ctx: StageContext) -> None:
-        """On ``cuda:N``, place the constants on the device and take the instance's stream."""
+        """On ``cuda:N``, take the instance's stream and copy the constants over on it.
+
+        ``cupy.asarray`` of a NumPy array copies on the current stream (CuPy's documented
+        behaviour), hence the ``with`` on the instance's stream. Written against CuPy's
+        documentation and NOT RUN here (no GPU on the project's machines); the order of
+        copies and launches is tested with a fake CuPy.
+        """
         try:
             kind, index = parse_device(ctx.device)
         except KpError as e:
@@ -103,7 +109,10 @@ class NormalizeNCHW(StageBase):
             return
         cupy = _cupy()
         self._gpu, self._stream = index or 0, stream_handle(ctx.stream)
-        with cupy.cuda.Device(self._gpu):
+        # Copied on the kernel's own stream, so stream order puts them before its first
+        # launch. On the legacy default stream they would not be: the instance's stream is
+        # usually non-blocking, and then nothing orders the two.
+        with cupy.cuda.Device(self._gpu), cupy_stream(cupy, self._stream):
             self._device_consts = (cupy.asarray(self._mul), cupy.asarray(self._sub))
 
     def close(self) -> None:
@@ -140,7 +149,8 @@ class NormalizeNCHW(StageBase):
         cupy = _cupy()
         mul, sub = self._device_consts
         with cupy.cuda.Device(self._gpu), cupy_stream(cupy, self._stream):
-            # from_dlpack passes our stream to the producer, which orders its work before it.
+            # NumPy: copied on the current stream, the kernel's. Device arrays: from_dlpack
+            # passes our stream to the producer, which orders its work before it.
             src = cupy.asarray(x) if isinstance(x, np.ndarray) else cupy.from_dlpack(x)
             src = cupy.ascontiguousarray(src)  # the kernel indexes the input as dense NHWC
             n, h, w, c = src.shape
@@ -202,7 +212,7 @@ def _cupy() -> Any:
     try:
         import cupy
     except ImportError:
-        raise GraphError("normalize_nchw on CUDA needs CuPy: pip install cupy-cuda12x") from None
+        raise GraphError(f"normalize_nchw on CUDA needs CuPy: {gpu_install_hint()}") from None
     return cupy
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from backends.base import Backend, ModelSpec
 from backends.onnx_runtime import OnnxRuntimeBackend
 from pipeline.tools.zoo.tiny import export_tiny_mlp_onnx, tiny_mlp_reference
+from schemas import devices
 from schemas.errors import BackendError
 from schemas.tensors import TensorSpec
 
@@ -85,6 +88,27 @@ def test_probe_lists_the_providers() -> None:
     probe = OnnxRuntimeBackend.probe()
     assert probe.usable
     assert "CPUExecutionProvider" in probe.detail
+
+
+@pytest.mark.parametrize(
+    ("driver", "extra"),
+    [
+        (13, "'kp-pipeline[gpu-cu13]'"),
+        (None, "'kp-pipeline[gpu-cu12]' (CUDA 12) or 'kp-pipeline[gpu-cu13]' (CUDA 13)"),
+    ],
+)
+def test_without_onnxruntime_the_hints_name_the_gpu_extra_for_the_machine(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, driver: int | None, extra: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(version=SimpleNamespace(cuda=None)))
+    monkeypatch.setattr(devices, "_driver_cuda_major", lambda: driver, raising=False)
+    probe = OnnxRuntimeBackend.probe()
+    assert not probe.usable
+    assert f"pip install 'kp-pipeline[cpu]', or {extra} for onnxruntime-gpu" in probe.detail
+    with pytest.raises(BackendError) as e:
+        OnnxRuntimeBackend().load(ModelSpec("m", tmp_path / "m.onnx"), "cpu")
+    assert f"(or {extra} for onnxruntime-gpu; never both)" in str(e.value)
 
 
 def test_missing_file_is_a_backend_error(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ tested only where a GPU with DALI exists, which no machine of the project has.
 from __future__ import annotations
 
 import io
+import sys
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,9 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from schemas import devices
 from schemas.errors import GraphError
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageContext
+from stages.preprocess import image_dali
 from stages.preprocess.image import (
     CenterCrop,
     CenterCropParams,
@@ -33,7 +37,7 @@ from stages.preprocess.image import (
 )
 from stages.preprocess.image_dali import DaliImage, DaliImageParams
 
-pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (pip install nvidia-dali-cuda120)")
+pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (pip install 'kp-pipeline[dali]')")
 
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -369,3 +373,26 @@ def test_gpu_pipeline_hands_a_device_array_matching_the_cpu(demo: list[bytes]) -
     diff = np.abs(cupy.asnumpy(y) - cpu) * LEVEL
     assert diff[-1].max() <= 1 + 1e-3  # PNG: decoded on the host; GPU resize, same filter
     assert diff.mean() <= 0.5  # JPEG: nvJPEG's IDCT is not libjpeg-turbo's
+
+
+@pytest.mark.parametrize(
+    ("driver", "hint"),
+    [
+        (13, "pip install 'kp-pipeline[gpu-cu13]'"),
+        (12, "pip install 'kp-pipeline[gpu-cu12]'"),
+        (
+            None,  # no CUDA: DALI's CPU operators, from the `dali` extra
+            "pip install 'kp-pipeline[dali]' (CPU operators), or 'kp-pipeline[gpu-cu12]' "
+            "(CUDA 12) or 'kp-pipeline[gpu-cu13]' (CUDA 13) on a GPU",
+        ),
+    ],
+)
+def test_without_dali_the_hint_names_the_extra_for_the_machines_cuda(
+    monkeypatch: pytest.MonkeyPatch, driver: int | None, hint: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` fails
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(version=SimpleNamespace(cuda=None)))
+    monkeypatch.setattr(devices, "_driver_cuda_major", lambda: driver, raising=False)
+    with pytest.raises(GraphError) as e:
+        image_dali._dali()
+    assert str(e.value) == f"dali_image needs NVIDIA DALI: {hint}"

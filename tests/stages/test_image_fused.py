@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from schemas import devices
 from schemas.errors import GraphError
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageContext
+from stages.preprocess import image_fused
 from stages.preprocess.image import Normalize, NormalizeParams, ToNCHW, ToNCHWParams
 from stages.preprocess.image_fused import (
     NormalizeNCHW,
@@ -162,6 +165,145 @@ def test_cuda_without_cupy_is_refused_at_setup() -> None:
         pytest.skip("CuPy is installed")
     with pytest.raises(GraphError, match="needs CuPy"):
         _fused(np.zeros((1, 2, 2, 3), np.uint8), device="cuda:0")
+
+
+@pytest.mark.parametrize(
+    ("torch_cuda", "hint"),
+    [
+        ("13.0", "pip install 'kp-pipeline[gpu-cu13]'"),
+        ("12.6", "pip install 'kp-pipeline[gpu-cu12]'"),
+        (
+            None,
+            "pip install 'kp-pipeline[gpu-cu12]' (CUDA 12) or 'kp-pipeline[gpu-cu13]' (CUDA 13)",
+        ),
+    ],
+)
+def test_the_cupy_hint_names_the_extra_for_the_machines_cuda(
+    monkeypatch: pytest.MonkeyPatch, torch_cuda: str | None, hint: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` fails
+    monkeypatch.setitem(
+        sys.modules, "torch", SimpleNamespace(version=SimpleNamespace(cuda=torch_cuda))
+    )
+    monkeypatch.setattr(devices, "_driver_cuda_major", lambda: None, raising=False)
+    with pytest.raises(GraphError) as e:
+        _fused(np.zeros((1, 2, 2, 3), np.uint8), device="cuda:0")
+    assert str(e.value) == f"normalize_nchw on CUDA needs CuPy: {hint}"
+
+
+# -- CUDA ordering, on a fake CuPy: which stream each host copy and each launch is on.
+
+
+class _DeviceArray:
+    """A fake CuPy array: a NumPy array said to be on the device."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a = a
+        self.shape, self.size, self.dtype = a.shape, a.size, a.dtype
+
+
+class _FakeCupy:
+    """Just what normalize_nchw calls; logs (event, stream handle) in call order.
+
+    The legacy default stream is handle 0. ``new_api`` picks CuPy 14's
+    ``Stream.from_external`` over the older ``ExternalStream``.
+    """
+
+    def __init__(self, new_api: bool) -> None:
+        self.log: list[tuple[str, int]] = []
+        current = [0]
+        log = self.log
+
+        class Stream:
+            def __init__(self, handle: int) -> None:
+                self.ptr = handle
+
+            def __enter__(self) -> Stream:
+                current.append(self.ptr)
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                current.pop()
+
+            def synchronize(self) -> None:
+                log.append(("synchronize", self.ptr))
+
+        class Device:
+            def __init__(self, index: int) -> None:
+                self.index = index
+
+            def __enter__(self) -> Device:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+        Stream.null = Stream(0)  # type: ignore[attr-defined]
+        cuda = SimpleNamespace(Stream=Stream, Device=Device, is_available=lambda: True)
+        if new_api:
+            Stream.from_external = staticmethod(  # type: ignore[attr-defined]
+                lambda obj: Stream(obj.__cuda_stream__()[1])
+            )
+        else:
+            cuda.ExternalStream = Stream
+        self.cuda = cuda
+
+        def asarray(x: Any) -> _DeviceArray:
+            if isinstance(x, np.ndarray):
+                log.append(("host copy", current[-1]))
+                return _DeviceArray(x.copy())
+            return x  # type: ignore[no-any-return]
+
+        def launch(x: Any, mul: Any, sub: Any, c: int, hw: int, y: Any) -> None:
+            log.append(("kernel", current[-1]))
+            nchw = x.a.transpose(0, 3, 1, 2).astype(np.float32)
+            y.a[...] = nchw * mul.a[:, None, None] - sub.a[:, None, None]
+
+        self.asarray = asarray
+        self.from_dlpack = lambda x: x
+        self.ascontiguousarray = lambda x: x
+        self.empty = lambda shape, dtype: _DeviceArray(np.empty(shape, dtype))
+        self.ElementwiseKernel = lambda *args: launch
+
+
+def _unordered_copies(log: list[tuple[str, int]]) -> list[int]:
+    """Host copies a later kernel may overtake: on another stream, and not synchronised."""
+    late = []
+    for i, (event, stream) in enumerate(log):
+        if event != "host copy":
+            continue
+        for later, on in log[i + 1 :]:
+            if later == "synchronize" and on == stream:
+                break
+            if later == "kernel" and on != stream:
+                late.append(i)
+                break
+    return late
+
+
+@pytest.mark.parametrize("new_api", [True, False], ids=["from_external", "ExternalStream"])
+def test_constants_and_numpy_inputs_are_copied_on_the_kernels_stream(
+    monkeypatch: pytest.MonkeyPatch, new_api: bool
+) -> None:
+    fake = _FakeCupy(new_api)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(image_fused, "_KERNELS", {})  # not the fake kernel for later tests
+    stage = NormalizeNCHW(NormalizeNCHWParams(mean=MEAN, std=STD))
+    stage.setup(StageContext("m", device="cuda:0", stream=1234))
+    x = np.random.default_rng(5).integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
+    on_device = _DeviceArray(x)
+    for source in (x, on_device, x):
+        y = stage.process(Batch([0, 1], {"image": source})).columns["image"]
+        np.testing.assert_allclose(y.a, _fused(x), rtol=0, atol=1e-6)
+    assert [e for e in fake.log if e[0] == "kernel"] == [("kernel", 1234)] * 3
+    assert sum(event == "host copy" for event, _ in fake.log) == 4  # 2 constants, 2 inputs
+    assert _unordered_copies(fake.log) == []
+
+
+def test_the_ordering_check_flags_a_copy_on_another_stream() -> None:
+    log = [("host copy", 0), ("kernel", 7)]
+    assert _unordered_copies(log) == [0]
+    assert _unordered_copies([("host copy", 0), ("synchronize", 0), ("kernel", 7)]) == []
 
 
 # -- GPU: the CuPy kernel. Runs where CuPy sees a CUDA device (none on the project's machines).
