@@ -350,3 +350,14 @@ def test_the_tensor_stages_say_they_take_device_arrays_and_others_do_not() -> No
         assert not stage.leaves_device_arrays  # type: ignore[attr-defined]
     assert not HostOnly(None).takes_device_arrays  # type: ignore[arg-type]
 
+
+def test_the_gpu_stages_leave_device_arrays_only_on_cuda() -> None:
+    from stages.preprocess.image_dali import DaliImage, DaliImageParams
+    from stages.preprocess.image_fused import NormalizeNCHW, NormalizeNCHWParams
+
+    fused = NormalizeNCHW(NormalizeNCHWParams(mean=[0, 0, 0], std=[1, 1, 1]))
+    dali = DaliImage(DaliImageParams(resize=4, crop=4, mean=[0, 0, 0], std=[1, 1, 1]))
+    for stage in (fused, dali):
+        assert not stage.leaves_device_arrays  # as on the CPU
+        stage._gpu = 0  # as `setup` leaves it on cuda:0 (no GPU here to set it up on)
+        assert stage.leaves_device_arrays
