@@ -165,7 +165,10 @@ class Replica:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> RunStats:
-        """Serve until ``stop`` is set, then drain and commit; raises on a fatal Kafka error."""
+        """Serve until ``stop`` is set, then drain and commit.
+
+        Raises `BrokerError` on a fatal Kafka or delivery error, or a model runtime's fatal stop.
+        """
         self.delivery.start()
         for runtime in self.runtimes.values():
             runtime.start()
@@ -200,8 +203,13 @@ class Replica:
         return self.stats
 
     def _failure(self) -> str | None:
-        """Why the pipeline must stop, if it must."""
-        return self._fatal or self.delivery.fatal
+        """Why the pipeline must stop, if it must.
+
+        A model runtime that left requests without an outcome is one reason: their offsets
+        would never commit, and the replica would wait for them forever.
+        """
+        runtimes = (r.fatal for r in self.runtimes.values() if r.fatal is not None)
+        return self._fatal or self.delivery.fatal or next(runtimes, None)
 
     def _pull(self) -> None:
         # Paused partitions return nothing; consuming anyway keeps the group protocol served.

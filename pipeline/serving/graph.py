@@ -4,6 +4,11 @@ For each model: construct its stages from their own parameter sections, load one
 instance per ``instances``, then walk the specs: declared request inputs → preprocess
 stages → the loaded model's inputs; the model's outputs → postprocess stages → what the
 result publishes. Any mismatch is a `GraphError` naming the file, the model and the step.
+
+So is a preprocess stage that cannot take device arrays after one that leaves them (a GPU
+stage: ``dali_image`` or ``normalize_nchw`` on CUDA): it would fail every batch as
+``preprocess_failed``. Checked once the stages are set up (they know their device then),
+for each instance's own set.
 """
 
 from __future__ import annotations
@@ -211,6 +216,28 @@ def _bind(stages: Sequence[Stage], info: ModelInfo, where: str) -> None:
             raise GraphError(f"{where}[{i}] ({stage.name}): {e}") from None
 
 
+def _check_device_arrays(stages: Sequence[Stage], where: str) -> None:
+    """Refuse a stage that cannot take device arrays after one that leaves them.
+
+    Decided by the order alone: once a stage leaves device arrays, every later stage must
+    take them (``takes_device_arrays``), whichever columns it reads. A stage that does not
+    say (a plugin, a host-only stage) is taken for one that copies its input to the host,
+    which a CuPy array refuses.
+    """
+    source: tuple[int, Stage] | None = None
+    for i, stage in enumerate(stages):
+        if source is not None and not getattr(stage, "takes_device_arrays", False):
+            j, gpu = source
+            raise GraphError(
+                f"{where}[{i}] ({stage.name}): cannot take device arrays, and {where}[{j}] "
+                f"({gpu.name}) leaves its output on the GPU as one; move {stage.name} before "
+                f"{gpu.name}, or use stages that take device arrays (cast, scale, pad_crop, "
+                "rename)"
+            )
+        if source is None and getattr(stage, "leaves_device_arrays", False):
+            source = (i, stage)
+
+
 def _warm_up(backend: Backend, info: ModelInfo, name: str) -> None:
     """Run one zero batch, so the first real batch does not pay for lazy initialisation.
 
@@ -252,6 +279,12 @@ def _stages(items: Sequence[StageSettings], where: str, ctx: StageContext) -> li
         except GraphError as e:
             raise GraphError(f"{here} ({item.stage}): {e}") from None
         stages.append(stage)
+    try:
+        _check_device_arrays(stages, where)
+    except GraphError:
+        for stage in stages:
+            stage.close()
+        raise
     return stages
 
 

@@ -23,17 +23,29 @@ Nothing here raises out of a thread; every row ends as one outcome:
 - A preprocessing failure (a stage that raised) makes dead letters of its batch.
 - A failing model run is retried, then its poison is isolated by halving
   (`pipeline.serving.recovery`).
+- Anything else that fails while a thread handles a batch (a bug in the bookkeeping
+  around the steps, say) makes dead letters of the batch's rows that have no outcome yet
+  (``preprocess_failed`` before the model, ``inference_failed`` after), frees its instance
+  slot, and the thread goes on with the next batch.
+
+What cannot end that way, outcomes the caller's ``emit`` refused or dead letters that
+cannot be made, sets `ModelRuntime.fatal`: requests are then left without an outcome, so
+the caller must stop (the Kafka loop reads it in ``Replica._failure``) rather than wait
+for them forever.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +89,14 @@ class _Instance:
     outstanding: int = 0
 
 
+@dataclass(slots=True)
+class _Owed:
+    """A batch's rows still without an outcome, and the instance slot it holds, if any."""
+
+    rows: Sequence[Envelope]
+    slot: _Instance | None
+
+
 class ModelRuntime:
     """Threads serving one model: one preprocess thread, one thread per instance."""
 
@@ -103,26 +123,31 @@ class ModelRuntime:
         self._threads: list[threading.Thread] = []
         self._busy = 0
         self._lock = threading.Lock()
+        self._fatal: str | None = None
 
     @property
     def name(self) -> str:
         """The model's name."""
         return self.graph.name
 
+    @property
+    def fatal(self) -> str | None:
+        """Why this runtime cannot go on (requests left without an outcome); None if it can."""
+        return self._fatal
+
     def start(self) -> None:
         """Start the dispatch thread, and a preprocess and an infer thread per instance."""
         name = self.name
-        self._threads.append(
-            threading.Thread(target=self._dispatch_loop, name=f"dispatch-{name}", daemon=True)
-        )
+
+        def thread(role: str, loop: Callable[[], None], after: list[Any]) -> None:
+            target = self._guarded(loop, after)
+            self._threads.append(threading.Thread(target=target, name=role, daemon=True))
+
+        thread(f"dispatch-{name}", self._dispatch_loop, [i.raw for i in self._instances])
         for inst in self._instances:
             i = inst.stats.index
-            for loop, role in ((self._preprocess_loop, "pre"), (self._infer_loop, "infer")):
-                self._threads.append(
-                    threading.Thread(
-                        target=loop, args=(inst,), name=f"{role}-{name}-{i}", daemon=True
-                    )
-                )
+            thread(f"pre-{name}-{i}", functools.partial(self._preprocess_loop, inst), [inst.inbox])
+            thread(f"infer-{name}-{i}", functools.partial(self._infer_loop, inst), [])
         for t in self._threads:
             t.start()
 
@@ -182,6 +207,25 @@ class ModelRuntime:
 
     # -- threads --------------------------------------------------------------------------
 
+    def _guarded(self, loop: Callable[[], None], after: list[Any]) -> Callable[[], None]:
+        """``loop`` as a thread's target that, should it die, stops cleanly.
+
+        Each loop ends every failing batch itself; what still escapes is a bug there. The
+        runtime then turns `fatal`, and the threads after this one get the end of work
+        (``after``), so that `stop` still returns.
+        """
+
+        def run() -> None:
+            try:
+                loop()
+            except Exception as e:
+                log.exception("model %s: %s died", self.name, threading.current_thread().name)
+                self._stop(f"{threading.current_thread().name} died: {describe(e)}")
+                for q in after:
+                    q.put(None)
+
+        return run
+
     def _dispatch_loop(self) -> None:
         while True:
             work = self._incoming.get()
@@ -189,8 +233,13 @@ class ModelRuntime:
                 for inst in self._instances:
                     inst.raw.put(None)
                 return
-            # Chosen before preprocessing, so GPU stages can run on the instance's device.
-            self._acquire().raw.put(work)
+            owed = _Owed(work[0], None)
+            try:
+                # Chosen before preprocessing, so GPU stages can run on the instance's device.
+                owed.slot = self._acquire()
+                owed.slot.raw.put(work)
+            except Exception as e:
+                self._abandon(work[1], owed, "preprocess_failed", e)
 
     def _preprocess_loop(self, inst: _Instance) -> None:
         while True:
@@ -199,34 +248,33 @@ class ModelRuntime:
                 inst.inbox.put(None)
                 return
             rows, emit = work
-            # Checked after the wait for an instance: the last moment before any work.
-            s = self.graph.settings
-            rows, expired = expire(self.encoder, s.name, s.version, rows)
-            if expired:
-                if not rows:
-                    self._release(inst, 0, 0.0)
-                    self._finish(emit, expired)
-                    continue
-                emit(expired)
+            owed = _Owed(rows, inst)
             try:
-                stages = self.graph.stages_for(inst.stats.index)
-                item = prepare(self.graph, self.encoder, rows, stages)
-            except Exception as e:
-                log.exception("model %s: preprocessing failed", self.name)
-                self._release(inst, 0, 0.0)
-                error = describe(e)
-                self._finish(
-                    emit, [self.encoder.dead_letter(r, "preprocess_failed", error) for r in rows]
-                )
-                continue
-            self._observe_prepared(inst, rows, item)
-            if not item.batch.rows:
-                self._release(inst, 0, 0.0)
-                self._finish(emit, item.dead_letters)
-                continue
-            if item.dead_letters:
-                emit(item.dead_letters)
-            inst.inbox.put((item, emit))
+                self._preprocess(inst, emit, owed)
+            except Exception as e:  # a stage that raised, or the bookkeeping around them
+                self._abandon(emit, owed, "preprocess_failed", e)
+
+    def _preprocess(self, inst: _Instance, emit: Emit, owed: _Owed) -> None:
+        """Expire, prepare and pass one batch on; ``owed`` follows what is left to answer."""
+        # Checked after the wait for an instance: the last moment before any work.
+        s = self.graph.settings
+        rows, expired = expire(self.encoder, s.name, s.version, list(owed.rows))
+        if expired:
+            if not rows:
+                self._end(emit, owed, expired)
+                return
+            self._deliver(emit, expired)
+            owed.rows = rows
+        item = prepare(self.graph, self.encoder, rows, self.graph.stages_for(inst.stats.index))
+        self._observe_prepared(inst, rows, item)
+        if not item.batch.rows:
+            self._end(emit, owed, item.dead_letters)
+            return
+        if item.dead_letters:
+            self._deliver(emit, item.dead_letters)
+            owed.rows = item.batch.rows
+        owed.slot = None  # the infer thread releases it
+        inst.inbox.put((item, emit))
 
     def _infer_loop(self, inst: _Instance) -> None:
         def run(item: Prepared) -> list[Outcome]:
@@ -243,7 +291,11 @@ class ModelRuntime:
                 return
             item, emit = work
             t0 = time.monotonic()
-            outcomes, slept = self.recovery.serve(run, item, inst.stats.index)
+            try:
+                outcomes, slept = self.recovery.serve(run, item, inst.stats.index)
+            except Exception as e:  # recovery letters failing runs: this is past it
+                self._abandon(emit, _Owed(item.batch.rows, inst), "inference_failed", e)
+                continue
             # Backoff sleeps are not work: busy time stays the instance's compute.
             self._release(inst, len(item.batch), time.monotonic() - t0 - slept)
             self._finish(emit, outcomes)
@@ -257,13 +309,66 @@ class ModelRuntime:
         m.queue_time.labels(name).observe(max(0.0, item.started - rows[0].consumed_at))
         m.preprocess_time.labels(name, str(inst.stats.index)).observe(item.preprocess_ms / 1000.0)
         columns = item.batch.columns
-        real = sum(int(np.size(columns[n])) for n in self.graph.info.inputs if n in columns)
+        real = sum(_elements(columns[n]) for n in self.graph.info.inputs if n in columns)
         padded = item.batch.padded_elements
         m.padding.labels(name, "real").inc(max(0, real - padded))
         if padded:
             m.padding.labels(name, "padded").inc(padded)
 
+    def _abandon(self, emit: Emit, owed: _Owed, reason: str, error: Exception) -> None:
+        """End a batch that failed past the steps' own handling: its owed rows, dead letters."""
+        log.error(
+            "model %s: a batch failed; its %d requests without an outcome become %s",
+            *(self.name, len(owed.rows), reason),
+            exc_info=error,
+        )
+        letters: list[Outcome] = []
+        try:
+            letters = [self.encoder.dead_letter(r, reason, describe(error)) for r in owed.rows]
+        except Exception as e:
+            log.exception("model %s: cannot make dead letters", self.name)
+            self._stop(f"{len(owed.rows)} requests left without an outcome: {describe(e)}")
+        self._end(emit, owed, letters)
+
+    def _end(self, emit: Emit, owed: _Owed, outcomes: list[Outcome]) -> None:
+        """The batch's last outcomes; its slot, if it still holds one, goes back."""
+        if owed.slot is not None:
+            self._release(owed.slot, 0, 0.0)
+            owed.slot = None
+        owed.rows = []
+        self._finish(emit, outcomes)
+
     def _finish(self, emit: Emit, outcomes: list[Outcome]) -> None:
-        emit(outcomes)
+        self._deliver(emit, outcomes)
         with self._lock:
             self._busy -= 1
+
+    def _deliver(self, emit: Emit, outcomes: list[Outcome]) -> None:
+        """Hand outcomes to the caller; one it refuses stops the runtime (`fatal`)."""
+        if not outcomes:
+            return
+        try:
+            emit(outcomes)
+        except Exception as e:
+            log.exception("model %s: emit refused %d outcomes", self.name, len(outcomes))
+            self._stop(f"emit refused {len(outcomes)} outcomes: {describe(e)}")
+
+    def _stop(self, why: str) -> None:
+        """Turn `fatal` (the first reason stays): the caller stops on it."""
+        with self._lock:
+            if self._fatal is None:
+                self._fatal = f"model {self.name}: {why}"
+
+
+def _elements(column: Any) -> int:
+    """Elements in a column of any array type (NumPy, CuPy, torch) or a list of rows.
+
+    From the shape: ``np.size`` converts its argument, which a CuPy array refuses, and on
+    a torch tensor it returns the tensor's ``size`` method.
+    """
+    if isinstance(column, list):
+        return sum(_elements(row) for row in column)
+    shape = getattr(column, "shape", None)
+    if shape is None:  # a Python object as one row's value
+        return int(np.size(column))
+    return math.prod(int(d) for d in shape)

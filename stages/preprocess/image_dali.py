@@ -106,6 +106,11 @@ class DaliImage(StageBase):
         self._pipe: Any = None
 
     @property
+    def leaves_device_arrays(self) -> bool:
+        """On CUDA the output is a CuPy array: only stages that take those may follow."""
+        return self._gpu is not None
+
+    @property
     def out_shape(self) -> tuple[int, int, int]:
         """Per-row output shape: [3, crop_h, crop_w] (NCHW) or [crop_h, crop_w, 3]."""
         h, w = self.crop_hw

@@ -78,6 +78,11 @@ class NormalizeNCHW(StageBase):
         self._stream: int | None = None
         self._device_consts: Any = None  # (mul, sub) as CuPy arrays on the device
 
+    @property
+    def leaves_device_arrays(self) -> bool:
+        """On CUDA the output is a CuPy array: only stages that take those may follow."""
+        return self._gpu is not None
+
     def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         """A fixed [h,w,c] in, FP32/FP16 [c,h,w] out."""
         spec = require(inputs, self.p.input, self.name)

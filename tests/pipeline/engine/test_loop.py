@@ -183,3 +183,14 @@ def test_a_replica_whose_partitions_are_all_lost_is_not_ready_until_assigned_aga
     assert p.health.assignment is None
     p._on_assign(PausingConsumer({}), [])  # type: ignore[arg-type]
     assert p.health.assignment == 0  # assigned nothing on purpose: ready
+
+
+def test_a_model_runtime_that_stopped_fatally_stops_the_replica() -> None:
+    class Stopped:
+        fatal = "model m: emit refused 3 outcomes: RuntimeError: gone"
+        busy = 0
+
+    p = _pipeline(FakeProducer(limit=10_000))
+    assert p._failure() is None
+    p.runtimes["m"] = Stopped()  # type: ignore[assignment]
+    assert p._failure() == "model m: emit refused 3 outcomes: RuntimeError: gone"

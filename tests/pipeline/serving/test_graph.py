@@ -418,3 +418,41 @@ def test_instances_with_streams_get_their_own_stages_on_their_stream(
         graph.close()
     assert first.closed  # type: ignore[attr-defined]
     assert second.closed  # type: ignore[attr-defined]
+
+
+class _OnGpu(_Recording):
+    """A pass-through stage that says it leaves device arrays, as a GPU stage on CUDA does."""
+
+    name = "on_gpu"
+    leaves_device_arrays = True
+
+
+def _with_gpu_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.serving.graph as graph_module
+
+    real_stage = graph_module.stage_class
+    stages = {"record": _Recording, "on_gpu": _OnGpu}
+    monkeypatch.setattr(graph_module, "stage_class", lambda n: stages.get(n) or real_stage(n))
+
+
+def test_a_stage_that_cannot_take_device_arrays_after_one_that_leaves_them_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _with_gpu_stage(monkeypatch)
+    chain = "preprocess: [{stage: on_gpu}, {stage: scale, input: x}, {stage: record}]"
+    message = _error(tmp_path, "preprocess: []", chain)
+    assert "models[0].preprocess[2] (record): cannot take device arrays" in message
+    assert "preprocess[0] (on_gpu) leaves its output on the GPU" in message
+
+
+def test_stages_that_take_device_arrays_may_follow_a_gpu_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _with_gpu_stage(monkeypatch)
+    chain = (
+        "preprocess: [{stage: record}, {stage: on_gpu}, {stage: scale, input: x}, "
+        "{stage: pad_crop, input: x, shape: [64]}, {stage: cast, input: x, datatype: FP32}, "
+        "{stage: rename, input: x, output: x}]"
+    )
+    (graph,) = _build(tmp_path, TINY.replace("preprocess: []", chain))
+    graph.close()

@@ -773,3 +773,192 @@ def test_split_and_retry_counters_are_declared_at_zero() -> None:
     text = generate_latest(m.registry).decode()
     assert 'kp_batch_splits_total{model="tiny"} 0.0' in text
     assert 'kp_inference_retries_total{model="tiny"} 0.0' in text
+
+
+# -- failures outside the steps' own handling: dead letters, the next batch served ---------
+
+
+class _ToTorch(StageBase):
+    """Hands the model torch tensors, as a custom GPU stage would (on the CPU here)."""
+
+    name = "to_torch"
+
+    def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+        return dict(inputs)
+
+    def process(self, batch: Batch) -> Batch:
+        import torch
+
+        return batch.with_columns({"x": torch.from_numpy(np.asarray(batch.columns["x"]))})
+
+
+class _TorchDoubler(Doubler):
+    """``y = 2x`` on torch tensors; answers NumPy, as backends do."""
+
+    def infer(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        import torch
+
+        x = batch["x"]
+        assert isinstance(x, torch.Tensor)
+        self.batches.append(len(x))
+        return {"y": (x * 2).numpy()}
+
+
+def _started(graph: ServedModel) -> tuple[ModelRuntime, Sink]:
+    sink = Sink()
+    runtime = ModelRuntime(graph, OutcomeEncoder(CODEC, "results", "dlq"), sink.emit)
+    runtime.start()
+    return runtime, sink
+
+
+def test_a_torch_tensor_column_is_served_and_counted() -> None:
+    pytest.importorskip("torch")
+    backend = _TorchDoubler()
+    graph = _numbers(backend)
+    graph.preprocess = [_ToTorch(None)]  # type: ignore[arg-type]
+    runtime, sink = _started(graph)
+    try:
+        runtime.submit([_row(i) for i in range(3)])
+        runtime.submit([_row(3)])
+        outcomes = sink.wait_for(4, timeout=5)
+        for offset, out in outcomes.items():
+            assert out.reason is None
+            np.testing.assert_array_equal(
+                CODEC.decode_result(out.value).outputs["y"], [2 * offset, 1.0]
+            )
+        _wait_idle(runtime)
+        assert backend.batches == [3, 1]
+        real = runtime.metrics.registry.get_sample_value(
+            "kp_padding_elements_total", {"model": "m", "kind": "real"}
+        )
+        assert real == 4 * 2  # every element that fed the model, from the tensor's shape
+        assert runtime.fatal is None
+    finally:
+        assert runtime.stop(5)
+
+
+def test_a_failure_past_preprocessing_ends_as_dead_letters_and_frees_the_instance() -> None:
+    backend = Doubler()
+    runtime, sink = _started(_numbers(backend))
+    real = runtime._observe_prepared
+    failures = DEPTH + 1  # more than the instance's slots: each failure must free its own
+
+    def broken(*args: Any) -> None:
+        if len(sink.outcomes) < failures:
+            raise RuntimeError("bookkeeping bug")
+        real(*args)
+
+    runtime._observe_prepared = broken  # type: ignore[method-assign]
+    try:
+        for i in range(failures):
+            runtime.submit([_row(i)])
+            sink.wait_for(i + 1, timeout=5)
+        runtime.submit([_row(failures), _row(failures + 1)])
+        outcomes = sink.wait_for(failures + 2, timeout=5)
+        _wait_idle(runtime)
+    finally:
+        assert runtime.stop(5)
+    for i in range(failures):
+        assert (outcomes[i].topic, outcomes[i].reason) == ("dlq", "preprocess_failed")
+        letter = CODEC.decode_dead_letter(outcomes[i].value)
+        assert letter.error == "RuntimeError: bookkeeping bug"
+    assert [outcomes[i].reason for i in (failures, failures + 1)] == [None, None]
+    assert backend.batches == [2]
+    assert runtime.instance_stats()[0].batches == 1
+    assert runtime.fatal is None
+
+
+def test_rows_already_answered_are_not_answered_again_when_their_batch_fails() -> None:
+    runtime, sink = _started(_numbers(Doubler()))
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("bookkeeping bug")
+
+    runtime._observe_prepared = broken  # type: ignore[method-assign]
+    past = int(time.time() * 1000) - 10
+    try:
+        runtime.submit([_row(0, deadline_ms=past), _row(1), _row(2)])
+        outcomes = sink.wait_for(3, timeout=5)  # asserts one outcome per row
+        _wait_idle(runtime)
+    finally:
+        assert runtime.stop(5)
+    assert outcomes[0].status == "EXPIRED"
+    assert [outcomes[i].reason for i in (1, 2)] == ["preprocess_failed", "preprocess_failed"]
+
+
+def test_a_failure_past_recovery_ends_as_dead_letters_and_the_next_batch_is_served() -> None:
+    backend = Doubler()
+    runtime, sink = _started(_numbers(backend))
+    real = runtime.recovery.serve
+    calls: list[int] = []
+
+    def broken(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("recovery bug")
+        return real(*args)
+
+    runtime.recovery.serve = broken  # type: ignore[method-assign]
+    try:
+        runtime.submit([_row(0), _row(1)])
+        runtime.submit([_row(2)])
+        outcomes = sink.wait_for(3, timeout=5)
+        _wait_idle(runtime)
+    finally:
+        assert runtime.stop(5)
+    for i in (0, 1):
+        assert (outcomes[i].topic, outcomes[i].reason) == ("dlq", "inference_failed")
+        assert CODEC.decode_dead_letter(outcomes[i].value).error == "RuntimeError: recovery bug"
+    assert outcomes[2].reason is None
+    assert runtime.fatal is None
+
+
+def test_outcomes_that_cannot_be_handed_over_stop_the_runtime_fatally() -> None:
+    def refusing(outcomes: list[Outcome]) -> None:
+        raise RuntimeError("the caller is gone")
+
+    runtime = ModelRuntime(_numbers(Doubler()), OutcomeEncoder(CODEC, "r", "dlq"), refusing)
+    runtime.start()
+    try:
+        runtime.submit([_row(0)])
+        _wait_idle(runtime)
+        assert runtime.fatal == "model m: emit refused 1 outcomes: RuntimeError: the caller is gone"
+    finally:
+        assert runtime.stop(5)
+
+
+def test_dead_letters_that_cannot_be_made_stop_the_runtime_fatally() -> None:
+    class Broken(OutcomeEncoder):
+        def dead_letter(self, *args: Any, **kwargs: Any) -> Outcome:
+            raise ValueError("cannot encode")
+
+    sink = Sink()
+    runtime = ModelRuntime(_numbers(Doubler()), Broken(CODEC, "r", "dlq"), sink.emit)
+    runtime.start()
+    try:
+        runtime.submit([_row(0, poison=True), _row(1, poison=True)])
+        _wait_idle(runtime)
+        assert runtime.fatal is not None
+        assert "2 requests left without an outcome: ValueError: cannot encode" in runtime.fatal
+    finally:
+        assert runtime.stop(5)
+
+
+def test_a_worker_thread_that_dies_stops_the_runtime_fatally_and_stop_returns() -> None:
+    runtime, _ = _started(_numbers(Doubler()))
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("bookkeeping bug")
+
+    def also_broken(*args: Any) -> None:
+        raise RuntimeError("handler bug")
+
+    runtime._observe_prepared = broken  # type: ignore[method-assign]
+    runtime._abandon = also_broken  # type: ignore[method-assign]
+    runtime.submit([_row(0)])
+    deadline = time.monotonic() + 5
+    while runtime.fatal is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert runtime.fatal == "model m: pre-m-0 died: RuntimeError: handler bug"
+    assert runtime.stop(5)
