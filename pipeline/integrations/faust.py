@@ -81,7 +81,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -104,6 +104,8 @@ from schemas.messages import Envelope
 __all__ = ["DeliveryError", "FaustStats", "KpFaustModel", "attach"]
 
 log = logging.getLogger(__name__)
+
+_FATAL_CHECK_S = 0.5  # how often a waiting batch looks for a runtime that stopped for good
 
 
 class DeliveryError(BrokerError):
@@ -135,10 +137,19 @@ class _Gathered:
             self.outcomes.extend(outcomes)
             self._cond.notify_all()
 
-    def wait(self) -> list[Outcome]:
-        """Every outcome; the runtime gives each submitted row exactly one."""
+    def wait(self, fatal: Callable[[], str | None]) -> list[Outcome]:
+        """Every outcome (a runtime gives each submitted row exactly one), unless ``fatal``.
+
+        A runtime that stopped for good (`ModelRuntime.fatal`) leaves rows without an
+        outcome: raise then, so the agent crashes with the events un-acked instead of
+        waiting forever.
+        """
         with self._cond:
-            self._cond.wait_for(lambda: len(self.outcomes) >= self.expected)
+            while len(self.outcomes) < self.expected:
+                why = fatal()
+                if why is not None:
+                    raise KpError(f"{why}; the batch stays unacknowledged")
+                self._cond.wait(_FATAL_CHECK_S)
             return self.outcomes
 
 
@@ -312,10 +323,14 @@ class KpFaustModel:
             size = self.graph[name].settings.batching.max_batch_size
             for start in range(0, len(members), size):
                 self.runtimes[name].submit(members[start : start + size], gathered.emit)
-        outcomes = letters + gathered.wait()
+        outcomes = letters + gathered.wait(self._fatal)
         order = {id(r): i for i, r in enumerate(rows)}
         outcomes.sort(key=lambda o: order[id(o.envelope)])
         return outcomes
+
+    def _fatal(self) -> str | None:
+        """Why a model's runtime stopped for good, if one did."""
+        return next((r.fatal for r in self.runtimes.values() if r.fatal is not None), None)
 
     # -- publishing -----------------------------------------------------------------------
 

@@ -291,6 +291,18 @@ def test_a_request_past_its_deadline_expires_unrun_like_the_main_path(
     assert ran == [1]  # only the on-time request reached the model
 
 
+def test_a_runtime_that_stopped_for_good_fails_the_batch_instead_of_hanging(
+    model: KpFaustModel, app: faust.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = model.runtimes["tiny-mlp"]
+    monkeypatch.setattr(runtime, "submit", lambda rows, emit=None: None)  # rows never answered
+    monkeypatch.setattr(type(runtime), "fatal", property(lambda self: "model tiny-mlp: broken"))
+    started = time.monotonic()
+    with pytest.raises(KpError, match="model tiny-mlp: broken; the batch stays unacknowledged"):
+        serve(model, events(app, [request("stuck", vector(64, 0))]))
+    assert time.monotonic() - started < 5
+
+
 def test_handle_leaves_the_event_loop_free(
     model: KpFaustModel, app: faust.App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
