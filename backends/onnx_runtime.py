@@ -15,8 +15,9 @@ then CPU for operators the GPU providers lack; ``auto`` → CUDA when this onnxr
 build has it, else CPU. Asking for ``cuda`` from a build without the CUDA provider (the
 ``onnxruntime`` wheel rather than ``onnxruntime-gpu``) is refused at start.
 
-On a GPU each instance runs on its own CUDA stream (``user_compute_stream``, made with
-PyTorch when it is installed) and binds its tensors with I/O binding: host inputs are
+On a GPU each instance runs on its own CUDA stream (``user_compute_stream``, made for it
+with CuPy or PyTorch, whichever is installed: `backends.devices.InstanceStream`) and
+binds its tensors with I/O binding: host inputs are
 bound as they are, device arrays from GPU preprocessing (anything exposing
 ``__cuda_array_interface__``: CuPy, PyTorch) by pointer, without a host round trip.
 On the CPU, NumPy arrays are passed to ``run`` and read in place. The GPU paths are
@@ -136,8 +137,7 @@ class OnnxRuntimeBackend(StreamOwner):
     def _gpu_providers(self, opts: OnnxRuntimeOptions, available: list[str]) -> list[Any]:
         """CUDA (and TensorRT first, when asked) on this instance's device and stream."""
         common: dict[str, Any] = {"device_id": self._gpu}
-        self._stream = _own_stream(self._gpu)
-        if self._stream is not None:
+        if self._open_stream(self._gpu or 0) is not None:
             common["user_compute_stream"] = str(self._stream.cuda_stream)
         providers: list[Any] = [("CUDAExecutionProvider", dict(common))]
         if opts.tensorrt:
@@ -190,18 +190,7 @@ class OnnxRuntimeBackend(StreamOwner):
     def unload(self) -> None:
         """Drop the session (and its stream)."""
         self._session = None
-        self._stream = None
-
-
-def _own_stream(device: int | None) -> Any:
-    """A CUDA stream for one instance, made with PyTorch; None without it (default stream)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.Stream(device=device)
+        self._close_stream()
 
 
 def _spec(node: Any) -> TensorSpec:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import io
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from gpu_fakes import POOL_SIZE, install_fake_cupy, install_fake_torch_cuda
 
 from backends.base import Backend, ModelSpec
 from backends.onnx_runtime import OnnxRuntimeBackend
@@ -171,3 +175,107 @@ def test_chelsea_the_cat_is_a_cat_through_the_demo_topology() -> None:
     assert top1 in {281, 282, 285}  # tabby, tiger cat, Egyptian cat
     assert batch.columns["labels"][0, 0] in {b"tabby", b"tiger cat", b"Egyptian cat"}
     assert batch.columns["scores"][0, 0] > 0.2
+
+
+# -- the GPU path, on a fake onnxruntime (no GPU onnxruntime here) ----------------------------
+
+
+class Node:
+    """What ``get_inputs``/``get_outputs`` return: a name, an ONNX type, a shape."""
+
+    def __init__(self, name: str, shape: list[Any]) -> None:
+        self.name, self.type, self.shape = name, "tensor(float)", shape
+
+
+class FakeBinding:
+    """An ``IOBinding`` that records each call in the session's log."""
+
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+        self.rows = 0
+
+    def bind_input(self, **kw: Any) -> None:
+        self.rows = kw["shape"][0]
+        self.log.append(("bind_input", kw["name"], kw["device_type"], kw["buffer_ptr"]))
+
+    def bind_cpu_input(self, name: str, arr: np.ndarray[Any, Any]) -> None:
+        self.rows = len(arr)
+        self.log.append(("bind_cpu_input", name))
+
+    def bind_output(self, name: str, device_type: str, device_id: int) -> None:
+        self.log.append(("bind_output", name, device_type, device_id))
+
+    def synchronize_inputs(self) -> None:
+        self.log.append("synchronize_inputs")
+
+    def synchronize_outputs(self) -> None:
+        self.log.append("synchronize_outputs")
+
+    def copy_outputs_to_cpu(self) -> list[np.ndarray[Any, Any]]:
+        self.log.append("copy_outputs_to_cpu")
+        return [np.zeros((self.rows, 10), np.float32)]
+
+
+def install_fake_ort(
+    monkeypatch: pytest.MonkeyPatch,
+    available: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
+) -> types.SimpleNamespace:
+    """An ``onnxruntime`` module; its sessions build on ``state.built`` (default: as asked)."""
+    state = types.SimpleNamespace(sessions=[], log=[], built=None, error=None)
+
+    class Session:
+        def __init__(self, path: str, so: Any, providers: list[Any], **kwargs: Any) -> None:
+            self.providers, self.kwargs = providers, kwargs
+            state.sessions.append(self)
+            if state.error is not None:
+                raise state.error
+
+        def get_inputs(self) -> list[Node]:
+            return [Node("x", ["N", 64])]
+
+        def get_outputs(self) -> list[Node]:
+            return [Node("logits", ["N", 10])]
+
+        def get_providers(self) -> list[str]:
+            asked = [p[0] if isinstance(p, tuple) else p for p in self.providers]
+            return asked if state.built is None else list(state.built)
+
+        def io_binding(self) -> FakeBinding:
+            return FakeBinding(state.log)
+
+        def run_with_iobinding(self, binding: FakeBinding) -> None:
+            state.log.append("run")
+
+    module = types.ModuleType("onnxruntime")
+    module.__dict__.update(
+        __version__="0.0-fake",
+        get_available_providers=lambda: list(available),
+        SessionOptions=types.SimpleNamespace,
+        GraphOptimizationLevel=types.SimpleNamespace(
+            ORT_DISABLE_ALL=0, ORT_ENABLE_BASIC=1, ORT_ENABLE_EXTENDED=2, ORT_ENABLE_ALL=99
+        ),
+        InferenceSession=Session,
+    )
+    monkeypatch.setitem(sys.modules, "onnxruntime", module)
+    return state
+
+
+@pytest.fixture
+def artifact(tmp_path: Path) -> Path:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"a model the fake onnxruntime never reads")
+    return path
+
+
+def test_past_torchs_stream_pool_every_gpu_instance_still_owns_its_stream(
+    monkeypatch: pytest.MonkeyPatch, artifact: Path
+) -> None:
+    """torch.cuda.Stream() would hand the 33rd instance the 1st one's stream (faked here)."""
+    ort = install_fake_ort(monkeypatch)
+    cuda = install_fake_torch_cuda(monkeypatch)
+    install_fake_cupy(monkeypatch)
+    for _ in range(POOL_SIZE + 8):
+        OnnxRuntimeBackend().load(ModelSpec("m", artifact), "cuda:0")
+    streams = [dict(s.providers[0][1])["user_compute_stream"] for s in ort.sessions]
+    assert len(set(streams)) == POOL_SIZE + 8
+    assert cuda.pooled == 0
