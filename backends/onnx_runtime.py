@@ -13,7 +13,11 @@ Options (the model's ``options`` section in topology.yaml):
 Providers follow the device: ``cpu`` → CPU; ``cuda:N`` → [TensorRT,] CUDA on device N,
 then CPU for operators the GPU providers lack; ``auto`` → CUDA when this onnxruntime
 build has it, else CPU. Asking for ``cuda`` from a build without the CUDA provider (the
-``onnxruntime`` wheel rather than ``onnxruntime-gpu``) is refused at start.
+``onnxruntime`` wheel rather than ``onnxruntime-gpu``) is refused at start, and so is a
+session that ONNX Runtime built without a provider that was asked for (it does that,
+logging rather than raising, when the CUDA provider's libraries do not load): the error
+names what was asked, what was built, and the loader's reason when it can be had.
+ONNX Runtime's Python fallback to the CPU is turned off, at start and per batch.
 
 On a GPU each instance runs on its own CUDA stream (``user_compute_stream``, made for it
 with CuPy or PyTorch, whichever is installed: `backends.devices.InstanceStream`) and
@@ -28,7 +32,10 @@ no GPU there.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -122,10 +129,32 @@ class OnnxRuntimeBackend(StreamOwner):
         if placed != "cpu":
             self._gpu = int(placed.partition(":")[2] or 0)
             providers = self._gpu_providers(opts, available) + providers
+        asked = [p[0] if isinstance(p, tuple) else p for p in providers]
         try:
-            self._session = ort.InferenceSession(str(spec.artifact), so, providers=providers)
+            # No fallback: ONNX Runtime's Python API would otherwise answer a provider that
+            # fails to start by building a CPU session (printing why on stdout), and
+            # switch a running session to the CPU when a provider fails a batch.
+            self._session = ort.InferenceSession(
+                str(spec.artifact), so, providers=providers, enable_fallback=0
+            )
         except Exception as e:
-            raise BackendError(f"{spec.artifact} is not a loadable ONNX model: {e}") from None
+            self.unload()
+            if placed == "cpu":
+                raise BackendError(f"{spec.artifact} is not a loadable ONNX model: {e}") from None
+            raise BackendError(
+                f"{spec.artifact}: ONNX Runtime built no session on {asked} ({placed}): {e}"
+            ) from None
+        built = list(self._session.get_providers())
+        missing = [p for p in asked if p not in built]
+        if missing:
+            self.unload()
+            why = [_provider_load_error(ort, p) for p in missing]
+            raise BackendError(
+                f"device {placed!r}: asked ONNX Runtime for {asked}, it built the session on "
+                f"{built}: {', '.join(missing)} did not start ("
+                + ("; ".join(w for w in why if w) or "ONNX Runtime logged why on stderr")
+                + ")"
+            )
         inputs = {i.name: _spec(i) for i in self._session.get_inputs()}
         outputs = {o.name: _spec(o) for o in self._session.get_outputs()}
         self._outputs = list(outputs)
@@ -191,6 +220,33 @@ class OnnxRuntimeBackend(StreamOwner):
         """Drop the session (and its stream)."""
         self._session = None
         self._close_stream()
+
+
+_PROVIDER_LIBRARIES = {
+    "CUDAExecutionProvider": "libonnxruntime_providers_cuda.so",
+    "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so",
+}
+
+
+def _provider_load_error(ort: Any, provider: str) -> str | None:
+    """Why a provider's shared library does not load here, in the dynamic loader's words.
+
+    When a GPU provider's library cannot load (a missing libcudnn or libcublasLt, most
+    often), ONNX Runtime logs the loader's error on stderr and builds the session
+    without that provider; loading the library again is how to get those words back.
+    """
+    library = _PROVIDER_LIBRARIES.get(provider)
+    where = getattr(ort, "__file__", None)
+    if library is None or where is None or not sys.platform.startswith("linux"):
+        return None
+    path = Path(where).parent / "capi" / library
+    if not path.is_file():
+        return f"{library} is not in this onnxruntime install"
+    try:
+        ctypes.CDLL(str(path))
+    except OSError as e:
+        return f"{library}: {e}"
+    return None
 
 
 def _spec(node: Any) -> TensorSpec:

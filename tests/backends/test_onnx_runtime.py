@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from gpu_fakes import POOL_SIZE, install_fake_cupy, install_fake_torch_cuda
 
+from backends import onnx_runtime
 from backends.base import Backend, ModelSpec
 from backends.onnx_runtime import OnnxRuntimeBackend
 from pipeline.tools.zoo.tiny import export_tiny_mlp_onnx, tiny_mlp_reference
@@ -216,9 +217,11 @@ class FakeBinding:
         return [np.zeros((self.rows, 10), np.float32)]
 
 
+FAKE_GPU_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
 def install_fake_ort(
-    monkeypatch: pytest.MonkeyPatch,
-    available: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    monkeypatch: pytest.MonkeyPatch, available: tuple[str, ...] = FAKE_GPU_PROVIDERS
 ) -> types.SimpleNamespace:
     """An ``onnxruntime`` module; its sessions build on ``state.built`` (default: as asked)."""
     state = types.SimpleNamespace(sessions=[], log=[], built=None, error=None)
@@ -279,3 +282,73 @@ def test_past_torchs_stream_pool_every_gpu_instance_still_owns_its_stream(
     streams = [dict(s.providers[0][1])["user_compute_stream"] for s in ort.sessions]
     assert len(set(streams)) == POOL_SIZE + 8
     assert cuda.pooled == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "built", "missing"),
+    [
+        ({}, ["CPUExecutionProvider"], "CUDAExecutionProvider"),
+        ({"tensorrt": True}, ["CUDAExecutionProvider", "CPUExecutionProvider"], "Tensorrt"),
+    ],
+)
+def test_a_session_built_without_an_asked_provider_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+    artifact: Path,
+    options: dict[str, Any],
+    built: list[str],
+    missing: str,
+) -> None:
+    """ONNX Runtime logs a provider that fails to load and builds without it, silently."""
+    ort = install_fake_ort(monkeypatch, ("TensorrtExecutionProvider", *FAKE_GPU_PROVIDERS))
+    ort.built = built
+    install_fake_cupy(monkeypatch)
+    reason = "libonnxruntime_providers_cuda.so: libcublasLt.so.12: cannot open shared object"
+    monkeypatch.setattr(onnx_runtime, "_provider_load_error", lambda *a: reason, raising=False)
+    backend = OnnxRuntimeBackend()
+    with pytest.raises(BackendError) as e:
+        backend.load(ModelSpec("m", artifact, options), "cuda:0")
+    message = str(e.value)
+    assert message.startswith("device 'cuda:0': asked ONNX Runtime for [")
+    assert f"it built the session on {built}: {missing}" in message
+    assert reason in message
+    assert backend.stream is None  # the stream made for the instance went with it
+
+
+def test_onnx_runtimes_fallback_to_the_cpu_is_off_and_its_error_named(
+    monkeypatch: pytest.MonkeyPatch, artifact: Path
+) -> None:
+    ort = install_fake_ort(monkeypatch)
+    install_fake_cupy(monkeypatch)
+    ort.error = RuntimeError("CUDA_PATH is set but CUDA wasn't able to be loaded")
+    with pytest.raises(BackendError) as e:
+        OnnxRuntimeBackend().load(ModelSpec("m", artifact), "cuda:0")
+    assert str(e.value) == (
+        f"{artifact}: ONNX Runtime built no session on "
+        "['CUDAExecutionProvider', 'CPUExecutionProvider'] (cuda:0): "
+        "CUDA_PATH is set but CUDA wasn't able to be loaded"
+    )
+    assert ort.sessions[-1].kwargs == {"enable_fallback": 0}
+
+
+def test_a_provider_library_that_does_not_load_says_why(tmp_path: Path) -> None:
+    import onnxruntime
+
+    if sys.platform != "linux":
+        pytest.skip("the provider libraries are named as on Linux")
+    load_error = onnx_runtime._provider_load_error
+    capi = tmp_path / "onnxruntime" / "capi"
+    capi.mkdir(parents=True)
+    (capi / "libonnxruntime_providers_cuda.so").write_bytes(b"not a shared object")
+    fake = types.SimpleNamespace(__file__=str(tmp_path / "onnxruntime" / "__init__.py"))
+    why = load_error(fake, "CUDAExecutionProvider")
+    assert why is not None
+    assert why.startswith("libonnxruntime_providers_cuda.so: ")
+    assert "libonnxruntime_providers_cuda.so" in why.partition(": ")[2]  # the loader's words
+    assert load_error(fake, "TensorrtExecutionProvider") == (
+        "libonnxruntime_providers_tensorrt.so is not in this onnxruntime install"
+    )
+    assert load_error(fake, "CPUExecutionProvider") is None
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert load_error(onnxruntime, "CUDAExecutionProvider") == (
+            "libonnxruntime_providers_cuda.so is not in this onnxruntime install"
+        )
