@@ -21,9 +21,15 @@ ONNX Runtime's Python fallback to the CPU is turned off, at start and per batch.
 
 On a GPU each instance runs on its own CUDA stream (``user_compute_stream``, made for it
 with CuPy or PyTorch, whichever is installed: `backends.devices.InstanceStream`) and
-binds its tensors with I/O binding: host inputs are
-bound as they are, device arrays from GPU preprocessing (anything exposing
-``__cuda_array_interface__``: CuPy, PyTorch) by pointer, without a host round trip.
+binds its tensors with I/O binding: host inputs are bound as they are, device arrays
+from GPU preprocessing (anything exposing ``__cuda_array_interface__``: CuPy, PyTorch)
+by pointer, without a host round trip.
+Ordering is the stream's: the graph runs the instance's GPU preprocessing on it, ONNX
+Runtime copies host inputs and computes on it (``do_copy_in_default_stream``), and each
+batch ends with one wait for that stream before the outputs are copied to the host.
+IOBinding's ``synchronize_inputs``/``synchronize_outputs`` are not used: they
+synchronize the whole device, so every instance would wait for every other. (Without
+CuPy or PyTorch there is no stream of our own, and they are the only way left.)
 On the CPU, NumPy arrays are passed to ``run`` and read in place. The GPU paths are
 written against ONNX Runtime's documented Python API (IOBinding, CUDA and TensorRT
 provider options) and have not run on the project's machines: no GPU onnxruntime and
@@ -166,9 +172,12 @@ class OnnxRuntimeBackend(StreamOwner):
     def _gpu_providers(self, opts: OnnxRuntimeOptions, available: list[str]) -> list[Any]:
         """CUDA (and TensorRT first, when asked) on this instance's device and stream."""
         common: dict[str, Any] = {"device_id": self._gpu}
+        cuda: dict[str, Any] = {}
         if self._open_stream(self._gpu or 0) is not None:
             common["user_compute_stream"] = str(self._stream.cuda_stream)
-        providers: list[Any] = [("CUDAExecutionProvider", dict(common))]
+            # Copies of host inputs on the compute stream (ONNX Runtime's default, relied on).
+            cuda["do_copy_in_default_stream"] = True
+        providers: list[Any] = [("CUDAExecutionProvider", {**common, **cuda})]
         if opts.tensorrt:
             if "TensorrtExecutionProvider" not in available:
                 raise BackendError(
@@ -211,9 +220,18 @@ class OnnxRuntimeBackend(StreamOwner):
                 binding.bind_cpu_input(name, np.ascontiguousarray(x))
         for name in self._outputs:
             binding.bind_output(name, "cuda", self._gpu)
-        binding.synchronize_inputs()
-        self._session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
+        if self._stream is None:
+            # No stream of our own to wait on: IOBinding's synchronize_* are all there is,
+            # and they synchronize the whole device (the CUDA provider's Sync).
+            binding.synchronize_inputs()
+            self._session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+        else:
+            # The run is queued on this instance's stream, behind the preprocessing that
+            # wrote its device inputs there and with the copies of its host inputs; one
+            # wait for this stream, before the outputs are copied out, is all it takes.
+            self._session.run_with_iobinding(binding)
+            self._stream.synchronize()
         return dict(zip(self._outputs, binding.copy_outputs_to_cpu(), strict=True))
 
     def unload(self) -> None:

@@ -32,6 +32,9 @@ class FakeStream:
         self.synchronized += 1
         self.log.append("sync")
 
+    def close(self) -> None:
+        self.log.append("close")
+
 
 def install_fake_cupy(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     """A ``cupy`` module whose ``cuda.Stream`` creates a new stream each time, like CuPy's."""

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from gpu_fakes import POOL_SIZE, install_fake_cupy, install_fake_torch_cuda
+from gpu_fakes import POOL_SIZE, FakeStream, install_fake_cupy, install_fake_torch_cuda
 
-from backends import onnx_runtime
+from backends import devices, onnx_runtime
 from backends.base import Backend, ModelSpec
 from backends.onnx_runtime import OnnxRuntimeBackend
 from pipeline.tools.zoo.tiny import export_tiny_mlp_onnx, tiny_mlp_reference
@@ -352,3 +352,59 @@ def test_a_provider_library_that_does_not_load_says_why(tmp_path: Path) -> None:
         assert load_error(onnxruntime, "CUDAExecutionProvider") == (
             "libonnxruntime_providers_cuda.so is not in this onnxruntime install"
         )
+
+
+class DeviceArray:
+    """A C-contiguous float32 array on a GPU, as CuPy exposes one (by pointer, no data)."""
+
+    def __init__(self, rows: int, ptr: int = 0xD000) -> None:
+        self.shape = (rows, 64)
+        self.__cuda_array_interface__ = {
+            "shape": (rows, 64),
+            "typestr": "<f4",
+            "data": (ptr, False),
+            "strides": None,
+            "version": 3,
+        }
+
+    def __dlpack__(self, stream: Any = None) -> Any:
+        raise AssertionError("bound by pointer, not through DLPack")
+
+
+def test_a_gpu_batch_waits_for_its_own_stream_not_for_the_device(
+    monkeypatch: pytest.MonkeyPatch, artifact: Path
+) -> None:
+    """IOBinding.synchronize_* is cudaDeviceSynchronize: every instance would wait for all."""
+    ort = install_fake_ort(monkeypatch)
+    stream = FakeStream(0xABC, ort.log)
+    monkeypatch.setattr(devices, "instance_stream", lambda device: stream)
+    backend = OnnxRuntimeBackend()
+    backend.load(ModelSpec("m", artifact), "cuda:0")
+    for x in (DeviceArray(3), np.ones((5, 64), np.float32)):
+        ort.log.clear()
+        assert backend.infer({"x": x})["logits"].shape == (x.shape[0], 10)
+        assert "synchronize_inputs" not in ort.log
+        assert "synchronize_outputs" not in ort.log
+        assert ort.log[-3:] == ["run", "sync", "copy_outputs_to_cpu"]
+    assert ort.log[0] == ("bind_cpu_input", "x")
+    assert stream.synchronized == 2
+    # ONNX Runtime computes, and copies host inputs, on that stream
+    name, cuda = ort.sessions[-1].providers[0]
+    assert name == "CUDAExecutionProvider"
+    assert cuda["user_compute_stream"] == str(0xABC)
+    assert cuda["do_copy_in_default_stream"] is True
+
+    # Without CuPy or PyTorch there is no stream to wait on, only the device-wide calls.
+    monkeypatch.setattr(devices, "instance_stream", lambda device: None)
+    backend.load(ModelSpec("m", artifact), "cuda:0")
+    assert "user_compute_stream" not in ort.sessions[-1].providers[0][1]
+    ort.log.clear()
+    backend.infer({"x": DeviceArray(2)})
+    assert ort.log == [
+        ("bind_input", "x", "cuda", 0xD000),
+        ("bind_output", "logits", "cuda", 0),
+        "synchronize_inputs",
+        "run",
+        "synchronize_outputs",
+        "copy_outputs_to_cpu",
+    ]
