@@ -5,11 +5,18 @@ Options (the model's ``options`` section in topology.yaml):
 - ``signature``: the SavedModel signature to serve (default ``serving_default``).
 - ``intra_op_threads``: threads inside one operator (0 = TensorFlow decides).
 - ``inter_op_threads``: threads across independent operators (0 = TensorFlow decides).
+- ``memory_growth``: (default true) let TensorFlow take GPU memory as it needs it. Left
+  off, TensorFlow reserves nearly all of every GPU's memory when its runtime starts, and
+  any other GPU work in the process (another backend, GPU preprocessing) runs out.
 
-TensorFlow's thread pools are process-wide and fixed once its runtime has started (the
-first op, tensor or loaded model). The thread options are therefore applied by the
-first TensorFlow model that loads in the process; a later model asking for a different
-value cannot get it, and a warning says so once per setting rather than failing the load.
+TensorFlow's thread pools and GPU memory settings are process-wide and fixed once its
+runtime has started (the first op, tensor or loaded model; on a machine with GPUs that
+start also claims their memory, whatever device the model is placed on). These options
+are therefore applied by the first TensorFlow model that loads in the process, to every
+GPU TensorFlow sees (it requires one setting for all); a later model asking for a
+different value cannot get it, and a warning says so once per setting rather than
+failing the load. Memory growth was written against TensorFlow's documented
+``tf.config.experimental.set_memory_growth`` and has not run on a GPU here.
 
 TensorFlow is imported inside the methods: importing it takes seconds, and the CLI, the
 registry and ``kp-pipeline backends`` import this module without serving a TF model.
@@ -65,6 +72,7 @@ class TensorFlowOptions(StrictOptions):
     signature: str = "serving_default"
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    memory_growth: bool = True
 
 
 class TensorFlowBackend:
@@ -103,6 +111,7 @@ class TensorFlowBackend:
             raise BackendError(f"{e}") from None
         # Before anything that starts TF's runtime (placing, loading), or it is too late.
         _apply_threads(tf, opts)
+        _apply_memory_growth(tf, opts.memory_growth)
         tf_device = "/CPU:0" if placed == "cpu" else f"/GPU:{placed.partition(':')[2]}"
 
         path: Path = spec.artifact
@@ -187,6 +196,29 @@ def _apply_threads(tf: Any, opts: TensorFlowOptions) -> None:
                     wanted,
                     current,
                 )
+
+
+def _apply_memory_growth(tf: Any, wanted: bool) -> None:
+    """Set memory growth on every GPU before TF's runtime starts; after, warn once."""
+    experimental = tf.config.experimental
+    gpus = tf.config.list_physical_devices("GPU")
+    # None (never set) is TF's default: off.
+    if all(bool(experimental.get_memory_growth(gpu)) == wanted for gpu in gpus):
+        return
+    try:
+        for gpu in gpus:
+            experimental.set_memory_growth(gpu, wanted)
+    except (RuntimeError, ValueError) as e:
+        # RuntimeError: the GPUs are initialised already; ValueError: virtual devices
+        # were configured on them. Either way the setting cannot change any more.
+        if "memory_growth" not in _warned:
+            _warned.add("memory_growth")
+            log.warning(
+                "tensorflow: memory_growth=%s ignored: %s; GPU memory settings are "
+                "process-wide, so only the first TensorFlow model loaded can set them",
+                str(wanted).lower(),
+                e,
+            )
 
 
 def _signature(

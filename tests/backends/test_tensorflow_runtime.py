@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,70 @@ def test_late_thread_settings_warn_once(
     warnings = [r for r in caplog.records if "intra_op_threads" in r.getMessage()]
     assert len(warnings) == 1
     assert "process-wide" in warnings[0].getMessage()
+
+
+class FakeGPUs:
+    """``tf.config``'s device calls on a machine with two GPUs, recording memory growth."""
+
+    def __init__(self, started: bool = False) -> None:
+        self.gpus = [types.SimpleNamespace(name=f"/physical_device:GPU:{i}") for i in (0, 1)]
+        self.growth: dict[str, bool | None] = {gpu.name: None for gpu in self.gpus}
+        self.started = started
+        self.calls: list[tuple[str, bool]] = []
+
+    def list_physical_devices(self, kind: str | None = None) -> list[Any]:
+        return list(self.gpus) if kind == "GPU" else []
+
+    def get_memory_growth(self, gpu: Any) -> bool | None:
+        return self.growth[gpu.name]
+
+    def set_memory_growth(self, gpu: Any, enable: bool) -> None:
+        self.calls.append((gpu.name, enable))
+        if self.growth[gpu.name] == enable:
+            return
+        if self.started:
+            raise RuntimeError("Physical devices cannot be modified after being initialized")
+        self.growth[gpu.name] = enable
+
+
+def _fake_gpus(monkeypatch: pytest.MonkeyPatch, gpus: FakeGPUs) -> FakeGPUs:
+    monkeypatch.setattr(tf.config, "list_physical_devices", gpus.list_physical_devices)
+    monkeypatch.setattr(tf.config.experimental, "get_memory_growth", gpus.get_memory_growth)
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", gpus.set_memory_growth)
+    monkeypatch.setattr(tensorflow_runtime, "_warned", set())
+    return gpus
+
+
+def test_memory_growth_is_on_for_every_gpu_before_the_runtime_starts(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Otherwise TF reserves nearly all GPU memory at start, whatever the model's device."""
+    gpus = _fake_gpus(monkeypatch, FakeGPUs())
+    TensorFlowBackend().load(ModelSpec("m", models["tiny"]), "cpu")
+    assert gpus.growth == {"/physical_device:GPU:0": True, "/physical_device:GPU:1": True}
+    TensorFlowBackend().load(ModelSpec("m", models["tiny"]), "cpu")
+    assert len(gpus.calls) == 2  # already set: not asked again
+
+
+def test_memory_growth_can_be_turned_off(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpus = _fake_gpus(monkeypatch, FakeGPUs())
+    spec = ModelSpec("m", models["tiny"], {"memory_growth": False})
+    TensorFlowBackend().load(spec, "cpu")
+    assert gpus.calls == []  # TF's default is off already
+    with pytest.raises(BackendError, match=r"options\.memory_growth"):
+        TensorFlowBackend().load(ModelSpec("m", models["tiny"], {"memory_growth": "lots"}), "cpu")
+
+
+def test_memory_growth_after_the_runtime_started_warns_once(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    gpus = _fake_gpus(monkeypatch, FakeGPUs(started=True))
+    with caplog.at_level(logging.WARNING, logger="backends.tensorflow_runtime"):
+        TensorFlowBackend().load(ModelSpec("m", models["tiny"]), "cpu")
+        TensorFlowBackend().load(ModelSpec("m", models["tiny"]), "cpu")
+    warnings = [r.getMessage() for r in caplog.records if "memory_growth" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "memory_growth=true ignored: Physical devices cannot be modified" in warnings[0]
+    assert gpus.growth == {"/physical_device:GPU:0": None, "/physical_device:GPU:1": None}
