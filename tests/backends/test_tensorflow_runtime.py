@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from gpu_fakes import FakeStream
 
-from backends import tensorflow_runtime
+from backends import devices, tensorflow_runtime
 from backends.base import Backend, ModelSpec
 from backends.tensorflow_runtime import TensorFlowBackend
 from pipeline.tools.zoo.keras_twins import export_small_cnn_savedmodel, export_tiny_mlp_savedmodel
@@ -290,3 +291,82 @@ def test_memory_growth_after_the_runtime_started_warns_once(
     assert len(warnings) == 1
     assert "memory_growth=true ignored: Physical devices cannot be modified" in warnings[0]
     assert gpus.growth == {"/physical_device:GPU:0": None, "/physical_device:GPU:1": None}
+
+
+class CudaArray:
+    """A float32 array on a GPU as CuPy shows it; ``__dlpack__`` and ``copy`` are logged."""
+
+    def __init__(self, data: np.ndarray[Any, Any], ptr: int, log: list[Any]) -> None:
+        self.data, self.log = data, log
+        self.__cuda_array_interface__ = {"data": (ptr, False), "shape": data.shape}
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (2, 0)  # kDLCUDA, device 0
+
+    def __dlpack__(self, stream: Any = None) -> Any:
+        self.log.append(("__dlpack__", stream))
+        return types.SimpleNamespace(data=self.data)  # the capsule, as far as TF is told
+
+    def copy(self) -> CudaArray:
+        self.log.append("copy")
+        return CudaArray(self.data.copy(), 0x20000, self.log)
+
+
+@pytest.fixture
+def on_fake_gpu(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> tuple[TensorFlowBackend, FakeStream]:
+    """The tiny model with a stream, as load attaches one on a GPU; from_dlpack is logged."""
+    backend = TensorFlowBackend()
+    backend.load(ModelSpec("tiny", models["tiny"]), "cpu")
+    stream = FakeStream(0xFEED)
+
+    def from_dlpack(capsule: Any) -> Any:
+        stream.log.append("from_dlpack")
+        return tf.constant(capsule.data)
+
+    monkeypatch.setattr(tf.experimental.dlpack, "from_dlpack", from_dlpack)
+    backend._stream = stream
+    return backend, stream
+
+
+@pytest.mark.parametrize(
+    ("ptr", "expected"),
+    [
+        (0x10000, [("__dlpack__", 0xFEED), "sync", "from_dlpack"]),
+        (0x10004, ["sync", "copy", ("__dlpack__", 0xFEED), "sync", "from_dlpack"]),
+    ],
+)
+def test_a_device_array_is_finished_on_its_stream_before_tensorflow_reads_it(
+    on_fake_gpu: tuple[TensorFlowBackend, FakeStream], ptr: int, expected: list[Any]
+) -> None:
+    """TF's from_dlpack orders nothing: the producer's stream is waited for on the host."""
+    backend, stream = on_fake_gpu
+    x = np.linspace(-1, 1, 3 * 64, dtype=np.float32).reshape(3, 64)
+    out = backend.infer({"x": CudaArray(x, ptr, stream.log)})
+    assert stream.log == expected
+    np.testing.assert_allclose(out["logits"], tiny_mlp_reference(x), rtol=0, atol=1e-5)
+
+
+def test_a_device_array_without_a_stream_to_order_it_is_refused(
+    on_fake_gpu: tuple[TensorFlowBackend, FakeStream],
+) -> None:
+    backend, stream = on_fake_gpu
+    backend._stream = None
+    with pytest.raises(BackendError, match="no CUDA stream of its own"):
+        backend.infer({"x": CudaArray(np.zeros((1, 64), np.float32), 0x10000, stream.log)})
+    assert "from_dlpack" not in stream.log
+
+
+def test_on_a_gpu_the_instance_owns_a_stream_and_unload_closes_it(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_gpus(monkeypatch, FakeGPUs())
+    stream = FakeStream(0xFEED)
+    monkeypatch.setattr(devices, "instance_stream", lambda device: stream)
+    backend = TensorFlowBackend()
+    backend.load(ModelSpec("tiny", models["tiny"]), "cuda:1")  # TF soft-places it on the CPU
+    assert backend.stream is stream
+    backend.unload()
+    assert backend.stream is None
+    assert stream.log == ["close"]
