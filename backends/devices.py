@@ -91,8 +91,11 @@ class InstanceStream:
         self._synchronize = synchronize
         self._owner = owner  # a CuPy stream destroys what it created when it goes
         self._torch = torch_view
-        # Runs once: from close, or when this object is collected without one.
+        # Runs once: from close, or when this object is collected without one; not at
+        # exit, when the CUDA runtime may be torn down already (c10 leaks its streams
+        # then for the same reason).
         self._release = weakref.finalize(self, destroy or _nothing, handle)
+        self._release.atexit = False
 
     def synchronize(self) -> None:
         """Wait on the host for the work queued on this stream, and only this stream."""
