@@ -8,10 +8,16 @@ after batch: copies between pinned memory and the GPU can run asynchronously on 
 instance's stream, and allocating pinned memory per batch costs more than the copy.
 It needs PyTorch and a CUDA device; the CUDA paths here were written against PyTorch's
 documented API and have not run on the project's machines (no GPU was lent).
+
+`instance_stream` makes the CUDA stream an instance owns (see `InstanceStream` for why
+not ``torch.cuda.Stream()``); `StreamOwner` opens and closes it for a backend.
 """
 
 from __future__ import annotations
 
+import ctypes
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +25,13 @@ import numpy as np
 from schemas.devices import parse_device
 from schemas.errors import BackendError
 
-__all__ = ["PinnedBuffers", "StreamOwner", "resolve_device"]
+__all__ = [
+    "InstanceStream",
+    "PinnedBuffers",
+    "StreamOwner",
+    "instance_stream",
+    "resolve_device",
+]
 
 
 def resolve_device(device: str, gpus: int | None, runtime: str) -> str:
@@ -41,6 +53,108 @@ def resolve_device(device: str, gpus: int | None, runtime: str) -> str:
     return f"cuda:{n}"
 
 
+class InstanceStream:
+    """A CUDA stream made for one model instance, which no other instance is given.
+
+    ``torch.cuda.Stream()`` does not create a stream: it hands out the next of a pool of
+    32 per device and priority, round robin (c10/cuda/CUDAStream.cpp), so the 33rd
+    instance on a device would share the first one's stream, and "each instance owns its
+    stream" would stop holding without a word. This one is created for the instance and
+    destroyed by `close` (or when it is collected):
+
+    - with CuPy when it is installed (the GPU preprocessing stages need it anyway):
+      ``cupy.cuda.Stream(non_blocking=True)``, a non-blocking stream like torch's own;
+    - else with PyTorch's binding of ``cudaStreamCreate`` (``torch.cuda.cudart()``),
+      which makes a blocking stream: it also waits for work on the legacy default
+      stream, and that stream waits for it. The torch and TensorRT backends queue
+      nothing there, so their instances still overlap; a synchronous ``cudaMemcpy``
+      (ONNX Runtime's copy of outputs to the host) does queue there and would wait for
+      every such stream, which is one more reason GPU machines have CuPy (``gpu`` extra).
+
+    ``cuda_stream`` is the raw handle (what ONNX Runtime and the preprocessing stages
+    take); `torch` gives a ``torch.cuda.ExternalStream`` over it for ``torch.cuda.stream``.
+    Written against CuPy's and PyTorch's documented APIs and not run here (no GPU).
+    """
+
+    def __init__(
+        self,
+        handle: int,
+        device: int,
+        synchronize: Callable[[], Any],
+        *,
+        owner: Any = None,
+        destroy: Callable[[int], Any] | None = None,
+        torch_view: Any = None,
+    ) -> None:
+        self.cuda_stream = handle
+        self.device = device
+        self._synchronize = synchronize
+        self._owner = owner  # a CuPy stream destroys what it created when it goes
+        self._torch = torch_view
+        # Runs once: from close, or when this object is collected without one; not at
+        # exit, when the CUDA runtime may be torn down already (c10 leaks its streams
+        # then for the same reason).
+        self._release = weakref.finalize(self, destroy or _nothing, handle)
+        self._release.atexit = False
+
+    def synchronize(self) -> None:
+        """Wait on the host for the work queued on this stream, and only this stream."""
+        self._synchronize()
+
+    def torch(self) -> Any:
+        """A ``torch.cuda.ExternalStream`` over this stream (it does not own it)."""
+        if self._torch is None:
+            import torch
+
+            self._torch = torch.cuda.ExternalStream(self.cuda_stream, device=self.device)
+        return self._torch
+
+    def close(self) -> None:
+        """Destroy the stream; CUDA lets work already queued on it finish first."""
+        self._torch = None
+        self._owner = None
+        self._synchronize = _nothing_queued  # a bound method would keep the owner alive
+        self._release()
+
+
+def _nothing(handle: int) -> None:
+    """No destroy step: the stream's owner object destroys it."""
+
+
+def _nothing_queued() -> None:
+    """A closed stream has nothing left to wait for."""
+
+
+def instance_stream(device: int) -> InstanceStream | None:
+    """A new stream on CUDA device ``device``; None without CuPy or a CUDA PyTorch."""
+    try:
+        import cupy
+    except ImportError:
+        cupy = None
+    if cupy is not None:
+        with cupy.cuda.Device(device):
+            made = cupy.cuda.Stream(non_blocking=True)
+        return InstanceStream(int(made.ptr), device, made.synchronize, owner=made)
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    cudart = torch.cuda.cudart()
+    slot = ctypes.c_void_p()
+    with torch.cuda.device(device):
+        status = cudart.cudaStreamCreate(ctypes.addressof(slot))
+    if status != cudart.cudaError.success:
+        why = cudart.cudaGetErrorString(status)
+        raise BackendError(f"cuda:{device}: cannot create a CUDA stream: {why}")
+    handle = int(slot.value or 0)
+    view = torch.cuda.ExternalStream(handle, device=device)
+    return InstanceStream(
+        handle, device, view.synchronize, destroy=cudart.cudaStreamDestroy, torch_view=view
+    )
+
+
 class StreamOwner:
     """A backend instance that may own a CUDA stream (``_stream``; None on a CPU).
 
@@ -49,11 +163,34 @@ class StreamOwner:
     """
 
     _stream: Any = None
+    _owned: InstanceStream | None = None
 
     @property
     def stream(self) -> Any:
         """The instance's CUDA stream (``cuda_stream`` is its handle); None on a CPU."""
         return self._stream
+
+    def _open_stream(self, device: int, *, as_torch: bool = False) -> Any:
+        """Make this instance's own stream on ``device`` (see `InstanceStream`).
+
+        ``as_torch`` keeps the ``torch.cuda.ExternalStream`` view as ``_stream``, for
+        backends that queue work with ``torch.cuda.stream``. None where no library can
+        make a stream (neither CuPy nor a CUDA PyTorch).
+        """
+        self._close_stream()
+        self._owned = instance_stream(device)
+        if self._owned is None:
+            self._stream = None
+        else:
+            self._stream = self._owned.torch() if as_torch else self._owned
+        return self._stream
+
+    def _close_stream(self) -> None:
+        """Drop and destroy the instance's stream, if it has one."""
+        self._stream = None
+        owned, self._owned = self._owned, None
+        if owned is not None:
+            owned.close()
 
 
 class PinnedBuffers:

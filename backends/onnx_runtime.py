@@ -13,12 +13,23 @@ Options (the model's ``options`` section in topology.yaml):
 Providers follow the device: ``cpu`` → CPU; ``cuda:N`` → [TensorRT,] CUDA on device N,
 then CPU for operators the GPU providers lack; ``auto`` → CUDA when this onnxruntime
 build has it, else CPU. Asking for ``cuda`` from a build without the CUDA provider (the
-``onnxruntime`` wheel rather than ``onnxruntime-gpu``) is refused at start.
+``onnxruntime`` wheel rather than ``onnxruntime-gpu``) is refused at start, and so is a
+session that ONNX Runtime built without a provider that was asked for (it does that,
+logging rather than raising, when the CUDA provider's libraries do not load): the error
+names what was asked, what was built, and the loader's reason when it can be had.
+ONNX Runtime's Python fallback to the CPU is turned off, at start and per batch.
 
-On a GPU each instance runs on its own CUDA stream (``user_compute_stream``, made with
-PyTorch when it is installed) and binds its tensors with I/O binding: host inputs are
-bound as they are, device arrays from GPU preprocessing (anything exposing
-``__cuda_array_interface__``: CuPy, PyTorch) by pointer, without a host round trip.
+On a GPU each instance runs on its own CUDA stream (``user_compute_stream``, made for it
+with CuPy or PyTorch, whichever is installed: `backends.devices.InstanceStream`) and
+binds its tensors with I/O binding: host inputs are bound as they are, device arrays
+from GPU preprocessing (anything exposing ``__cuda_array_interface__``: CuPy, PyTorch)
+by pointer, without a host round trip.
+Ordering is the stream's: the graph runs the instance's GPU preprocessing on it, ONNX
+Runtime copies host inputs and computes on it (``do_copy_in_default_stream``), and each
+batch ends with one wait for that stream before the outputs are copied to the host.
+IOBinding's ``synchronize_inputs``/``synchronize_outputs`` are not used: they
+synchronize the whole device, so every instance would wait for every other. (Without
+CuPy or PyTorch there is no stream of our own, and they are the only way left.)
 On the CPU, NumPy arrays are passed to ``run`` and read in place. The GPU paths are
 written against ONNX Runtime's documented Python API (IOBinding, CUDA and TensorRT
 provider options) and have not run on the project's machines: no GPU onnxruntime and
@@ -27,7 +38,10 @@ no GPU there.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -123,10 +137,32 @@ class OnnxRuntimeBackend(StreamOwner):
         if placed != "cpu":
             self._gpu = int(placed.partition(":")[2] or 0)
             providers = self._gpu_providers(opts, available) + providers
+        asked = [p[0] if isinstance(p, tuple) else p for p in providers]
         try:
-            self._session = ort.InferenceSession(str(spec.artifact), so, providers=providers)
+            # No fallback: ONNX Runtime's Python API would otherwise answer a provider that
+            # fails to start by building a CPU session (printing why on stdout), and
+            # switch a running session to the CPU when a provider fails a batch.
+            self._session = ort.InferenceSession(
+                str(spec.artifact), so, providers=providers, enable_fallback=0
+            )
         except Exception as e:
-            raise BackendError(f"{spec.artifact} is not a loadable ONNX model: {e}") from None
+            self.unload()
+            if placed == "cpu":
+                raise BackendError(f"{spec.artifact} is not a loadable ONNX model: {e}") from None
+            raise BackendError(
+                f"{spec.artifact}: ONNX Runtime built no session on {asked} ({placed}): {e}"
+            ) from None
+        built = list(self._session.get_providers())
+        missing = [p for p in asked if p not in built]
+        if missing:
+            self.unload()
+            why = [_provider_load_error(ort, p) for p in missing]
+            raise BackendError(
+                f"device {placed!r}: asked ONNX Runtime for {asked}, it built the session on "
+                f"{built}: {', '.join(missing)} did not start ("
+                + ("; ".join(w for w in why if w) or "ONNX Runtime logged why on stderr")
+                + ")"
+            )
         inputs = {i.name: _spec(i) for i in self._session.get_inputs()}
         outputs = {o.name: _spec(o) for o in self._session.get_outputs()}
         self._outputs = list(outputs)
@@ -138,10 +174,12 @@ class OnnxRuntimeBackend(StreamOwner):
     def _gpu_providers(self, opts: OnnxRuntimeOptions, available: list[str]) -> list[Any]:
         """CUDA (and TensorRT first, when asked) on this instance's device and stream."""
         common: dict[str, Any] = {"device_id": self._gpu}
-        self._stream = _own_stream(self._gpu)
-        if self._stream is not None:
+        cuda: dict[str, Any] = {}
+        if self._open_stream(self._gpu or 0) is not None:
             common["user_compute_stream"] = str(self._stream.cuda_stream)
-        providers: list[Any] = [("CUDAExecutionProvider", dict(common))]
+            # Copies of host inputs on the compute stream (ONNX Runtime's default, relied on).
+            cuda["do_copy_in_default_stream"] = True
+        providers: list[Any] = [("CUDAExecutionProvider", {**common, **cuda})]
         if opts.tensorrt:
             if "TensorrtExecutionProvider" not in available:
                 raise BackendError(
@@ -184,26 +222,51 @@ class OnnxRuntimeBackend(StreamOwner):
                 binding.bind_cpu_input(name, np.ascontiguousarray(x))
         for name in self._outputs:
             binding.bind_output(name, "cuda", self._gpu)
-        binding.synchronize_inputs()
-        self._session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
+        if self._stream is None:
+            # No stream of our own to wait on: IOBinding's synchronize_* are all there is,
+            # and they synchronize the whole device (the CUDA provider's Sync).
+            binding.synchronize_inputs()
+            self._session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+        else:
+            # The run is queued on this instance's stream, behind the preprocessing that
+            # wrote its device inputs there and with the copies of its host inputs; one
+            # wait for this stream, before the outputs are copied out, is all it takes.
+            self._session.run_with_iobinding(binding)
+            self._stream.synchronize()
         return dict(zip(self._outputs, binding.copy_outputs_to_cpu(), strict=True))
 
     def unload(self) -> None:
         """Drop the session (and its stream)."""
         self._session = None
-        self._stream = None
+        self._close_stream()
 
 
-def _own_stream(device: int | None) -> Any:
-    """A CUDA stream for one instance, made with PyTorch; None without it (default stream)."""
+_PROVIDER_LIBRARIES = {
+    "CUDAExecutionProvider": "libonnxruntime_providers_cuda.so",
+    "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so",
+}
+
+
+def _provider_load_error(ort: Any, provider: str) -> str | None:
+    """Why a provider's shared library does not load here, in the dynamic loader's words.
+
+    When a GPU provider's library cannot load (a missing libcudnn or libcublasLt, most
+    often), ONNX Runtime logs the loader's error on stderr and builds the session
+    without that provider; loading the library again is how to get those words back.
+    """
+    library = _PROVIDER_LIBRARIES.get(provider)
+    where = getattr(ort, "__file__", None)
+    if library is None or where is None or not sys.platform.startswith("linux"):
+        return None
+    path = Path(where).parent / "capi" / library
+    if not path.is_file():
+        return f"{library} is not in this onnxruntime install"
     try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.Stream(device=device)
+        ctypes.CDLL(str(path))
+    except OSError as e:
+        return f"{library}: {e}"
+    return None
 
 
 def _spec(node: Any) -> TensorSpec:

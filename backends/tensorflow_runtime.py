@@ -5,22 +5,41 @@ Options (the model's ``options`` section in topology.yaml):
 - ``signature``: the SavedModel signature to serve (default ``serving_default``).
 - ``intra_op_threads``: threads inside one operator (0 = TensorFlow decides).
 - ``inter_op_threads``: threads across independent operators (0 = TensorFlow decides).
+- ``memory_growth``: (default true) let TensorFlow take GPU memory as it needs it. Left
+  off, TensorFlow reserves nearly all of every GPU's memory when its runtime starts, and
+  any other GPU work in the process (another backend, GPU preprocessing) runs out.
 
-TensorFlow's thread pools are process-wide and fixed once its runtime has started (the
-first op, tensor or loaded model). The thread options are therefore applied by the
-first TensorFlow model that loads in the process; a later model asking for a different
-value cannot get it, and a warning says so once per setting rather than failing the load.
+TensorFlow's thread pools and GPU memory settings are process-wide and fixed once its
+runtime has started (the first op, tensor or loaded model; on a machine with GPUs that
+start also claims their memory, whatever device the model is placed on). These options
+are therefore applied by the first TensorFlow model that loads in the process, to every
+GPU TensorFlow sees (it requires one setting for all); a later model asking for a
+different value cannot get it, and a warning says so once per setting rather than
+failing the load. Memory growth was written against TensorFlow's documented
+``tf.config.experimental.set_memory_growth`` and has not run on a GPU here.
 
 TensorFlow is imported inside the methods: importing it takes seconds, and the CLI, the
 registry and ``kp-pipeline backends`` import this module without serving a TF model.
 
-On ``cuda:N`` the model's variables and ops are placed on ``/GPU:N``. Device arrays on
-a GPU enter through ``tf.experimental.dlpack.from_dlpack`` without a copy, unless their
-data is not 64-byte aligned (TF aborts the process on such pointers; see `_ALIGN`), when
-the producer is asked for a fresh copy first. That GPU path was written against
-TensorFlow's documented API and has not run on the project's machines (tensorflow-cpu,
-no GPU there). DLPack arrays in host memory (a CPU torch tensor) go through NumPy, and
-the tests cover them, aligned and not.
+On ``cuda:N`` the model's variables and ops are placed on ``/GPU:N``, and the instance
+owns a CUDA stream (`backends.devices.InstanceStream`), which the graph gives its GPU
+preprocessing. Device arrays on a GPU enter through ``tf.experimental.dlpack.from_dlpack``
+without a copy, unless their data is not 64-byte aligned (TF aborts the process on such
+pointers; see `_ALIGN`), when the producer is asked for a fresh copy first.
+
+That hand-off is ordered on the host. TF's ``from_dlpack`` takes a capsule and nothing
+about streams: it neither passes a stream to ``__dlpack__`` nor waits for one, and its
+kernels read the memory on TF's own (non-blocking) streams, which nothing orders after
+the producer's kernels. So the backend asks the producer for the capsule with
+``__dlpack__(stream=<the instance's stream>)`` (the DLPack protocol: the producer makes
+that stream wait for the writes queued on its current stream) and synchronises that one
+stream before handing the capsule over: the host waits for this instance's
+preprocessing and nothing else on the device. A device array reaching an instance
+without a stream (placed on the CPU, or neither CuPy nor PyTorch installed) is refused.
+That GPU path was written against TensorFlow's, CuPy's and PyTorch's documented APIs
+and has not run on the project's machines (tensorflow-cpu, no GPU there). DLPack arrays
+in host memory (a CPU torch tensor) go through NumPy, and the tests cover them, aligned
+and not.
 """
 
 from __future__ import annotations
@@ -33,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
-from backends.devices import resolve_device
+from backends.devices import StreamOwner, resolve_device
 from backends.options import StrictOptions, parse_options
 from schemas.devices import is_device_array
 from schemas.errors import BackendError
@@ -65,10 +84,11 @@ class TensorFlowOptions(StrictOptions):
     signature: str = "serving_default"
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    memory_growth: bool = True
 
 
-class TensorFlowBackend:
-    """One loaded SavedModel signature: one model instance."""
+class TensorFlowBackend(StreamOwner):
+    """One loaded SavedModel signature: one model instance (with a CUDA stream on a GPU)."""
 
     def __init__(self) -> None:
         self._model: Any = None
@@ -103,6 +123,7 @@ class TensorFlowBackend:
             raise BackendError(f"{e}") from None
         # Before anything that starts TF's runtime (placing, loading), or it is too late.
         _apply_threads(tf, opts)
+        _apply_memory_growth(tf, opts.memory_growth)
         tf_device = "/CPU:0" if placed == "cpu" else f"/GPU:{placed.partition(':')[2]}"
 
         path: Path = spec.artifact
@@ -134,6 +155,8 @@ class TensorFlowBackend:
         # unload() dropping both is what frees them.
         self._model, self._fn, self._name, self._tf_device = model, fn, spec.name, tf_device
         self._inputs, self._outputs = list(inputs), list(outputs)
+        if placed != "cpu":
+            self._open_stream(int(placed.partition(":")[2] or 0))
         return ModelInfo(
             {k: v for k, (v, _) in inputs.items()},
             {k: v for k, (v, _) in outputs.items()},
@@ -152,7 +175,7 @@ class TensorFlowBackend:
             raise BackendError(f"model {self._name!r}: batch lacks input(s) {missing}")
         try:
             with tf.device(self._tf_device):
-                feeds = {k: _to_tensor(tf, batch[k]) for k in self._inputs}
+                feeds = {k: _to_tensor(tf, batch[k], self._stream) for k in self._inputs}
                 results = self._fn(**feeds)
         except (tf.errors.OpError, TypeError, ValueError) as e:
             raise BackendError(f"model {self._name!r}: tensorflow: {e}") from None
@@ -162,6 +185,7 @@ class TensorFlowBackend:
         """Drop the model; TF frees its variables once nothing references them."""
         self._model = self._fn = None
         self._inputs, self._outputs = [], []
+        self._close_stream()
 
 
 def _apply_threads(tf: Any, opts: TensorFlowOptions) -> None:
@@ -187,6 +211,29 @@ def _apply_threads(tf: Any, opts: TensorFlowOptions) -> None:
                     wanted,
                     current,
                 )
+
+
+def _apply_memory_growth(tf: Any, wanted: bool) -> None:
+    """Set memory growth on every GPU before TF's runtime starts; after, warn once."""
+    experimental = tf.config.experimental
+    gpus = tf.config.list_physical_devices("GPU")
+    # None (never set) is TF's default: off.
+    if all(bool(experimental.get_memory_growth(gpu)) == wanted for gpu in gpus):
+        return
+    try:
+        for gpu in gpus:
+            experimental.set_memory_growth(gpu, wanted)
+    except (RuntimeError, ValueError) as e:
+        # RuntimeError: the GPUs are initialised already; ValueError: virtual devices
+        # were configured on them. Either way the setting cannot change any more.
+        if "memory_growth" not in _warned:
+            _warned.add("memory_growth")
+            log.warning(
+                "tensorflow: memory_growth=%s ignored: %s; GPU memory settings are "
+                "process-wide, so only the first TensorFlow model loaded can set them",
+                str(wanted).lower(),
+                e,
+            )
 
 
 def _signature(
@@ -224,7 +271,8 @@ def _max_batch(batch_dims: list[int | None]) -> int | None:
     return min(d for d in batch_dims if d is not None)
 
 
-def _to_tensor(tf: Any, x: Any) -> Any:
+def _to_tensor(tf: Any, x: Any, stream: Any) -> Any:
+    """A TF tensor over ``x``; a device array's writes are finished before TF sees it."""
     if not is_device_array(x):
         return tf.convert_to_tensor(x)
     device = x.__dlpack_device__()[0] if hasattr(x, "__dlpack_device__") else _DL_CPU
@@ -232,11 +280,23 @@ def _to_tensor(tf: Any, x: Any) -> Any:
         # Host memory: NumPy views it without a copy and TF copies what it must, whereas
         # from_dlpack would hand TF an unaligned pointer and abort the process.
         return tf.convert_to_tensor(np.from_dlpack(x))
+    if stream is None:
+        raise BackendError(
+            "a CUDA array reached a TensorFlow instance with no CUDA stream of its own "
+            "(placed on the CPU, or neither CuPy nor PyTorch installed), so nothing can "
+            "order its hand-off: TF could read it before it is written"
+        )
     interface = getattr(x, "__cuda_array_interface__", None)
     if interface is not None and interface["data"][0] % _ALIGN:
-        # A view at an odd offset: a fresh allocation on the same device is aligned.
+        # A view at an odd offset: a fresh allocation on the same device is aligned. The
+        # copy runs on this thread's current stream, so the data it reads is waited for.
         copy = getattr(x, "clone", None) or getattr(x, "copy", None)  # torch / CuPy
         if copy is None:
             raise BackendError(f"a device array at {interface['data'][0]:#x} is not aligned")
+        stream.synchronize()
         x = copy()
-    return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
+    # The producer orders what its current stream still has to write before our stream,
+    # and waiting for our stream waits for that and for the preprocessing queued on it.
+    capsule = x.__dlpack__(stream=stream.cuda_stream)
+    stream.synchronize()
+    return tf.experimental.dlpack.from_dlpack(capsule)

@@ -13,7 +13,8 @@ What runs where: TensorRT has no CPU path, so an instance runs on ``cuda:N`` onl
 at load. NumPy inputs are staged through reused pinned host buffers and copied
 asynchronously on the instance's stream; device arrays (DLPack) are taken in place.
 Outputs come back through pinned host buffers, and the stream is synchronised once per
-batch. Each instance owns its stream, so instances of one model overlap on the GPU
+batch. Each instance owns its stream, created for it rather than taken from torch's pool
+of 32 (`backends.devices.InstanceStream`), so instances of one model overlap on the GPU
 instead of queueing behind each other on the default stream.
 
 The artifact is an engine (``.plan``/``.engine``) serialized by the same TensorRT version
@@ -291,7 +292,10 @@ class TensorRTBackend(StreamOwner):
             context = engine.create_execution_context()
             if context is None:
                 raise BackendError("no execution context (GPU memory?)")
-            stream = torch.cuda.Stream(device=placed)
+            # Its own stream, not one of torch's pooled 32 (see `InstanceStream`).
+            stream = self._open_stream(parse_device(placed)[1] or 0, as_torch=True)
+            if stream is None:
+                raise BackendError(f"{placed}: cannot create a CUDA stream for the instance")
         self._attach((runtime, engine, context), stream, placed, signature, opts.profile)
         return ModelInfo(
             signature.inputs,
@@ -370,7 +374,7 @@ class TensorRTBackend(StreamOwner):
         self._context = None
         self._engine = None
         self._runtime = None
-        self._stream = None
+        self._close_stream()
         self._signature = None
         self._host.clear()
         self._device_out.clear()

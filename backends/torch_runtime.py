@@ -19,7 +19,8 @@ Inputs are passed to ``forward`` positionally in signature order; a module may r
 tensor, a tuple or a dict of tensors. Every call runs under ``torch.inference_mode``.
 
 On the CPU, NumPy arrays become tensors without a copy (``torch.from_numpy``) and outputs
-come back the same way. On ``cuda:N`` each instance owns a CUDA stream: host inputs go
+come back the same way. On ``cuda:N`` each instance owns a CUDA stream, created for it
+rather than taken from torch's pool of 32 (`backends.devices.InstanceStream`): host inputs go
 through reused pinned buffers and are copied asynchronously on that stream, device
 arrays from GPU preprocessing (CuPy, PyTorch) are taken through DLPack without touching
 the host, and outputs return through pinned buffers after one stream synchronisation.
@@ -114,8 +115,10 @@ class TorchBackend(StreamOwner):
         self._module = module
         self._inputs = list(inputs)
         self._outputs = outputs
-        if self._device.type == "cuda":
-            self._stream = torch.cuda.Stream(device=self._device)
+        # On a GPU, its own stream, not one of torch's pooled 32 (see `InstanceStream`).
+        on_gpu = self._device.type == "cuda"
+        if on_gpu and self._open_stream(self._device.index or 0, as_torch=True) is None:
+            raise BackendError(f"{placed}: cannot create a CUDA stream for the instance")
         program = embedded.get("program")
         max_batch = None if program is None else _program_max_batch(program)
         return ModelInfo(inputs, outputs, max_batch, placed)
@@ -139,7 +142,7 @@ class TorchBackend(StreamOwner):
     def unload(self) -> None:
         """Drop the module, its stream and the pinned buffers."""
         self._module = None
-        self._stream = None
+        self._close_stream()
         self._pinned.clear()
 
     # -- tensors in and out ----------------------------------------------------------------

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import io
 import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
+from gpu_fakes import POOL_SIZE, FakeStream, install_fake_cupy, install_fake_torch_cuda
 
+from backends import devices, onnx_runtime
 from backends.base import Backend, ModelSpec
 from backends.onnx_runtime import OnnxRuntimeBackend
 from pipeline.tools.zoo.tiny import export_tiny_mlp_onnx, tiny_mlp_reference
-from schemas import devices
+from schemas import devices as schema_devices
 from schemas.errors import BackendError
 from schemas.tensors import TensorSpec
 
@@ -102,7 +106,7 @@ def test_without_onnxruntime_the_hints_name_the_gpu_extra_for_the_machine(
 ) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
     monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(version=SimpleNamespace(cuda=None)))
-    monkeypatch.setattr(devices, "_driver_cuda_major", lambda: driver, raising=False)
+    monkeypatch.setattr(schema_devices, "_driver_cuda_major", lambda: driver, raising=False)
     probe = OnnxRuntimeBackend.probe()
     assert not probe.usable
     assert f"pip install 'kp-pipeline[cpu]', or {extra} for onnxruntime-gpu" in probe.detail
@@ -195,3 +199,235 @@ def test_chelsea_the_cat_is_a_cat_through_the_demo_topology() -> None:
     assert top1 in {281, 282, 285}  # tabby, tiger cat, Egyptian cat
     assert batch.columns["labels"][0, 0] in {b"tabby", b"tiger cat", b"Egyptian cat"}
     assert batch.columns["scores"][0, 0] > 0.2
+
+
+# -- the GPU path, on a fake onnxruntime (no GPU onnxruntime here) ----------------------------
+
+
+class Node:
+    """What ``get_inputs``/``get_outputs`` return: a name, an ONNX type, a shape."""
+
+    def __init__(self, name: str, shape: list[Any]) -> None:
+        self.name, self.type, self.shape = name, "tensor(float)", shape
+
+
+class FakeBinding:
+    """An ``IOBinding`` that records each call in the session's log."""
+
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+        self.rows = 0
+
+    def bind_input(self, **kw: Any) -> None:
+        self.rows = kw["shape"][0]
+        self.log.append(("bind_input", kw["name"], kw["device_type"], kw["buffer_ptr"]))
+
+    def bind_cpu_input(self, name: str, arr: np.ndarray[Any, Any]) -> None:
+        self.rows = len(arr)
+        self.log.append(("bind_cpu_input", name))
+
+    def bind_output(self, name: str, device_type: str, device_id: int) -> None:
+        self.log.append(("bind_output", name, device_type, device_id))
+
+    def synchronize_inputs(self) -> None:
+        self.log.append("synchronize_inputs")
+
+    def synchronize_outputs(self) -> None:
+        self.log.append("synchronize_outputs")
+
+    def copy_outputs_to_cpu(self) -> list[np.ndarray[Any, Any]]:
+        self.log.append("copy_outputs_to_cpu")
+        return [np.zeros((self.rows, 10), np.float32)]
+
+
+FAKE_GPU_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def install_fake_ort(
+    monkeypatch: pytest.MonkeyPatch, available: tuple[str, ...] = FAKE_GPU_PROVIDERS
+) -> types.SimpleNamespace:
+    """An ``onnxruntime`` module; its sessions build on ``state.built`` (default: as asked)."""
+    state = types.SimpleNamespace(sessions=[], log=[], built=None, error=None)
+
+    class Session:
+        def __init__(self, path: str, so: Any, providers: list[Any], **kwargs: Any) -> None:
+            self.providers, self.kwargs = providers, kwargs
+            state.sessions.append(self)
+            if state.error is not None:
+                raise state.error
+
+        def get_inputs(self) -> list[Node]:
+            return [Node("x", ["N", 64])]
+
+        def get_outputs(self) -> list[Node]:
+            return [Node("logits", ["N", 10])]
+
+        def get_providers(self) -> list[str]:
+            asked = [p[0] if isinstance(p, tuple) else p for p in self.providers]
+            return asked if state.built is None else list(state.built)
+
+        def io_binding(self) -> FakeBinding:
+            return FakeBinding(state.log)
+
+        def run_with_iobinding(self, binding: FakeBinding) -> None:
+            state.log.append("run")
+
+    module = types.ModuleType("onnxruntime")
+    module.__dict__.update(
+        __version__="0.0-fake",
+        get_available_providers=lambda: list(available),
+        SessionOptions=types.SimpleNamespace,
+        GraphOptimizationLevel=types.SimpleNamespace(
+            ORT_DISABLE_ALL=0, ORT_ENABLE_BASIC=1, ORT_ENABLE_EXTENDED=2, ORT_ENABLE_ALL=99
+        ),
+        InferenceSession=Session,
+    )
+    monkeypatch.setitem(sys.modules, "onnxruntime", module)
+    return state
+
+
+@pytest.fixture
+def artifact(tmp_path: Path) -> Path:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"a model the fake onnxruntime never reads")
+    return path
+
+
+def test_past_torchs_stream_pool_every_gpu_instance_still_owns_its_stream(
+    monkeypatch: pytest.MonkeyPatch, artifact: Path
+) -> None:
+    """torch.cuda.Stream() would hand the 33rd instance the 1st one's stream (faked here)."""
+    ort = install_fake_ort(monkeypatch)
+    cuda = install_fake_torch_cuda(monkeypatch)
+    install_fake_cupy(monkeypatch)
+    for _ in range(POOL_SIZE + 8):
+        OnnxRuntimeBackend().load(ModelSpec("m", artifact), "cuda:0")
+    streams = [dict(s.providers[0][1])["user_compute_stream"] for s in ort.sessions]
+    assert len(set(streams)) == POOL_SIZE + 8
+    assert cuda.pooled == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "built", "missing"),
+    [
+        ({}, ["CPUExecutionProvider"], "CUDAExecutionProvider"),
+        ({"tensorrt": True}, ["CUDAExecutionProvider", "CPUExecutionProvider"], "Tensorrt"),
+    ],
+)
+def test_a_session_built_without_an_asked_provider_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+    artifact: Path,
+    options: dict[str, Any],
+    built: list[str],
+    missing: str,
+) -> None:
+    """ONNX Runtime logs a provider that fails to load and builds without it, silently."""
+    ort = install_fake_ort(monkeypatch, ("TensorrtExecutionProvider", *FAKE_GPU_PROVIDERS))
+    ort.built = built
+    install_fake_cupy(monkeypatch)
+    reason = "libonnxruntime_providers_cuda.so: libcublasLt.so.12: cannot open shared object"
+    monkeypatch.setattr(onnx_runtime, "_provider_load_error", lambda *a: reason, raising=False)
+    backend = OnnxRuntimeBackend()
+    with pytest.raises(BackendError) as e:
+        backend.load(ModelSpec("m", artifact, options), "cuda:0")
+    message = str(e.value)
+    assert message.startswith("device 'cuda:0': asked ONNX Runtime for [")
+    assert f"it built the session on {built}: {missing}" in message
+    assert reason in message
+    assert backend.stream is None  # the stream made for the instance went with it
+
+
+def test_onnx_runtimes_fallback_to_the_cpu_is_off_and_its_error_named(
+    monkeypatch: pytest.MonkeyPatch, artifact: Path
+) -> None:
+    ort = install_fake_ort(monkeypatch)
+    install_fake_cupy(monkeypatch)
+    ort.error = RuntimeError("CUDA_PATH is set but CUDA wasn't able to be loaded")
+    with pytest.raises(BackendError) as e:
+        OnnxRuntimeBackend().load(ModelSpec("m", artifact), "cuda:0")
+    assert str(e.value) == (
+        f"{artifact}: ONNX Runtime built no session on "
+        "['CUDAExecutionProvider', 'CPUExecutionProvider'] (cuda:0): "
+        "CUDA_PATH is set but CUDA wasn't able to be loaded"
+    )
+    assert ort.sessions[-1].kwargs == {"enable_fallback": 0}
+
+
+def test_a_provider_library_that_does_not_load_says_why(tmp_path: Path) -> None:
+    import onnxruntime
+
+    if sys.platform != "linux":
+        pytest.skip("the provider libraries are named as on Linux")
+    load_error = onnx_runtime._provider_load_error
+    capi = tmp_path / "onnxruntime" / "capi"
+    capi.mkdir(parents=True)
+    (capi / "libonnxruntime_providers_cuda.so").write_bytes(b"not a shared object")
+    fake = types.SimpleNamespace(__file__=str(tmp_path / "onnxruntime" / "__init__.py"))
+    why = load_error(fake, "CUDAExecutionProvider")
+    assert why is not None
+    assert why.startswith("libonnxruntime_providers_cuda.so: ")
+    assert "libonnxruntime_providers_cuda.so" in why.partition(": ")[2]  # the loader's words
+    assert load_error(fake, "TensorrtExecutionProvider") == (
+        "libonnxruntime_providers_tensorrt.so is not in this onnxruntime install"
+    )
+    assert load_error(fake, "CPUExecutionProvider") is None
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert load_error(onnxruntime, "CUDAExecutionProvider") == (
+            "libonnxruntime_providers_cuda.so is not in this onnxruntime install"
+        )
+
+
+class DeviceArray:
+    """A C-contiguous float32 array on a GPU, as CuPy exposes one (by pointer, no data)."""
+
+    def __init__(self, rows: int, ptr: int = 0xD000) -> None:
+        self.shape = (rows, 64)
+        self.__cuda_array_interface__ = {
+            "shape": (rows, 64),
+            "typestr": "<f4",
+            "data": (ptr, False),
+            "strides": None,
+            "version": 3,
+        }
+
+    def __dlpack__(self, stream: Any = None) -> Any:
+        raise AssertionError("bound by pointer, not through DLPack")
+
+
+def test_a_gpu_batch_waits_for_its_own_stream_not_for_the_device(
+    monkeypatch: pytest.MonkeyPatch, artifact: Path
+) -> None:
+    """IOBinding.synchronize_* is cudaDeviceSynchronize: every instance would wait for all."""
+    ort = install_fake_ort(monkeypatch)
+    stream = FakeStream(0xABC, ort.log)
+    monkeypatch.setattr(devices, "instance_stream", lambda device: stream)
+    backend = OnnxRuntimeBackend()
+    backend.load(ModelSpec("m", artifact), "cuda:0")
+    for x in (DeviceArray(3), np.ones((5, 64), np.float32)):
+        ort.log.clear()
+        assert backend.infer({"x": x})["logits"].shape == (x.shape[0], 10)
+        assert "synchronize_inputs" not in ort.log
+        assert "synchronize_outputs" not in ort.log
+        assert ort.log[-3:] == ["run", "sync", "copy_outputs_to_cpu"]
+    assert ort.log[0] == ("bind_cpu_input", "x")
+    assert stream.synchronized == 2
+    # ONNX Runtime computes, and copies host inputs, on that stream
+    name, cuda = ort.sessions[-1].providers[0]
+    assert name == "CUDAExecutionProvider"
+    assert cuda["user_compute_stream"] == str(0xABC)
+    assert cuda["do_copy_in_default_stream"] is True
+
+    # Without CuPy or PyTorch there is no stream to wait on, only the device-wide calls.
+    monkeypatch.setattr(devices, "instance_stream", lambda device: None)
+    backend.load(ModelSpec("m", artifact), "cuda:0")
+    assert "user_compute_stream" not in ort.sessions[-1].providers[0][1]
+    ort.log.clear()
+    backend.infer({"x": DeviceArray(2)})
+    assert ort.log == [
+        ("bind_input", "x", "cuda", 0xD000),
+        ("bind_output", "logits", "cuda", 0),
+        "synchronize_inputs",
+        "run",
+        "synchronize_outputs",
+        "copy_outputs_to_cpu",
+    ]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from gpu_fakes import FakeStream
 
-from backends import tensorflow_runtime
+from backends import devices, tensorflow_runtime
 from backends.base import Backend, ModelSpec
 from backends.tensorflow_runtime import TensorFlowBackend
 from pipeline.tools.zoo.keras_twins import export_small_cnn_savedmodel, export_tiny_mlp_savedmodel
@@ -222,3 +224,149 @@ def test_late_thread_settings_warn_once(
     warnings = [r for r in caplog.records if "intra_op_threads" in r.getMessage()]
     assert len(warnings) == 1
     assert "process-wide" in warnings[0].getMessage()
+
+
+class FakeGPUs:
+    """``tf.config``'s device calls on a machine with two GPUs, recording memory growth."""
+
+    def __init__(self, started: bool = False) -> None:
+        self.gpus = [types.SimpleNamespace(name=f"/physical_device:GPU:{i}") for i in (0, 1)]
+        self.growth: dict[str, bool | None] = {gpu.name: None for gpu in self.gpus}
+        self.started = started
+        self.calls: list[tuple[str, bool]] = []
+
+    def list_physical_devices(self, kind: str | None = None) -> list[Any]:
+        return list(self.gpus) if kind == "GPU" else []
+
+    def get_memory_growth(self, gpu: Any) -> bool | None:
+        return self.growth[gpu.name]
+
+    def set_memory_growth(self, gpu: Any, enable: bool) -> None:
+        self.calls.append((gpu.name, enable))
+        if self.growth[gpu.name] == enable:
+            return
+        if self.started:
+            raise RuntimeError("Physical devices cannot be modified after being initialized")
+        self.growth[gpu.name] = enable
+
+
+def _fake_gpus(monkeypatch: pytest.MonkeyPatch, gpus: FakeGPUs) -> FakeGPUs:
+    monkeypatch.setattr(tf.config, "list_physical_devices", gpus.list_physical_devices)
+    monkeypatch.setattr(tf.config.experimental, "get_memory_growth", gpus.get_memory_growth)
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", gpus.set_memory_growth)
+    monkeypatch.setattr(tensorflow_runtime, "_warned", set())
+    return gpus
+
+
+def test_memory_growth_is_on_for_every_gpu_before_the_runtime_starts(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Otherwise TF reserves nearly all GPU memory at start, whatever the model's device."""
+    gpus = _fake_gpus(monkeypatch, FakeGPUs())
+    TensorFlowBackend().load(ModelSpec("m", models["tiny"]), "cpu")
+    assert gpus.growth == {"/physical_device:GPU:0": True, "/physical_device:GPU:1": True}
+    TensorFlowBackend().load(ModelSpec("m", models["tiny"]), "cpu")
+    assert len(gpus.calls) == 2  # already set: not asked again
+
+
+def test_memory_growth_can_be_turned_off(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpus = _fake_gpus(monkeypatch, FakeGPUs())
+    spec = ModelSpec("m", models["tiny"], {"memory_growth": False})
+    TensorFlowBackend().load(spec, "cpu")
+    assert gpus.calls == []  # TF's default is off already
+    with pytest.raises(BackendError, match=r"options\.memory_growth"):
+        TensorFlowBackend().load(ModelSpec("m", models["tiny"], {"memory_growth": "lots"}), "cpu")
+
+
+def test_memory_growth_after_the_runtime_started_warns_once(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    gpus = _fake_gpus(monkeypatch, FakeGPUs(started=True))
+    with caplog.at_level(logging.WARNING, logger="backends.tensorflow_runtime"):
+        TensorFlowBackend().load(ModelSpec("m", models["tiny"]), "cpu")
+        TensorFlowBackend().load(ModelSpec("m", models["tiny"]), "cpu")
+    warnings = [r.getMessage() for r in caplog.records if "memory_growth" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "memory_growth=true ignored: Physical devices cannot be modified" in warnings[0]
+    assert gpus.growth == {"/physical_device:GPU:0": None, "/physical_device:GPU:1": None}
+
+
+class CudaArray:
+    """A float32 array on a GPU as CuPy shows it; ``__dlpack__`` and ``copy`` are logged."""
+
+    def __init__(self, data: np.ndarray[Any, Any], ptr: int, log: list[Any]) -> None:
+        self.data, self.log = data, log
+        self.__cuda_array_interface__ = {"data": (ptr, False), "shape": data.shape}
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (2, 0)  # kDLCUDA, device 0
+
+    def __dlpack__(self, stream: Any = None) -> Any:
+        self.log.append(("__dlpack__", stream))
+        return types.SimpleNamespace(data=self.data)  # the capsule, as far as TF is told
+
+    def copy(self) -> CudaArray:
+        self.log.append("copy")
+        return CudaArray(self.data.copy(), 0x20000, self.log)
+
+
+@pytest.fixture
+def on_fake_gpu(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> tuple[TensorFlowBackend, FakeStream]:
+    """The tiny model with a stream, as load attaches one on a GPU; from_dlpack is logged."""
+    backend = TensorFlowBackend()
+    backend.load(ModelSpec("tiny", models["tiny"]), "cpu")
+    stream = FakeStream(0xFEED)
+
+    def from_dlpack(capsule: Any) -> Any:
+        stream.log.append("from_dlpack")
+        return tf.constant(capsule.data)
+
+    monkeypatch.setattr(tf.experimental.dlpack, "from_dlpack", from_dlpack)
+    backend._stream = stream
+    return backend, stream
+
+
+@pytest.mark.parametrize(
+    ("ptr", "expected"),
+    [
+        (0x10000, [("__dlpack__", 0xFEED), "sync", "from_dlpack"]),
+        (0x10004, ["sync", "copy", ("__dlpack__", 0xFEED), "sync", "from_dlpack"]),
+    ],
+)
+def test_a_device_array_is_finished_on_its_stream_before_tensorflow_reads_it(
+    on_fake_gpu: tuple[TensorFlowBackend, FakeStream], ptr: int, expected: list[Any]
+) -> None:
+    """TF's from_dlpack orders nothing: the producer's stream is waited for on the host."""
+    backend, stream = on_fake_gpu
+    x = np.linspace(-1, 1, 3 * 64, dtype=np.float32).reshape(3, 64)
+    out = backend.infer({"x": CudaArray(x, ptr, stream.log)})
+    assert stream.log == expected
+    np.testing.assert_allclose(out["logits"], tiny_mlp_reference(x), rtol=0, atol=1e-5)
+
+
+def test_a_device_array_without_a_stream_to_order_it_is_refused(
+    on_fake_gpu: tuple[TensorFlowBackend, FakeStream],
+) -> None:
+    backend, stream = on_fake_gpu
+    backend._stream = None
+    with pytest.raises(BackendError, match="no CUDA stream of its own"):
+        backend.infer({"x": CudaArray(np.zeros((1, 64), np.float32), 0x10000, stream.log)})
+    assert "from_dlpack" not in stream.log
+
+
+def test_on_a_gpu_the_instance_owns_a_stream_and_unload_closes_it(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_gpus(monkeypatch, FakeGPUs())
+    stream = FakeStream(0xFEED)
+    monkeypatch.setattr(devices, "instance_stream", lambda device: stream)
+    backend = TensorFlowBackend()
+    backend.load(ModelSpec("tiny", models["tiny"]), "cuda:1")  # TF soft-places it on the CPU
+    assert backend.stream is stream
+    backend.unload()
+    assert backend.stream is None
+    assert stream.log == ["close"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from gpu_fakes import POOL_SIZE, install_fake_cupy, install_fake_torch_cuda
 
 import backends.tensorrt_runtime as trt_backend
 from backends.base import Backend, ModelSpec
@@ -455,6 +456,34 @@ def test_engine_problems_name_the_model(tmp_path: Path, fake_trt: types.SimpleNa
     fake_trt.engine = FakeEngine({"q": (Mode.OUTPUT, DType.FP8, (-1,))})
     with pytest.raises(BackendError, match="tensor 'q': TensorRT type FP8"):
         TensorRTBackend().load(ModelSpec("m", plan), "cuda:0")
+
+
+class LoadableEngine(FakeEngine):
+    """A `FakeEngine` that also makes execution contexts, so load gets to the end."""
+
+    def create_execution_context(self) -> FakeContext:
+        return FakeContext()
+
+
+def test_past_torchs_stream_pool_every_instance_still_owns_its_stream(
+    tmp_path: Path, fake_trt: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.cuda.Stream() would hand the 33rd instance the 1st one's stream (faked here)."""
+    cuda = install_fake_torch_cuda(monkeypatch)
+    cupy = install_fake_cupy(monkeypatch)
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"engine")
+    fake_trt.engine = LoadableEngine(
+        {"x": (Mode.INPUT, DType.FLOAT, (-1, 64)), "logits": (Mode.OUTPUT, DType.FLOAT, (-1, 10))},
+        [{"x": ((1, 64), (4, 64), (8, 64))}],
+    )
+    backends = [TensorRTBackend() for _ in range(POOL_SIZE + 8)]
+    for backend in backends:
+        backend.load(ModelSpec("m", plan), "cuda:0")
+    handles = {backend.stream.cuda_stream for backend in backends}
+    assert len(handles) == POOL_SIZE + 8
+    assert cuda.pooled == 0
+    assert handles == {made.ptr for made in cupy.made}
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from gpu_fakes import POOL_SIZE, hide_cupy, install_fake_torch_cuda
 
+from backends import torch_runtime
 from backends.base import Backend, ModelSpec
 from backends.torch_runtime import TorchBackend
 from pipeline.tools.zoo import small_cnn, tiny
@@ -294,6 +296,24 @@ def test_the_embedded_signature_is_what_the_zoo_wrote(models: Path) -> None:
     extra = {"kp_signature.json": ""}
     torch.jit.load(str(models / "tiny_mlp.pt"), _extra_files=extra)
     assert json.loads(extra["kp_signature.json"]) == SIGNATURE
+
+
+def test_past_torchs_stream_pool_every_cuda_instance_still_owns_its_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch.cuda.Stream() would hand the 33rd instance the 1st one's stream (faked here)."""
+    hide_cupy(monkeypatch)
+    cuda = install_fake_torch_cuda(monkeypatch)
+    monkeypatch.setattr(
+        torch_runtime, "_load_module", lambda *args: (torch.nn.Identity(), {})
+    )  # nothing moves to a GPU here
+    backends = [_load(Path("tiny.pth"), FACTORY, device="cuda:0") for _ in range(POOL_SIZE + 8)]
+    handles = [b.stream.cuda_stream for b in backends]
+    assert len(set(handles)) == POOL_SIZE + 8
+    assert cuda.pooled == 0
+    backends[0].unload()
+    assert cuda.destroyed == [handles[0]]
+    assert backends[0].stream is None
 
 
 # -- GPU: run where a CUDA device exists (none on the project's machines) -------------------
