@@ -52,8 +52,8 @@ class ServedModel:
     outputs: dict[str, TensorSpec]
     devices: list[str]
     bucketer: Bucketer | None = None
-    # Per instance, the preprocess stages set up on its device and CUDA stream. Instances
-    # on the CPU share one list; empty means every instance uses ``preprocess``.
+    # Per instance, its own preprocess stages, set up on its device and CUDA stream;
+    # empty means every instance uses ``preprocess``.
     instance_preprocess: list[list[Stage]] = field(default_factory=list)
 
     def stages_for(self, instance: int) -> list[Stage]:
@@ -179,25 +179,23 @@ def _instance_stages(
 ) -> list[list[Stage]]:
     """Preprocess stages for each instance, on the device it landed on and its stream.
 
+    Every instance gets stage objects of its own: each instance preprocesses on its own
+    thread (`pipeline.serving.runtime`), and a stage need not be thread-safe (a DALI
+    pipeline fed from two threads handed one batch's images to another's requests).
     ``checked`` (set up before loading, to refuse bad parameters before a long load) is
-    reused for instances on the CPU without a stream; any other instance gets its own
-    stages, set up with its resolved device and CUDA stream.
+    the first instance's when it runs on the CPU without a stream.
     """
     out: list[list[Stage]] = []
-    by_place: dict[tuple[str, int], list[Stage]] = {}
     reusable = settings.instance_devices()[0] == "cpu"
-    for backend, device in zip(instances, placed, strict=True):
+    for i, (backend, device) in enumerate(zip(instances, placed, strict=True)):
         stream = getattr(backend, "stream", None)
-        key = (device, id(stream) if stream is not None else 0)
-        if key not in by_place:
-            if reusable and device == "cpu" and stream is None:
-                by_place[key] = checked
-            else:
-                ctx = StageContext(settings.name, device, stream, base_dir)
-                stages = _stages(settings.preprocess, f"{where}.preprocess", ctx)
-                _bind(stages, info, f"{where}.preprocess")
-                by_place[key] = stages
-        out.append(by_place[key])
+        if i == 0 and reusable and device == "cpu" and stream is None:
+            out.append(checked)
+            continue
+        ctx = StageContext(settings.name, device, stream, base_dir)
+        stages = _stages(settings.preprocess, f"{where}.preprocess", ctx)
+        _bind(stages, info, f"{where}.preprocess")
+        out.append(stages)
     if all(x is not checked for x in out):
         for stage in checked:
             stage.close()

@@ -391,16 +391,21 @@ def _with_recording(monkeypatch: pytest.MonkeyPatch, backend: type | None = None
         monkeypatch.setattr(graph_module, "backend_class", real_backend)
 
 
-def test_cpu_instances_share_one_set_of_preprocess_stages(
+def test_cpu_instances_each_get_their_own_preprocess_stages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each instance preprocesses on its own thread: no stage object is used by two."""
     _with_recording(monkeypatch)
     (graph,) = _build(tmp_path, TINY.replace("preprocess: []", "preprocess: [{stage: record}]"))
     try:
-        assert graph.stages_for(0) is graph.stages_for(1) is graph.preprocess
-        assert graph.preprocess[0].ctx.stream is None  # type: ignore[attr-defined]
+        first, second = graph.stages_for(0)[0], graph.stages_for(1)[0]
+        assert graph.stages_for(0) is graph.preprocess  # the checked set serves the first
+        assert first is not second
+        assert first.ctx.stream is None  # type: ignore[attr-defined]
     finally:
         graph.close()
+    assert first.closed  # type: ignore[attr-defined]
+    assert second.closed  # type: ignore[attr-defined]
 
 
 def test_instances_with_streams_get_their_own_stages_on_their_stream(
