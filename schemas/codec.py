@@ -12,7 +12,7 @@ import dataclasses
 import io
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import fastavro
@@ -115,6 +115,21 @@ class AvroCodec:
             deadline_ms=record["deadline_ms"],
             reply_topic=record["reply_topic"],
         )
+
+    def decode_requests(self, values: Sequence[bytes]) -> list[Request | RequestError]:
+        """Decode a consumed batch in one call (the hot path): one entry per value.
+
+        Entry ``i`` is what `decode_request` returns for ``values[i]``, or the
+        `RequestError` it raises: the same request, or the same error with the same
+        reason and message. This is the reference implementation, one value at a time.
+        """
+        out: list[Request | RequestError] = []
+        for data in values:
+            try:
+                out.append(self.decode_request(data))
+            except RequestError as e:
+                out.append(e)
+        return out
 
     def _read_request(self, data: bytes) -> Any:
         try:
@@ -273,6 +288,23 @@ class ResultBatch:
         """Bytes of row ``index``'s result; timings in the schema's field order."""
         payload = self._encoder.encode(index, rid, timings, batch_size, topic, partition, offset)
         return payload if self._schema_id is None else frame(self._schema_id, payload)
+
+    def encode_all(
+        self,
+        rids: Sequence[str],
+        timings: Sequence[tuple[float, float, float, float, float]],
+        batch_size: int,
+        topics: Sequence[str],
+        partitions: Sequence[int],
+        offsets: Sequence[int],
+    ) -> list[bytes]:
+        """Bytes of every row's result in one call (the hot path); row ``i`` as `encode`."""
+        return [
+            self.encode(i, rid, t, batch_size, topic, partition, offset)
+            for i, (rid, t, topic, partition, offset) in enumerate(
+                zip(rids, timings, topics, partitions, offsets, strict=True)
+            )
+        ]
 
 
 def _tensor_record(name: str, array: Any) -> dict[str, Any]:
