@@ -146,6 +146,7 @@ def _fake_samples() -> Samples:
     s.sent_s[:] = due + 0.0002
     s.recv_s[:-5] = s.sent_s[:-5] + 0.010
     s.pipeline_ms[:-5] = 8.0
+    s.work_ms[:-5] = 3.0
     s.outcome[:-5] = 1
     s.lag = [(0.0, 0.0, 0.0), (1.2, 7.0, 0.05), (1.7, 3.0, 0.01)]
     return s
@@ -164,6 +165,14 @@ def test_per_second_series_and_outstanding() -> None:
     assert waiting.max() >= 1
     assert waiting[-1] == 5
     assert t.size == waiting.size
+
+
+def test_overhead_is_client_latency_minus_the_models_own_work() -> None:
+    s = _fake_samples()
+    over = s.overhead_ms
+    assert over[:-5] == pytest.approx(10.0 - 3.0, abs=1e-6)
+    assert np.isnan(over[-5:]).all()  # no result, no overhead
+    assert percentiles(over)["count"] == len(over) - 5
 
 
 def _report(tmp: Path) -> LoadReport:
