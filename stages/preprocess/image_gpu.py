@@ -57,7 +57,13 @@ from stages.base import Batch, StageBase, StageContext, StageParams, require
 from stages.preprocess.image import DecodeImage, DecodeImageParams, Resize, ResizeParams
 from stages.preprocess.image import _RefusedError as _PillowRefusedError
 
-__all__ = ["GpuDecodeImage", "GpuDecodeImageParams", "JpegDecoder", "torchvision_decoder"]
+__all__ = [
+    "GpuDecodeImage",
+    "GpuDecodeImageParams",
+    "JpegDecoder",
+    "pillow_decoder",
+    "torchvision_decoder",
+]
 
 # Decodes encoded JPEGs (1-D uint8 CPU tensors) into [3,H,W] uint8 tensors on ``device``;
 # raises when any of them fails (torchvision's contract: no partial results).
@@ -85,6 +91,12 @@ class GpuDecodeImageParams(StageParams):
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     non_jpeg: Literal["cpu", "reject"] = Field(
         "cpu", description="Other formats: Pillow-decode the row on the CPU, or reject it."
+    )
+    decoder: Literal["nvjpeg", "pillow"] = Field(
+        "nvjpeg",
+        description="nvjpeg: torchvision's decode_jpeg on the stage's device (nvJPEG on "
+        "CUDA); pillow: Pillow on the CPU, then uploaded (machines without torchvision, "
+        "parity checks). The torch code after decoding is the same.",
     )
 
 
@@ -145,7 +157,9 @@ class GpuDecodeImage(StageBase):
         self._device = "cpu" if kind == "cpu" else f"cuda:{index or 0}"
         self._stream = None if kind == "cpu" else _torch_stream(torch, ctx.stream, self._device)
         if self._decoder is None:
-            self._decoder = torchvision_decoder()
+            self._decoder = (
+                torchvision_decoder() if self.p.decoder == "nvjpeg" else pillow_decoder()
+            )
         std = torch.tensor(self.p.std, dtype=torch.float32)
         mul = (torch.tensor(self.p.scale, dtype=torch.float32) / std).view(1, 3, 1, 1)
         sub = (torch.tensor(self.p.mean, dtype=torch.float32) / std).view(1, 3, 1, 1)
@@ -263,7 +277,7 @@ class GpuDecodeImage(StageBase):
             return dict(zip(rows, self._decoder(encoded, self._device), strict=True))
         except RuntimeError as e:  # what torchvision raises for a JPEG it cannot decode
             if len(rows) == 1:
-                failures[rows[0]] = ("bad_image", f"cannot decode image: nvJPEG: {_first(e)}")
+                failures[rows[0]] = ("bad_image", f"cannot decode image: {_first(e)}")
                 return {}
         mid = len(rows) // 2
         first = self._decode_jpegs(torch, {r: jpegs[r] for r in rows[:mid]}, failures)
@@ -301,6 +315,28 @@ def torchvision_decoder() -> JpegDecoder:
     def decode(encoded: list[Any], device: str) -> list[Any]:
         decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
         return list(decoded) if isinstance(decoded, list | tuple) else [decoded]
+
+    return decode
+
+
+def pillow_decoder() -> JpegDecoder:
+    """Pillow on the CPU, as ``decode_image`` converts (``RGB``), then copied to ``device``.
+
+    Raises `RuntimeError` for a JPEG it cannot decode, as torchvision does, so the stage
+    isolates bad rows the same way with either decoder.
+    """
+    torch = _torch()
+
+    def decode(encoded: list[Any], device: str) -> list[Any]:
+        out = []
+        for t in encoded:
+            try:
+                with Image.open(io.BytesIO(t.numpy().tobytes())) as img:
+                    arr = np.asarray(img.convert("RGB"))
+            except Exception as e:  # Pillow raises many types for corrupt data
+                raise RuntimeError(f"Pillow: {describe(e)}") from None
+            out.append(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).to(device))
+        return out
 
     return decode
 

@@ -241,6 +241,17 @@ def test_signature_matches_dali_image_and_refuses_lanczos_and_wrong_inputs() -> 
         GpuDecodeImage(lanczos).signature({"image": TensorSpec("BYTES", (1,))})
 
 
+def test_the_pillow_decoder_option_gives_what_the_injected_one_gives() -> None:
+    photos = [*_photos()[:2], _encode(_photo(300, 400))[:2000]]
+    params = GpuDecodeImageParams(resize=256, crop=224, mean=MEAN, std=STD, decoder="pillow")
+    stage = GpuDecodeImage(params)
+    stage.setup(StageContext("m"))
+    out = _run(stage, photos)
+    ref = _run(_gpu_stage(), photos)
+    np.testing.assert_array_equal(out.columns["image"], ref.columns["image"])
+    assert [(r, reason) for r, reason, _ in out.rejected] == [(2, "bad_image")]
+
+
 def test_cpu_output_is_numpy_and_leaves_no_device_arrays() -> None:
     stage = _gpu_stage()
     assert not stage.leaves_device_arrays
