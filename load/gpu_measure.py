@@ -260,14 +260,15 @@ def _backend(setup: Setup, precision: str) -> Any:
     return backend
 
 
-def _stage(setup: Setup) -> Any:
+def _stage(setup: Setup, stream: Any = None) -> Any:
+    """``gpu_decode_image`` as the runtime sets it up: on the backend's stream, if given."""
     from stages.preprocess.image_gpu import GpuDecodeImage, GpuDecodeImageParams
 
     params = GpuDecodeImageParams(
         resize=256, crop=224, mean=MEAN, std=STD, decoder=decoder_for(setup.device)
     )
     stage = GpuDecodeImage(params)
-    stage.setup(StageContext("gpu-image", device=setup.device))
+    stage.setup(StageContext("gpu-image", device=setup.device, stream=stream))
     return stage
 
 
@@ -378,8 +379,8 @@ def model_alone(setup: Setup, batches: list[int], seconds: float) -> list[Measur
 
 def decode_alone_and_with_model(setup: Setup, batches: list[int], seconds: float) -> list[Measured]:
     """gpu_decode_image alone, then decode + model back to back in one thread (fp16)."""
-    stage = _stage(setup)
     backend = _backend(setup, "fp16")
+    stage = _stage(setup, backend.stream)  # one stream for both, as in kp-pipeline
     rows = []
     try:
         for b in batches:

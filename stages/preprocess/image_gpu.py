@@ -34,9 +34,17 @@ exact on them (torch's ``nearest-exact`` samples at pixel centres as Pillow does
 differ from libjpeg-turbo's by a few levels: the gpu-marked parity test bounds the whole
 chain on a GPU at max ≤ 24, mean ≤ 1.5 levels, a guess until it has run there.
 
-GPU: written against torchvision 0.26's and PyTorch's documented API and NOT yet run on a
-GPU (none lent to this work); ``make gpu-check`` runs the nvJPEG and parity tests there.
-torchvision is imported only when the stage is set up with its default decoder.
+Streams: the stage works on the instance's stream (``StageContext.stream``, the one its
+backend infers on, so the model's kernels are queued after the stage's). torchvision
+decodes on a stream of its own and makes the current stream wait for it with an event
+(torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp); it also holds a process-wide
+lock around decoding with one decoder per process, so two instances in one process do
+not decode at the same time (their resizing and inference still overlap). Without an
+instance stream on CUDA the stage synchronises once per batch before returning.
+
+GPU: written against torchvision 0.26's and PyTorch's documented API and source, and NOT
+yet run on a GPU (none lent to this work); ``make gpu-check`` runs the nvJPEG and parity
+tests there. torchvision is imported only when the stage is set up with ``nvjpeg``.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require
 from stages.preprocess.image import DecodeImage, DecodeImageParams, Resize, ResizeParams
 from stages.preprocess.image import _RefusedError as _PillowRefusedError
+from stages.preprocess.image_fused import stream_handle
 
 __all__ = [
     "GpuDecodeImage",
@@ -198,6 +207,11 @@ class GpuDecodeImage(StageBase):
             images.update(self._decode_on_cpu(torch, others, failures))
             keep = [i for i in range(len(batch)) if i not in failures]
             y = self.transform(torch, [images[i] for i in keep])
+            if self._stream is None and self._device != "cpu":
+                # No instance stream: the work is on torch's current stream, which a
+                # consumer on its own stream would not wait for. One host sync makes the
+                # output safe for any consumer (the runtime always passes a stream).
+                torch.cuda.current_stream(self._device).synchronize()
         columns = {k: v for k, v in batch.columns.items() if k != self.p.input}
         out = batch.with_columns(columns).reject(failures)
         out.columns[self.out] = y.numpy() if self._device == "cpu" else y
@@ -361,15 +375,11 @@ def _torch() -> Any:
 
 
 def _torch_stream(torch: Any, stream: Any, device: str) -> Any:
-    """The instance's stream as a torch stream: a torch stream, CuPy's, or a raw handle."""
-    if stream is None:
-        return None
-    if isinstance(stream, torch.cuda.Stream):
+    """The instance's stream as a torch stream: a torch stream, CuPy's, ours, or a handle."""
+    if stream is None or isinstance(stream, torch.cuda.Stream):
         return stream
-    handle = stream if isinstance(stream, int) else getattr(stream, "ptr", None)
-    if handle is None:
-        raise GraphError(f"gpu_decode_image cannot use {type(stream).__name__} as a CUDA stream")
-    return torch.cuda.ExternalStream(int(handle), device=torch.device(device))
+    handle = stream_handle(stream)  # InstanceStream.cuda_stream, cupy's .ptr, an int
+    return torch.cuda.ExternalStream(handle, device=torch.device(device))
 
 
 class _NoStream:
