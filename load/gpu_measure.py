@@ -183,18 +183,28 @@ class GpuSampler:
     @contextmanager
     def sampling(self, into: Measured | None = None) -> Iterator[None]:
         """Sample while the body runs; write mean/max busy and peak memory into ``into``."""
+        self.start()
+        try:
+            yield
+        finally:
+            self.stop(into)
+
+    def start(self) -> None:
+        """Start sampling on a thread (forgetting earlier samples and any earlier thread)."""
+        self.stop()
         self._samples = []
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
         self._thread.start()
-        try:
-            yield
-        finally:
-            self._stop.set()
+
+    def stop(self, into: Measured | None = None) -> None:
+        """Stop sampling; write the summary into ``into``."""
+        self._stop.set()
+        if self._thread is not None:
             self._thread.join()
-            if into is not None:
-                summary = summarise(self._samples)
-                into.busy_pct, into.busy_max_pct, into.mem_mib = summary
+            self._thread = None
+        if into is not None:
+            into.busy_pct, into.busy_max_pct, into.mem_mib = summarise(self._samples)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
