@@ -245,7 +245,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m load.gpu", description=__doc__.splitlines()[0])
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--seconds", type=float, default=2.0, help="per timed loop")
-    p.add_argument("--requests", type=int, default=4000, help="images per kp-pipeline run")
+    p.add_argument("--requests", type=int, default=6000, help="images per kp-pipeline run")
     p.add_argument("--naive-requests", type=int, default=300)
     p.add_argument("--tiny-requests", type=int, default=100_000, help="host path, per run")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128])

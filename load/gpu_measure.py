@@ -373,6 +373,7 @@ def model_alone(setup: Setup, batches: list[int], seconds: float) -> list[Measur
         try:
             for b in batches:
                 x = torch.randn((b, 3, 224, 224), device=setup.device)
+                _sync(setup.device)  # made on the default stream; the backend reads on its own
 
                 def infer(x: Any = x, b: int = b, backend: Any = backend) -> int:
                     backend.infer({"input": x})
@@ -460,6 +461,7 @@ def copies(setup: Setup, seconds: float) -> list[Measured]:
     backend = _backend(setup, "fp16")
     try:
         x = torch.randn(shape, device=dev)
+        _sync(setup.device)
         copy_stream: Any = None
         if dev.type == "cuda":
             copy_stream = torch.cuda.Stream(dev)  # type: ignore[no-untyped-call]
