@@ -202,7 +202,9 @@ class GpuDecodeImage(StageBase):
                 others[i] = bytes(blob)
             else:
                 failures[i] = ("bad_image", f"{self.name} decodes JPEG only; got {fmt} {mode}")
-        with torch.inference_mode(), _on_stream(torch, self._stream):
+        # no_grad, not inference_mode: inference tensors refuse some uses outside that mode,
+        # and the batch is cut (reject) and handed on outside it.
+        with torch.no_grad(), _on_stream(torch, self._stream):
             images = self._decode_jpegs(torch, jpegs, failures)
             images.update(self._decode_on_cpu(torch, others, failures))
             keep = [i for i in range(len(batch)) if i not in failures]
