@@ -83,7 +83,7 @@ bench-delivery: setup  ## exactly-once against at-least-once throughput, and pro
 gpu-kit: $(STAMP)  ## download the wheels a GPU machine lacks into .gpu-kit/ (carry it there)
 	bash tests/gpu/kit.sh
 
-gpu-check:  ## on a GPU machine with .gpu-kit: run every gpu-marked test (no venv, no network)
+gpu-check:  ## on a GPU machine with .gpu-kit: every gpu-marked test, then load/gpu.py (no venv, no network)
 	bash tests/gpu/check.sh
 
 ci: test  ## what .ci/run runs

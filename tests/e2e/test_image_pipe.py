@@ -30,6 +30,13 @@ DALI_CHAIN = """    preprocess:
          interpolation: bilinear, mean: [127.0, 127.0, 127.0], std: [128.0, 128.0, 128.0],
          scale: 1.0}
 """
+# gpu_decode_image's torch code with Pillow as its decoder (torchvision does not load with
+# the CPU torch here); on a GPU the same stage decodes with nvJPEG (decoder: nvjpeg).
+GPU_DECODE_CHAIN = """    preprocess:
+      - {stage: gpu_decode_image, input: image, output: input, resize: 256, crop: 224,
+         interpolation: bilinear, mean: [127.0, 127.0, 127.0], std: [128.0, 128.0, 128.0],
+         scale: 1.0, decoder: pillow}
+"""
 
 
 def _demo_topology(tmp_path: Path, topics: Topics, chain: str = "pillow") -> Path:
@@ -38,6 +45,10 @@ def _demo_topology(tmp_path: Path, topics: Topics, chain: str = "pillow") -> Pat
     assert PILLOW_CHAIN in text, "topology.yaml's preprocess changed: update this test"
     if chain == "dali":
         text = text.replace(PILLOW_CHAIN, DALI_CHAIN)
+    elif chain == "gpu_decode":
+        # By import string: an editable install made before the stage existed lacks it.
+        stage = "stages.preprocess.image_gpu:GpuDecodeImage"
+        text = text.replace(PILLOW_CHAIN, GPU_DECODE_CHAIN.replace("gpu_decode_image", stage))
     text = text.replace("${KP_GROUP:-kp-demo}", topics.group)
     text = text.replace("input: [kp.requests]", f"input: [{topics.input}]")
     text = text.replace("output: kp.results", f"output: {topics.output}")
@@ -48,7 +59,7 @@ def _demo_topology(tmp_path: Path, topics: Topics, chain: str = "pillow") -> Pat
     return path
 
 
-@pytest.mark.parametrize("chain", ["pillow", "dali"])
+@pytest.mark.parametrize("chain", ["pillow", "dali", "gpu_decode"])
 def test_known_photos_get_their_class(
     broker: EmbeddedBroker, topics: Topics, tmp_path: Path, chain: str
 ) -> None:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # make gpu-check: on a GPU machine, from a bare checkout plus .gpu-kit (make gpu-kit), in
 # one command: install the kit into a temporary folder (no network there), then run every
-# test marked `gpu` with the machine's own python3, torch and CuPy. Prints what it ran on
-# and the tests' verdicts, writes load/results/gpu-tests.txt, and exits non-zero if no GPU
-# is found or any test fails.
-#
-# Still to come (issue 15): load/gpu.py's measurements (the image model end to end on the
-# GPU, 1 vs 2 instances, fp16, NVML busy, copy/compute overlap, the host path on 16 cores).
+# test marked `gpu` with the machine's own python3, torch and CuPy, then `python -m
+# load.gpu` (the GPU figures: load/results/gpu.md and gpu.json, budget GPU_BUDGET seconds,
+# 300 by default, so that the whole check fits 8 minutes). Prints what it ran on and the
+# tests' verdicts, writes load/results/gpu-tests.txt, and exits non-zero if no GPU is
+# found, any test fails, or load.gpu fails (a part that fails inside it is a row of its
+# table, not a failure of the check).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
@@ -44,5 +44,11 @@ mapfile -t files < <(grep -rl --include='test_*.py' 'pytest.mark.gpu' tests | so
 echo "gpu tests in: ${files[*]}" | tee -a "$OUT"
 "$PY" -m pytest -p no:cacheprovider -m gpu -q -rs "${files[@]}" 2>&1 | tee -a "$OUT"
 rc=${PIPESTATUS[0]}
-[ "$rc" -eq 5 ] && { echo "gpu-check: no gpu-marked test was collected" >&2; exit 1; }
-exit "$rc"
+[ "$rc" -eq 5 ] && { echo "gpu-check: no gpu-marked test was collected" >&2; rc=1; }
+
+# The figures, even when a test failed: they say what the failure costs.
+timeout --kill-after=10 $(( ${GPU_BUDGET:-300} + 100 )) "$PY" -m load.gpu --budget "${GPU_BUDGET:-300}"
+grc=$?
+[ "$grc" -ne 0 ] && echo "gpu-check: load.gpu exited $grc" >&2
+[ "$rc" -ne 0 ] && exit "$rc"
+exit "$grc"
