@@ -7,7 +7,10 @@ GPU, its own CUDA stream) is a small pipeline of two threads: one preprocesses i
 batches, the other runs the model on them. So preprocessing of the next batch overlaps
 inference of the current one, the instances' preprocessing overlaps too (decoding and
 resizing release the GIL), and a front door that waits for each batch (the Faust
-adapter) still gets its batches preprocessed side by side. Preprocessing runs only a
+adapter) still gets its batches preprocessed side by side. On a GPU the two threads
+queue on the instance's two CUDA streams, ordered by one event per batch (the
+preprocess thread records it, the model's stream waits on it: `backends.streams`), so
+the GPU overlaps them too. CPU instances have no streams and none of this. Preprocessing runs only a
 little ahead of the models. Outcomes (encoded results and dead letters) go back through
 the batch's ``emit``.
 
@@ -266,6 +269,11 @@ class ModelRuntime:
             self._deliver(emit, expired)
             owed.rows = rows
         item = prepare(self.graph, self.encoder, rows, self.graph.stages_for(inst.stats.index))
+        gpu = getattr(inst.backend, "gpu", None)
+        if gpu is not None:
+            # The end of this batch's preprocessing, marked on the preprocess stream: the
+            # inference stream waits on it, the host does not (`backends.streams`).
+            item.ready = gpu.preprocessed()
         self._observe_prepared(inst, rows, item)
         if not item.batch.rows:
             self._end(emit, owed, item.dead_letters)

@@ -40,6 +40,9 @@ class Prepared:
     dead_letters: list[Outcome]
     compute_ms: float = 0.0  # set by `complete`
     postprocess_ms: float = 0.0
+    # On a GPU instance, the batch's `ready` event (`backends.streams.Ready`), recorded on
+    # the preprocess stream after its stages; the inference stream waits on it.
+    ready: Any = None
 
 
 class StageContractError(Exception):
@@ -99,6 +102,9 @@ def complete(
     if not batch.rows:
         return []
     feeds = {name: _feed(batch.columns[name]) for name in graph.info.inputs}
+    gpu = getattr(backend, "gpu", None)
+    if gpu is not None:
+        gpu.hand_over(item.ready)  # the inference stream waits on it, not the host
     t0 = time.monotonic()
     outputs = backend.infer(feeds)
     t1 = time.monotonic()

@@ -309,11 +309,13 @@ def test_past_torchs_stream_pool_every_cuda_instance_still_owns_its_stream(
     )  # nothing moves to a GPU here
     backends = [_load(Path("tiny.pth"), FACTORY, device="cuda:0") for _ in range(POOL_SIZE + 8)]
     handles = [b.stream.cuda_stream for b in backends]
-    assert len(set(handles)) == POOL_SIZE + 8
+    pre = [b.preprocess_stream.cuda_stream for b in backends]
+    assert len(set(handles) | set(pre)) == 2 * (POOL_SIZE + 8)  # two per instance, all own
     assert cuda.pooled == 0
     backends[0].unload()
-    assert cuda.destroyed == [handles[0]]
+    assert sorted(cuda.destroyed) == sorted([handles[0], pre[0]])
     assert backends[0].stream is None
+    assert backends[0].preprocess_stream is None
 
 
 # -- GPU: run where a CUDA device exists (none on the project's machines) -------------------
