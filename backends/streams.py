@@ -250,8 +250,6 @@ class GpuPipeline:
                 ring.release(index, done)
             self.host_waits += 1
             done.synchronize()
-            for ring, index in run.held:
-                ring.release(index, None)  # completed: the next take need not wait
 
 
 @dataclass(slots=True)

@@ -101,10 +101,11 @@ class Timeline:
         return launch in stream_ops and stream_ops.index(launch) < stream_ops.index(record)
 
     def waited_before(self, stream: str, label: str) -> set[str]:
-        """The events ``stream`` waited on before launching ``label``."""
+        """The events ``stream`` waited on between its previous launch and ``label``."""
         ops = self.on(stream)
         end = ops.index(("launch", stream, label))
-        return {e[2] for e in ops[:end] if e[0] == "wait"}
+        start = max((i for i, e in enumerate(ops[:end]) if e[0] == "launch"), default=-1)
+        return {e[2] for e in ops[start + 1 : end] if e[0] == "wait"}
 
 
 class RecordingEvent:
