@@ -73,9 +73,12 @@ class Probe:
 class Backend(Protocol):
     """A native runtime serving one model instance.
 
-    A backend on a GPU may also expose ``stream`` (its CUDA stream, with a
-    ``cuda_stream`` handle): the graph then sets up this instance's preprocessing stages
-    with it, so GPU preprocessing runs on the model's stream.
+    A backend on a GPU may also expose ``preprocess_stream`` and ``gpu`` (a
+    `backends.streams.GpuPipeline`; `backends.devices.StreamOwner` gives both): the graph
+    sets up this instance's preprocessing stages on that stream, the runtime records each
+    batch's ``ready`` event there and hands it to ``gpu`` before ``infer``, whose
+    inference stream waits on it. A backend with only ``stream`` (a plugin) has its
+    preprocessing queued on that one stream, in order, without overlap.
     """
 
     def load(self, spec: ModelSpec, device: str) -> ModelInfo:

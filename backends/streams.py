@@ -1,7 +1,7 @@
 """Each GPU instance as a small GPU pipeline: two streams, events between them, one host wait.
 
-Long because the ordering rules of every GPU backend and GPU stage are written here, where
-the streams are made, next to the small objects that keep them.
+The ordering rules of every GPU backend and GPU stage are written here, where the
+streams are made, next to the small objects that keep them.
 
 The ordering rules
 ------------------
@@ -29,10 +29,11 @@ Events, per batch N:
    when `GpuPipeline.batch` ends. The host waits on it, once: the one host
    synchronization of a batch, just before its results are read on the host. It waits
    for this instance's batch only: never a stream's or the device's whole queue.
-3. Release events. A buffer an instance reuses batch after batch (a pinned host buffer,
-   a device output buffer) is held by one batch at a time (`BufferRing`) and released
-   with the event recorded when its last consumer's work was queued (``done[N]`` for
-   the backends' buffers; the event after the copy for a stage's pinned upload buffer).
+3. Release events. A pinned host buffer an instance reuses batch after batch is held
+   by one batch at a time (`BufferRing`) and released with the event recorded when its
+   last consumer's work was queued (``done[N]`` for the backends' buffers; the event
+   after the copy for a stage's pinned upload buffer). (A device buffer that one stream
+   both writes and reads, TensorRT's output buffers, needs no event: stream order.)
    It is written again only after that event: by the device after a stream wait on it
    (no host wait), by the host (a CPU copy into pinned memory) once the event has
    completed. ``done[N]`` completed when the host waited on it, so a backend's buffers
@@ -53,6 +54,11 @@ Where the host waits, and why:
 - ONNX Runtime's ``copy_outputs_to_cpu`` is a synchronous copy of its own after the
   wait on ``done[N]`` (its Python API has no asynchronous copy into our pinned memory);
 - a stage's pinned upload buffer, only in the rare case described in 3.
+
+A known cost: a CuPy column handed to the torch backend through DLPack is asked for with
+the inference stream named; CuPy then makes that stream wait on an event on the infer
+thread's current CuPy stream (the legacy default one), which holds none of our work but
+may hold other code's. Harmless for correctness; a small stall at worst.
 
 Not done yet: the device→host copy of batch N overlaps batch N+1's preprocessing (on the
 other stream), but not batch N+1's inference. That needs the infer thread to queue batch
