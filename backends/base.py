@@ -11,7 +11,10 @@ Tensors cross keyed by the model's own input and output names, batch first:
   backend takes either, without a host round trip for the second;
 - outputs are host NumPy arrays (results go to Kafka from the host). An output may be a
   view of a buffer the instance reuses: it is valid until the instance's next ``infer``,
-  which is after the runtime has postprocessed and encoded it.
+  which is after the runtime has postprocessed and encoded it. A GPU backend may also
+  offer ``submit(batch)``, returning a ``collect()`` that gives the outputs: the runtime
+  then queues the next batch before collecting this one (`backends.streams`), and an
+  output stays valid until the batch after the next is submitted.
 
 An instance is used by one thread at a time; the model runtime runs one thread per
 instance. A backend class may also offer ``probe()`` (a classmethod returning `Probe`)

@@ -239,12 +239,12 @@ class StreamOwner:
 class PinnedBuffers:
     """Reusable page-locked host buffers, one per name, grown when a batch needs more.
 
-    ``view`` returns a pinned tensor of exactly the requested shape over the name's
-    buffer. Each name's buffer is a one-slot `backends.streams.BufferRing`: given the
-    batch's ``run`` (`GpuPipeline.batch`), the buffer is held by that batch and released
-    with its ``done`` event, so it is written again only after the copies that read or
-    wrote it have completed (the ordering rules in `backends.streams`). Without a run the
-    caller answers for that itself.
+    ``view`` returns a pinned tensor of exactly the requested shape over one of the name's
+    two buffers (a `backends.streams.BufferRing`, slots in turn): given the batch's
+    ``run`` (`GpuPipeline.batch`), the buffer is held by that batch and released with its
+    ``done`` event, so it is written again only after the copies that read or wrote it
+    have completed (the ordering rules in `backends.streams`). Without a run the caller
+    answers for that itself.
     """
 
     def __init__(self) -> None:
@@ -258,7 +258,8 @@ class PinnedBuffers:
         need = count * torch.empty((), dtype=dtype).element_size()
         ring = self._rings.get(name)
         if ring is None:
-            ring = self._rings[name] = BufferRing(_pin, depth=1, fits=_holds)
+            # Two slots: a batch may be queued while the one before is not yet collected.
+            ring = self._rings[name] = BufferRing(_pin, depth=2, fits=_holds)
         buf = ring.take(need)[1] if run is None else run.take(ring, need)
         return buf[:need].view(dtype).view(shape)
 

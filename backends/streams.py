@@ -60,10 +60,16 @@ the inference stream named; CuPy then makes that stream wait on an event on the 
 thread's current CuPy stream (the legacy default one), which holds none of our work but
 may hold other code's. Harmless for correctness; a small stall at worst.
 
-Not done yet: the device→host copy of batch N overlaps batch N+1's preprocessing (on the
-other stream), but not batch N+1's inference. That needs the infer thread to queue batch
-N+1 before it waits on ``done[N]`` (an ``infer`` split into submit and collect), which
-`pipeline.serving.runtime` and its recovery do not do.
+Overlap of batch N's copy to the host with batch N+1. A backend with ``submit`` (torch,
+TensorRT; not yet ONNX Runtime or TensorFlow, which wait for each batch before the next
+is queued) queues a batch without the host wait (``batch(defer_wait=True)``) and returns a
+``collect`` that waits on ``done[N]``. When batch N+1 is already preprocessed, the
+instance's infer thread queues it before it collects batch N
+(`pipeline.serving.runtime`), so batch N's device→host copy overlaps batch N+1's
+copies in and compute, and the GPU does not idle while the host postprocesses batch N.
+Still one host wait per batch. The pinned buffers have two slots for this: batch N+1
+writes the other one, and batch N+2 (queued only after batch N was collected) finds
+its slot's ``done[N]`` complete.
 
 The ordering logic is tested on the CPU with a recording fake of streams and events
 (tests/gpu_fakes.py). The library calls it makes (CuPy ``Event.record``,
@@ -98,6 +104,7 @@ class _Run:
 
     stream: Stream
     held: list[tuple[BufferRing, int]] = field(default_factory=list)
+    done: Event | None = None  # recorded when the batch's work is all queued
 
     def take(self, ring: BufferRing, need: Any, *, host_writes: bool = True) -> Any:
         """A buffer of ``ring`` for this batch, released with the batch's ``done`` event."""
@@ -145,25 +152,34 @@ class GpuPipeline:
         event.synchronize()
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[_Run]:
+    def batch(self, *, defer_wait: bool = False) -> Iterator[_Run]:
         """One batch on the inference stream, from the wait on ``ready`` to ``done``.
 
         On entry the inference stream waits on the batch's ``ready`` event. The caller
         queues its copies and compute on ``inference`` and takes reusable buffers through
-        the yielded run. On exit, even after an error (copies may be in flight into the
-        buffers), ``done`` is recorded, the buffers are released with it and the host
-        waits on it: the batch's one host synchronization.
+        the yielded run. On exit ``done`` is recorded (``run.done``) and the buffers are
+        released with it; then the host waits on it, the batch's one host
+        synchronization, unless ``defer_wait``: the caller then waits later with
+        `wait`, after queueing the next batch. After an error the host always waits
+        (copies may still be in flight into the buffers).
         """
         self.inference.wait(self.ready_event())
         run = _Run(self.inference)
+        queued = False
         try:
             yield run
+            queued = True
         finally:
-            done = self.inference.record()
+            run.done = self.inference.record()
             for ring, index in run.held:
-                ring.release(index, done)
-            self.host_waits += 1
-            done.synchronize()
+                ring.release(index, run.done)
+            if not (queued and defer_wait):
+                self.wait(run.done)
+
+    def wait(self, done: Event) -> None:
+        """The host waits for a batch's ``done`` event (counted in ``host_waits``)."""
+        self.host_waits += 1
+        done.synchronize()
 
 
 def cupy_events(stream: Any, device: int) -> tuple[Callable[[], Event], Callable[[Event], None]]:

@@ -18,9 +18,11 @@ buffers (asynchronously), takes device arrays (DLPack) in place, runs
 ``execute_async_v3`` and copies outputs into pinned host buffers; the host waits once,
 on the ``done`` event after those copies. Device output buffers are reused batch after
 batch on the one inference stream, so stream order alone puts batch N's copy out before
-batch N+1 writes them. ``set_input_consumed_event`` is not used: it would free the input
-buffers before ``done``, which helps only when the next batch is queued before the host
-waits on ``done``, and the runtime does not do that yet (see `backends.streams`).
+batch N+1 writes them. ``submit`` queues a batch without the host wait, so the runtime
+can queue the next one before it collects this one. ``set_input_consumed_event`` is not
+used: the input pinned buffers have two slots, released with ``done``; with at most one
+batch queued ahead, the slot a batch takes was freed by a ``done`` the host already
+waited for, so an earlier release would gain nothing.
 
 The artifact is an engine (``.plan``/``.engine``) serialized by the same TensorRT version
 for the same GPU architecture (``trtexec --onnx=m.onnx --saveEngine=m.plan``, or the
@@ -37,7 +39,7 @@ unit tests exercise the signature and profile logic on a fake engine; the tests 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -333,11 +335,20 @@ class TensorRTBackend(StreamOwner):
 
     def infer(self, batch: TensorBatch) -> dict[str, np.ndarray[Any, Any]]:
         """Run one batch on the instance's stream; outputs are valid until the next call."""
+        return self.submit(batch)()
+
+    def submit(self, batch: TensorBatch) -> Callable[[], dict[str, np.ndarray[Any, Any]]]:
+        """Queue one batch; the returned ``collect`` waits for it (`backends.streams`).
+
+        The context's shapes and addresses are read when ``execute_async_v3`` queues the
+        run, so the next batch may set its own before this one has run (one stream: in
+        order). Its input tensors are kept until ``collect``.
+        """
         if self._context is None or self._signature is None or self._pipeline is None:
             raise BackendError("infer() before load()")
         import torch
 
-        sig, ctx, stream = self._signature, self._context, self._stream
+        gpu, sig, ctx, stream = self._pipeline, self._signature, self._context, self._stream
         missing = [n for n in sig.inputs if n not in batch]
         if missing:
             raise BackendError(f"batch lacks input(s) {missing}")
@@ -345,10 +356,10 @@ class TensorRTBackend(StreamOwner):
         profile = choose_profile(sig.profiles, shapes, self._pinned)
         keep: list[Any] = []  # inputs must outlive the stream's work on them
         results: dict[str, Any] = {}
-        # The inference stream waits on the batch's `ready` event; `batch` waits on `done`
-        # on every exit: a copy still in flight must not meet the next batch's writes into
-        # the same pinned buffers, which are released with `done`.
-        with self._pipeline.batch() as run, torch.cuda.stream(stream):
+        # The inference stream waits on the batch's `ready` event; the pinned buffers are
+        # released with `done`, which `collect` waits for (and `batch` itself, on an error:
+        # a copy still in flight must not meet the next batch's writes into them).
+        with gpu.batch(defer_wait=True) as run, torch.cuda.stream(stream):
             if profile != self._active:
                 try:
                     switched = ctx.set_optimization_profile_async(profile, stream.cuda_stream)
@@ -371,7 +382,15 @@ class TensorRTBackend(StreamOwner):
                 host = self._host.view("out:" + name, tuple(out.shape), out.dtype, run)
                 host.copy_(out, non_blocking=True)
                 results[name] = host
-        return {name: host.numpy() for name, host in results.items()}
+        done = run.done
+        assert done is not None
+
+        def collect() -> dict[str, np.ndarray[Any, Any]]:
+            gpu.wait(done)
+            keep.clear()  # the run has read them
+            return {name: host.numpy() for name, host in results.items()}
+
+        return collect
 
     def unload(self) -> None:
         """Release context before engine before runtime, then every buffer."""

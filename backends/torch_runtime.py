@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,14 +136,37 @@ class TorchBackend(StreamOwner):
             with torch.inference_mode():
                 out = self._module(*(self._to_tensor(batch[n]) for n in self._inputs))
                 return {name: self._host(name, t) for name, t in self._named(out).items()}
-        assert self._pipeline is not None  # made with the stream
-        # The inference stream waits on the batch's `ready` event; leaving `batch` records
-        # `done` after the copies to the host and waits on it: the one host wait.
-        gpu = self._pipeline.batch()
-        with gpu as run, torch.inference_mode(), torch.cuda.stream(self._stream):
+        return self.submit(batch)()
+
+    def submit(self, batch: TensorBatch) -> Callable[[], dict[str, np.ndarray[Any, Any]]]:
+        """Queue one batch on the GPU; the returned ``collect`` waits for it and gives outputs.
+
+        The inference stream waits on the batch's ``ready`` event; copies in, ``forward``
+        and copies out into pinned buffers are queued, then ``done``. ``collect`` is the
+        batch's one host wait (`backends.streams`). Between the two the runtime may queue
+        the next batch. On the CPU the batch runs here and ``collect`` returns it.
+        """
+        if self._module is None:
+            raise BackendError("infer() before load()")
+        if self._stream is None:
+            outputs = self.infer(batch)
+            return lambda: outputs
+        import torch
+
+        gpu = self._pipeline
+        assert gpu is not None  # made with the stream
+        queue = gpu.batch(defer_wait=True)
+        with queue as run, torch.inference_mode(), torch.cuda.stream(self._stream):
             out = self._module(*(self._to_device(n, batch[n], run) for n in self._inputs))
             pending = {n: self._to_pinned(n, t, run) for n, t in self._named(out).items()}
-        return {name: t.numpy() for name, t in pending.items()}
+        done = run.done
+        assert done is not None
+
+        def collect() -> dict[str, np.ndarray[Any, Any]]:
+            gpu.wait(done)
+            return {name: t.numpy() for name, t in pending.items()}
+
+        return collect
 
     def unload(self) -> None:
         """Drop the module, its stream and the pinned buffers."""
