@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 
 from backends import torch_runtime
-from backends.base import ModelSpec
+from backends.base import ModelInfo, ModelSpec
 from backends.torch_runtime import TorchBackend
+from schemas.tensors import TensorSpec
 from stages.base import Batch, StageContext
 from stages.preprocess.image_fused import NormalizeNCHW, NormalizeNCHWParams, cupy_stream
 
@@ -193,3 +194,76 @@ def test_preprocessing_of_the_next_batch_runs_while_this_batch_infers(
     assert at["infer start"] < at["pre start"] < at["infer end"]
     assert at["pre end"] < at["infer end"]  # all of it inside the inference of batch 0
     backend.unload()
+
+
+def test_the_runtime_serves_a_gpu_instance_with_the_cpus_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ModelRuntime's threads on a real GPU instance: normalize_nchw on the preprocess
+    stream, the torch model on the inference stream, the next batch queued before each
+    wait; every result as the CPU computes it, one host wait per batch."""
+    from pipeline.config.topology import ModelSettings
+    from pipeline.serving.graph import ServedModel
+    from pipeline.serving.outcomes import Outcome, OutcomeEncoder
+    from pipeline.serving.runtime import ModelRuntime
+    from schemas.codec import AvroCodec
+    from schemas.messages import Envelope, Request
+
+    gpu = _backend(monkeypatch, _classifier(), "cuda:0")
+    cpu = _backend(monkeypatch, _classifier(), "cpu")
+    assert gpu.gpu is not None
+    stage = NormalizeNCHW(PARAMS)
+    stage.setup(StageContext("m", "cuda:0", gpu.preprocess_stream))
+    twin = NormalizeNCHW(PARAMS)
+    twin.setup(StageContext("m", "cpu"))
+    settings = ModelSettings(
+        name="m",
+        version="1",
+        backend="torch",
+        artifact="unused.pth",
+        inputs=[{"name": "x", "datatype": "UINT8", "shape": [H, W, 3]}],
+    )
+    info = ModelInfo(
+        {"x": TensorSpec("FP32", (3, H, W))}, {"logits": TensorSpec("FP32", (10,))}, None, "cuda:0"
+    )
+    declared = {"x": TensorSpec("UINT8", (H, W, 3))}
+    graph = ServedModel(
+        settings, [stage], [], [gpu], info, declared, dict(info.outputs), ["cuda:0"]
+    )
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+
+    def emit(batch: list[Outcome]) -> None:
+        with lock:
+            outcomes.extend(batch)
+
+    codec = AvroCodec()
+    runtime = ModelRuntime(graph, OutcomeEncoder(codec, "results", "dlq"), emit)
+    rng = np.random.default_rng(9)
+    images = {i: rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for i in range(96)}
+    waits = gpu.gpu.host_waits
+    runtime.start()
+    try:
+        for first in range(0, 96, 8):
+            runtime.submit([
+                Envelope(
+                    topic="in", partition=0, offset=i, key=None, value=b"",
+                    timestamp_ms=0, consumed_at=time.monotonic(),
+                    request=Request(f"r{i}", "m", {"x": images[i]}),
+                )
+                for i in range(first, first + 8)
+            ])  # fmt: skip
+        deadline = time.monotonic() + 60
+        while runtime.busy and time.monotonic() < deadline:
+            time.sleep(0.001)
+    finally:
+        assert runtime.stop(10)
+    assert len(outcomes) == 96
+    assert gpu.gpu.host_waits - waits == 12  # one per batch of 8
+    for o in outcomes:
+        assert o.reason is None, o.headers
+        got = codec.decode_result(o.value).outputs["logits"]
+        x = images[o.envelope.offset][None]
+        want = cpu.infer({"x": twin.cpu_pass(x)})["logits"][0]
+        np.testing.assert_allclose(got.reshape(-1), want, rtol=1e-4, atol=1e-4)
+    gpu.unload()
