@@ -3,7 +3,7 @@
 Device strings are the topology's (`schemas.devices`). `resolve_device` turns them into
 a concrete place for one runtime, refusing a GPU the runtime cannot see.
 
-`PinnedBuffers` keeps one page-locked host buffer per tensor name and reuses it batch
+`PinnedBuffers` keeps two page-locked host buffers per tensor name and reuses them batch
 after batch: copies between pinned memory and the GPU can run asynchronously on the
 instance's stream, and allocating pinned memory per batch costs more than the copy.
 It needs PyTorch and a CUDA device; the CUDA paths here were written against PyTorch's

@@ -12,8 +12,8 @@ queue on the instance's two CUDA streams, ordered by one event per batch (the
 preprocess thread records it, the model's stream waits on it: `backends.streams`), so
 the GPU overlaps them too; and when the next batch is ready, the infer thread queues it
 on the GPU before it waits for the one before (`_queueing_loop`), so that one's copy to
-the host overlaps it. CPU instances have no streams and none of this. Preprocessing runs only a
-little ahead of the models. Outcomes (encoded results and dead letters) go back through
+the host overlaps it. CPU instances have no streams and none of this. Preprocessing
+runs only a little ahead of the models. Outcomes (encoded results and dead letters) go back through
 the batch's ``emit``.
 
 This is the one serving core: the Kafka loop (`pipeline.engine.loop`) and the Faust
@@ -348,7 +348,8 @@ class ModelRuntime:
             t0 = time.monotonic()
             try:
                 started = start(self.graph, inst.backend, item)
-            except Exception:
+            except Exception as e:
+                log.info("model %s: queueing a batch failed (%s); serving it alone", self.name, e)
                 if pending is not None:
                     self._collect(inst, pending)
                     pending = None
@@ -362,7 +363,8 @@ class ModelRuntime:
         item, emit, started, t0 = pending
         try:
             outcomes = self._observed(inst, item, finish(self.graph, self.encoder, item, started))
-        except Exception:
+        except Exception as e:
+            log.info("model %s: a queued batch failed (%s); serving it alone", self.name, e)
             self._serve(inst, item, emit, t0)
             return
         self._release(inst, len(item.batch), time.monotonic() - t0)
