@@ -11,7 +11,10 @@ Tensors cross keyed by the model's own input and output names, batch first:
   backend takes either, without a host round trip for the second;
 - outputs are host NumPy arrays (results go to Kafka from the host). An output may be a
   view of a buffer the instance reuses: it is valid until the instance's next ``infer``,
-  which is after the runtime has postprocessed and encoded it.
+  which is after the runtime has postprocessed and encoded it. A GPU backend may also
+  offer ``submit(batch)``, returning a ``collect()`` that gives the outputs: the runtime
+  then queues the next batch before collecting this one (`backends.streams`), and an
+  output stays valid until the batch after the next is submitted.
 
 An instance is used by one thread at a time; the model runtime runs one thread per
 instance. A backend class may also offer ``probe()`` (a classmethod returning `Probe`)
@@ -73,9 +76,12 @@ class Probe:
 class Backend(Protocol):
     """A native runtime serving one model instance.
 
-    A backend on a GPU may also expose ``stream`` (its CUDA stream, with a
-    ``cuda_stream`` handle): the graph then sets up this instance's preprocessing stages
-    with it, so GPU preprocessing runs on the model's stream.
+    A backend on a GPU may also expose ``preprocess_stream`` and ``gpu`` (a
+    `backends.streams.GpuPipeline`; `backends.devices.StreamOwner` gives both): the graph
+    sets up this instance's preprocessing stages on that stream, the runtime records each
+    batch's ``ready`` event there and hands it to ``gpu`` before ``infer``, whose
+    inference stream waits on it. A backend with only ``stream`` (a plugin) has its
+    preprocessing queued on that one stream, in order, without overlap.
     """
 
     def load(self, spec: ModelSpec, device: str) -> ModelInfo:

@@ -3,14 +3,16 @@
 Device strings are the topology's (`schemas.devices`). `resolve_device` turns them into
 a concrete place for one runtime, refusing a GPU the runtime cannot see.
 
-`PinnedBuffers` keeps one page-locked host buffer per tensor name and reuses it batch
+`PinnedBuffers` keeps two page-locked host buffers per tensor name and reuses them batch
 after batch: copies between pinned memory and the GPU can run asynchronously on the
 instance's stream, and allocating pinned memory per batch costs more than the copy.
 It needs PyTorch and a CUDA device; the CUDA paths here were written against PyTorch's
 documented API and have not run on the project's machines (no GPU was lent).
 
-`instance_stream` makes the CUDA stream an instance owns (see `InstanceStream` for why
-not ``torch.cuda.Stream()``); `StreamOwner` opens and closes it for a backend.
+`instance_stream` makes a CUDA stream an instance owns (see `InstanceStream` for why
+not ``torch.cuda.Stream()``); `StreamOwner` opens and closes a backend's two streams
+(preprocess and inference) and the `backends.streams.GpuPipeline` that orders them: the
+ordering rules are written in `backends.streams`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from backends.streams import BufferRing, Event, GpuPipeline, cupy_events, torch_events
 from schemas.devices import parse_device
 from schemas.errors import BackendError
 
@@ -85,10 +88,12 @@ class InstanceStream:
         owner: Any = None,
         destroy: Callable[[int], Any] | None = None,
         torch_view: Any = None,
+        events: tuple[Callable[[], Event], Callable[[Event], None]] | None = None,
     ) -> None:
         self.cuda_stream = handle
         self.device = device
         self._synchronize = synchronize
+        self._events = events
         self._owner = owner  # a CuPy stream destroys what it created when it goes
         self._torch = torch_view
         # Runs once: from close, or when this object is collected without one; not at
@@ -100,6 +105,18 @@ class InstanceStream:
     def synchronize(self) -> None:
         """Wait on the host for the work queued on this stream, and only this stream."""
         self._synchronize()
+
+    def record(self) -> Event:
+        """A new event recorded on this stream now (`backends.streams.Stream`)."""
+        if self._events is None:
+            raise BackendError(f"cuda:{self.device}: this stream was made without events")
+        return self._events[0]()
+
+    def wait(self, event: Event) -> None:
+        """Make work queued here from now on wait for ``event``, without a host wait."""
+        if self._events is None:
+            raise BackendError(f"cuda:{self.device}: this stream was made without events")
+        self._events[1](event)
 
     def torch(self) -> Any:
         """A ``torch.cuda.ExternalStream`` over this stream (it does not own it)."""
@@ -113,6 +130,7 @@ class InstanceStream:
         """Destroy the stream; CUDA lets work already queued on it finish first."""
         self._torch = None
         self._owner = None
+        self._events = None
         self._synchronize = _nothing_queued  # a bound method would keep the owner alive
         self._release()
 
@@ -134,7 +152,8 @@ def instance_stream(device: int) -> InstanceStream | None:
     if cupy is not None:
         with cupy.cuda.Device(device):
             made = cupy.cuda.Stream(non_blocking=True)
-        return InstanceStream(int(made.ptr), device, made.synchronize, owner=made)
+        events = cupy_events(made, device)
+        return InstanceStream(int(made.ptr), device, made.synchronize, owner=made, events=events)
     try:
         import torch
     except ImportError:
@@ -151,75 +170,114 @@ def instance_stream(device: int) -> InstanceStream | None:
     handle = int(slot.value or 0)
     view = torch.cuda.ExternalStream(handle, device=device)
     return InstanceStream(
-        handle, device, view.synchronize, destroy=cudart.cudaStreamDestroy, torch_view=view
+        handle,
+        device,
+        view.synchronize,
+        destroy=cudart.cudaStreamDestroy,
+        torch_view=view,
+        events=torch_events(view),
     )
 
 
 class StreamOwner:
-    """A backend instance that may own a CUDA stream (``_stream``; None on a CPU).
+    """A backend instance that may own CUDA streams (None of them on a CPU).
 
-    The graph sets up this instance's preprocessing stages with ``stream``, so GPU
-    preprocessing queues on the same stream as the model.
+    On a GPU it owns two (`backends.streams`): the graph sets up the instance's
+    preprocessing stages with ``preprocess_stream``, the backend computes on ``stream``
+    (the inference stream), and ``gpu`` orders the two with events.
     """
 
     _stream: Any = None
     _owned: InstanceStream | None = None
+    _owned_pre: InstanceStream | None = None
+    _pipeline: GpuPipeline | None = None
 
     @property
     def stream(self) -> Any:
-        """The instance's CUDA stream (``cuda_stream`` is its handle); None on a CPU."""
+        """The instance's inference stream (``cuda_stream`` is its handle); None on a CPU."""
         return self._stream
 
-    def _open_stream(self, device: int, *, as_torch: bool = False) -> Any:
-        """Make this instance's own stream on ``device`` (see `InstanceStream`).
+    @property
+    def preprocess_stream(self) -> Any:
+        """The stream the instance's GPU preprocessing runs on; None on a CPU."""
+        return self._owned_pre
 
-        ``as_torch`` keeps the ``torch.cuda.ExternalStream`` view as ``_stream``, for
-        backends that queue work with ``torch.cuda.stream``. None where no library can
-        make a stream (neither CuPy nor a CUDA PyTorch).
+    @property
+    def gpu(self) -> GpuPipeline | None:
+        """The events between the instance's two streams; None on a CPU."""
+        return self._pipeline
+
+    def _open_stream(self, device: int, *, as_torch: bool = False) -> Any:
+        """Make this instance's two streams on ``device`` and the pipeline between them.
+
+        ``as_torch`` keeps the ``torch.cuda.ExternalStream`` view of the inference stream
+        as ``_stream``, for backends that queue work with ``torch.cuda.stream``. Returns
+        ``_stream``: None where no library can make a stream (neither CuPy nor a CUDA
+        PyTorch).
         """
         self._close_stream()
         self._owned = instance_stream(device)
         if self._owned is None:
-            self._stream = None
-        else:
-            self._stream = self._owned.torch() if as_torch else self._owned
+            return None
+        self._owned_pre = instance_stream(device)
+        assert self._owned_pre is not None  # the library that made one makes another
+        self._pipeline = GpuPipeline(self._owned_pre, self._owned)
+        self._stream = self._owned.torch() if as_torch else self._owned
         return self._stream
 
     def _close_stream(self) -> None:
-        """Drop and destroy the instance's stream, if it has one."""
+        """Drop and destroy the instance's streams, if it has them."""
         self._stream = None
-        owned, self._owned = self._owned, None
-        if owned is not None:
-            owned.close()
+        self._pipeline = None
+        for attr in ("_owned_pre", "_owned"):
+            owned = getattr(self, attr)
+            setattr(self, attr, None)
+            if owned is not None:
+                owned.close()
 
 
 class PinnedBuffers:
     """Reusable page-locked host buffers, one per name, grown when a batch needs more.
 
-    ``view`` returns a pinned tensor of exactly the requested shape over the name's
-    buffer. The caller must not ask for the same name again before the copies that
-    read or write the previous view have finished (the instance synchronises its stream
-    at the end of each batch, which guarantees that).
+    ``view`` returns a pinned tensor of exactly the requested shape over one of the name's
+    two buffers (a `backends.streams.BufferRing`, slots in turn): given the batch's
+    ``run`` (`GpuPipeline.batch`), the buffer is held by that batch and released with its
+    ``done`` event, so it is written again only after the copies that read or wrote it
+    have completed (the ordering rules in `backends.streams`). Without a run the caller
+    answers for that itself.
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[str, Any] = {}
+        self._rings: dict[str, BufferRing] = {}
 
-    def view(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+    def view(self, name: str, shape: tuple[int, ...], dtype: Any, run: Any = None) -> Any:
         """A pinned ``torch.Tensor`` of ``shape`` and ``dtype`` (a torch dtype)."""
         import torch
 
         count = int(np.prod(shape)) if shape else 1
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        need = count * itemsize
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < need:
-            # Grow geometrically so a slowly rising batch size does not re-pin every time.
-            size = max(need, 0 if buf is None else 2 * buf.numel())
-            buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            self._buffers[name] = buf
+        need = count * torch.empty((), dtype=dtype).element_size()
+        ring = self._rings.get(name)
+        if ring is None:
+            # Two slots: a batch may be queued while the one before is not yet collected.
+            ring = self._rings[name] = BufferRing(_pin, depth=2, fits=_holds)
+        buf = ring.take(need)[1] if run is None else run.take(ring, need)
         return buf[:need].view(dtype).view(shape)
 
     def clear(self) -> None:
         """Drop every buffer (the memory is unpinned when the tensors are freed)."""
-        self._buffers.clear()
+        self._rings.clear()
+
+
+def _pin(need: int) -> Any:
+    """A pinned byte buffer of at least ``need`` bytes, rounded up to a power of two.
+
+    Rounded so a slowly rising batch size does not re-pin every batch.
+    """
+    import torch
+
+    size = 1 << max(need - 1, 0).bit_length()
+    return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+
+def _holds(buf: Any, need: int) -> bool:
+    return int(buf.numel()) >= need

@@ -19,14 +19,18 @@ logging rather than raising, when the CUDA provider's libraries do not load): th
 names what was asked, what was built, and the loader's reason when it can be had.
 ONNX Runtime's Python fallback to the CPU is turned off, at start and per batch.
 
-On a GPU each instance runs on its own CUDA stream (``user_compute_stream``, made for it
-with CuPy or PyTorch, whichever is installed: `backends.devices.InstanceStream`) and
-binds its tensors with I/O binding: host inputs are bound as they are, device arrays
-from GPU preprocessing (anything exposing ``__cuda_array_interface__``: CuPy, PyTorch)
-by pointer, without a host round trip.
-Ordering is the stream's: the graph runs the instance's GPU preprocessing on it, ONNX
-Runtime copies host inputs and computes on it (``do_copy_in_default_stream``), and each
-batch ends with one wait for that stream before the outputs are copied to the host.
+On a GPU each instance owns two CUDA streams (made for it with CuPy or PyTorch, whichever
+is installed: `backends.devices.InstanceStream`) and keeps the ordering rules of
+`backends.streams`: the instance's GPU preprocessing runs on the preprocess stream; ONNX
+Runtime computes, and copies host inputs, on the inference stream
+(``user_compute_stream``, ``do_copy_in_default_stream``), which first waits on the batch's
+``ready`` event; the host waits once, on the ``done`` event recorded after the run, then
+ONNX Runtime copies the outputs out (``copy_outputs_to_cpu``: a synchronous copy, the only
+one its Python API offers). Tensors are bound with I/O binding: host inputs as they are
+(from pageable memory: ONNX Runtime copies them itself), device arrays from GPU
+preprocessing (anything exposing ``__cuda_array_interface__``: CuPy, PyTorch) by pointer,
+without a host round trip. ``user_compute_stream`` and I/O binding were checked against
+ONNX Runtime's documentation only.
 IOBinding's ``synchronize_inputs``/``synchronize_outputs`` are not used: they
 synchronize the whole device, so every instance would wait for every other. (Without
 CuPy or PyTorch there is no stream of our own, and they are the only way left.)
@@ -222,18 +226,20 @@ class OnnxRuntimeBackend(StreamOwner):
                 binding.bind_cpu_input(name, np.ascontiguousarray(x))
         for name in self._outputs:
             binding.bind_output(name, "cuda", self._gpu)
-        if self._stream is None:
+        if self._pipeline is None:
             # No stream of our own to wait on: IOBinding's synchronize_* are all there is,
             # and they synchronize the whole device (the CUDA provider's Sync).
             binding.synchronize_inputs()
             self._session.run_with_iobinding(binding)
             binding.synchronize_outputs()
         else:
-            # The run is queued on this instance's stream, behind the preprocessing that
-            # wrote its device inputs there and with the copies of its host inputs; one
-            # wait for this stream, before the outputs are copied out, is all it takes.
-            self._session.run_with_iobinding(binding)
-            self._stream.synchronize()
+            # The inference stream (ONNX Runtime's compute stream) waits on the batch's
+            # `ready` event, so the run reads device inputs after the preprocess stream
+            # wrote them; the host waits once, on `done` after the run.
+            with self._pipeline.batch():
+                self._session.run_with_iobinding(binding)
+        # A synchronous copy of ONNX Runtime's own: its Python API has no asynchronous
+        # copy into memory of ours. After the wait on `done` it waits for nothing more.
         return dict(zip(self._outputs, binding.copy_outputs_to_cpu(), strict=True))
 
     def unload(self) -> None:

@@ -27,14 +27,17 @@ preprocessing. Device arrays on a GPU enter through ``tf.experimental.dlpack.fro
 without a copy, unless their data is not 64-byte aligned (TF aborts the process on such
 pointers; see `_ALIGN`), when the producer is asked for a fresh copy first.
 
-That hand-off is ordered on the host. TF's ``from_dlpack`` takes a capsule and nothing
-about streams: it neither passes a stream to ``__dlpack__`` nor waits for one, and its
-kernels read the memory on TF's own (non-blocking) streams, which nothing orders after
-the producer's kernels. So the backend asks the producer for the capsule with
-``__dlpack__(stream=<the instance's stream>)`` (the DLPack protocol: the producer makes
-that stream wait for the writes queued on its current stream) and synchronises that one
-stream before handing the capsule over: the host waits for this instance's
-preprocessing and nothing else on the device. A device array reaching an instance
+That hand-off is ordered on the host (`backends.streams`: TF is the backend that cannot
+keep the event rule). TF's ``from_dlpack`` takes a capsule and nothing about streams: it
+neither passes a stream to ``__dlpack__`` nor waits for one, and its kernels read the
+memory on TF's own (non-blocking) streams, which nothing orders after the producer's
+kernels, and TF takes no external stream or event. So the host waits on the batch's
+``ready`` event (recorded on the instance's preprocess stream after its stages) before
+TF sees the batch: this instance's preprocessing of this batch and nothing else on the
+device. A copy made for alignment is ordered with ``__dlpack__(stream=<the inference
+stream>)`` (the DLPack protocol: the producer makes that stream wait for its current
+stream) and a wait for that stream. TF's ``.numpy()`` of the outputs is its own
+synchronous copy. A device array reaching an instance
 without a stream (placed on the CPU, or neither CuPy nor PyTorch installed) is refused.
 That GPU path was written against TensorFlow's, CuPy's and PyTorch's documented APIs
 and has not run on the project's machines (tensorflow-cpu, no GPU there). DLPack arrays
@@ -173,6 +176,10 @@ class TensorFlowBackend(StreamOwner):
         missing = [k for k in self._inputs if k not in batch]
         if missing:
             raise BackendError(f"model {self._name!r}: batch lacks input(s) {missing}")
+        if self._pipeline is not None and any(_on_gpu(batch[k]) for k in self._inputs):
+            # TF takes no stream or event of ours: the host waits for the batch's `ready`
+            # event (its preprocessing), for this batch only, before TF may read it.
+            self._pipeline.wait_ready_on_host()
         try:
             with tf.device(self._tf_device):
                 feeds = {k: _to_tensor(tf, batch[k], self._stream) for k in self._inputs}
@@ -271,12 +278,22 @@ def _max_batch(batch_dims: list[int | None]) -> int | None:
     return min(d for d in batch_dims if d is not None)
 
 
+def _on_gpu(x: Any) -> bool:
+    """Whether ``x`` is a device array in GPU memory (not a CPU torch tensor)."""
+    if not is_device_array(x):
+        return False
+    return (x.__dlpack_device__()[0] if hasattr(x, "__dlpack_device__") else _DL_CPU) != _DL_CPU
+
+
 def _to_tensor(tf: Any, x: Any, stream: Any) -> Any:
-    """A TF tensor over ``x``; a device array's writes are finished before TF sees it."""
+    """A TF tensor over ``x``; a device array's writes are finished before TF sees it.
+
+    The batch's preprocessing was waited for already (``ready``, in `infer`); what is
+    left to order is a copy made here.
+    """
     if not is_device_array(x):
         return tf.convert_to_tensor(x)
-    device = x.__dlpack_device__()[0] if hasattr(x, "__dlpack_device__") else _DL_CPU
-    if device == _DL_CPU:
+    if not _on_gpu(x):
         # Host memory: NumPy views it without a copy and TF copies what it must, whereas
         # from_dlpack would hand TF an unaligned pointer and abort the process.
         return tf.convert_to_tensor(np.from_dlpack(x))
@@ -287,16 +304,18 @@ def _to_tensor(tf: Any, x: Any, stream: Any) -> Any:
             "order its hand-off: TF could read it before it is written"
         )
     interface = getattr(x, "__cuda_array_interface__", None)
-    if interface is not None and interface["data"][0] % _ALIGN:
+    copied = interface is not None and interface["data"][0] % _ALIGN
+    if interface is not None and copied:
         # A view at an odd offset: a fresh allocation on the same device is aligned. The
-        # copy runs on this thread's current stream, so the data it reads is waited for.
+        # copy runs on this thread's current stream, after the data it reads was written.
         copy = getattr(x, "clone", None) or getattr(x, "copy", None)  # torch / CuPy
         if copy is None:
             raise BackendError(f"a device array at {interface['data'][0]:#x} is not aligned")
-        stream.synchronize()
         x = copy()
-    # The producer orders what its current stream still has to write before our stream,
-    # and waiting for our stream waits for that and for the preprocessing queued on it.
+    # The producer orders what its current stream still has to write (the copy) before
+    # our stream; waiting for our stream then waits for the copy. Without a copy there is
+    # nothing left to wait for.
     capsule = x.__dlpack__(stream=stream.cuda_stream)
-    stream.synchronize()
+    if copied:
+        stream.synchronize()
     return tf.experimental.dlpack.from_dlpack(capsule)

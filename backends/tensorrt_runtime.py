@@ -10,28 +10,36 @@ Options (the model's ``options`` section in topology.yaml):
 
 What runs where: TensorRT has no CPU path, so an instance runs on ``cuda:N`` only
 (``auto`` means ``cuda:0``); ``cpu``, or ``auto`` on a machine without a GPU, is refused
-at load. NumPy inputs are staged through reused pinned host buffers and copied
-asynchronously on the instance's stream; device arrays (DLPack) are taken in place.
-Outputs come back through pinned host buffers, and the stream is synchronised once per
-batch. Each instance owns its stream, created for it rather than taken from torch's pool
-of 32 (`backends.devices.InstanceStream`), so instances of one model overlap on the GPU
-instead of queueing behind each other on the default stream.
+at load. Each instance owns two streams, created for it rather than taken from torch's
+pool of 32 (`backends.devices.InstanceStream`), and keeps the ordering rules of
+`backends.streams`: GPU preprocessing runs on the preprocess stream; the inference stream
+waits on the batch's ``ready`` event, then copies NumPy inputs from reused pinned host
+buffers (asynchronously), takes device arrays (DLPack) in place, runs
+``execute_async_v3`` and copies outputs into pinned host buffers; the host waits once,
+on the ``done`` event after those copies. Device output buffers are reused batch after
+batch on the one inference stream, so stream order alone puts batch N's copy out before
+batch N+1 writes them. ``submit`` queues a batch without the host wait, so the runtime
+can queue the next one before it collects this one. ``set_input_consumed_event`` is not
+used: the input pinned buffers have two slots, released with ``done``; with at most one
+batch queued ahead, the slot a batch takes was freed by a ``done`` the host already
+waited for, so an earlier release would gain nothing.
 
 The artifact is an engine (``.plan``/``.engine``) serialized by the same TensorRT version
 for the same GPU architecture (``trtexec --onnx=m.onnx --saveEngine=m.plan``, or the
 builder API). Engines with shape-tensor inputs or data-dependent output shapes are
 refused: both need host-side plumbing this backend does not have.
 
-Written against TensorRT 10's documented Python API; never run on the project's machines
-(no GPU there, and TensorRT is not installable from PyPI there). The unit tests exercise
-the signature and profile logic on a fake engine; the tests marked ``tensorrt`` run the
-real thing where TensorRT and a CUDA GPU exist.
+Written against TensorRT 10's documented Python API (``execute_async_v3`` and
+``set_input_consumed_event`` checked against the 10.x/11.x docs); never run on the
+project's machines (no GPU there, and TensorRT is not installable from PyPI there). The
+unit tests exercise the signature and profile logic on a fake engine; the tests marked
+``tensorrt`` run the real thing where TensorRT and a CUDA GPU exist.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -327,11 +335,20 @@ class TensorRTBackend(StreamOwner):
 
     def infer(self, batch: TensorBatch) -> dict[str, np.ndarray[Any, Any]]:
         """Run one batch on the instance's stream; outputs are valid until the next call."""
-        if self._context is None or self._signature is None:
+        return self.submit(batch)()
+
+    def submit(self, batch: TensorBatch) -> Callable[[], dict[str, np.ndarray[Any, Any]]]:
+        """Queue one batch; the returned ``collect`` waits for it (`backends.streams`).
+
+        The context's shapes and addresses are read when ``execute_async_v3`` queues the
+        run, so the next batch may set its own before this one has run (one stream: in
+        order). Its input tensors are kept until ``collect``.
+        """
+        if self._context is None or self._signature is None or self._pipeline is None:
             raise BackendError("infer() before load()")
         import torch
 
-        sig, ctx, stream = self._signature, self._context, self._stream
+        gpu, sig, ctx, stream = self._pipeline, self._signature, self._context, self._stream
         missing = [n for n in sig.inputs if n not in batch]
         if missing:
             raise BackendError(f"batch lacks input(s) {missing}")
@@ -339,35 +356,41 @@ class TensorRTBackend(StreamOwner):
         profile = choose_profile(sig.profiles, shapes, self._pinned)
         keep: list[Any] = []  # inputs must outlive the stream's work on them
         results: dict[str, Any] = {}
-        # Synchronise on every exit: a copy still in flight must not meet the next batch's
-        # writes into the same pinned buffers.
-        try:
-            with torch.cuda.stream(stream):
-                if profile != self._active:
-                    try:
-                        switched = ctx.set_optimization_profile_async(profile, stream.cuda_stream)
-                    except RuntimeError as e:
-                        raise BackendError(f"cannot switch to profile {profile}: {e}") from None
-                    if not switched:
-                        raise BackendError(f"cannot switch to optimization profile {profile}")
-                    self._active = profile
-                for name in sig.inputs:
-                    tensor = self._to_device(name, batch[name])
-                    keep.append(tensor)
-                    ctx.set_tensor_address(name, tensor.data_ptr())
-                for name, shape in set_input_shapes(ctx, shapes, list(sig.outputs)).items():
-                    out = self._output_buffer(name, shape)
-                    ctx.set_tensor_address(name, out.data_ptr())
-                    results[name] = out
-                if not ctx.execute_async_v3(stream.cuda_stream):
-                    raise BackendError("TensorRT execute_async_v3 failed (its log says why)")
-                for name, out in results.items():
-                    host = self._host.view("out:" + name, tuple(out.shape), out.dtype)
-                    host.copy_(out, non_blocking=True)
-                    results[name] = host
-        finally:
-            stream.synchronize()
-        return {name: host.numpy() for name, host in results.items()}
+        # The inference stream waits on the batch's `ready` event; the pinned buffers are
+        # released with `done`, which `collect` waits for (and `batch` itself, on an error:
+        # a copy still in flight must not meet the next batch's writes into them).
+        with gpu.batch(defer_wait=True) as run, torch.cuda.stream(stream):
+            if profile != self._active:
+                try:
+                    switched = ctx.set_optimization_profile_async(profile, stream.cuda_stream)
+                except RuntimeError as e:
+                    raise BackendError(f"cannot switch to profile {profile}: {e}") from None
+                if not switched:
+                    raise BackendError(f"cannot switch to optimization profile {profile}")
+                self._active = profile
+            for name in sig.inputs:
+                tensor = self._to_device(name, batch[name], run)
+                keep.append(tensor)
+                ctx.set_tensor_address(name, tensor.data_ptr())
+            for name, shape in set_input_shapes(ctx, shapes, list(sig.outputs)).items():
+                out = self._output_buffer(name, shape)
+                ctx.set_tensor_address(name, out.data_ptr())
+                results[name] = out
+            if not ctx.execute_async_v3(stream.cuda_stream):
+                raise BackendError("TensorRT execute_async_v3 failed (its log says why)")
+            for name, out in results.items():
+                host = self._host.view("out:" + name, tuple(out.shape), out.dtype, run)
+                host.copy_(out, non_blocking=True)
+                results[name] = host
+        done = run.done
+        assert done is not None
+
+        def collect() -> dict[str, np.ndarray[Any, Any]]:
+            gpu.wait(done)
+            keep.clear()  # the run has read them
+            return {name: host.numpy() for name, host in results.items()}
+
+        return collect
 
     def unload(self) -> None:
         """Release context before engine before runtime, then every buffer."""
@@ -379,7 +402,7 @@ class TensorRTBackend(StreamOwner):
         self._host.clear()
         self._device_out.clear()
 
-    def _to_device(self, name: str, x: Any) -> Any:
+    def _to_device(self, name: str, x: Any, run: Any) -> Any:
         """A contiguous tensor of the engine's dtype on the instance's device."""
         from torch.utils.dlpack import from_dlpack
 
@@ -390,7 +413,7 @@ class TensorRTBackend(StreamOwner):
             tensor = from_dlpack(x)
             return tensor.to(self._device, want, non_blocking=True).contiguous()
         arr = np.asarray(x)
-        host = self._host.view("in:" + name, arr.shape, want)
+        host = self._host.view("in:" + name, arr.shape, want, run)
         try:
             np.copyto(host.numpy(), arr, casting="same_kind")
         except TypeError as e:

@@ -19,20 +19,23 @@ Inputs are passed to ``forward`` positionally in signature order; a module may r
 tensor, a tuple or a dict of tensors. Every call runs under ``torch.inference_mode``.
 
 On the CPU, NumPy arrays become tensors without a copy (``torch.from_numpy``) and outputs
-come back the same way. On ``cuda:N`` each instance owns a CUDA stream, created for it
-rather than taken from torch's pool of 32 (`backends.devices.InstanceStream`): host inputs go
-through reused pinned buffers and are copied asynchronously on that stream, device
-arrays from GPU preprocessing (CuPy, PyTorch) are taken through DLPack without touching
-the host, and outputs return through pinned buffers after one stream synchronisation.
-The CUDA path is written against PyTorch's documented API and has not run on the
-project's machines: no GPU was lent to this work.
+come back the same way. On ``cuda:N`` each instance owns two CUDA streams, made for it rather
+than taken from torch's pool of 32 (`backends.devices.InstanceStream`), and keeps the
+ordering rules of `backends.streams`: its GPU preprocessing runs on the preprocess stream;
+the inference stream waits on the batch's ``ready`` event, then takes host inputs through
+reused pinned buffers (asynchronous copies) and device arrays from GPU preprocessing
+(CuPy, PyTorch) through DLPack without touching the host, computes, and copies outputs
+into pinned buffers; the host waits once, on the ``done`` event after those copies.
+The CUDA path is written against PyTorch's documented API and runs only in the
+``gpu``-marked tests (make gpu-check); it has not run on the project's machines, and no
+GPU was lent to this work.
 """
 
 from __future__ import annotations
 
 import logging
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,11 +136,37 @@ class TorchBackend(StreamOwner):
             with torch.inference_mode():
                 out = self._module(*(self._to_tensor(batch[n]) for n in self._inputs))
                 return {name: self._host(name, t) for name, t in self._named(out).items()}
-        with torch.inference_mode(), torch.cuda.stream(self._stream):
-            out = self._module(*(self._to_device(n, batch[n]) for n in self._inputs))
-            pending = {name: self._to_pinned(name, t) for name, t in self._named(out).items()}
-        self._stream.synchronize()
-        return {name: t.numpy() for name, t in pending.items()}
+        return self.submit(batch)()
+
+    def submit(self, batch: TensorBatch) -> Callable[[], dict[str, np.ndarray[Any, Any]]]:
+        """Queue one batch on the GPU; the returned ``collect`` waits for it and gives outputs.
+
+        The inference stream waits on the batch's ``ready`` event; copies in, ``forward``
+        and copies out into pinned buffers are queued, then ``done``. ``collect`` is the
+        batch's one host wait (`backends.streams`). Between the two the runtime may queue
+        the next batch. On the CPU the batch runs here and ``collect`` returns it.
+        """
+        if self._module is None:
+            raise BackendError("infer() before load()")
+        if self._stream is None:
+            outputs = self.infer(batch)
+            return lambda: outputs
+        import torch
+
+        gpu = self._pipeline
+        assert gpu is not None  # made with the stream
+        queue = gpu.batch(defer_wait=True)
+        with queue as run, torch.inference_mode(), torch.cuda.stream(self._stream):
+            out = self._module(*(self._to_device(n, batch[n], run) for n in self._inputs))
+            pending = {n: self._to_pinned(n, t, run) for n, t in self._named(out).items()}
+        done = run.done
+        assert done is not None
+
+        def collect() -> dict[str, np.ndarray[Any, Any]]:
+            gpu.wait(done)
+            return {name: t.numpy() for name, t in pending.items()}
+
+        return collect
 
     def unload(self) -> None:
         """Drop the module, its stream and the pinned buffers."""
@@ -163,8 +192,14 @@ class TorchBackend(StreamOwner):
             arr = np.ascontiguousarray(arr).copy()
         return self._cast_in(torch.from_numpy(arr))
 
-    def _to_device(self, name: str, x: Any) -> Any:
-        """GPU: DLPack for device arrays; host arrays through this instance's pinned buffer."""
+    def _to_device(self, name: str, x: Any, run: Any) -> Any:
+        """GPU: DLPack for device arrays; host arrays through this instance's pinned buffer.
+
+        A device array was written on the preprocess stream, which the inference stream
+        already waits for (the batch's ``ready`` event): ``from_dlpack`` runs inside the
+        inference stream's context, so the producer is told that stream (DLPack), and a
+        CuPy producer's own ordering against its current stream adds nothing wrong.
+        """
         import torch
 
         if is_device_array(x):
@@ -173,7 +208,8 @@ class TorchBackend(StreamOwner):
                 t = t.to(self._device, non_blocking=True)
             return self._cast_in(t)
         arr = np.ascontiguousarray(x)
-        pinned = self._pinned.view(f"in:{name}", arr.shape, torch.from_numpy(arr[:0]).dtype)
+        dtype = torch.from_numpy(arr[:0]).dtype
+        pinned = self._pinned.view(f"in:{name}", arr.shape, dtype, run)
         pinned.numpy()[...] = arr
         return self._cast_in(pinned.to(self._device, non_blocking=True))
 
@@ -202,9 +238,9 @@ class TorchBackend(StreamOwner):
         out: np.ndarray[Any, Any] = t.numpy() if t.is_contiguous() else t.contiguous().numpy()
         return out
 
-    def _to_pinned(self, name: str, t: Any) -> Any:
+    def _to_pinned(self, name: str, t: Any, run: Any) -> Any:
         t = t.to(self._want_dtype(name))
-        pinned = self._pinned.view(f"out:{name}", tuple(t.shape), t.dtype)
+        pinned = self._pinned.view(f"out:{name}", tuple(t.shape), t.dtype, run)
         pinned.copy_(t, non_blocking=True)
         return pinned
 

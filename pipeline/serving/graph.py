@@ -179,7 +179,9 @@ def _instance_stages(
 ) -> list[list[Stage]]:
     """Preprocess stages for each instance, on the device it landed on and its stream.
 
-    Every instance gets stage objects of its own: each instance preprocesses on its own
+    On a GPU the stages get the instance's preprocess stream, not the one it infers on
+    (`backends.streams`). Every instance gets stage objects of its own: each instance
+    preprocesses on its own
     thread (`pipeline.serving.runtime`), and a stage need not be thread-safe (a DALI
     pipeline fed from two threads handed one batch's images to another's requests).
     ``checked`` (set up before loading, to refuse bad parameters before a long load) is
@@ -188,7 +190,7 @@ def _instance_stages(
     out: list[list[Stage]] = []
     reusable = settings.instance_devices()[0] == "cpu"
     for i, (backend, device) in enumerate(zip(instances, placed, strict=True)):
-        stream = getattr(backend, "stream", None)
+        stream = _preprocess_stream(backend)
         if i == 0 and reusable and device == "cpu" and stream is None:
             out.append(checked)
             continue
@@ -200,6 +202,17 @@ def _instance_stages(
         for stage in checked:
             stage.close()
     return out
+
+
+def _preprocess_stream(backend: Backend) -> Any:
+    """The stream an instance's GPU preprocessing runs on; None on a CPU.
+
+    A backend with two streams (`backends.devices.StreamOwner`) names its preprocess
+    stream, ordered before its inference stream by events (`backends.streams`); one with a
+    single ``stream`` (a plugin) has its preprocessing queued on that stream, in order.
+    """
+    stream = getattr(backend, "preprocess_stream", None)
+    return stream if stream is not None else getattr(backend, "stream", None)
 
 
 def _bind(stages: Sequence[Stage], info: ModelInfo, where: str) -> None:

@@ -137,7 +137,9 @@ def halve(item: Prepared) -> tuple[Prepared, Prepared]:
 
     def part(lo: int, hi: int) -> Prepared:
         columns = {name: col[lo:hi] for name, col in batch.columns.items()}
-        return Prepared(Batch(batch.rows[lo:hi], columns), item.started, item.preprocess_ms, [])
+        half = Prepared(Batch(batch.rows[lo:hi], columns), item.started, item.preprocess_ms, [])
+        half.ready = item.ready  # the halves' data was written by the same preprocessing
+        return half
 
     return part(0, mid), part(mid, n)
 

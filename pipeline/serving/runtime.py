@@ -7,8 +7,13 @@ GPU, its own CUDA stream) is a small pipeline of two threads: one preprocesses i
 batches, the other runs the model on them. So preprocessing of the next batch overlaps
 inference of the current one, the instances' preprocessing overlaps too (decoding and
 resizing release the GIL), and a front door that waits for each batch (the Faust
-adapter) still gets its batches preprocessed side by side. Preprocessing runs only a
-little ahead of the models. Outcomes (encoded results and dead letters) go back through
+adapter) still gets its batches preprocessed side by side. On a GPU the two threads
+queue on the instance's two CUDA streams, ordered by one event per batch (the
+preprocess thread records it, the model's stream waits on it: `backends.streams`), so
+the GPU overlaps them too; and when the next batch is ready, the infer thread queues it
+on the GPU before it waits for the one before (`_queueing_loop`), so that one's copy to
+the host overlaps it. CPU instances have no streams and none of this. Preprocessing
+runs only a little ahead of the models. Outcomes (encoded results and dead letters) go back through
 the batch's ``emit``.
 
 This is the one serving core: the Kafka loop (`pipeline.engine.loop`) and the Faust
@@ -54,7 +59,7 @@ from pipeline.observability.metrics import Metrics
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.recovery import Recovery
-from pipeline.serving.steps import Prepared, complete, expire, prepare
+from pipeline.serving.steps import Prepared, Started, complete, expire, finish, prepare, start
 from schemas.errors import describe
 from schemas.messages import Envelope
 
@@ -266,6 +271,11 @@ class ModelRuntime:
             self._deliver(emit, expired)
             owed.rows = rows
         item = prepare(self.graph, self.encoder, rows, self.graph.stages_for(inst.stats.index))
+        gpu = getattr(inst.backend, "gpu", None)
+        if gpu is not None:
+            # The end of this batch's preprocessing, marked on the preprocess stream: the
+            # inference stream waits on it, the host does not (`backends.streams`).
+            item.ready = gpu.preprocessed()
         self._observe_prepared(inst, rows, item)
         if not item.batch.rows:
             self._end(emit, owed, item.dead_letters)
@@ -277,28 +287,88 @@ class ModelRuntime:
         inst.inbox.put((item, emit))
 
     def _infer_loop(self, inst: _Instance) -> None:
-        def run(item: Prepared) -> list[Outcome]:
-            """One model run; its phase times are observed only when it succeeds."""
-            outcomes = complete(self.graph, self.encoder, inst.backend, item)
-            instance, m = str(inst.stats.index), self.metrics
-            m.compute_time.labels(self.name, instance).observe(item.compute_ms / 1000.0)
-            m.postprocess_time.labels(self.name, instance).observe(item.postprocess_ms / 1000.0)
-            return outcomes
-
+        if getattr(inst.backend, "gpu", None) is not None and hasattr(inst.backend, "submit"):
+            self._queueing_loop(inst)
+            return
         while True:
             work = inst.inbox.get()
             if work is None:
                 return
             item, emit = work
+            self._serve(inst, item, emit, time.monotonic())
+
+    def _run(self, inst: _Instance, item: Prepared) -> list[Outcome]:
+        """One model run; its phase times are observed only when it succeeds."""
+        return self._observed(inst, item, complete(self.graph, self.encoder, inst.backend, item))
+
+    def _observed(self, inst: _Instance, item: Prepared, outcomes: list[Outcome]) -> list[Outcome]:
+        instance, m = str(inst.stats.index), self.metrics
+        m.compute_time.labels(self.name, instance).observe(item.compute_ms / 1000.0)
+        m.postprocess_time.labels(self.name, instance).observe(item.postprocess_ms / 1000.0)
+        return outcomes
+
+    def _serve(self, inst: _Instance, item: Prepared, emit: Emit, t0: float) -> None:
+        """Run one batch with retries and poison isolation, and hand its outcomes on."""
+        try:
+            outcomes, slept = self.recovery.serve(
+                functools.partial(self._run, inst), item, inst.stats.index
+            )
+        except Exception as e:  # recovery letters failing runs: this is past it
+            self._abandon(emit, _Owed(item.batch.rows, inst), "inference_failed", e)
+            return
+        # Backoff sleeps are not work: busy time stays the instance's compute.
+        self._release(inst, len(item.batch), time.monotonic() - t0 - slept)
+        self._finish(emit, outcomes)
+
+    def _queueing_loop(self, inst: _Instance) -> None:
+        """A GPU instance's infer thread: batch N+1 is queued before batch N is collected.
+
+        When the next batch is already preprocessed, it is started (queued on the GPU,
+        no host wait: `steps.start`) before the host waits for the batch before it, so
+        that one's copy to the host overlaps the next one's work (`backends.streams`).
+        A batch whose start or collection fails is run again through `Recovery`, alone,
+        with its retries and isolation (the failed first run is not counted among them).
+        """
+        pending: tuple[Prepared, Emit, Started, float] | None = None
+        while True:
+            if pending is None:
+                work = inst.inbox.get()
+            else:
+                try:
+                    work = inst.inbox.get_nowait()
+                except queue.Empty:  # nothing to queue behind it: collect it now
+                    self._collect(inst, pending)
+                    pending = None
+                    continue
+            if work is None:
+                if pending is not None:
+                    self._collect(inst, pending)
+                return
+            item, emit = work
             t0 = time.monotonic()
             try:
-                outcomes, slept = self.recovery.serve(run, item, inst.stats.index)
-            except Exception as e:  # recovery letters failing runs: this is past it
-                self._abandon(emit, _Owed(item.batch.rows, inst), "inference_failed", e)
+                started = start(self.graph, inst.backend, item)
+            except Exception as e:
+                log.info("model %s: queueing a batch failed (%s); serving it alone", self.name, e)
+                if pending is not None:
+                    self._collect(inst, pending)
+                    pending = None
+                self._serve(inst, item, emit, t0)
                 continue
-            # Backoff sleeps are not work: busy time stays the instance's compute.
-            self._release(inst, len(item.batch), time.monotonic() - t0 - slept)
-            self._finish(emit, outcomes)
+            if pending is not None:
+                self._collect(inst, pending)
+            pending = (item, emit, started, t0)
+
+    def _collect(self, inst: _Instance, pending: tuple[Prepared, Emit, Started, float]) -> None:
+        item, emit, started, t0 = pending
+        try:
+            outcomes = self._observed(inst, item, finish(self.graph, self.encoder, item, started))
+        except Exception as e:
+            log.info("model %s: a queued batch failed (%s); serving it alone", self.name, e)
+            self._serve(inst, item, emit, t0)
+            return
+        self._release(inst, len(item.batch), time.monotonic() - t0)
+        self._finish(emit, outcomes)
 
     def _letters(self, rows: Sequence[Envelope], error: str) -> list[Outcome]:
         return [self.encoder.dead_letter(r, "inference_failed", error) for r in rows]

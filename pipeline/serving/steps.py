@@ -2,7 +2,9 @@
 
 `expire` answers requests whose deadline has passed; `prepare` stacks the rows' tensors
 into columns and runs the preprocess stages; `complete` runs the model and the
-postprocess stages and encodes every row's outcome. `pipeline.serving.runtime` runs
+postprocess stages and encodes every row's outcome, in two halves that a GPU instance
+runs apart (`start` queues the model, `finish` collects, postprocesses and encodes), so
+batch N+1 is queued on the GPU before the host waits for batch N. `pipeline.serving.runtime` runs
 them on its threads; `pipeline.serving.recovery` re-runs `complete` on parts of a batch
 that failed.
 
@@ -14,7 +16,7 @@ instead of losing requests.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +29,17 @@ from schemas.devices import is_device_array
 from schemas.messages import Envelope
 from stages.base import Batch, Stage
 
-__all__ = ["Prepared", "StageContractError", "complete", "expire", "prepare", "run_stages"]
+__all__ = [
+    "Prepared",
+    "StageContractError",
+    "Started",
+    "complete",
+    "expire",
+    "finish",
+    "prepare",
+    "run_stages",
+    "start",
+]
 
 
 @dataclass(slots=True)
@@ -40,6 +52,9 @@ class Prepared:
     dead_letters: list[Outcome]
     compute_ms: float = 0.0  # set by `complete`
     postprocess_ms: float = 0.0
+    # On a GPU instance, the batch's `ready` event (`backends.streams.Ready`), recorded on
+    # the preprocess stream after its stages; the inference stream waits on it.
+    ready: Any = None
 
 
 class StageContractError(Exception):
@@ -95,18 +110,50 @@ def complete(
 
     Raises whatever the backend or a postprocess stage raised; nothing is emitted then.
     """
-    batch = item.batch
-    if not batch.rows:
+    if not item.batch.rows:
         return []
-    feeds = {name: _feed(batch.columns[name]) for name in graph.info.inputs}
-    t0 = time.monotonic()
+    return finish(graph, encoder, item, start(graph, backend, item))
+
+
+@dataclass(slots=True)
+class Started:
+    """A model run queued (a GPU backend's ``submit``) or done; ``collect`` gives outputs."""
+
+    collect: Callable[[], Mapping[str, Any]]
+    at: float
+
+
+def start(graph: ServedModel, backend: Backend, item: Prepared) -> Started:
+    """Start the model on a batch: queued on the GPU where the backend can (``submit``).
+
+    A backend with ``submit(feeds)`` returns a ``collect`` callable without waiting for
+    the device (`backends.streams`: the host waits in ``collect``); any other runs
+    ``infer`` here. Raises whatever the backend raised.
+    """
+    feeds = {name: _feed(item.batch.columns[name]) for name in graph.info.inputs}
+    gpu = getattr(backend, "gpu", None)
+    if gpu is not None:
+        gpu.hand_over(item.ready)  # the inference stream waits on it, not the host
+    at = time.monotonic()
+    submit = getattr(backend, "submit", None)
+    if submit is not None:
+        return Started(submit(feeds), at)
     outputs = backend.infer(feeds)
+    return Started(lambda: outputs, at)
+
+
+def finish(
+    graph: ServedModel, encoder: OutcomeEncoder, item: Prepared, started: Started
+) -> list[Outcome]:
+    """Collect a started run's outputs, postprocess them and encode every row's outcome."""
+    batch = item.batch
+    outputs = started.collect()
     t1 = time.monotonic()
     # Postprocess sees what fed the model too (an attention mask for pooling, say).
     post = run_stages(graph.postprocess, Batch(batch.rows, {**batch.columns, **outputs}))
     t2 = time.monotonic()
     outcomes = [encoder.dead_letter(r, reason, msg) for r, reason, msg in post.rejected]
-    item.compute_ms, item.postprocess_ms = (t1 - t0) * 1000.0, (t2 - t1) * 1000.0
+    item.compute_ms, item.postprocess_ms = (t1 - started.at) * 1000.0, (t2 - t1) * 1000.0
     phases = (item.preprocess_ms, item.compute_ms, item.postprocess_ms)
     size = len(batch.rows)  # the rows the model ran, postprocess rejects included
     s = graph.settings

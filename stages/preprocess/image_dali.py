@@ -35,7 +35,10 @@ rebuilt (a few ms on the CPU) before the next run.
 
 GPU (``cuda:N``): written against DALI's documentation and NOT run: DALI's GPU operators
 cannot run on any machine available to the project. The output is a CuPy array over
-DALI's device buffer (DLPack, no host copy), ordered on the instance's stream.
+DALI's device buffer (DLPack, no host copy), ordered on the instance's preprocess stream
+(``Pipeline.run`` is given it, and the array is taken inside it): the instance's
+inference stream waits on the event recorded there after the batch's stages, never the
+host (`backends.streams`).
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ directly:
   from 8-bit input gathers from a 256-entry table per channel (the float32 formula, cast
   once), writing each float16 once; computing float32 and then casting is 2.5x slower.
 - CUDA: one CuPy ``ElementwiseKernel`` over the NCHW output reads the NHWC input (any
-  DLPack-capable device array, or NumPy, which is copied over) and writes float32 or
-  float16, on the instance's stream. The output is a CuPy array (DLPack-capable).
+  DLPack-capable device array, or NumPy, which is copied over from a reused pinned
+  buffer, asynchronously) and writes float32 or float16, on the instance's preprocess
+  stream (the ordering rules are in `backends.streams`). The output is a CuPy array
+  (DLPack-capable).
 
 Tolerance: float32 output equals ``normalize`` then ``to_nchw`` bit for bit on the CPU
 (tested to 0, the stated bound is 1e-6); float16 output equals that float32 result cast
@@ -32,6 +34,7 @@ import numpy as np
 
 from schemas.devices import gpu_install_hint, parse_device
 from schemas.errors import GraphError, KpError
+from schemas.streams import BufferRing, LibraryEvent
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require
 
@@ -77,6 +80,7 @@ class NormalizeNCHW(StageBase):
         self._gpu: int | None = None
         self._stream: int | None = None
         self._device_consts: Any = None  # (mul, sub) as CuPy arrays on the device
+        self._uploads: BufferRing | None = None  # pinned host buffers for NumPy inputs
 
     @property
     def leaves_device_arrays(self) -> bool:
@@ -119,10 +123,15 @@ class NormalizeNCHW(StageBase):
         # usually non-blocking, and then nothing orders the two.
         with cupy.cuda.Device(self._gpu), cupy_stream(cupy, self._stream):
             self._device_consts = (cupy.asarray(self._mul), cupy.asarray(self._sub))
+        self._uploads = BufferRing(
+            lambda need: _Pinned(cupy, need), depth=2, fits=lambda buf, need: buf.nbytes >= need
+        )
 
     def close(self) -> None:
-        """Drop the device constants."""
+        """Drop the device constants and the pinned buffers."""
         self._device_consts = None
+        if self._uploads is not None:
+            self._uploads.clear()
 
     def process(self, batch: Batch) -> Batch:
         """Normalise and transpose the whole batch (NumPy on the CPU, a kernel on CUDA)."""
@@ -153,16 +162,56 @@ class NormalizeNCHW(StageBase):
         """The CuPy kernel over the NCHW output; NOT RUN on the project's machines."""
         cupy = _cupy()
         mul, sub = self._device_consts
-        with cupy.cuda.Device(self._gpu), cupy_stream(cupy, self._stream):
-            # NumPy: copied on the current stream, the kernel's. Device arrays: from_dlpack
-            # passes our stream to the producer, which orders its work before it.
-            src = cupy.asarray(x) if isinstance(x, np.ndarray) else cupy.from_dlpack(x)
+        stream = cupy_stream(cupy, self._stream)
+        with cupy.cuda.Device(self._gpu), stream:
+            # NumPy: copied from a pinned buffer on the kernel's stream. Device arrays:
+            # from_dlpack passes our stream to the producer, which orders its work before it.
+            if isinstance(x, np.ndarray):
+                src = self._upload(cupy, stream, x)
+            else:
+                src = cupy.from_dlpack(x)
             src = cupy.ascontiguousarray(src)  # the kernel indexes the input as dense NHWC
             n, h, w, c = src.shape
             y = cupy.empty((n, c, h, w), dtype=self.dtype)
             if y.size:
                 _kernel(cupy)(src, mul, sub, c, h * w, y)
             return y
+
+    def _upload(self, cupy: Any, stream: Any, x: np.ndarray[Any, Any]) -> Any:
+        """Host → device through a pinned buffer, asynchronously on ``stream``.
+
+        From pageable memory the copy would be staged by the driver and hold this thread;
+        from pinned memory it is queued and overlaps the inference stream's work. The
+        buffer is one of two (`schemas.streams.BufferRing`) released with an event
+        recorded after the copy, so the host overwrites it only once that copy is done:
+        it is two batches old by then, and the host waits only if it still runs.
+        """
+        assert self._uploads is not None
+        if not x.size:
+            return cupy.asarray(x)
+        x = np.ascontiguousarray(x)
+        index, pinned = self._uploads.take(x.nbytes)
+        staged = pinned.view(x.dtype, x.shape)
+        staged[...] = x
+        src = cupy.empty(x.shape, x.dtype)
+        src.set(staged, stream=stream)
+        event = cupy.cuda.Event(disable_timing=True)
+        event.record(stream)
+        self._uploads.release(index, LibraryEvent(event))
+        return src
+
+
+class _Pinned:
+    """Page-locked host memory from CuPy's pinned pool, rounded up to a power of two."""
+
+    def __init__(self, cupy: Any, need: int) -> None:
+        self.nbytes = 1 << max(need - 1, 0).bit_length()
+        self.mem = cupy.cuda.alloc_pinned_memory(self.nbytes)
+
+    def view(self, dtype: Any, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+        """A NumPy array of ``shape`` over the start of the buffer."""
+        count = int(np.prod(shape))
+        return np.frombuffer(self.mem, dtype, count).reshape(shape)
 
 
 def stream_handle(stream: Any) -> int | None:

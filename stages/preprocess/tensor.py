@@ -4,8 +4,9 @@ All four take device-array columns (CuPy after ``dali_image`` or ``normalize_nch
 CUDA, torch tensors from a custom stage) and leave them on their device: they compute with
 the array's own library (`stages.base.array_namespace`) and bring only one count per row
 to the host (the rows ``scale`` rejects). On a GPU that work is queued on the instance's
-CUDA stream (`StageContext.stream`), the stream the stage before wrote the column on and
-the model reads it on. The device paths are written against CuPy's and PyTorch's
+preprocess stream (`StageContext.stream`), the stream the stage before wrote the column
+on; the model's inference stream waits on the event recorded there after the batch's
+last stage (`backends.streams`). The device paths are written against CuPy's and PyTorch's
 documentation and not run here (no GPU on the project's machines); on the CPU they are
 tested with torch tensors and a device-array double that refuses ``np.asarray``.
 """
@@ -61,9 +62,10 @@ def _device_work(x: Any, stream: Any) -> Iterator[None]:
     """Make ``x``'s device and ``stream`` current for its library (nothing for NumPy).
 
     CuPy and torch queue work on a per-thread current stream, the default one unless told;
-    the instances' streams (made by PyTorch) do not wait for the default stream, so work
-    there could read a column before the stage that wrote it on the instance's stream is
-    done. Written against CuPy's and PyTorch's documentation and NOT run here (no GPU).
+    the instances' preprocess streams (made for them, non-blocking) do not wait for the
+    default stream, so work there could read a column before the stage that wrote it on
+    the preprocess stream is done. Written against CuPy's and PyTorch's documentation and
+    NOT run here (no GPU).
     """
     library = type(x).__module__.partition(".")[0]
     if library == "cupy":

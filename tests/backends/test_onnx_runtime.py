@@ -399,18 +399,24 @@ def test_a_gpu_batch_waits_for_its_own_stream_not_for_the_device(
 ) -> None:
     """IOBinding.synchronize_* is cudaDeviceSynchronize: every instance would wait for all."""
     ort = install_fake_ort(monkeypatch)
-    stream = FakeStream(0xABC, ort.log)
-    monkeypatch.setattr(devices, "instance_stream", lambda device: stream)
+    stream, pre = FakeStream(0xABC, ort.log), FakeStream(0xBEE, ort.log)
+    made = [stream, pre]
+    monkeypatch.setattr(devices, "instance_stream", lambda device: made.pop(0))
     backend = OnnxRuntimeBackend()
     backend.load(ModelSpec("m", artifact), "cuda:0")
+    assert backend.gpu is not None
+    assert backend.preprocess_stream is pre  # the graph gives it to the GPU stages
     for x in (DeviceArray(3), np.ones((5, 64), np.float32)):
+        backend.gpu.hand_over(backend.gpu.preprocessed())  # as the runtime's threads do
         ort.log.clear()
         assert backend.infer({"x": x})["logits"].shape == (x.shape[0], 10)
         assert "synchronize_inputs" not in ort.log
         assert "synchronize_outputs" not in ort.log
-        assert ort.log[-3:] == ["run", "sync", "copy_outputs_to_cpu"]
+        # the compute stream waits on the batch's `ready`; the host on `done`, once
+        assert ort.log[-5:] == ["wait", "run", "record", "sync", "copy_outputs_to_cpu"]
     assert ort.log[0] == ("bind_cpu_input", "x")
     assert stream.synchronized == 2
+    assert pre.synchronized == 0  # the host never waits for preprocessing
     # ONNX Runtime computes, and copies host inputs, on that stream
     name, cuda = ort.sessions[-1].providers[0]
     assert name == "CUDAExecutionProvider"

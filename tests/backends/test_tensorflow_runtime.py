@@ -13,6 +13,7 @@ from gpu_fakes import FakeStream
 
 from backends import devices, tensorflow_runtime
 from backends.base import Backend, ModelSpec
+from backends.streams import GpuPipeline
 from backends.tensorflow_runtime import TensorFlowBackend
 from pipeline.tools.zoo.keras_twins import export_small_cnn_savedmodel, export_tiny_mlp_savedmodel
 from pipeline.tools.zoo.small_cnn import export_small_cnn_onnx
@@ -327,32 +328,50 @@ def on_fake_gpu(
 
     monkeypatch.setattr(tf.experimental.dlpack, "from_dlpack", from_dlpack)
     backend._stream = stream
+    backend._pipeline = GpuPipeline(FakeStream(0xBEE, stream.log), stream)  # type: ignore[arg-type]
     return backend, stream
 
 
 @pytest.mark.parametrize(
     ("ptr", "expected"),
     [
-        (0x10000, [("__dlpack__", 0xFEED), "sync", "from_dlpack"]),
-        (0x10004, ["sync", "copy", ("__dlpack__", 0xFEED), "sync", "from_dlpack"]),
+        (0x10000, ["record", "sync", ("__dlpack__", 0xFEED), "from_dlpack"]),
+        (0x10004, ["record", "sync", "copy", ("__dlpack__", 0xFEED), "sync", "from_dlpack"]),
     ],
 )
 def test_a_device_array_is_finished_on_its_stream_before_tensorflow_reads_it(
     on_fake_gpu: tuple[TensorFlowBackend, FakeStream], ptr: int, expected: list[Any]
 ) -> None:
-    """TF's from_dlpack orders nothing: the producer's stream is waited for on the host."""
+    """TF's from_dlpack orders nothing: the batch's `ready` event is waited for on the host.
+
+    TF takes no external stream or event, so the host waits on the event recorded on the
+    preprocess stream after the batch's stages ("record", "sync"), and on the inference
+    stream only after a copy made for alignment.
+    """
     backend, stream = on_fake_gpu
+    assert backend.gpu is not None
+    ready = backend.gpu.preprocessed()  # as the preprocess thread marks a batch's end
+    backend.gpu.hand_over(ready)
     x = np.linspace(-1, 1, 3 * 64, dtype=np.float32).reshape(3, 64)
     out = backend.infer({"x": CudaArray(x, ptr, stream.log)})
     assert stream.log == expected
+    assert ready.event.query()  # it was that batch's event the host waited on
     np.testing.assert_allclose(out["logits"], tiny_mlp_reference(x), rtol=0, atol=1e-5)
+
+
+def test_host_inputs_make_tensorflow_wait_for_nothing(
+    on_fake_gpu: tuple[TensorFlowBackend, FakeStream],
+) -> None:
+    backend, stream = on_fake_gpu
+    backend.infer({"x": np.zeros((2, 64), np.float32)})
+    assert stream.log == []
 
 
 def test_a_device_array_without_a_stream_to_order_it_is_refused(
     on_fake_gpu: tuple[TensorFlowBackend, FakeStream],
 ) -> None:
     backend, stream = on_fake_gpu
-    backend._stream = None
+    backend._stream = backend._pipeline = None
     with pytest.raises(BackendError, match="no CUDA stream of its own"):
         backend.infer({"x": CudaArray(np.zeros((1, 64), np.float32), 0x10000, stream.log)})
     assert "from_dlpack" not in stream.log
@@ -362,11 +381,14 @@ def test_on_a_gpu_the_instance_owns_a_stream_and_unload_closes_it(
     models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _fake_gpus(monkeypatch, FakeGPUs())
-    stream = FakeStream(0xFEED)
-    monkeypatch.setattr(devices, "instance_stream", lambda device: stream)
+    stream, pre = FakeStream(0xFEED), FakeStream(0xBEE)
+    made = [stream, pre]
+    monkeypatch.setattr(devices, "instance_stream", lambda device: made.pop(0))
     backend = TensorFlowBackend()
     backend.load(ModelSpec("tiny", models["tiny"]), "cuda:1")  # TF soft-places it on the CPU
     assert backend.stream is stream
+    assert backend.preprocess_stream is pre
     backend.unload()
     assert backend.stream is None
-    assert stream.log == ["close"]
+    assert backend.preprocess_stream is None
+    assert stream.log == pre.log == ["close"]

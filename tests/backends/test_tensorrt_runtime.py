@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from gpu_fakes import POOL_SIZE, install_fake_cupy, install_fake_torch_cuda
+from gpu_fakes import POOL_SIZE, FakeStream, install_fake_cupy, install_fake_torch_cuda
 
 import backends.tensorrt_runtime as trt_backend
 from backends.base import Backend, ModelSpec
 from backends.devices import PinnedBuffers
+from backends.streams import GpuPipeline
 from backends.tensorrt_runtime import (
     TensorRTBackend,
     choose_profile,
@@ -288,18 +289,10 @@ class MlpContext:
 class HostBuffers(PinnedBuffers):
     """`PinnedBuffers` without the pinning, which needs a CUDA build of PyTorch."""
 
-    def view(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+    def view(self, name: str, shape: tuple[int, ...], dtype: Any, run: Any = None) -> Any:
         import torch
 
         return torch.empty(shape, dtype=dtype)
-
-
-class FakeStream:
-    cuda_stream = 0x5EED
-    synchronized = 0
-
-    def synchronize(self) -> None:
-        self.synchronized += 1
 
 
 @pytest.fixture
@@ -314,6 +307,7 @@ def on_host(monkeypatch: pytest.MonkeyPatch) -> tuple[TensorRTBackend, MlpContex
     backend, ctx, stream = TensorRTBackend(), MlpContext(), FakeStream()
     backend._host = HostBuffers()
     backend._attach((None, engine, ctx), stream, "cpu", read_signature(engine), None)
+    backend._pipeline = GpuPipeline(stream, stream)  # type: ignore[arg-type]
     return backend, ctx, stream
 
 
@@ -327,8 +321,9 @@ def test_data_path_switches_profiles_only_when_the_batch_needs_it(
         assert (out["logits"].shape, out["logits"].dtype) == ((n, 10), np.float32)
         np.testing.assert_allclose(out["logits"], tiny_mlp_reference(x), rtol=0, atol=1e-5)
         assert [p for p, _ in ctx.switches] == switches
-    assert {s for _, s in ctx.switches} == {FakeStream.cuda_stream}
-    assert stream.synchronized == 5
+    assert {s for _, s in ctx.switches} == {stream.cuda_stream}
+    assert stream.synchronized == 5  # one host wait per batch, on its `done` event
+    assert stream.log.count("wait") == 5  # each batch's compute after its `ready` event
 
 
 def test_data_path_reuses_output_buffers_and_takes_dlpack(
@@ -481,9 +476,11 @@ def test_past_torchs_stream_pool_every_instance_still_owns_its_stream(
     for backend in backends:
         backend.load(ModelSpec("m", plan), "cuda:0")
     handles = {backend.stream.cuda_stream for backend in backends}
-    assert len(handles) == POOL_SIZE + 8
+    pre = {backend.preprocess_stream.cuda_stream for backend in backends}
+    assert len(handles) == len(pre) == POOL_SIZE + 8
+    assert not handles & pre  # an instance's two streams, and no other's
     assert cuda.pooled == 0
-    assert handles == {made.ptr for made in cupy.made}
+    assert handles | pre == {made.ptr for made in cupy.made}
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zipfile
 from pathlib import Path
@@ -9,10 +10,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from gpu_fakes import POOL_SIZE, hide_cupy, install_fake_torch_cuda
+from gpu_fakes import POOL_SIZE, RecordingStream, Timeline, hide_cupy, install_fake_torch_cuda
 
 from backends import torch_runtime
 from backends.base import Backend, ModelSpec
+from backends.streams import GpuPipeline
 from backends.torch_runtime import TorchBackend
 from pipeline.tools.zoo import small_cnn, tiny
 from pipeline.tools.zoo.tiny import tiny_mlp_reference
@@ -309,11 +311,59 @@ def test_past_torchs_stream_pool_every_cuda_instance_still_owns_its_stream(
     )  # nothing moves to a GPU here
     backends = [_load(Path("tiny.pth"), FACTORY, device="cuda:0") for _ in range(POOL_SIZE + 8)]
     handles = [b.stream.cuda_stream for b in backends]
-    assert len(set(handles)) == POOL_SIZE + 8
+    pre = [b.preprocess_stream.cuda_stream for b in backends]
+    assert len(set(handles) | set(pre)) == 2 * (POOL_SIZE + 8)  # two per instance, all own
     assert cuda.pooled == 0
     backends[0].unload()
-    assert cuda.destroyed == [handles[0]]
+    assert sorted(cuda.destroyed) == sorted([handles[0], pre[0]])
     assert backends[0].stream is None
+    assert backends[0].preprocess_stream is None
+
+
+class _Logged(torch.nn.Module):  # type: ignore[misc]
+    """A module whose every run is logged as a launch on the recording inference stream."""
+
+    def __init__(self, inner: Any, stream: RecordingStream) -> None:
+        super().__init__()
+        self.inner, self.stream, self.runs = inner, stream, 0
+
+    def forward(self, x: Any) -> Any:
+        self.stream.launch(f"model:{self.runs}")
+        self.runs += 1
+        return self.inner(x)
+
+
+def test_the_cuda_path_waits_for_ready_and_makes_one_host_wait_per_batch(
+    models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU branch of `infer`, run on the CPU with a recording fake of the two streams."""
+    backend = _load(models / "tiny_mlp.pth", FACTORY)
+    timeline = Timeline()
+    gpu = GpuPipeline(timeline.stream("pre"), timeline.stream("infer"))
+    assert isinstance(gpu.inference, RecordingStream)
+    backend._module = _Logged(backend._module, gpu.inference)
+    backend._stream, backend._pipeline = gpu.inference, gpu
+    backend._pinned = _Unpinned()
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    for n in range(3):
+        assert isinstance(gpu.preprocess, RecordingStream)
+        gpu.preprocess.launch(f"pre:{n}")
+        gpu.hand_over(gpu.preprocessed())
+        x = _x(4 + n)
+        out = backend.infer({"x": x})["logits"]
+        np.testing.assert_allclose(out, tiny_mlp_reference(x), rtol=0, atol=1e-5)
+        (ready,) = timeline.waited_before("infer", f"model:{n}")
+        assert timeline.covers(ready, f"pre:{n}")
+    assert gpu.host_waits == 3
+    assert all(timeline.covers(done, f"model:{n}") for n, done in enumerate(timeline.host_waits()))
+
+
+class _Unpinned(torch_runtime.PinnedBuffers):
+    """`PinnedBuffers` handing out ordinary memory (pinning needs a CUDA build of torch)."""
+
+    def view(self, name: str, shape: tuple[int, ...], dtype: Any, run: Any = None) -> Any:
+        count = int(np.prod(shape)) if shape else 1
+        return torch.empty(count, dtype=dtype).view(shape)
 
 
 # -- GPU: run where a CUDA device exists (none on the project's machines) -------------------

@@ -197,9 +197,17 @@ def test_the_cupy_hint_names_the_extra_for_the_machines_cuda(
 class _DeviceArray:
     """A fake CuPy array: a NumPy array said to be on the device."""
 
-    def __init__(self, a: np.ndarray) -> None:
+    def __init__(self, a: np.ndarray, log: list[tuple[str, Any]] | None = None) -> None:
         self.a = a
         self.shape, self.size, self.dtype = a.shape, a.size, a.dtype
+        self.log = log
+
+    def set(self, host: np.ndarray, stream: Any = None) -> None:
+        """``cupy.ndarray.set``: a host → device copy on ``stream``, from ``host``'s memory."""
+        assert self.log is not None
+        self.log.append(("host copy", stream.ptr))
+        self.log.append(("from", host.__array_interface__["data"][0]))
+        self.a[...] = host
 
 
 class _FakeCupy:
@@ -238,8 +246,33 @@ class _FakeCupy:
             def __exit__(self, *exc: object) -> None:
                 pass
 
+        class Event:
+            """Completes when the host waits on it, or when ``done`` is set by the test."""
+
+            def __init__(self, disable_timing: bool = False) -> None:
+                self.ptr = 0xE0 + len(events)
+                self.done = self_.events_complete
+                events.append(self)
+
+            def record(self, stream: Any) -> None:
+                log.append(("record", stream.ptr))
+
+            def synchronize(self) -> None:
+                log.append(("host wait", self.ptr))
+                self.done = True
+
+        self_ = self
+        self.events_complete = True
+        events: list[Event] = []
+        self.events = events
         Stream.null = Stream(0)  # type: ignore[attr-defined]
-        cuda = SimpleNamespace(Stream=Stream, Device=Device, is_available=lambda: True)
+        cuda = SimpleNamespace(
+            Stream=Stream,
+            Device=Device,
+            Event=Event,
+            is_available=lambda: True,
+            alloc_pinned_memory=bytearray,  # stands in for page-locked memory
+        )
         if new_api:
             Stream.from_external = staticmethod(  # type: ignore[attr-defined]
                 lambda obj: Stream(obj.__cuda_stream__()[1])
@@ -262,7 +295,7 @@ class _FakeCupy:
         self.asarray = asarray
         self.from_dlpack = lambda x: x
         self.ascontiguousarray = lambda x: x
-        self.empty = lambda shape, dtype: _DeviceArray(np.empty(shape, dtype))
+        self.empty = lambda shape, dtype: _DeviceArray(np.empty(shape, dtype), log)
         self.ElementwiseKernel = lambda *args: launch
 
 
@@ -298,6 +331,39 @@ def test_constants_and_numpy_inputs_are_copied_on_the_kernels_stream(
     assert [e for e in fake.log if e[0] == "kernel"] == [("kernel", 1234)] * 3
     assert sum(event == "host copy" for event, _ in fake.log) == 4  # 2 constants, 2 inputs
     assert _unordered_copies(fake.log) == []
+
+
+def test_numpy_inputs_go_up_from_two_pinned_buffers_reused_after_their_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each upload is queued from a pinned buffer, then an event marks the copy's end; the
+    host writes that buffer again two uploads later, waiting only if the copy still runs."""
+    fake = _FakeCupy(new_api=True)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(image_fused, "_KERNELS", {})
+    stage = NormalizeNCHW(NormalizeNCHWParams(mean=MEAN, std=STD))
+    stage.setup(StageContext("m", device="cuda:0", stream=1234))
+    fake.log.clear()
+    fake.events_complete = False  # the copies have not finished when the host comes back
+    rng = np.random.default_rng(6)
+    for n in range(4):
+        x = rng.integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
+        y = stage.process(Batch([0, 1], {"image": x})).columns["image"]
+        np.testing.assert_allclose(y.a, _fused(x), rtol=0, atol=1e-6)  # the batch's own data
+        if n == 1:
+            fake.events[0].done = True  # the first copy finished meanwhile: no wait for it
+    sources = [e[1] for e in fake.log if e[0] == "from"]
+    assert sources[0] == sources[2] != sources[1] == sources[3]  # two buffers, in turn
+    copies = [i for i, e in enumerate(fake.log) if e[0] == "host copy"]
+    records = [i for i, e in enumerate(fake.log) if e[0] == "record"]
+    assert len(copies) == len(records) == 4
+    assert all(c < r for c, r in zip(copies, records, strict=True))  # each copy's own event
+    assert all(fake.log[i][1] == 1234 for i in copies + records)  # on the stage's stream
+    # the fourth upload reuses the second buffer, whose copy was still running: the host
+    # waited on that copy's event before writing the buffer again
+    waits = [(i, e) for i, e in enumerate(fake.log) if e[0] == "host wait"]
+    assert [e for _, e in waits] == [("host wait", fake.events[1].ptr)]
+    assert copies[2] < waits[0][0] < copies[3]
 
 
 def test_the_ordering_check_flags_a_copy_on_another_stream() -> None:

@@ -425,6 +425,29 @@ def test_instances_with_streams_get_their_own_stages_on_their_stream(
     assert second.closed  # type: ignore[attr-defined]
 
 
+class _TwoStreamBackend(_StreamedBackend):
+    """Pretending to own two streams, as a GPU instance does (`backends.streams`)."""
+
+    @property
+    def preprocess_stream(self) -> Any:
+        return ("preprocess stream", id(self))
+
+
+def test_gpu_instances_preprocess_on_their_preprocess_stream_not_the_inference_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _with_recording(monkeypatch, _TwoStreamBackend)
+    (graph,) = _build(tmp_path, TINY.replace("preprocess: []", "preprocess: [{stage: record}]"))
+    try:
+        for i in range(2):
+            ctx = graph.stages_for(i)[0].ctx  # type: ignore[attr-defined]
+            backend = graph.instances[i]
+            assert ctx.stream == backend.preprocess_stream  # type: ignore[attr-defined]
+            assert ctx.stream != backend.stream  # type: ignore[attr-defined]
+    finally:
+        graph.close()
+
+
 class _OnGpu(_Recording):
     """A pass-through stage that says it leaves device arrays, as a GPU stage on CUDA does."""
 
