@@ -230,6 +230,16 @@ class ResultBatchEncoder:
                 )
         self._outputs_head = encode_long(len(self._tensors)) if self._tensors else b""
 
+    @property
+    def parts(self) -> tuple[bytes, list[tuple[bytes, int, bytes | None, list[bytes] | None]]]:
+        """What every row shares, for the compiled batch encoder (schemas._codec_fast).
+
+        The bytes between a row's id and its first output's data (model, version, status,
+        the outputs count), and per output its (prefix, row length, all rows' data,
+        per-row BYTES cells).
+        """
+        return self._head + self._outputs_head, self._tensors
+
     def encode(
         self,
         index: int,
