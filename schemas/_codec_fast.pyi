@@ -1,6 +1,7 @@
 """Types of the compiled codec (schemas/_codec_fast.pyx); see its docstring for what it does."""
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from schemas.errors import RequestError
 from schemas.messages import Request
@@ -8,6 +9,7 @@ from schemas.messages import Request
 def decode_requests(
     values: Sequence[bytes], slow: Callable[[bytes], Request | RequestError]
 ) -> list[Request | RequestError]: ...
+def bytes_cells(arr: Any) -> list[bytes] | None: ...
 def classify(record: bytes) -> Request | str: ...
 def encode_results(
     header: bytes,

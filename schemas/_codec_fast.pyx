@@ -14,8 +14,8 @@ exactly what they give, so it works in two tiers:
   and runs every check of `decode_request` (duplicate input names, reply_topic legality,
   datatype, negative dims, byte length) before it builds a `Request` itself.
 - Whenever it finds a defect, or meets something it does not build itself (a value that
-  is not exactly ``bytes``, a BYTES tensor's elements, a zero-size tensor whose other
-  dims NumPy might refuse), it hands that one value to the reference, which produces the
+  is not exactly ``bytes``, a zero-size tensor whose other dims NumPy might refuse), it
+  hands that one value to the reference, which produces the
   `RequestError` (class, reason, message) or the `Request`. Error messages are therefore
   the reference's by construction; what this module must get right is never to accept a
   request the reference refuses, and to build exactly the reference's `Request` when it
@@ -44,17 +44,18 @@ from cpython.object cimport PyObject, PyTypeObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from cpython.unicode cimport PyUnicode_CheckExact
 from cpython.tuple cimport PyTuple_CheckExact, PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from libc.stdint cimport int64_t, uint64_t, uint8_t, uintptr_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t, uintptr_t
 from libc.string cimport memcmp, memcpy
 
 cimport numpy as cnp
 
 import sys
 
+import numpy as np
+
 from schemas.binary import MAX_PARAMETERS, MAX_TENSORS
-from schemas.errors import RequestError
 from schemas.messages import Request
-from schemas.tensors import MAX_DIMS, bytes_to_array, numpy_dtype
+from schemas.tensors import MAX_DIMS, numpy_dtype
 
 cnp.import_array()
 
@@ -74,13 +75,15 @@ cdef extern from "Python.h":
 cdef enum:
     MAXDIMS = 32
 
-__all__ = ["classify", "decode_requests", "encode_results"]
+__all__ = ["bytes_cells", "classify", "decode_requests", "encode_results"]
 
 if MAX_DIMS != MAXDIMS:
     raise ImportError(f"schemas.tensors.MAX_DIMS is {MAX_DIMS}; this build assumes {MAXDIMS}")
 if sys.byteorder != "little":  # results are written with memcpy of native doubles
     raise ImportError("the compiled codec assumes a little-endian machine")
 
+_empty = np.empty
+_OBJECT = np.dtype(object)
 cdef Py_ssize_t _MAX_TENSORS = MAX_TENSORS
 cdef Py_ssize_t _MAX_PARAMETERS = MAX_PARAMETERS
 
@@ -243,7 +246,7 @@ cdef object tensor(
 ):
     """The array of one tensor as `schemas.tensors.bytes_to_array` builds it, or None."""
     cdef int i
-    cdef uint64_t count = 1, nonzero = 1, itemsize
+    cdef uint64_t count, nonzero = 1, itemsize
     cdef bint zero = False, overflow = False
     for i in range(ndims):
         if dims[i] < 0:
@@ -255,19 +258,15 @@ cdef object tensor(
             overflow = True
         else:
             nonzero *= <uint64_t>dims[i]
-    if zero:
-        count = 0
+    count = 0 if zero else nonzero  # meaningless when it overflowed: then refused below
     if kind == _BYTES:
         if not zero and (overflow or nonzero > <uint64_t>size // 4):
             verdict[0] = BAD  # 4 * count > len(data): not even the length prefixes fit
             return None
-        # Elements and their checks: the reference's own function, on the same bytes.
-        data = PyBytes_FromStringAndSize(<const char*>c.buf + start, size)
-        try:
-            return bytes_to_array("BYTES", [dims[i] for i in range(ndims)], data)
-        except RequestError:
-            verdict[0] = BAD
+        if zero and (overflow or nonzero > <uint64_t>0x7FFFFFFFFFFFFFFF // 8):
+            verdict[0] = UNSURE  # NumPy may refuse the shape though it holds nothing
             return None
+        return bytes_tensor(c.buf + start, size, count, dims, ndims, verdict)
     itemsize = <uint64_t>_ITEMSIZE[kind]
     if zero:
         if size != 0:
@@ -294,6 +293,42 @@ cdef object tensor(
     )  # flags 0: read-only, like np.frombuffer over bytes
     cnp.set_array_base(arr, base)
     return arr
+
+
+cdef object bytes_tensor(
+    const uint8_t* p, Py_ssize_t size, uint64_t count, cnp.npy_intp* dims, int ndims,
+    Verdict* verdict,
+):
+    """`bytes_to_array` for BYTES: 4-byte little-endian lengths, nothing left over.
+
+    Each element is copied once, straight from the record; the array is built by the
+    reference's own NumPy calls (``np.empty``, slice assignment, ``reshape``), so it has
+    the same dtype, shape and (writable) flags.
+    """
+    cdef Py_ssize_t pos = 0
+    cdef uint64_t k
+    cdef uint32_t n
+    cdef int d
+    elements = []
+    for k in range(count):
+        if size - pos < 4:
+            verdict[0] = BAD
+            return None
+        n = p[pos] | (<uint32_t>p[pos + 1] << 8) | (<uint32_t>p[pos + 2] << 16) | (
+            <uint32_t>p[pos + 3] << 24
+        )
+        pos += 4
+        if n > <uint64_t>(size - pos):
+            verdict[0] = BAD
+            return None
+        elements.append(PyBytes_FromStringAndSize(<const char*>p + pos, n))
+        pos += n
+    if pos != size:
+        verdict[0] = BAD
+        return None
+    arr = _empty(len(elements), dtype=_OBJECT)
+    arr[:] = elements
+    return arr.reshape(tuple([dims[d] for d in range(ndims)]))
 
 
 cdef object _parse(bytes record, Verdict* verdict):
@@ -573,4 +608,58 @@ def encode_results(
             r = row(i)
         Py_INCREF(r)
         PyList_SET_ITEM(out, i, r)
+    return out
+
+
+def bytes_cells(arr):
+    """The encoder's per-row cells of a BYTES output column, or None for the reference.
+
+    Row i's cell is what `schemas.binary.ResultBatchEncoder` builds with
+    ``_bytes(_pack_bytes_row(arr[i]))``: an Avro length, then each element of the row
+    (flattened) behind its 4-byte little-endian length. Only object arrays whose elements
+    are exact ``bytes`` or ``str`` are taken; anything else (NumPy ``S``/``U`` arrays, other
+    element types, empty columns, a str that is not UTF-8) is left to the reference.
+    """
+    cdef Py_ssize_t rows, i, j, count, total, sz
+    cdef const char* data
+    cdef char* p
+    cdef char buf[10]
+    if type(arr) is not cnp.ndarray or arr.dtype != _OBJECT or arr.ndim < 1 or arr.size == 0:
+        return None
+    rows = arr.shape[0]
+    flat = arr.reshape(rows, 1) if arr.ndim == 1 else arr.reshape(rows, -1)
+    count = flat.shape[1]
+    out = []
+    for i in range(rows):
+        row = flat[i].tolist()
+        total = 4 * count
+        for j in range(count):
+            e = row[j]
+            if PyBytes_CheckExact(e):
+                sz = PyBytes_GET_SIZE(e)
+            elif PyUnicode_CheckExact(e):
+                if PyUnicode_AsUTF8AndSize(e, &sz) == NULL:
+                    PyErr_Clear()
+                    return None
+            else:
+                return None
+            if sz > 0xFFFFFFFF:
+                return None
+            total += sz
+        head = put_long(buf, total) - buf
+        cell = PyBytes_FromStringAndSize(NULL, head + total)
+        p = put(PyBytes_AS_STRING(cell), buf, head)
+        for j in range(count):
+            e = row[j]
+            if PyBytes_CheckExact(e):
+                data = PyBytes_AS_STRING(e)
+                sz = PyBytes_GET_SIZE(e)
+            else:
+                data = PyUnicode_AsUTF8AndSize(e, &sz)
+            p[0] = <char>(sz & 0xFF)
+            p[1] = <char>((sz >> 8) & 0xFF)
+            p[2] = <char>((sz >> 16) & 0xFF)
+            p[3] = <char>((sz >> 24) & 0xFF)
+            p = put(p + 4, data, sz)
+        out.append(cell)
     return out

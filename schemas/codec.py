@@ -177,8 +177,11 @@ class AvroCodec:
 
     def result_batch(self, model: str, version: str, columns: dict[str, Any]) -> ResultBatch:
         """An encoder for the OK results of one batch (the hot path; see schemas.binary)."""
+        cells = _codec_fast.bytes_cells if self._compiled else None
         return ResultBatch(
-            ResultBatchEncoder(model, version, columns), self._result_id, compiled=self._compiled
+            ResultBatchEncoder(model, version, columns, cells),
+            self._result_id,
+            compiled=self._compiled,
         )
 
     def _writer_schema(self, schema_id: int) -> Any:

@@ -537,3 +537,48 @@ def test_odd_rows_are_written_or_refused_as_the_reference_does(
     except Exception as e:
         got = (type(e), str(e))
     assert got == expected
+
+
+def _objects(items: list[Any], shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr.reshape(shape)
+
+
+ODD_COLUMNS = {
+    "NumPy S strings": np.array([b"a\x00", b"bc"]),
+    "NumPy U strings": np.array([["x", "é"], ["", "yz"]]),
+    "ints in an object column": _objects([1, 2], (2,)),
+    "a lone surrogate": _objects(["ok", "\ud800"], (2,)),
+    "lists as cells": _objects([[b"a", b"b"], [b"c"]], (2,)),
+    "a bytes subclass": _objects([np.bytes_(b"ab"), b"c"], (2,)),
+    "rows of two": _objects([b"a", "b", b"", "dé"], (2, 2)),
+    "an empty row shape": _objects([], (2, 0)),
+}
+
+
+@compiled_only
+@pytest.mark.parametrize("column", ODD_COLUMNS.values(), ids=ODD_COLUMNS.keys())
+def test_odd_bytes_columns_are_written_or_refused_as_the_reference_does(
+    column: np.ndarray[Any, Any],
+) -> None:
+    args = (["a", "b"], [(1.0,) * 5] * 2, 2, ["t"] * 2, [0, 1], [5, 6])
+    outcomes = []
+    for codec in (AvroCodec(), AvroCodec(compiled=False)):
+        try:
+            outcomes.append(codec.result_batch("m", "1", {"c": column}).encode_all(*args))
+        except Exception as e:
+            outcomes.append((type(e), str(e)))
+    assert outcomes[0] == outcomes[1]
+
+
+@compiled_only
+def test_plain_bytes_columns_are_built_by_the_compiled_codec() -> None:
+    from schemas import _codec_fast
+    from schemas.binary import ResultBatchEncoder
+
+    column = _objects([b"cat", "tabby", b"", "dé", b"x" * 300, "y"], (3, 2))
+    cells = _codec_fast.bytes_cells(column)
+    assert cells is not None
+    _, tensors = ResultBatchEncoder("m", "1", {"c": column}).parts
+    assert cells == tensors[0][3]
