@@ -460,7 +460,7 @@ def decode_requests(values, slow):
     return out
 
 
-def classify(bytes record):
+def classify(bytes record not None):
     """What the compiled reader alone makes of ``record`` (for the property tests).
 
     A `Request`, ``"bad"`` (the reference must refuse it) or ``"unsure"`` (handed over).
@@ -581,9 +581,29 @@ cdef object encode_row(
     return out
 
 
+cdef bint plain_tensors(list tensors):
+    """Whether every output is (bytes, int, bytes, None) or (bytes, int, None, list of bytes).
+
+    `encode_row` reads these buffers without further checks; `ResultBatchEncoder` always
+    builds them so, and anything else is left to the reference row encoder.
+    """
+    for t in tensors:
+        if not PyTuple_CheckExact(t) or PyTuple_GET_SIZE(t) != 4:
+            return False
+        prefix, row_len, data, per_row = <tuple>t
+        if not PyBytes_CheckExact(prefix) or not PyLong_CheckExact(row_len) or row_len < 0:
+            return False
+        if per_row is None:
+            if not PyBytes_CheckExact(data):
+                return False
+        elif type(per_row) is not list or not all(PyBytes_CheckExact(c) for c in per_row):
+            return False
+    return True
+
+
 def encode_results(
-    bytes header, bytes head, list tensors, rids, timings, batch_size, topics, partitions,
-    offsets, row,
+    bytes header not None, bytes head not None, list tensors not None, rids, timings,
+    batch_size, topics, partitions, offsets, row,
 ):
     """Every row's result bytes; ``row(i)`` is the reference for one row.
 
@@ -595,7 +615,7 @@ def encode_results(
     cdef int64_t size_v = 0
     cdef Py_ssize_t i, n = len(rids)
     cdef char buf[10]
-    if not as_int64(batch_size, &size_v):
+    if not as_int64(batch_size, &size_v) or not plain_tensors(tensors):
         return [row(i) for i in range(n)]
     size_varint = PyBytes_FromStringAndSize(buf, put_long(buf, size_v) - buf)
     out = PyList_New(n)
