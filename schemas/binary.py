@@ -203,9 +203,17 @@ class ResultBatchEncoder:
     """Encodes OK results for the rows of one batch; shared parts are encoded once.
 
     ``columns`` are the postprocessed outputs, each with the batch as first dimension.
+    ``bytes_cells``, when given, builds a BYTES column's per-row cells (the compiled
+    codec's; it returns None for a column it leaves to this module).
     """
 
-    def __init__(self, model: str, version: str, columns: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        columns: dict[str, Any],
+        bytes_cells: Callable[[Any], list[bytes] | None] | None = None,
+    ) -> None:
         # id | model version status=OK(0) | outputs block | error=null | timings | size | source
         self._head = _str(model) + _str(version) + b"\x00"
         self._tensors: list[tuple[bytes, int, bytes | None, list[bytes] | None]] = []
@@ -220,7 +228,12 @@ class ResultBatchEncoder:
                 else b"\x00"
             )
             if datatype == "BYTES":
-                per_row = [_bytes(_pack_bytes_row(arr[i])) for i in range(arr.shape[0])]
+                cells = None if bytes_cells is None else bytes_cells(arr)
+                per_row = (
+                    cells
+                    if cells is not None
+                    else [_bytes(_pack_bytes_row(arr[i])) for i in range(arr.shape[0])]
+                )
                 self._tensors.append((prefix, 0, None, per_row))
             else:
                 little = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
@@ -229,6 +242,16 @@ class ResultBatchEncoder:
                     (prefix + encode_long(row_len), row_len, little.tobytes(), None)
                 )
         self._outputs_head = encode_long(len(self._tensors)) if self._tensors else b""
+
+    @property
+    def parts(self) -> tuple[bytes, list[tuple[bytes, int, bytes | None, list[bytes] | None]]]:
+        """What every row shares, for the compiled batch encoder (schemas._codec_fast).
+
+        The bytes between a row's id and its first output's data (model, version, status,
+        the outputs count), and per output its (prefix, row length, all rows' data,
+        per-row BYTES cells).
+        """
+        return self._head + self._outputs_head, self._tensors
 
     def encode(
         self,

@@ -4,6 +4,12 @@ Plain Avro (schemaless: the schemas in this folder are the contract) is the defa
 a Schema Registry configured, every value carries the Confluent wire format's 5-byte
 header (magic byte 0, 4-byte big-endian schema id); requests may then have been written
 with any registered schema that resolves to ours, so the writer schema is looked up by id.
+
+The batch entry points (`AvroCodec.decode_requests`, `ResultBatch.encode_all`) run in the
+compiled codec (schemas/_codec_fast.pyx, built by pip with the machine's C compiler)
+when it was built, and in the pure-Python reference (schemas.binary) otherwise: `COMPILED`
+says which. Both give the same values, requests and errors (tests/schemas/
+test_codec_compiled.py). Requests framed for a Schema Registry keep the fastavro path.
 """
 
 from __future__ import annotations
@@ -24,7 +30,15 @@ from schemas.messages import DeadLetter, Request, Result, Status, Timings
 from schemas.tensors import array_to_bytes, bytes_to_array
 from schemas.wire import frame, unframe
 
-__all__ = ["MAX_TENSORS", "AvroCodec", "ResultBatch", "SchemaLookup", "load_schema"]
+try:
+    from schemas import _codec_fast
+except ImportError:  # not built (no C compiler at install): the pure-Python codec serves
+    _codec_fast = None  # type: ignore[assignment]
+
+__all__ = ["COMPILED", "MAX_TENSORS", "AvroCodec", "ResultBatch", "SchemaLookup", "load_schema"]
+
+COMPILED: bool = _codec_fast is not None
+"""Whether the compiled codec was built and is used by the batch entry points."""
 
 # Kafka's rule for topic names; anything else cannot be produced to, so a reply topic
 # that breaks it would fail the outcome after the model ran (or the producer call itself).
@@ -51,7 +65,8 @@ class AvroCodec:
 
     ``registry`` and the ``*_id`` arguments switch on the Schema Registry wire format: the
     ids are the registered ids of our result and dead-letter schemas, written into every
-    value we produce.
+    value we produce. ``compiled=False`` keeps the batch entry points on the pure-Python
+    reference even where the compiled codec is built (benchmarks and tests compare both).
     """
 
     def __init__(
@@ -60,6 +75,8 @@ class AvroCodec:
         result_schema_id: int | None = None,
         dead_letter_schema_id: int | None = None,
         request_schema_id: int | None = None,
+        *,
+        compiled: bool = True,
     ) -> None:
         self.request_schema = fastavro.parse_schema(load_schema("request"))
         self.result_schema = fastavro.parse_schema(load_schema("result"))
@@ -69,6 +86,7 @@ class AvroCodec:
         self._dead_letter_id = dead_letter_schema_id
         self._request_id = request_schema_id
         self._writers: dict[int, Any] = {}
+        self._compiled = compiled and COMPILED
 
     # -- requests -------------------------------------------------------------------------
 
@@ -121,15 +139,22 @@ class AvroCodec:
 
         Entry ``i`` is what `decode_request` returns for ``values[i]``, or the
         `RequestError` it raises: the same request, or the same error with the same
-        reason and message. This is the reference implementation, one value at a time.
+        reason and message. The compiled codec decodes plain Avro and hands any value it
+        does not accept to `decode_request`, so errors are the reference's own.
         """
-        out: list[Request | RequestError] = []
-        for data in values:
-            try:
-                out.append(self.decode_request(data))
-            except RequestError as e:
-                out.append(e)
-        return out
+        if self._compiled and self._registry is None:
+            out: list[Request | RequestError] = _codec_fast.decode_requests(
+                values, self._decode_or_error
+            )
+            return out
+        return [self._decode_or_error(data) for data in values]
+
+    def _decode_or_error(self, data: bytes) -> Request | RequestError:
+        """`decode_request`, with its `RequestError` returned instead of raised."""
+        try:
+            return self.decode_request(data)
+        except RequestError as e:
+            return e
 
     def _read_request(self, data: bytes) -> Any:
         try:
@@ -152,7 +177,12 @@ class AvroCodec:
 
     def result_batch(self, model: str, version: str, columns: dict[str, Any]) -> ResultBatch:
         """An encoder for the OK results of one batch (the hot path; see schemas.binary)."""
-        return ResultBatch(ResultBatchEncoder(model, version, columns), self._result_id)
+        cells = _codec_fast.bytes_cells if self._compiled else None
+        return ResultBatch(
+            ResultBatchEncoder(model, version, columns, cells),
+            self._result_id,
+            compiled=self._compiled,
+        )
 
     def _writer_schema(self, schema_id: int) -> Any:
         writer = self._writers.get(schema_id)
@@ -269,11 +299,17 @@ class AvroCodec:
 
 
 class ResultBatch:
-    """Encodes the rows of one batch, framed for the Schema Registry when configured."""
+    """Encodes the rows of one batch, framed for the Schema Registry when configured.
 
-    def __init__(self, encoder: ResultBatchEncoder, schema_id: int | None) -> None:
+    ``compiled`` lets `encode_all` use the compiled codec where it was built.
+    """
+
+    def __init__(
+        self, encoder: ResultBatchEncoder, schema_id: int | None, *, compiled: bool = True
+    ) -> None:
         self._encoder = encoder
         self._schema_id = schema_id
+        self._compiled = compiled and COMPILED
 
     def encode(
         self,
@@ -298,7 +334,34 @@ class ResultBatch:
         partitions: Sequence[int],
         offsets: Sequence[int],
     ) -> list[bytes]:
-        """Bytes of every row's result in one call (the hot path); row ``i`` as `encode`."""
+        """Bytes of every row's result in one call (the hot path); row ``i`` as `encode`.
+
+        The compiled codec writes the rows; a row whose arguments it does not take as
+        they are (see schemas/_codec_fast.pyx) is written, or refused, by `encode`.
+        """
+        n = len(rids)
+        if self._compiled and n == len(timings) == len(topics) == len(partitions) == len(offsets):
+            try:
+                header = b"" if self._schema_id is None else frame(self._schema_id, b"")
+            except Exception:  # an id the header cannot hold: `encode` raises it per row
+                pass
+            else:
+                head, tensors = self._encoder.parts
+                rows: list[bytes] = _codec_fast.encode_results(
+                    header,
+                    head,
+                    tensors,
+                    rids,
+                    timings,
+                    batch_size,
+                    topics,
+                    partitions,
+                    offsets,
+                    lambda i: self.encode(
+                        i, rids[i], timings[i], batch_size, topics[i], partitions[i], offsets[i]
+                    ),
+                )
+                return rows
         return [
             self.encode(i, rid, t, batch_size, topic, partition, offset)
             for i, (rid, t, topic, partition, offset) in enumerate(

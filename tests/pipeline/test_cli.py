@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from schemas.codec import COMPILED
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = (ROOT / "load" / "topologies" / "tiny-mlp.yaml").read_text()
@@ -85,6 +86,7 @@ def test_backends_lists_each_installed_backend_and_whether_it_runs_here(
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) >= {"onnxruntime", "torch", "tensorflow", "tensorrt"}
+    assert rows["codec:"].split()[1] == ("compiled" if COMPILED else "pure")
     assert rows["onnxruntime"].split()[1] == "yes"
     assert "[backends.torch_runtime:TorchBackend]" in rows["torch"]
     assert "CUDA devices:" in rows["torch"]  # the backend's own probe() speaks, not a default

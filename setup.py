@@ -1,0 +1,29 @@
+"""Build of the compiled codec (schemas/_codec_fast.pyx); everything else is in pyproject.toml.
+
+The extension is optional: where no C compiler or Python headers exist, the build warns
+and installs without it, and schemas.codec serves with its pure-Python reference instead
+(`schemas.codec.COMPILED` says which). Cython and NumPy come from the build-system
+requirements, so a normal ``pip install`` (or ``pip install -e .``, which builds the module
+in place, beside the .pyx) compiles it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+CODEC = Extension(
+    "schemas._codec_fast",
+    ["schemas/_codec_fast.pyx"],
+    include_dirs=[np.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+extensions = cythonize([CODEC], language_level=3, quiet=True)
+for ext in extensions:
+    # cythonize() returns new Extension objects without `optional` (Cython 3.3): set it
+    # here, or a machine without gcc fails the whole install instead of skipping this one.
+    ext.optional = True
+
+setup(ext_modules=extensions)
