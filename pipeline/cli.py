@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.tools import dlq, replay, top
+from pipeline.workers.supervisor import worker_count
 from schemas.errors import ConfigError, ExitCode, KpError, describe, exit_code
 
 __all__ = ["main"]
@@ -88,7 +89,9 @@ def _run_workers(args: argparse.Namespace, opened: Any) -> int:
 
         def on_ready(server: Any) -> None:
             t = topology.topics
-            log.info("%d workers: %s → %s on %s", args.workers, ",".join(t.input), t.output, address)
+            log.info(
+                "%d workers: %s → %s on %s", args.workers, ",".join(t.input), t.output, address
+            )
             if server is not None:
                 log.info("group metrics at http://127.0.0.1:%d/metrics", server.port)
 
@@ -274,17 +277,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(open_topology(args.topology), args.requests, args.show, _echo)
 
 
-def positive(text: str) -> int:
-    """An argparse type: an integer of 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
-    return value
-
-
 def _add_run_parser(sub: Any) -> None:
     run = sub.add_parser("run", help="serve a topology until SIGTERM/SIGINT")
     run.add_argument("topology", nargs="?", default="topology.yaml")
@@ -301,7 +293,7 @@ def _add_run_parser(sub: Any) -> None:
     )
     run.add_argument(
         "--workers",
-        type=positive,
+        type=worker_count,
         default=1,
         help="run N replicas in N processes under one supervisor, in one consumer group, "
         "with one metrics endpoint (default 1: this process serves)",

@@ -90,15 +90,21 @@ def _group_series(workers: Iterable[Worker], up: Mapping[str, bool]) -> list[Met
         "kp_worker_restarts", "Times the supervisor started the worker again.", "counter"
     )
     for w in listed:
-        alive.add_sample("kp_worker_up", {"worker": str(w.index)}, 1.0 if up.get(str(w.index)) else 0.0)
+        alive.add_sample(
+            "kp_worker_up", {"worker": str(w.index)}, 1.0 if up.get(str(w.index)) else 0.0
+        )
         restarts.add_sample("kp_worker_restarts_total", {"worker": str(w.index)}, float(w.restarts))
     return [count, alive, restarts]
 
 
-def group_ready(answers: Mapping[str, tuple[int, dict[str, Any]] | None]) -> tuple[bool, dict[str, Any]]:
+def group_ready(
+    answers: Mapping[str, tuple[int, dict[str, Any]] | None],
+) -> tuple[bool, dict[str, Any]]:
     """Ready when every worker answered its ``/readyz`` with 200."""
     ok = bool(answers) and all(a is not None and a[0] == 200 for a in answers.values())
-    detail = {w: (a[1] if a is not None else {"ok": False, "running": False}) for w, a in answers.items()}
+    detail = {
+        w: (a[1] if a is not None else {"ok": False, "running": False}) for w, a in answers.items()
+    }
     return ok, {"workers": detail}
 
 
@@ -113,7 +119,9 @@ def group_health(
     """
     stuck = [w for w, a in answers.items() if a is not None and a[0] != 200]
     detail: dict[str, Any] = {
-        "workers": {w: (a[1] if a is not None else {"restarting": True}) for w, a in answers.items()}
+        "workers": {
+            w: (a[1] if a is not None else {"restarting": True}) for w, a in answers.items()
+        }
     }
     if gave_up is not None:
         detail["gave_up"] = gave_up

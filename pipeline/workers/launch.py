@@ -81,7 +81,11 @@ def supervise(
     server = None
     if metrics.enabled:
         server = GroupServer(
-            metrics.host, metrics.port, lambda: supervisor.workers, lambda: supervisor.gave_up, where
+            metrics.host,
+            metrics.port,
+            lambda: supervisor.workers,
+            lambda: supervisor.gave_up,
+            where,
         ).start()
     try:
         if on_ready is not None:

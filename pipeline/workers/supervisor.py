@@ -29,6 +29,7 @@ partitions to the others (and back, once it has restarted).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import threading
@@ -39,7 +40,7 @@ from typing import Protocol
 
 from schemas.errors import ExitCode
 
-__all__ = ["Proc", "RestartPolicy", "Supervisor", "Worker"]
+__all__ = ["Proc", "RestartPolicy", "Supervisor", "Worker", "worker_count"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class RestartPolicy:
 
     def delay(self, quick_failures: int) -> float:
         """The wait before the next start, after ``quick_failures`` in a row (at least 1)."""
-        return min(self.max_backoff_s, self.backoff_s * 2 ** max(0, quick_failures - 1))
+        return min(self.max_backoff_s, self.backoff_s * 2.0 ** max(0, quick_failures - 1))
 
 
 @dataclass
@@ -214,6 +215,17 @@ class Supervisor:
             stop.wait(tick_s) if not stop.is_set() else time.sleep(tick_s)
             self.poll()
         return self.exit_code()
+
+
+def worker_count(text: str) -> int:
+    """``--workers``' argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
 
 
 def _signal_name(number: int) -> str:

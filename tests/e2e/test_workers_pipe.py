@@ -33,7 +33,9 @@ ASSIGNED = re.compile(r"\[w(\d)\] pipeline\.engine\.loop: assigned ")
 STARTED = re.compile(r"worker (\d) started \(pid (\d+)\)")
 
 
-def _spawn_workers(topology: Path, broker: EmbeddedBroker, log: Path, port: int) -> subprocess.Popen[bytes]:
+def _spawn_workers(
+    topology: Path, broker: EmbeddedBroker, log: Path, port: int
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -126,7 +128,8 @@ def test_sigterm_with_two_workers_drains_both_and_exits_0(
         assert group.wait(90) == 0, log.read_text()[-3000:]
         text = log.read_text()
         assert text.count("] pipeline.engine.loop: stopped: ") == 2
-        assert "worker 0: exit 0" in text and "worker 1: exit 0" in text
+        assert "worker 0: exit 0" in text
+        assert "worker 1: exit 0" in text
         # Drained: every record below a committed offset has its outcome.
         committed = committed_offsets(broker, topics.group, topics.input)
         wait_for(
