@@ -11,7 +11,8 @@ public one), its replica id is the group's plus ``-wI``, so each worker has its 
 static group member id and its own exactly-once transactional id (a configured
 ``kafka.transactional_id`` gets the same suffix: N producers sharing one id would fence
 each other), and it drains and exits if its supervisor dies, rather than live on as an
-orphan nobody stops.
+orphan nobody stops. Its environment has ``KP_WORKER=I``, which topology.yaml can read
+(``device: cuda:${KP_WORKER:-0}`` gives each worker its own GPU).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def supervise(
     )
 
     def spawn(w: Worker) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(worker_argv(command, w.index, w.port, verbose))
+        env = {**os.environ, "KP_WORKER": str(w.index)}  # topology.yaml may read ${KP_WORKER}
+        return subprocess.Popen(worker_argv(command, w.index, w.port, verbose), env=env)
 
     supervisor = Supervisor(count, spawn, policy, ports=ports)
     stop = threading.Event()
