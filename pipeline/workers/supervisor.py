@@ -15,7 +15,7 @@ The policy, in one place (`RestartPolicy`):
   ``healthy_after_s`` of its start, is crash-looping (a bad model, a broken node): the
   supervisor gives up, stops the others (they drain) and exits 1 with the reason.
   A worker that exits with `ExitCode.BAD_INPUT` (a bad topology or graph) gives up at
-  once: the same command cannot succeed on a second try.
+  once, and the supervisor exits 2 too: the same command cannot succeed on a second try.
 * A worker that exits 0 by itself is done when ``clean_exit_is_done`` (a replay worker whose
   share of the range is served); a serving worker only exits 0 when told to stop, so an
   unasked clean exit is restarted like a crash.
@@ -112,6 +112,7 @@ class Supervisor:
         self.workers = [Worker(i, ports[i]) for i in range(self.count)]
         self.stopping = False
         self.gave_up: str | None = None
+        self.gave_up_code = ExitCode.FAILED
 
     def start(self) -> None:
         """Start every worker."""
@@ -148,6 +149,7 @@ class Supervisor:
             return
         if code == ExitCode.BAD_INPUT:
             self._give_up(f"worker {w.index} refused its topology or command line ({how})")
+            self.gave_up_code = ExitCode.BAD_INPUT
             return
         quick = now - w.started_at < self.policy.healthy_after_s
         w.quick_failures = w.quick_failures + 1 if quick else 1
@@ -190,9 +192,13 @@ class Supervisor:
         return self.stopping or all(w.done for w in self.workers)
 
     def exit_code(self) -> int:
-        """0 when every worker's last exit was 0 and the supervisor did not give up."""
+        """0 when every worker's last exit was 0 and the supervisor did not give up.
+
+        A worker that refused its topology makes it 2 (`ExitCode.BAD_INPUT`), as the same
+        command without ``--workers`` would have exited.
+        """
         if self.gave_up is not None:
-            return int(ExitCode.FAILED)
+            return int(self.gave_up_code)
         return 0 if all(w.last_exit == 0 for w in self.workers) else int(ExitCode.FAILED)
 
     def run(self, stop: threading.Event, drain_timeout_s: float, tick_s: float = 0.2) -> int:

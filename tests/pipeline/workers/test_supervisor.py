@@ -125,6 +125,9 @@ def test_a_refused_topology_gives_up_at_once() -> None:
     assert sup.gave_up is not None
     assert "worker 0 refused its topology" in sup.gave_up
     assert len(spawned[0]) == 1
+    sup.poll()
+    assert sup.finished
+    assert sup.exit_code() == ExitCode.BAD_INPUT  # as without --workers
 
 
 def test_stop_forwards_sigterm_restarts_nothing_and_exits_0_when_all_drained() -> None:
