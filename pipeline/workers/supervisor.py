@@ -218,7 +218,10 @@ class Supervisor:
             if deadline is not None and self.clock() > deadline:
                 self.kill()
                 deadline = float("inf")
-            stop.wait(tick_s) if not stop.is_set() else time.sleep(tick_s)
+            if stop.is_set():  # already set: wait() would not wait
+                time.sleep(tick_s)
+            else:
+                stop.wait(tick_s)
             self.poll()
         return self.exit_code()
 
