@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def _done(url: str) -> float:
 
 
 def replay(bootstrap: str, source: str, n: int, workers: int, separate: bool) -> tuple[float, str]:
-    """Wall seconds of a replay of the whole topic, and the exactly-once verdict."""
+    """Wall seconds of a replay of the whole topic, and each replica's share and verdict."""
     tag = f"bench.workers.replay.{workers}{'s' if separate else ''}.{time.time_ns()}"
     env = _env(bootstrap, tag, source)
     out = f"{tag}.replay"
@@ -116,17 +117,24 @@ def replay(bootstrap: str, source: str, n: int, workers: int, separate: bool) ->
     if separate:
         base += ["--shared", "--to-offset", str(n)]  # beyond every partition's end: all of it
         procs = [
-            subprocess.Popen(base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.Popen(base, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             for _ in range(workers)
         ]
-        codes = [p.wait(1800) for p in procs]
+        texts = [p.communicate(timeout=1800)[0].decode() for p in procs]
+        codes = [p.returncode for p in procs]
     else:
         command = [*base, *(["--workers", str(workers)] if workers > 1 else [])]
-        codes = [subprocess.run(command, env=env, capture_output=True, check=False).returncode]
+        done = subprocess.run(command, env=env, capture_output=True, check=False)
+        texts, codes = [done.stdout.decode()], [done.returncode]
     seconds = time.monotonic() - started
+    shares = " + ".join(
+        f"{count} in {took} s"
+        for text in texts
+        for count, took in re.findall(r"replayed ([\d,]+) requests.* in ([\d.]+) s", text)
+    )
     if any(codes):
         return seconds, f"FAILED (exit codes {codes})"
-    return seconds, _verdict(bootstrap, out, n)
+    return seconds, f"{shares} | {_verdict(bootstrap, out, n)}"
 
 
 def _verdict(bootstrap: str, topic: str, n: int) -> str:
@@ -140,36 +148,44 @@ def _verdict(bootstrap: str, topic: str, n: int) -> str:
     return f"{len(seen):,} distinct of {n:,}, {total_seen - len(seen):,} duplicates"
 
 
+def _serving(bootstrap: str, admin: AdminClient, n: int, counts: list[int]) -> None:
+    """Produce a backlog of ``n`` and print each worker count's rate on it."""
+    source = "bench.workers.requests"
+    ensure_topics(admin, [source], PARTITIONS, 1)
+    produce_tiny(bootstrap, source, n, "s")
+    print(f"serving: tiny model, backlog of {n:,} requests, {PARTITIONS} partitions")
+    print("| workers | requests/s | vs 1 |")
+    print("|---|---|---|")
+    rates: dict[int, float] = {}
+    for w in counts:
+        rates[w] = serve(bootstrap, source, n, w)
+        base = rates.get(counts[0], rates[w])
+        print(f"| {w} | {rates[w]:,.0f} | {rates[w] / base:.2f}x |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the serving and replay comparisons and print a table of each."""
     p = argparse.ArgumentParser(prog="python -m load.workers", description=__doc__.splitlines()[0])
     p.add_argument("--workers", default="1,2", help="worker counts, comma-separated")
-    p.add_argument("--requests", type=int, default=100_000, help="serving backlog")
+    p.add_argument(
+        "--requests", type=int, default=100_000, help="serving backlog (0: no serving part)"
+    )
     p.add_argument("--replay-requests", type=int, default=200_000, help="0: no replay part")
     args = p.parse_args(argv)
     counts = [int(w) for w in args.workers.split(",")]
     with EmbeddedBroker() as broker:
         bootstrap = broker.bootstrap_servers
         admin = AdminClient({"bootstrap.servers": bootstrap})
-        source = "bench.workers.requests"
-        ensure_topics(admin, [source], PARTITIONS, 1)
-        produce_tiny(bootstrap, source, args.requests, "s")
-        print(
-            f"serving: tiny model, backlog of {args.requests:,} requests, {PARTITIONS} partitions"
-        )
-        print("| workers | requests/s | vs 1 |\n|---|---|---|")
-        rates = {}
-        for w in counts:
-            rates[w] = serve(bootstrap, source, args.requests, w)
-            base = rates.get(counts[0], rates[w])
-            print(f"| {w} | {rates[w]:,.0f} | {rates[w] / base:.2f}x |", flush=True)
+        if args.requests:
+            _serving(bootstrap, admin, args.requests, counts)
         if args.replay_requests:
             n = args.replay_requests
             source = "bench.workers.replay-source"
             ensure_topics(admin, [source], PARTITIONS, 1)
             produce_tiny(bootstrap, source, n, "r")
             print(f"\nreplay: {n:,} tiny-model requests, wall time of the whole command")
-            print("| how | seconds | requests/s | output |\n|---|---|---|---|")
+            print("| how | seconds | requests/s | each replica (its own timing) | output |")
+            print("|---|---|---|---|---|")
             runs = [(f"--workers {w}", w, False) for w in counts]
             runs += [(f"{w} replicas, --shared", w, True) for w in counts if w > 1]
             for name, w, separate in runs:

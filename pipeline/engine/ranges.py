@@ -86,6 +86,7 @@ class BoundedRanges:
         for p in partitions:
             tp = partition_of(p)
             self.owned.add(tp)
+            self.finished.discard(tp)  # decided afresh from the commit, not from before
             if tp not in self.ranges:  # no records of it in the range
                 self.finished.add(tp)
                 out.append(TopicPartition(p.topic, p.partition))
