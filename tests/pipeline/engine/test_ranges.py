@@ -120,3 +120,11 @@ def test_shared_run_takes_no_answer_from_the_group_as_not_yet() -> None:
 
     ranges = BoundedRanges({("t", 0): (0, 5)}, shared=True)
     assert not ranges.served(0, Silent({}))  # type: ignore[arg-type]
+
+
+def test_shared_a_partition_given_again_is_judged_by_its_commit_not_by_before() -> None:
+    ranges = BoundedRanges({("t", 0): (0, 5)}, shared=True)
+    consumer: Any = FakeConsumer({})
+    ranges.finish(consumer, ("t", 0))  # e.g. an end-of-partition event after it moved away
+    ranges.placed(FakeConsumer({0: 2}), _tps(0))  # type: ignore[arg-type]
+    assert ranges.finished == set()  # 2 of 5 committed: there is more to read
