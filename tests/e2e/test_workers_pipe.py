@@ -25,6 +25,7 @@ from e2e.kit import (
     produce_tiny,
     tiny_vectors,
     wait_for,
+    write_tiny_topology,
 )
 
 from pipeline.kafka.broker import EmbeddedBroker, free_port
@@ -140,6 +141,33 @@ def test_sigterm_with_two_workers_drains_both_and_exits_0(
             "an outcome for every committed record",
         )
         assert sum(max(c, 0) for c in committed.values()) > 0
+    finally:
+        counter.stop()
+        if group.poll() is None:
+            group.kill()
+
+
+def test_exactly_once_workers_each_have_their_own_transactional_producer(
+    broker: EmbeddedBroker, topics: Topics, tmp_path: Path
+) -> None:
+    """Two transactional producers under one id would fence each other, and the fenced
+    worker would die; distinct ids (``<replica>-w0``, ``-w1``) serve side by side."""
+    topology = write_tiny_topology(tmp_path / "eos.yaml", topics, delivery="exactly_once")
+    log, port = tmp_path / "run.log", free_port()
+    counter = OutcomeCounter(broker.bootstrap_servers, topics)
+    produce_tiny(broker, topics.input, tiny_vectors(2000))
+    group = _spawn_workers(topology, broker, log, port)
+    try:
+        wait_for(lambda: _assigned(log) == {"0", "1"}, 90, "both workers' partitions")
+        wait_for(lambda: len(counter.ids) >= 2000, 120, "an outcome for each of 2000")
+        group.send_signal(signal.SIGTERM)
+        assert group.wait(90) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        ids = set(re.findall(r"exactly-once: transactional id (\S+)", text))
+        assert len(ids) == 2, ids
+        assert {i[-3:] for i in ids} == {"-w0", "-w1"}
+        assert "(0 restarts)" in text  # nobody was fenced and died
+        assert counter.duplicates == 0
     finally:
         counter.stop()
         if group.poll() is None:
