@@ -99,12 +99,14 @@ def serve(
     metrics_port: int | None = None,
     ranges: Mapping[Partition, tuple[int, int]] | None = None,
     replica_id: str | None = None,
+    share_ranges: bool = False,
 ) -> RunStats:
     """Check everything, then run one replica until ``stop`` is set.
 
     The metrics port is bound first, so a port in use is refused before minutes of
     model loading, and ``/healthz`` answers while models load. ``metrics_port``
-    overrides the topology's (0: any free port).
+    overrides the topology's (0: any free port). ``share_ranges``: the replay's replicas
+    split the ``ranges`` through their group (`pipeline.engine.ranges`).
     """
     topology = opened.topology
     settings, where = topology.metrics, f"{opened.source}: metrics.port"
@@ -127,6 +129,7 @@ def serve(
                     health=health,
                     ranges=ranges,
                     replica_id=replica_id,
+                    share_ranges=share_ranges,
                 )
                 pipeline.metrics_url = None if server is None else server.url
                 if on_ready is not None:

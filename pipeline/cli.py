@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.tools import dlq, replay, top
+from pipeline.workers.supervisor import worker_count
 from schemas.errors import ConfigError, ExitCode, KpError, describe, exit_code
 
 __all__ = ["main"]
@@ -33,7 +34,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.app import open_topology, serve
 
     opened = open_topology(args.topology)
+    if args.workers > 1:
+        return _run_workers(args, opened)
     stop = threading.Event()
+    replica = args.replica_id
+    if args.worker is not None:  # one of a --workers group: see pipeline.workers.launch
+        from pipeline.workers.launch import as_worker, watch_parent
+
+        opened, replica = as_worker(opened, args.worker, args.replica_id)
+        watch_parent(stop)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("%s: stopping (draining in-flight requests)", signal.Signals(signum).name)
@@ -56,10 +65,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         on_ready=on_ready,
         metrics_port=args.metrics_port,
-        replica_id=args.replica_id,
+        replica_id=replica,
     )
     _echo(f"consumed {stats.consumed}, results {stats.results}, dead letters {stats.dead_letters}")
     return ExitCode.OK
+
+
+def _run_workers(args: argparse.Namespace, opened: Any) -> int:
+    """``run --workers N``: the broker and topics here, N supervised replicas."""
+    from pipeline.app import cluster, create_topics
+    from pipeline.workers.launch import supervise
+    from pipeline.workers.supervisor import RestartPolicy
+
+    topology = opened.topology
+    metrics, where = topology.metrics, f"{opened.source}: metrics.port"
+    if args.metrics_port is not None:
+        metrics, where = metrics.model_copy(update={"port": args.metrics_port}), "--metrics-port"
+    with cluster(topology, args.bootstrap) as address:
+        create_topics(topology, address)  # once, here: N workers would race to create them
+        command = ["run", str(args.topology), "--bootstrap", address]
+        if args.replica_id:
+            command += ["--replica-id", args.replica_id]
+
+        def on_ready(server: Any) -> None:
+            t = topology.topics
+            log.info(
+                "%d workers: %s → %s on %s", args.workers, ",".join(t.input), t.output, address
+            )
+            if server is not None:
+                log.info("group metrics at http://127.0.0.1:%d/metrics", server.port)
+
+        return supervise(
+            args.workers,
+            command,
+            metrics,
+            policy=RestartPolicy(),
+            drain_timeout_s=topology.flow.drain_timeout_s,
+            verbose=args.verbose,
+            where=where,
+            on_ready=on_ready,
+        )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -253,6 +298,14 @@ def _add_run_parser(sub: Any) -> None:
         help="this replica's stable name, for its exactly-once transactional id "
         "(default: $KP_REPLICA_ID, else the host name)",
     )
+    run.add_argument(
+        "--workers",
+        type=worker_count,
+        default=1,
+        help="run N replicas in N processes under one supervisor, in one consumer group, "
+        "with one metrics endpoint (default 1: this process serves)",
+    )
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     run.set_defaults(func=cmd_run)
 
 
@@ -321,9 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
+    worker = getattr(args, "worker", None)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s "
+        + ("" if worker is None else f"[w{worker}] ")
+        + "%(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:

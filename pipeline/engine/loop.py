@@ -33,7 +33,12 @@ from pipeline.engine.delivery import AtLeastOnce, Delivery, ExactlyOnce
 from pipeline.engine.lag import LagMonitor
 from pipeline.engine.offsets import OffsetTracker
 from pipeline.engine.ranges import BoundedRanges, names
-from pipeline.kafka.clients import consumer_config, producer_config, transactional_id
+from pipeline.kafka.clients import (
+    consumer_config,
+    producer_config,
+    reader_config,
+    transactional_id,
+)
 from pipeline.kafka.clients import replica_id as kafka_replica_id
 from pipeline.kafka.watch import ClientWatch
 from pipeline.observability.health import Health
@@ -67,13 +72,20 @@ class Replica:
         health: Health | None = None,
         ranges: Mapping[Partition, tuple[int, int]] | None = None,
         replica_id: str | None = None,
+        share_ranges: bool = False,
     ) -> None:
         self.topology = topology
         self.flow = topology.flow
         self.codec = codec or AvroCodec()
         # A bounded run (a replay) serves [start, end) of each listed partition, assigned
-        # directly (no group membership), and stops by itself once all of it is delivered.
-        self.bounded = BoundedRanges(ranges) if ranges is not None else None
+        # directly (no group membership) or shared through its group (``share_ranges``),
+        # and stops by itself once all of it is delivered.
+        self.bounded = BoundedRanges(ranges, share_ranges) if ranges is not None else None
+        self._group_offsets = (  # reads the shared replay group's commits (see ranges.py)
+            Consumer(reader_config(topology.kafka, bootstrap, group_id=topology.kafka.group_id))
+            if self.bounded is not None and self.bounded.shared
+            else None
+        )
         self.encoder = OutcomeEncoder(
             self.codec,
             topology.topics.output,
@@ -174,7 +186,7 @@ class Replica:
             runtime.start()
         self.health.models_loaded = True
         self.lag.start()
-        if self.bounded is None:
+        if self.bounded is None or self.bounded.shared:
             self.consumer.subscribe(
                 self.topology.topics.input,
                 on_assign=_weak(self._on_assign),
@@ -339,11 +351,15 @@ class Replica:
 
     def _range_served(self) -> bool:
         """A bounded run is over once every partition is read to its end and delivered."""
-        return self.bounded is not None and self.bounded.served(self.tracker.in_flight)
+        return self.bounded is not None and self.bounded.served(
+            self.tracker.in_flight, self._group_offsets
+        )
 
     # -- rebalance ------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.bounded is not None:  # a shared replay: start each where its group left it
+            partitions = self.bounded.placed(self._group_offsets or consumer, partitions)
         for p in partitions:
             self.tracker.assign(partition_of(p))
             self.metrics.consumed.labels(p.topic, str(p.partition))  # at zero from now on
@@ -353,6 +369,8 @@ class Replica:
             consumer.assign(partitions)
         if self.backpressure.paused:
             consumer.pause(partitions)
+        if self.bounded is not None:
+            self.bounded.pause_finished(consumer, partitions)
         self.health.assignment = len(self.tracker.partitions())
         self.assigned.set()
         if partitions:
@@ -420,6 +438,8 @@ class Replica:
             tp = partition_of(p)
             self.tracker.revoke(tp)
             self.lag.forget(tp)
+            if self.bounded is not None:
+                self.bounded.release(tp)
             for gauge in (self.metrics.lag, self.metrics.lag_seconds):
                 with contextlib.suppress(KeyError):  # never measured
                     gauge.remove(p.topic, str(p.partition))
@@ -450,6 +470,8 @@ class Replica:
         self.accounting.flush(self.delivery.transactions)
         self.lag.stop()
         self.consumer.close()
+        if self._group_offsets is not None:
+            self._group_offsets.close()
         log.info(
             "stopped: %d consumed, %d results, %d dead letters",
             self.stats.consumed,

@@ -102,7 +102,7 @@ def consumer_config(
 
 
 def reader_config(
-    settings: KafkaSettings, bootstrap: str, *, group_id: str, partition_eof: bool
+    settings: KafkaSettings, bootstrap: str, *, group_id: str, partition_eof: bool = False
 ) -> dict[str, Any]:
     """Settings of an assign-only reader: the tools' reads, which join no group.
 

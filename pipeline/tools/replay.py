@@ -11,6 +11,18 @@ batching, backpressure and at-least-once commits, with three differences:
 * Results go to the replay output topic (never to a request's live reply topic) and
   dead letters to ``<output>-dead-letters``.
 
+Shared replays: ``--workers N`` runs N worker processes under one supervisor (each a
+replica, `pipeline.workers`), and ``--shared`` makes this process one of several replicas
+started separately (a Kubernetes Job with ``parallelism: N``, the chart's replay Job).
+Either way the replicas split the range's partitions through the replay's group, each
+partition starting at the group's last commit and stopping at the range's end
+(`pipeline.engine.ranges`), so each request of the range is served once, an interrupted
+shared replay resumes when started again, and the live group's offsets are never
+touched. Every replica must replay the same range: ``--workers`` resolves it once and
+hands it to its workers; separate ``--shared`` replicas each resolve it themselves, so
+they need a fixed end (``--to`` or ``--to-offset``): an open end would be wherever each
+replica happened to look.
+
 The range comes from times (``--from``/``--to``, ISO 8601: `pipeline.tools.timespec`) or
 offsets per partition.
 Times become offsets here, before anything is consumed or written: the broker's
@@ -24,6 +36,7 @@ assumed to be in timestamp order within a partition, which holds for broker-assi
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -38,6 +51,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.clients import reader_config
 from pipeline.tools.timespec import parse_time
+from pipeline.workers.supervisor import worker_count
 from schemas.errors import ConfigError
 from schemas.messages import Partition
 
@@ -249,7 +263,34 @@ def add_parser(subparsers: Any) -> None:
     rp.add_argument("--bootstrap", help="the cluster holding the recorded traffic")
     rp.add_argument("--metrics-port", type=int, default=0, help="default: any free port")
     rp.add_argument("--no-progress", action="store_true", help="no progress line")
+    rp.add_argument(
+        "--workers",
+        type=worker_count,
+        default=1,
+        help="split the range between N worker processes (default 1: this process)",
+    )
+    rp.add_argument(
+        "--shared",
+        action="store_true",
+        help="this process is one of several replicas of this replay (e.g. a Job with "
+        "parallelism): share the range through the replay's group; needs --to or --to-offset",
+    )
+    rp.add_argument("--ranges", help=argparse.SUPPRESS)  # the range, resolved by a supervisor
+    rp.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     rp.set_defaults(func=run)
+
+
+def ranges_to_json(ranges: Mapping[Partition, tuple[int, int]]) -> str:
+    """The range as ``[[topic, partition, start, end], ...]`` for a worker's command line."""
+    return json.dumps([[t, p, s, e] for (t, p), (s, e) in sorted(ranges.items())])
+
+
+def ranges_from_json(text: str) -> dict[Partition, tuple[int, int]]:
+    """The inverse of `ranges_to_json`."""
+    try:
+        return {(str(t), int(p)): (int(s), int(e)) for t, p, s, e in json.loads(text)}
+    except (ValueError, TypeError) as e:
+        raise RangeError(f"--ranges: not a list of [topic, partition, start, end]: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -258,25 +299,14 @@ def run(args: argparse.Namespace) -> int:
 
     opened = open_topology(args.topology)
     t = opened.topology
-    output = args.output or t.topics.replay_output
-    if not output:
-        raise RangeError("--output: name the replay's output topic (or topics.replay_output)")
-    if output in t.topics.input or output == t.topics.output:
-        raise RangeError(f"--output: {output!r} is a live topic of this topology")
-    bootstrap = args.bootstrap or (None if t.kafka.embedded else t.kafka.bootstrap_servers)
-    if bootstrap is None:
+    output, bootstrap = _destination(args, t)
+    shared = args.shared or args.workers > 1 or args.worker is not None
+    if args.shared and not (args.to_time or args.to_offset or args.ranges):
         raise RangeError(
-            "--bootstrap: a replay reads recorded traffic from a cluster (or set KP_BOOTSTRAP)"
+            "--shared: give the range a fixed end (--to or --to-offset): each replica "
+            "resolves the range itself, and an open end is wherever each one looked"
         )
-    ranges = resolve_ranges(
-        t.kafka,
-        bootstrap,
-        t.topics.input,
-        parse_time(args.from_time, "--from") if args.from_time else None,
-        parse_time(args.to_time, "--to") if args.to_time else None,
-        parse_offsets(args.from_offset, "--from-offset") if args.from_offset else None,
-        parse_offsets(args.to_offset, "--to-offset") if args.to_offset else None,
-    )
+    ranges = ranges_from_json(args.ranges) if args.ranges else _resolve(args, t, bootstrap)
     group = args.group or f"{t.kafka.group_id}.replay.{output}"
     dead_letters = f"{output}-dead-letters"
     kafka = t.kafka.model_copy(
@@ -290,8 +320,17 @@ def run(args: argparse.Namespace) -> int:
     job = OpenTopology(
         t.model_copy(update={"kafka": kafka, "topics": topics}), opened.source, opened.base_dir
     )
-    _say(f"replaying {describe(ranges)} → {output} (group {group})")
+    if args.workers > 1:
+        return _run_workers(args, job, bootstrap, output, group, ranges)
+    if args.worker is None:
+        _say(f"replaying {describe(ranges)} → {output} (group {group})")
     stop = threading.Event()
+    replica = None
+    if args.worker is not None:  # one of a --workers group: see pipeline.workers.launch
+        from pipeline.workers.launch import as_worker, watch_parent
+
+        job, replica = as_worker(job, args.worker, None)
+        watch_parent(stop)
     served: list[Any] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -303,6 +342,8 @@ def run(args: argparse.Namespace) -> int:
 
     def remaining() -> int:
         begun = served[0].range_begin if served else {}
+        if shared:  # what this replica has taken on so far
+            return sum(ranges[tp][1] - b for tp, b in begun.items())
         return sum(end - begun.get(tp, start) for tp, (start, end) in ranges.items())
 
     progress: Progress | None = None
@@ -316,7 +357,14 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     stats = serve(
-        job, stop, bootstrap, on_ready=on_ready, metrics_port=args.metrics_port, ranges=ranges
+        job,
+        stop,
+        bootstrap,
+        on_ready=on_ready,
+        metrics_port=args.metrics_port,
+        ranges=ranges,
+        replica_id=replica,
+        share_ranges=shared,
     )
     if progress is not None:
         progress.stop()
@@ -330,6 +378,69 @@ def run(args: argparse.Namespace) -> int:
     if stop.is_set() and done < remaining():
         _say(f"interrupted: run the same command again to resume (group {group})")
     return 0
+
+
+def _destination(args: argparse.Namespace, t: Any) -> tuple[str, str]:
+    """The replay's output topic and the cluster it reads; raises `RangeError`."""
+    output = args.output or t.topics.replay_output
+    if not output:
+        raise RangeError("--output: name the replay's output topic (or topics.replay_output)")
+    if output in t.topics.input or output == t.topics.output:
+        raise RangeError(f"--output: {output!r} is a live topic of this topology")
+    bootstrap = args.bootstrap or (None if t.kafka.embedded else t.kafka.bootstrap_servers)
+    if bootstrap is None:
+        raise RangeError(
+            "--bootstrap: a replay reads recorded traffic from a cluster (or set KP_BOOTSTRAP)"
+        )
+    return str(output), str(bootstrap)
+
+
+def _resolve(args: argparse.Namespace, t: Any, bootstrap: str) -> dict[Partition, tuple[int, int]]:
+    """The range the command line asks for (`resolve_ranges`)."""
+    return resolve_ranges(
+        t.kafka,
+        bootstrap,
+        t.topics.input,
+        parse_time(args.from_time, "--from") if args.from_time else None,
+        parse_time(args.to_time, "--to") if args.to_time else None,
+        parse_offsets(args.from_offset, "--from-offset") if args.from_offset else None,
+        parse_offsets(args.to_offset, "--to-offset") if args.to_offset else None,
+    )
+
+
+def _run_workers(
+    args: argparse.Namespace,
+    job: Any,
+    bootstrap: str,
+    output: str,
+    group: str,
+    ranges: Mapping[Partition, tuple[int, int]],
+) -> int:
+    """``replay --workers N``: the range resolved once here, N workers share it."""
+    from pipeline.workers.launch import supervise
+    from pipeline.workers.supervisor import RestartPolicy
+
+    _say(f"replaying {describe(ranges)} → {output} (group {group}) with {args.workers} workers")
+    command = ["replay", str(args.topology), "--bootstrap", bootstrap, "--output", output]
+    command += ["--group", group, "--ranges", ranges_to_json(ranges), "--no-progress"]
+    metrics = job.topology.metrics.model_copy(update={"port": args.metrics_port})
+    started = time.monotonic()
+    code = supervise(
+        args.workers,
+        command,
+        metrics,
+        policy=RestartPolicy(clean_exit_is_done=True),
+        drain_timeout_s=job.topology.flow.drain_timeout_s,
+        verbose=args.verbose,
+        where="--metrics-port",
+    )
+    total = sum(end - start for start, end in ranges.values())
+    _say(
+        f"{args.workers} workers {'finished' if code == 0 else 'stopped'} in "
+        f"{time.monotonic() - started:.1f} s ({total:,} requests in the range; each "
+        "worker's share is on its own line above)"
+    )
+    return code
 
 
 def _say(line: str) -> None:

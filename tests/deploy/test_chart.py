@@ -94,6 +94,12 @@ CASES: dict[str, Obj] = {
     },
 }
 
+CASES["workers-and-replay"] = {
+    "workers": 2,
+    "kafka": {"partitions": 8},
+    "replay": {"enabled": True, "from": "2026-11-20T00:00Z", "toOffset": "0:500,1:700"},
+}
+
 CASE_IDS = list(CASES)
 
 # Kinds each case renders.
@@ -104,7 +110,11 @@ EXPECTED_KINDS: dict[str, set[str]] = {
     "keda-disabled": CORE_KINDS | {"ServiceMonitor"},
     "servicemonitor-disabled": CORE_KINDS | {"ScaledObject"},
     "everything-set": CORE_KINDS | {"ScaledObject", "ServiceMonitor"},
+    "workers-and-replay": CORE_KINDS | {"ScaledObject", "ServiceMonitor", "Job"},
 }
+# Kinds the Kubernetes schemas cover besides the core ones (the replay Job, when enabled).
+OPTIONAL_CORE_KINDS = {"Job"}
+REPLAY_JOB = f"{FULLNAME}-replay-1"
 
 # The kafka trigger parameters KEDA documents (keda.sh/docs/2.18/scalers/apache-kafka):
 # the CRD types trigger metadata as a string map, so only this list catches a misspelling.
@@ -302,7 +312,7 @@ def test_renders_the_expected_objects(helm: Path, case: str) -> None:
     objects = render(helm, CASES[case])
     assert sorted(o["kind"] for o in objects) == sorted(EXPECTED_KINDS[case])
     for o in objects:
-        assert o["metadata"]["name"] == FULLNAME
+        assert o["metadata"]["name"] == (REPLAY_JOB if o["kind"] == "Job" else FULLNAME)
         assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
 
@@ -310,8 +320,9 @@ def test_renders_the_expected_objects(helm: Path, case: str) -> None:
 def test_core_objects_match_the_kubernetes_schemas_strictly(
     helm: Path, k8s: Any, case: str
 ) -> None:
-    core = [o for o in render(helm, CASES[case]) if o["kind"] in CORE_KINDS]
-    assert {o["kind"] for o in core} == CORE_KINDS
+    kinds = CORE_KINDS | OPTIONAL_CORE_KINDS
+    core = [o for o in render(helm, CASES[case]) if o["kind"] in kinds]
+    assert {o["kind"] for o in core} - OPTIONAL_CORE_KINDS == CORE_KINDS
     for version in ("1.25.0", k8s.latest_version()):
         for obj in core:
             k8s.validate(obj, version, strict=True)  # raises on any violation
@@ -321,7 +332,8 @@ def test_core_objects_match_the_kubernetes_schemas_strictly(
 def test_custom_resources_match_their_schemas(
     helm: Path, crd_validator: tuple[str, Path], case: str
 ) -> None:
-    custom = [o for o in render(helm, CASES[case]) if o["kind"] not in CORE_KINDS]
+    kinds = CORE_KINDS | OPTIONAL_CORE_KINDS
+    custom = [o for o in render(helm, CASES[case]) if o["kind"] not in kinds]
     if case not in {"keda-disabled", "servicemonitor-disabled"}:
         assert {o["kind"] for o in custom} == {"ScaledObject", "ServiceMonitor"}
     for verdict in validate_custom(crd_validator, custom):
@@ -629,3 +641,57 @@ def test_dockerfiles_put_the_models_where_the_chart_topology_reads_them() -> Non
     runtime = gpu.split("FROM nvidia/cuda:", 1)[1]
     assert "'.[gpu]'" in runtime
     assert "[cpu" not in runtime
+
+
+# --------------------------------------------------------------- workers and the replay Job
+
+
+def test_workers_run_in_one_pod_and_count_against_the_partition_ceiling(helm: Path) -> None:
+    from pipeline.cli import build_parser
+
+    c = container(render(helm, CASES["workers-and-replay"]))
+    args = build_parser().parse_args(c["args"])
+    assert args.workers == 2
+    assert "--workers" not in container(render(helm, {}))["args"]  # 1: no supervisor
+    err = render_error(helm, {"workers": 2})  # 4 replicas x 2 workers > 4 partitions
+    assert "keda.maxReplicaCount (4) x workers (2) exceeds kafka.partitions (4)" in err
+    err = render_error(helm, {"workers": 3, "keda": {"enabled": False}, "replicaCount": 2})
+    assert "replicaCount (2) x workers (3) exceeds kafka.partitions (4)" in err
+
+
+def test_replay_job_shares_a_fixed_range_between_its_pods(helm: Path) -> None:
+    from pipeline.cli import build_parser
+
+    objects = render(helm, CASES["workers-and-replay"])
+    job = one(objects, "Job")
+    spec = job["spec"]
+    assert spec["parallelism"] == 2
+    assert "completions" not in spec  # a pool: done when one succeeded and all ended
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "OnFailure"  # a crashed replica resumes from the commits
+    (c,) = pod["containers"]
+    assert c["command"] == ["kp-pipeline"]
+    args = build_parser().parse_args(
+        [a.replace("$(KP_BOOTSTRAP)", "kafka:9092") for a in c["args"]]
+    )
+    assert args.command == "replay"
+    assert args.shared
+    assert args.topology == "/etc/kp-pipeline/topology.yaml"
+    assert (args.from_time, args.to_offset) == ("2026-11-20T00:00Z", "0:500,1:700")
+    assert args.output == "kp.results.replay"
+    assert args.bootstrap == "kafka:9092"
+    assert {"name": "KP_BOOTSTRAP", "value": "kafka:9092"} in c["env"]
+    deployment = one(objects, "Deployment")
+    assert pod["volumes"] == deployment["spec"]["template"]["spec"]["volumes"]
+    # The Service selects the serving pods only, never the replay's.
+    selector = one(objects, "Service")["spec"]["selector"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert not all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_replay_job_is_refused_without_a_fixed_end_or_onto_a_live_topic(helm: Path) -> None:
+    err = render_error(helm, {"replay": {"enabled": True, "from": "2026-11-20T00:00Z"}})
+    assert "replay.to or replay.toOffset" in err
+    err = render_error(helm, {"replay": {"enabled": True, "to": "x", "output": "kp.results"}})
+    assert "replay.output: must not be a live topic" in err
+    assert all(o["kind"] != "Job" for o in render(helm, {}))

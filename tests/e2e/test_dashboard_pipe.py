@@ -6,13 +6,20 @@ Prometheus (Debian's package) scrapes it every second and evaluates deploy/prome
 alerts.yml. Then every query of every panel runs as Grafana would run it (variables
 substituted, a range query) and must return data; every rule must be loaded and healthy,
 and every alert's left-hand side (the expression without its threshold) must have data.
+
+All of it twice: one process, and `kp-pipeline run --workers 2`, whose one endpoint
+merges the workers' series with a ``worker`` label; the same queries must read the same.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +30,7 @@ import yaml
 from confluent_kafka.admin import AdminClient
 from e2e.kit import (
     MODELS,
+    ROOT,
     Topics,
     new_topics,
     produce_tiny,
@@ -72,7 +80,6 @@ class Scraped:
     """A pipeline that has served traffic, and the Prometheus that watched it."""
 
     prom: Prometheus
-    served: BackgroundPipeline
     topics: Topics
     target: str  # the pipeline's host:port, Prometheus' `instance` label
     start: float  # unix seconds: just before the traffic
@@ -87,8 +94,20 @@ def _gpu_present() -> bool:
     return gpus.is_dir() and any(gpus.iterdir())
 
 
-@pytest.fixture(scope="module")
-def scraped(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return int(r.status) == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module", params=["one process", "2 workers"])
+def scraped(
+    request: pytest.FixtureRequest,
+    broker: EmbeddedBroker,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Scraped]:
     if not (MODELS / "tiny_mlp.onnx").exists():
         pytest.fail("models/tiny_mlp.onnx missing: run `make models` (kp-pipeline models export)")
     tmp = tmp_path_factory.mktemp("dashboard")
@@ -110,11 +129,20 @@ def scraped(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) ->
     target = f"127.0.0.1:{port}"
     prom = Prometheus([target], tmp / "prometheus").start()
     served: BackgroundPipeline | None = None
+    workers: subprocess.Popen[bytes] | None = None
     try:
-        served = BackgroundPipeline(
-            open_topology(topology), broker.bootstrap_servers, metrics_port=port
-        ).start()
-        assert served.pipeline is not None
+        if request.param == "one process":
+            served = BackgroundPipeline(
+                open_topology(topology), broker.bootstrap_servers, metrics_port=port
+            ).start()
+            assert served.pipeline is not None
+        else:
+            workers = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "run", str(topology), "--workers", "2",
+                 "--bootstrap", broker.bootstrap_servers, "--metrics-port", str(port)],
+                cwd=ROOT, stdout=(tmp / "workers.log").open("wb"), stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            wait_for(lambda: _ready(port), 90, "every worker ready")
         prom.wait_for_scrape(scrapes=2)
         start = time.time() - 1
         expected = _traffic(broker, topics)
@@ -125,21 +153,24 @@ def scraped(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) ->
             what=f"Prometheus to see {consumed} records consumed",
         )
         time.sleep(2.5)  # two more scrapes and rule evaluations of the final state
+        gpu_exported = bool(prom.query(f'kp_gpu_memory_used_bytes{{job="{JOB}"}}'))
         yield Scraped(
             prom=prom,
-            served=served,
             topics=topics,
             target=target,
             start=start,
             end=time.time(),
-            gpu_exported=served.pipeline.gpus.available,
-            gpu_present=_gpu_present() or served.pipeline.gpus.available,
+            gpu_exported=gpu_exported,
+            gpu_present=_gpu_present() or gpu_exported,
             expected=expected,
         )
     finally:
         try:
             if served is not None:
                 served.stop()
+            if workers is not None:
+                workers.send_signal(signal.SIGTERM)
+                assert workers.wait(60) == 0
         finally:
             prom.stop()
 

@@ -206,3 +206,10 @@ def test_commands_reach_the_cluster_with_the_topologys_security_and_client_setti
     else:
         assert conf["compression.type"] == "lz4"
         assert "client.rack" not in conf
+
+
+def test_run_refuses_zero_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["run", "topology.yaml", "--workers", "0"])
+    assert e.value.code == 2
+    assert "--workers: '0' is not a whole number of 1 or more" in capsys.readouterr().err

@@ -13,7 +13,14 @@ from confluent_kafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.tools.replay import Progress, RangeError, _Probe, parse_offsets
+from pipeline.tools.replay import (
+    Progress,
+    RangeError,
+    _Probe,
+    parse_offsets,
+    ranges_from_json,
+    ranges_to_json,
+)
 
 
 def test_offsets_per_partition_or_for_all() -> None:
@@ -98,3 +105,10 @@ def test_progress_line_shows_share_rate_and_eta() -> None:
     assert "125/s" in line
     assert "ETA 6 s" in line
     assert "ETA ?" in p.line(0, 1000, elapsed=1.0)
+
+
+def test_a_range_travels_to_the_workers_unchanged() -> None:
+    ranges = {("in", 0): (10, 20), ("in", 3): (0, 7), ("other", 1): (5, 6)}
+    assert ranges_from_json(ranges_to_json(ranges)) == ranges
+    with pytest.raises(RangeError, match="--ranges"):
+        ranges_from_json('[["in", 0, 1]]')

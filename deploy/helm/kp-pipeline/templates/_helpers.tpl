@@ -46,16 +46,31 @@ release that asks for them, unless keda.allowIdleConsumers says that is intended
 */}}
 {{- define "kp-pipeline.checks" -}}
 {{- $partitions := int .Values.kafka.partitions -}}
+{{- $workers := int .Values.workers -}}
 {{- if .Values.keda.enabled -}}
 {{- $min := int .Values.keda.minReplicaCount -}}
 {{- $max := int .Values.keda.maxReplicaCount -}}
 {{- if gt $min $max -}}
 {{- fail (printf "keda.minReplicaCount (%d) is above keda.maxReplicaCount (%d)" $min $max) -}}
 {{- end -}}
-{{- if and (gt $max $partitions) (not .Values.keda.allowIdleConsumers) -}}
+{{- if and (gt (mul $max $workers) $partitions) (not .Values.keda.allowIdleConsumers) -}}
+{{- if gt $workers 1 -}}
+{{- fail (printf "keda.maxReplicaCount (%d) x workers (%d) exceeds kafka.partitions (%d): each worker is a consumer of the group, and each partition goes to one of them, so consumers beyond the partition count sit idle. Lower keda.maxReplicaCount or workers, add partitions to the topic (and raise kafka.partitions), or set keda.allowIdleConsumers=true." $max $workers $partitions) -}}
+{{- end -}}
 {{- fail (printf "keda.maxReplicaCount (%d) exceeds kafka.partitions (%d): each partition goes to one consumer of the group, so replicas beyond the partition count sit idle. Lower keda.maxReplicaCount, add partitions to the topic (and raise kafka.partitions), or set keda.allowIdleConsumers=true." $max $partitions) -}}
 {{- end -}}
-{{- else if gt (int .Values.replicaCount) $partitions -}}
+{{- else if gt (mul (int .Values.replicaCount) $workers) $partitions -}}
+{{- if gt $workers 1 -}}
+{{- fail (printf "replicaCount (%d) x workers (%d) exceeds kafka.partitions (%d): each worker is a consumer of the group, so consumers beyond the partition count sit idle." (int .Values.replicaCount) $workers $partitions) -}}
+{{- end -}}
 {{- fail (printf "replicaCount (%d) exceeds kafka.partitions (%d): each partition goes to one consumer of the group, so replicas beyond the partition count sit idle." (int .Values.replicaCount) $partitions) -}}
+{{- end -}}
+{{- if .Values.replay.enabled -}}
+{{- if not (or .Values.replay.to .Values.replay.toOffset) -}}
+{{- fail "replay.to or replay.toOffset: a replay shared between pods needs a fixed end (each pod resolves the range itself; an open end is wherever each one looked)" -}}
+{{- end -}}
+{{- if eq .Values.replay.output .Values.kafka.outputTopic .Values.kafka.topic -}}
+{{- fail "replay.output: must not be a live topic" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
