@@ -186,7 +186,7 @@ class AtLeastOnce(Delivery):
                 self.pending.append(replacement)
             return
         env = out.envelope
-        self.tracker.done(partition_of(env), env.offset, env.generation, len(env.value))
+        self.tracker.done(partition_of(env), env.offset, env.generation)
         self.on_acked(out)
 
     def commit(self, force: bool) -> None:
@@ -289,7 +289,7 @@ class ExactlyOnce(Delivery):
             out = held.pop(oldest[0])
             env = out.envelope
             self._send(out)
-            self.tracker.done(tp, env.offset, env.generation, len(env.value))
+            self.tracker.done(tp, env.offset, env.generation)
 
     def _send(self, out: Outcome) -> None:
         if not self._open:

@@ -278,10 +278,10 @@ def check_accept(
     assert p.stats.consumed == len(served)
     assert p.tracker.in_flight == len(served)
     assert p.tracker.in_flight_bytes == sum(len(v or b"") for v in served.values())
-    for (partition, offset), value in served.items():
+    for partition, offset in served:
         generation = p.tracker.generation((TOPIC, partition))
         assert generation is not None
-        p.tracker.done((TOPIC, partition), offset, generation, len(value or b""))
+        p.tracker.done((TOPIC, partition), offset, generation)
     assert p.tracker.committable() == {(TOPIC, part): end for part, end in ends.items() if end}
     assert p.tracker.in_flight == 0
 
