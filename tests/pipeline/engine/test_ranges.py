@@ -49,3 +49,12 @@ def test_a_partition_is_finished_at_the_last_record_of_its_range() -> None:
     assert consumer.paused == [0]  # paused once
     assert not ranges.served(1)  # still one in flight
     assert ranges.served(0)
+
+
+def test_a_consumed_batch_is_cut_at_the_ranges_end() -> None:
+    consumer: Any = FakeConsumer({})
+    ranges = BoundedRanges({("t", 0): (0, 4)})
+    assert ranges.admit_many(consumer, ("t", 0), [0, 1]) == 2
+    assert ranges.finished == set()
+    assert ranges.admit_many(consumer, ("t", 0), [2, 3, 4, 5]) == 2  # 4 and 5: prefetched
+    assert (ranges.finished, consumer.paused) == ({("t", 0)}, [0])
