@@ -235,9 +235,16 @@ class AtLeastOnce(Delivery):
         """Produce each one now, with one failure callback for the whole batch."""
         sent = _Sent()
         report = functools.partial(self._refused, sent)
+        produce, produced = self.producer.produce, sent.outcomes
         for out in outcomes:
-            if self._produce(out, report):
-                sent.outcomes.append(out)
+            try:  # the usual case inline; anything else as `_produce` handles it
+                produce(
+                    out.topic, out.value, out.envelope.key, headers=out.headers, on_delivery=report
+                )
+                produced.append(out)
+            except (BufferError, KafkaException, ValueError, TypeError):
+                if self._produce(out, report):
+                    produced.append(out)
         if sent.outcomes:
             self._sent.append(sent)
             self._waiting += len(sent.outcomes)
