@@ -18,7 +18,10 @@ deliver. Records become done at *commit points* instead, a batch at a time:
 - The loop checks for a free commit point after each ``poll(0)``; when none came for a
   while (``confirm_every`` outcomes waiting, or a commit due) it makes one with
   ``flush``, which sends at once (ignoring ``linger.ms``) and returns when everything
-  produced is acknowledged: about one broker round trip.
+  produced is acknowledged: about one broker round trip. It waits at most
+  ``_POINT_WAIT_S`` (a forced commit on revoke or shutdown: ``timeout_s``); a broker
+  that is slow or away then gives no point, in-flight work grows to the backpressure
+  mark, the consumer pauses, and the producer's drained queue gives the next one.
 - Then the consumer commits each partition's contiguous done prefix
   (`pipeline.engine.offsets`). An offset is therefore committed only after its outcome is
   acknowledged, as before: a crash at any moment repeats what was in flight or produced
@@ -86,6 +89,10 @@ _FENCED = frozenset(
 
 Positions = dict[Partition, int]
 
+# The longest a periodic commit point waits for the producer to flush (a forced one, on
+# revoke and shutdown, waits timeout_s): about a broker round trip is what it takes.
+_POINT_WAIT_S = 0.1
+
 # The shortest gap between two commits of a replica with nothing left in flight: every
 # transaction writes a marker to each partition it touched, so they are not free.
 _IDLE_COMMIT_S = 0.01
@@ -137,7 +144,7 @@ class Delivery:
         """Send outcomes on their way (or hold them, for exactly-once)."""
         raise NotImplementedError
 
-    def confirm(self, force: bool) -> None:
+    def confirm(self, force: bool, wait: float | None = None) -> None:
         """Mark what is delivered done, at a commit point; ``force``: make one now."""
 
     def commit(self, force: bool) -> None:
@@ -262,19 +269,20 @@ class AtLeastOnce(Delivery):
         if replacement is not None:
             self.pending.append(replacement)
 
-    def confirm(self, force: bool) -> None:
+    def confirm(self, force: bool, wait: float | None = None) -> None:
         """At a commit point, mark every outcome produced before it (and not failed) done.
 
         Free when the producer holds nothing; made with ``flush`` when ``force``, or when
-        `confirm_every` outcomes wait for one. A flush that does not finish in time (the
-        broker is slow or away) makes no point: the outcomes wait for a later one.
+        `confirm_every` outcomes wait for one, waiting at most ``wait`` seconds (default
+        `_POINT_WAIT_S`). A flush that does not finish in time (the broker is slow or
+        away) makes no point: the outcomes wait for a later one.
         """
         if not self._sent:
             return
         if len(self.producer):
             if not (force or self._waiting >= self.confirm_every):
                 return
-            if self.producer.flush(self.timeout_s if force else self.commit_interval_s):
+            if self.producer.flush(_POINT_WAIT_S if wait is None else wait):
                 return
         sent, self._sent, self._waiting = self._sent, [], 0
         for batch in sent:
@@ -300,11 +308,13 @@ class AtLeastOnce(Delivery):
     def commit(self, force: bool) -> None:
         """Commit the consumer's done prefixes: asynchronously, or synchronously if forced.
 
-        A commit point comes first, so a commit covers everything delivered by then.
+        A commit point comes first, so a commit covers everything delivered by then; a
+        periodic commit waits at most `_POINT_WAIT_S` for it (a broker that is slow or
+        away must not stall the loop), a forced one (revoke, shutdown) ``timeout_s``.
         """
         if not self._due(force):
             return
-        self.confirm(force=True)
+        self.confirm(force=True, wait=self.timeout_s if force else None)
         positions = self.tracker.committable()
         if not positions:
             return

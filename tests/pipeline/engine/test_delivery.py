@@ -367,6 +367,8 @@ class HoldingProducer:
         self.fail: dict[bytes, KafkaError] = {}
         self.sent: list[tuple[str, bytes]] = []
         self.flushes = 0
+        self.waits: list[float] = []  # each flush's timeout
+        self.down = False  # the broker acknowledges nothing
 
     def produce(self, topic: str, value: bytes, key: Any = None, **kw: Any) -> None:
         self.held.append((kw.get("on_delivery"), topic, value, key))
@@ -385,9 +387,11 @@ class HoldingProducer:
             callback(err, msg)
         return len(reports)
 
-    def flush(self, _: float = 0) -> int:
+    def flush(self, timeout: float = 0) -> int:
         self.flushes += 1
-        self.ack()
+        self.waits.append(timeout)
+        if not self.down:
+            self.ack()
         self.poll()
         return len(self)
 
@@ -492,3 +496,20 @@ def test_outcomes_of_a_revoked_partition_are_not_done_at_their_point() -> None:
     assert tracker.committable() == {}
     assert tracker.outstanding(TP) == 1
     assert tracker.done(TP, 0, generation)
+
+
+def test_a_periodic_commit_waits_briefly_for_a_broker_that_is_away_and_commits_nothing() -> None:
+    d, tracker, producer, acked = _points()
+    d.commit_interval_s = 0.0  # every call is due
+    outs = _consume(tracker, 2)
+    d.publish(outs)
+    producer.down = True
+    d.commit(force=False)
+    assert producer.waits == [0.1]  # not the 30 s a forced commit may take
+    assert (tracker.committable(), acked) == ({}, [])
+    producer.down = False
+    d.commit(force=True)
+    assert producer.waits == [0.1, 30.0]
+    assert tracker.committable() == {}  # handed to the consumer's commit
+    assert isinstance(d.consumer, CommittingConsumer)
+    assert d.consumer.commits == [{TP: 2}]
