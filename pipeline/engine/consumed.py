@@ -78,8 +78,8 @@ class Consumed:
             run, offsets = run[:keep], offsets[:keep]
             if not run:
                 return
-        values = [m.value() for m in run]
-        sizes = [len(v) if v else 0 for v in values]
+        raw = [m.value() for m in run]
+        sizes = [len(v) if v else 0 for v in raw]
         stamps = [m.timestamp()[1] for m in run]
         if min(stamps) <= 0:  # no timestamp on a record: date it by its arrival
             arrival = int(time.time() * 1000)
@@ -90,26 +90,18 @@ class Consumed:
             log.warning(
                 "%s[%d]: %d records re-delivered by the client; already served", *tp, skipped
             )
-            run, offsets, values = run[skipped:], offsets[skipped:], values[skipped:]
+            run, offsets, raw = run[skipped:], offsets[skipped:], raw[skipped:]
             sizes, stamps = sizes[skipped:], stamps[skipped:]
         self.accounting.consumed_many(tp, taken, sum(sizes))
         topic, partition = tp
-        start = len(out.rows)
-        for i, (msg, value) in enumerate(zip(run, values, strict=True)):
-            if value is None:
-                out.tombstones.append(start + i)
-            out.rows.append(
-                Envelope(
-                    topic,
-                    partition,
-                    offsets[i],
-                    msg.key(),
-                    value or b"",
-                    stamps[i],
-                    now,
-                    generation,
-                )
-            )
+        values = cast(list[bytes], raw)
+        if None in raw:  # tombstones: served as dead letters, their places noted
+            start = len(out.rows)
+            out.tombstones.extend(start + i for i, v in enumerate(raw) if v is None)
+            values = [v or b"" for v in raw]
+        add = out.rows.append
+        for msg, value, offset, stamp in zip(run, values, offsets, stamps, strict=True):
+            add(Envelope(topic, partition, offset, msg.key(), value, stamp, now, generation))
 
 
 def _runs(msgs: list[Message]) -> Iterator[tuple[Partition | None, list[Message]]]:

@@ -56,7 +56,7 @@ class Intake:
         routes = self.router.routes
         for i, env in enumerate(rows):
             try:
-                if i in skip:
+                if skip and i in skip:
                     raise RequestError("record has no value (tombstone)")
                 request = env.request
                 if request is None:
