@@ -109,10 +109,21 @@ def _runs(msgs: list[Message]) -> Iterator[tuple[Partition | None, list[Message]
 
     Errors come as runs of their own, with no partition.
     """
-    for (failed, topic, partition), run in itertools.groupby(
-        msgs, lambda m: (m.error() is not None, m.topic(), m.partition())
-    ):
-        yield (None if failed else (cast(str, topic), cast(int, partition))), list(run)
+    if not msgs:
+        return
+    keys = [(m.error() is not None, m.topic(), m.partition()) for m in msgs]
+    if keys.count(keys[0]) == len(keys):  # the usual case: one partition's records
+        failed, topic, partition = keys[0]
+        yield (None if failed else (cast(str, topic), cast(int, partition))), msgs
+        return
+    start = 0
+    for (failed, topic, partition), run in itertools.groupby(range(len(msgs)), keys.__getitem__):
+        n = len(list(run))
+        yield (
+            (None if failed else (cast(str, topic), cast(int, partition))),
+            msgs[start : start + n],
+        )
+        start += n
 
 
 def _increasing(run: list[Message]) -> list[Message]:
