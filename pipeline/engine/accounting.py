@@ -1,9 +1,11 @@
 """Counting what one replica did, cheaply on the hot path, and moving it into metrics.
 
-The loop adds to plain dicts per record (`consumed`, `acknowledged`); `flush` moves the
-sums into the Prometheus metrics once per loop turn, so a record costs a dict increment,
-not a labelled-metric lookup. Gauges that can be read at scrape time (in flight,
-assigned, paused) are functions of the tracker, never stale and free until scraped.
+The loop adds to plain dicts per batch (`consumed_many` per consumed run of a partition,
+`acknowledged` per delivered batch); `flush` moves the sums into the Prometheus metrics
+once per loop turn, so a record costs at most a dict increment, never a labelled-metric
+lookup, and latencies are observed per model per turn. Gauges that can be read at scrape
+time (in flight, assigned, paused) are functions of the tracker, never stale and free
+until scraped.
 `RunStats` is the run's summary for the closing line, the demo and the benchmarks.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.config.topology import TopicSettings
@@ -86,23 +88,29 @@ class Accounting:
         m.assigned.set_function(lambda: len(tracker.partitions()))
         m.paused.set_function(lambda: len(tracker.partitions()) if paused() else 0)
 
-    def consumed(self, tp: Partition, size: int) -> None:
-        """One record taken into the pipeline."""
-        self.stats.consumed += 1
-        self._consumed_tp[tp] += 1
+    def consumed_many(self, tp: Partition, n: int, size: int) -> None:
+        """``n`` records of ``tp`` taken into the pipeline, ``size`` bytes in all."""
+        self.stats.consumed += n
+        self._consumed_tp[tp] += n
         self._consumed_bytes[tp[0]] += size
 
-    def acknowledged(self, out: Outcome) -> None:
-        """One outcome readers can now see."""
-        if out.reason is not None:
-            self.stats.dead_letters += 1
-        else:
-            self.stats.results += 1
-            self._latency[out.model].append(time.time() - out.envelope.timestamp_ms / 1000.0)
-        # A model label only for served models: a request naming random models must not
-        # make a new metric series each.
-        model = out.model if out.model in self._served else ""
-        self._acked[(out.topic, model, out.reason, out.status)] += 1
+    def acknowledged(self, outs: Sequence[Outcome]) -> None:
+        """A batch of outcomes readers can now see."""
+        if not outs:
+            return
+        now = time.time()
+        served, acked, latency = self._served, self._acked, self._latency
+        results = 0
+        for out in outs:
+            model = out.model
+            if out.reason is None:
+                results += 1
+                latency[model].append(now - out.envelope.timestamp_ms / 1000.0)
+            # A model label only for served models: a request naming random models must
+            # not make a new metric series each.
+            acked[(out.topic, model if model in served else "", out.reason, out.status)] += 1
+        self.stats.results += results
+        self.stats.dead_letters += len(outs) - results
         self.stats.last_delivered = time.monotonic()
 
     def committed(self, positions: Mapping[Partition, int]) -> None:

@@ -11,7 +11,7 @@ Pure and single-threaded: the caller passes the clock, which is what makes the i
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -55,17 +55,39 @@ class MicroBatcher(Generic[K, T]):
 
     def add(self, key: K, item: T, now: float) -> Flushed[K, T] | None:
         """Add one item; returns the batch if this item filled it."""
+        full = self.add_many(key, [item], now)
+        return full[0] if full else None
+
+    def add_many(self, key: K, items: Sequence[T], now: float) -> list[Flushed[K, T]]:
+        """Add items of one key in order; returns the batches they filled, oldest first.
+
+        The same as adding them one by one at ``now``: the open batch is topped up to
+        ``max_batch_size`` and flushed, the next ones fill new batches, and the rest stay
+        open with a deadline of ``now + max_delay_s`` (the open batch keeps its own).
+        """
+        if not items:
+            return []
+        size = self.max_batch_size
         batch = self._open.get(key)
         if batch is None:
-            batch = _Open(now + self.max_delay_s)
-            self._open[key] = batch
-        batch.items.append(item)
-        self._count += 1
-        if len(batch.items) >= self.max_batch_size:
-            del self._open[key]
-            self._count -= len(batch.items)
-            return Flushed(key, batch.items, "full")
-        return None
+            batch = self._open[key] = _Open(now + self.max_delay_s)
+        had = len(batch.items)
+        room = size - had
+        self._count += len(items)
+        if len(items) < room:  # the usual case: the open batch takes them all
+            batch.items.extend(items)
+            return []
+        batch.items.extend(items[:room])
+        del self._open[key]
+        full = [Flushed(key, batch.items, "full")]
+        start = room
+        while len(items) - start >= size:
+            full.append(Flushed(key, list(items[start : start + size]), "full"))
+            start += size
+        self._count -= had + start
+        if start < len(items):
+            self._open[key] = _Open(now + self.max_delay_s, list(items[start:]))
+        return full
 
     def due(self, now: float) -> list[Flushed[K, T]]:
         """Remove and return every batch whose oldest item's deadline has passed."""

@@ -1,9 +1,41 @@
 """Getting outcomes to Kafka and committing the offsets they answer, under two guarantees.
 
-**At-least-once** (`AtLeastOnce`): each outcome is produced as soon as it is ready; its
-record counts as done when the broker acknowledges it, and the consumer commits the
-contiguous done prefix of each partition (`pipeline.engine.offsets`). A crash repeats what was in
-flight and what was acknowledged since the last commit, never less.
+Long because both guarantees share their refusal handling, and the at-least-once commit
+points need their reasoning next to the code (all of it is the delivery contract).
+
+**At-least-once** (`AtLeastOnce`): outcomes are produced as soon as they are ready, with
+no Python callback per delivered record: the producer runs with
+``delivery.report.only.error``, so librdkafka reports only the records it failed to
+deliver. Records become done at *commit points* instead, a batch at a time:
+
+- A commit point is a moment when the producer holds nothing (``len(producer) == 0``:
+  librdkafka counts every record produced and not yet acknowledged, and every delivery
+  report not yet served). Then every outcome produced before it was either acknowledged
+  by the broker, or its failure was reported to this module's callback, during a
+  ``poll`` or ``flush`` that ran before the count reached zero. So the outcomes produced
+  before the point, less those reported failed, are delivered: their offsets are marked
+  done (`OffsetTracker.done_many`, per partition and generation) and counted.
+- The loop checks for a free commit point after each ``poll(0)``; when none came for a
+  while (``confirm_every`` outcomes waiting, or a commit due) it makes one with
+  ``flush``, which sends at once (ignoring ``linger.ms``) and returns when everything
+  produced is acknowledged: about one broker round trip. It waits at most
+  ``_POINT_WAIT_S`` (a forced commit on revoke or shutdown: ``timeout_s``); a broker
+  that is slow or away then gives no point, in-flight work grows to the backpressure
+  mark, the consumer pauses, and the producer's drained queue gives the next one.
+- Then the consumer commits each partition's contiguous done prefix
+  (`pipeline.engine.offsets`). An offset is therefore committed only after its outcome is
+  acknowledged, as before: a crash at any moment repeats what was in flight or produced
+  since the last commit point, never less; duplicates stay bounded by the in-flight window.
+- A record the broker refuses for good (too large, topic gone) is reported to the one
+  callback of the batch it was produced in, which finds its outcome by topic and value
+  (a value names its source record, so it is unique in the batch). That outcome is left
+  out of the batch's commit point and replaced by its dead letter (`Delivery.replacement`,
+  an ``undeliverable`` result or a trimmed dead letter), produced next turn; the record
+  becomes done at the commit point after its stand-in. Dead letters stay one per record.
+  Any other failure is fatal: its record stays not done, so nothing at or past it
+  commits, and a restart serves it again.
+- Outcomes of a partition revoked meanwhile carry an older generation: the tracker
+  ignores them when their commit point comes.
 
 **Exactly-once** (`ExactlyOnce`): consume-process-produce inside Kafka transactions, the
 way Kafka Streams' EOS v2 (KIP-447) does it. Outcomes are held until every earlier record
@@ -13,7 +45,9 @@ order; each commit interval the transaction gets the offsets of exactly that pre
 transaction's outcomes and its offsets move together: after a crash, a ``read_committed``
 reader sees each outcome once, and the replica serves again exactly what the last
 committed transaction did not cover. Holding to the prefix is what makes that exact: an
-outcome committed ahead of its offset would be served, and published, twice.
+outcome committed ahead of its offset would be served, and published, twice. The
+transaction's commit is its commit point: it needs no per-record delivery callback (one
+is attached only after an abort, to find which outcome the broker refused).
 
 The transactional id is the replica's and stays the same across restarts: the restarted
 replica's ``init_transactions`` fences the old producer (a zombie that was only paused
@@ -32,7 +66,8 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -54,6 +89,10 @@ _FENCED = frozenset(
 
 Positions = dict[Partition, int]
 
+# The longest a periodic commit point waits for the producer to flush (a forced one, on
+# revoke and shutdown, waits timeout_s): about a broker round trip is what it takes.
+_POINT_WAIT_S = 0.1
+
 # The shortest gap between two commits of a replica with nothing left in flight: every
 # transaction writes a marker to each partition it touched, so they are not free.
 _IDLE_COMMIT_S = 0.01
@@ -66,7 +105,7 @@ def _refusal(e: Exception) -> KafkaError:
 class Delivery:
     """What both guarantees share: the clients, the tracker, and refused outcomes.
 
-    ``on_acked`` is called once per outcome that readers can now see (for counting);
+    ``on_acked`` is called with each batch of outcomes readers can now see (for counting);
     ``on_committed`` with the positions committed. ``pending`` holds outcomes to publish
     on the next turn (dead letters standing in for refused results); ``fatal`` is set
     when the pipeline must stop, saying why.
@@ -78,10 +117,11 @@ class Delivery:
         consumer: Consumer,
         tracker: OffsetTracker,
         encoder: OutcomeEncoder,
-        on_acked: Callable[[Outcome], None],
+        on_acked: Callable[[Sequence[Outcome]], None],
         on_committed: Callable[[Positions], None],
         commit_interval_ms: int,
         timeout_s: float = 30.0,
+        confirm_every: int = 1000,
     ) -> None:
         self.producer = producer
         self.consumer = consumer
@@ -91,6 +131,7 @@ class Delivery:
         self.on_committed = on_committed
         self.commit_interval_s = commit_interval_ms / 1000.0
         self.timeout_s = timeout_s  # of one blocking call to the cluster
+        self.confirm_every = confirm_every  # outcomes waiting that make a commit point
         self.pending: list[Outcome] = []
         self.fatal: str | None = None
         self.transactions = {"committed": 0, "aborted": 0}  # stays 0 at-least-once
@@ -102,6 +143,9 @@ class Delivery:
     def publish(self, outcomes: Iterable[Outcome]) -> None:
         """Send outcomes on their way (or hold them, for exactly-once)."""
         raise NotImplementedError
+
+    def confirm(self, force: bool, wait: float | None = None) -> None:
+        """Mark what is delivered done, at a commit point; ``force``: make one now."""
 
     def commit(self, force: bool) -> None:
         """Commit what is done, when the commit interval has passed or ``force``."""
@@ -171,28 +215,106 @@ class Delivery:
         return stand_in
 
 
+@dataclass(slots=True)
+class _Sent:
+    """Outcomes produced by one `AtLeastOnce.publish`, waiting for a commit point."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    failed: set[int] = field(default_factory=set)  # indexes the broker reported failed
+    _where: dict[tuple[str, bytes], int] | None = None
+
+    def find(self, topic: str | None, value: bytes | None) -> int | None:
+        """Index of the outcome produced with this topic and value (built on first use)."""
+        if self._where is None:
+            self._where = {(o.topic, o.value): i for i, o in enumerate(self.outcomes)}
+        return self._where.get((topic or "", value or b""))
+
+
 class AtLeastOnce(Delivery):
-    """Produce at once; commit the consumer's offsets over what the broker acknowledged."""
+    """Produce at once; at commit points mark what was delivered done; commit the prefix."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sent: list[_Sent] = []  # produced since the last commit point
+        self._waiting = 0  # outcomes in them
 
     def publish(self, outcomes: Iterable[Outcome]) -> None:
-        """Produce each one now; its record is done when the broker acknowledges it."""
+        """Produce each one now, with one failure callback for the whole batch."""
+        sent = _Sent()
+        report = functools.partial(self._refused, sent)
+        produce, produced = self.producer.produce, sent.outcomes
         for out in outcomes:
-            self._produce(out, functools.partial(self._delivered, out))
+            try:  # the usual case inline; anything else as `_produce` handles it
+                produce(
+                    out.topic, out.value, out.envelope.key, headers=out.headers, on_delivery=report
+                )
+                produced.append(out)
+            except (BufferError, KafkaException, ValueError, TypeError):
+                if self._produce(out, report):
+                    produced.append(out)
+        if sent.outcomes:
+            self._sent.append(sent)
+            self._waiting += len(sent.outcomes)
 
-    def _delivered(self, out: Outcome, err: KafkaError | None, _: Message) -> None:
-        if err is not None:
-            replacement = self.replacement(out, err)
-            if replacement is not None:
-                self.pending.append(replacement)
+    def _refused(self, sent: _Sent, err: KafkaError | None, msg: Message) -> None:
+        """A delivery report: with ``delivery.report.only.error``, only failures come."""
+        if err is None:  # a producer reporting successes too: the commit point decides
             return
-        env = out.envelope
-        self.tracker.done(partition_of(env), env.offset, env.generation, len(env.value))
-        self.on_acked(out)
+        i = sent.find(msg.topic(), msg.value())
+        if i is None:  # cannot happen: every outcome of the batch is in it
+            self.fatal = self.fatal or f"delivery failed for an unknown record: {err}"
+            return
+        sent.failed.add(i)
+        replacement = self.replacement(sent.outcomes[i], err)
+        if replacement is not None:
+            self.pending.append(replacement)
+
+    def confirm(self, force: bool, wait: float | None = None) -> None:
+        """At a commit point, mark every outcome produced before it (and not failed) done.
+
+        Free when the producer holds nothing; made with ``flush`` when ``force``, or when
+        `confirm_every` outcomes wait for one, waiting at most ``wait`` seconds (default
+        `_POINT_WAIT_S`). A flush that does not finish in time (the broker is slow or
+        away) makes no point: the outcomes wait for a later one.
+        """
+        if not self._sent:
+            return
+        if len(self.producer):
+            if not (force or self._waiting >= self.confirm_every):
+                return
+            if self.producer.flush(_POINT_WAIT_S if wait is None else wait):
+                return
+        sent, self._sent, self._waiting = self._sent, [], 0
+        for batch in sent:
+            self._delivered(batch)
+
+    def _delivered(self, sent: _Sent) -> None:
+        outcomes = sent.outcomes
+        if sent.failed:
+            outcomes = [o for i, o in enumerate(outcomes) if i not in sent.failed]
+        runs: dict[tuple[str, int, int], list[int]] = {}
+        for out in outcomes:
+            env = out.envelope
+            key = (env.topic, env.partition, env.generation)
+            offsets = runs.get(key)
+            if offsets is None:
+                runs[key] = [env.offset]
+            else:
+                offsets.append(env.offset)
+        for (topic, partition, generation), offsets in runs.items():
+            self.tracker.done_many((topic, partition), offsets, generation)
+        self.on_acked(outcomes)
 
     def commit(self, force: bool) -> None:
-        """Commit the consumer's done prefixes: asynchronously, or synchronously if forced."""
+        """Commit the consumer's done prefixes: asynchronously, or synchronously if forced.
+
+        A commit point comes first, so a commit covers everything delivered by then; a
+        periodic commit waits at most `_POINT_WAIT_S` for it (a broker that is slow or
+        away must not stall the loop), a forced one (revoke, shutdown) ``timeout_s``.
+        """
         if not self._due(force):
             return
+        self.confirm(force=True, wait=self.timeout_s if force else None)
         positions = self.tracker.committable()
         if not positions:
             return
@@ -239,7 +361,7 @@ class AtLeastOnce(Delivery):
             remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
         if self.fatal is None:
             self.commit(force=True)
-        return remaining
+        return remaining + self._waiting
 
 
 class ExactlyOnce(Delivery):
@@ -286,10 +408,15 @@ class ExactlyOnce(Delivery):
             oldest = self.tracker.oldest(tp)
             if oldest is None or oldest[0] not in held:
                 break
-            out = held.pop(oldest[0])
-            env = out.envelope
-            self._send(out)
-            self.tracker.done(tp, env.offset, env.generation, len(env.value))
+            released: dict[int, list[int]] = {}  # by generation (one, unless revoked)
+            offset = oldest[0]
+            while offset in held:  # the held run from the oldest on, as one batch
+                out = held.pop(offset)
+                self._send(out)
+                released.setdefault(out.envelope.generation, []).append(offset)
+                offset += 1  # past a gap (compaction), the outer loop asks the tracker
+            for generation, offsets in released.items():
+                self.tracker.done_many(tp, offsets, generation)
 
     def _send(self, out: Outcome) -> None:
         if not self._open:
@@ -377,8 +504,8 @@ class ExactlyOnce(Delivery):
         self._watch = False
         self.transactions["committed"] += 1
         committed, self._in_txn = self._in_txn, []
-        for out in committed:
-            self.on_acked(out)
+        if committed:
+            self.on_acked(committed)
         self.tracker.mark_committed(positions)
         if positions:
             self.on_committed(positions)

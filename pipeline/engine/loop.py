@@ -29,6 +29,7 @@ from pipeline.engine.accounting import Accounting, RunStats
 from pipeline.engine.backpressure import Backpressure, wake_fetcher
 from pipeline.engine.batch_control import LagBatchControl, steer
 from pipeline.engine.batcher import Flushed, MicroBatcher
+from pipeline.engine.consumed import Consumed
 from pipeline.engine.delivery import AtLeastOnce, Delivery, ExactlyOnce
 from pipeline.engine.lag import LagMonitor
 from pipeline.engine.offsets import OffsetTracker
@@ -106,9 +107,12 @@ class Replica:
         self.transactional_id = (
             transactional_id(topology.kafka, replica_id) if self.exactly_once else None
         )
-        self.producer = producer or Producer(
-            producer_config(topology.kafka, bootstrap, self.transactional_id)
-        )
+        if producer is None:
+            conf = producer_config(topology.kafka, bootstrap, self.transactional_id)
+            # Failures only: what is delivered is known at commit points (delivery).
+            conf["delivery.report.only.error"] = True
+            producer = Producer(conf)
+        self.producer = producer
         self.tracker = OffsetTracker()
         self.backpressure = Backpressure(
             self.flow.max_in_flight,
@@ -130,8 +134,10 @@ class Replica:
             self.accounting.acknowledged,
             self.accounting.committed,
             self.flow.commit_interval_ms,
+            confirm_every=max(1, self.flow.max_in_flight // 4),
         )
         self.intake = Intake(graph, self.codec, self.encoder)
+        self.consumed = Consumed(self.consumer, self.tracker, self.accounting, self.bounded)
         self.batchers = {
             m.name: MicroBatcher[Any, Envelope](
                 m.settings.batching.max_batch_size, m.settings.batching.max_delay_ms / 1000.0
@@ -203,6 +209,7 @@ class Replica:
                 self._dispatch(now)
                 self._publish()
                 self.producer.poll(0)
+                self.delivery.confirm(force=False)
                 self._commit(force=False)
                 self._apply_backpressure()
                 self._observe(now)
@@ -227,47 +234,26 @@ class Replica:
         # Paused partitions return nothing; consuming anyway keeps the group protocol served.
         n = min(self.flow.consume_batch, self.backpressure.capacity(self.tracker.in_flight))
         msgs = self.consumer.consume(max(n, 1), self._wait_s())
+        if not msgs:
+            return
         now = time.monotonic()
-        if msgs:
-            self.health.broker_up = True
-            if self.stats.first_consumed is None:
-                self.stats.first_consumed = now
-        for msg in msgs:
-            self._accept(msg, now)
+        self.health.broker_up = True
+        if self.stats.first_consumed is None:
+            self.stats.first_consumed = now
+        self._accept(msgs, now)
 
-    def _accept(self, msg: Message, now: float) -> None:
-        err = msg.error()
-        tp = (cast(str, msg.topic()), cast(int, msg.partition()))
-        if err is not None:
-            if err.code() == KafkaError._PARTITION_EOF and self.bounded is not None:
-                self.bounded.finish(self.consumer, tp)
-                return
-            self._on_consume_error(err)
+    def _accept(self, msgs: list[Message], now: float) -> None:
+        """Track a consumed batch per partition, admit it in one call, batch it per group."""
+        batch = self.consumed.take(msgs, now)
+        for msg in batch.errors:
+            self._on_consume_error(msg)
+        if not batch.rows:
             return
-        generation = self.tracker.generation(tp)
-        if generation is None:  # prefetched before a revoke: the new owner will serve it
-            return
-        offset = cast(int, msg.offset())
-        if self.bounded is not None and not self.bounded.admit(self.consumer, tp, offset):
-            return
-        value = msg.value()
-        size = len(value) if value else 0
-        timestamp_ms = msg.timestamp()[1]
-        if timestamp_ms <= 0:  # no timestamp on the record: date it by its arrival
-            timestamp_ms = int(time.time() * 1000)
-        if not self.tracker.track(tp, offset, size, timestamp_ms):
-            log.warning("%s[%d]@%d re-delivered by the client; already served", *tp, offset)
-            return
-        self.accounting.consumed(tp, size)
-        env = Envelope(tp[0], tp[1], offset, msg.key(), value or b"", timestamp_ms, now, generation)
-        admitted = self.intake.admit(env, value is None)
-        if isinstance(admitted, Outcome):  # its dead letter
-            self._pending.append(admitted)
-            return
-        model, key = admitted
-        flushed = self.batchers[model].add(key, env, now)
-        if flushed is not None:
-            self._submit(model, flushed)
+        groups, letters = self.intake.admit_batch(batch.rows, batch.tombstones)
+        self._pending.extend(letters)
+        for (model, key), members in groups.items():
+            for flushed in self.batchers[model].add_many(key, members, now):
+                self._submit(model, flushed)
 
     def _dispatch(self, now: float) -> None:
         for name, batcher in self.batchers.items():
@@ -427,6 +413,7 @@ class Replica:
         while self._failure() is None and time.monotonic() < deadline and owed():
             self._publish()
             self.producer.poll(0.005)
+            self.delivery.confirm(force=False)
         self._publish()
         remaining = self.delivery.settle(max(0.0, deadline - time.monotonic()))
         if remaining:
@@ -451,7 +438,11 @@ class Replica:
             return  # nothing was left to commit
         self.delivery.commit_done(err, offsets)
 
-    def _on_consume_error(self, err: KafkaError) -> None:
+    def _on_consume_error(self, msg: Message) -> None:
+        err = cast(KafkaError, msg.error())
+        if err.code() == KafkaError._PARTITION_EOF and self.bounded is not None:
+            self.bounded.finish(self.consumer, (cast(str, msg.topic()), cast(int, msg.partition())))
+            return
         if err.fatal():
             self._fatal = f"consumer: {err}"
         else:

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Mapping, Sequence
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -113,16 +114,22 @@ class BoundedRanges:
 
     def admit(self, consumer: Consumer, tp: Partition, offset: int) -> bool:
         """Whether to serve this record; the partition is finished at its range's end."""
+        return self.admit_many(consumer, tp, [offset]) == 1
+
+    def admit_many(self, consumer: Consumer, tp: Partition, offsets: Sequence[int]) -> int:
+        """How many of these increasing offsets to serve (a prefix): those in the range.
+
+        The partition is finished once its range's last record is among them, or one past
+        the range's end was fetched.
+        """
         if tp not in self.ranges:  # shared: a partition with no records in the range
             self.finish(consumer, tp)
-            return False
+            return 0
         end = self.ranges[tp][1]
-        if offset >= end:
+        keep = bisect_left(offsets, end)
+        if keep < len(offsets) or (keep and offsets[keep - 1] == end - 1):
             self.finish(consumer, tp)
-            return False
-        if offset == end - 1:
-            self.finish(consumer, tp)
-        return True
+        return keep
 
     def finish(self, consumer: Consumer, tp: Partition) -> None:
         """Stop reading ``tp``: its range is read."""

@@ -81,7 +81,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -310,14 +310,7 @@ class KpFaustModel:
         ``max_batch_size``. The batches go to their model's runtime, which spreads them
         over its instances; this returns once every row has its outcome.
         """
-        letters: list[Outcome] = []
-        groups: dict[tuple[str, Hashable], list[Envelope]] = {}
-        for i, env in enumerate(rows):
-            admitted = self.intake.admit(env, i in tombstones)
-            if isinstance(admitted, Outcome):
-                letters.append(admitted)
-            else:
-                groups.setdefault(admitted, []).append(env)
+        groups, letters = self.intake.admit_batch(rows, tombstones)
         gathered = _Gathered(len(rows) - len(letters))
         for (name, _), members in groups.items():
             size = self.graph[name].settings.batching.max_batch_size

@@ -1,16 +1,18 @@
-"""A consumed record's first step, the same behind every front door: decode, route, key.
+"""A consumed batch's first step, the same behind every front door: decode, route, key.
 
-`Intake.admit` turns an `Envelope` into the served model's name and the key of the
-batch it may join (the model and, for models with free dimensions, the input shapes; a
-text's length bucket), or into its dead letter when it cannot be served: a tombstone,
-bytes that are not a request (``undecodable``), a model that is not served
-(``unknown_model``), tensors that do not fit (``bad_tensor``). The Kafka loop calls it
-per record on its hot path; the Faust adapter per event.
+`Intake.admit_batch` decodes a batch of envelopes in one codec call
+(`AvroCodec.decode_requests`), routes each request to its served model and groups the
+rows by the batch they may join (the model and, for models with free dimensions, the
+input shapes; a text's length bucket), in arrival order. A row that cannot be served
+becomes its dead letter instead: a tombstone, bytes that are not a request
+(``undecodable``), a model that is not served (``unknown_model``), tensors that do not
+fit (``bad_tensor``). The Kafka loop calls it once per consumed batch, the Faust adapter
+once per batch of events; `Intake.admit` is the one-record form.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
@@ -35,18 +37,51 @@ class Intake:
             {m.name: ModelRoute(m.name, m.settings.version, m.inputs, m.bucketer) for m in graph}
         )
 
+    def admit_batch(
+        self, rows: Sequence[Envelope], tombstones: Collection[int] = ()
+    ) -> tuple[dict[Admitted, list[Envelope]], list[Outcome]]:
+        """Rows grouped by ``(model, batch key)`` with ``request`` decoded, and dead letters.
+
+        ``tombstones``: positions in ``rows`` of records that had no value at all (their
+        ``value`` is then empty). Rows whose ``request`` is already set are not decoded
+        again. Each row ends in exactly one group or as exactly one dead letter; groups
+        keep the rows' order.
+        """
+        skip = frozenset(tombstones)
+        todo = [i for i, env in enumerate(rows) if env.request is None and i not in skip]
+        values = [rows[i].value for i in todo]
+        decoded = dict(zip(todo, self.codec.decode_requests(values), strict=True))
+        groups: dict[Admitted, list[Envelope]] = {}
+        letters: list[Outcome] = []
+        routes = self.router.routes
+        for i, env in enumerate(rows):
+            try:
+                if skip and i in skip:
+                    raise RequestError("record has no value (tombstone)")
+                request = env.request
+                if request is None:
+                    got = decoded[i]
+                    if isinstance(got, RequestError):
+                        raise got
+                    env.request = request = got
+                route = routes.get(request.model)
+                if route is None or request.model_version not in (None, "", route.version):
+                    route = self.router.route(request)  # raises the RoutingError
+                admitted = (route.name, route.batch_key(request))
+            except RequestError as e:
+                letters.append(self.encoder.dead_letter(env, e.reason, str(e)))
+                continue
+            group = groups.get(admitted)
+            if group is None:
+                groups[admitted] = [env]
+            else:
+                group.append(env)
+        return groups, letters
+
     def admit(self, env: Envelope, tombstone: bool = False) -> Admitted | Outcome:
         """``(model, batch key)`` with ``env.request`` decoded, or the record's dead letter.
 
-        ``tombstone``: the record had no value at all (``env.value`` is then empty).
+        `admit_batch` for one record; ``tombstone``: it had no value at all.
         """
-        try:
-            if tombstone:
-                raise RequestError("record has no value (tombstone)")
-            request = env.request
-            if request is None:
-                env.request = request = self.codec.decode_request(env.value)
-            route = self.router.route(request)
-            return route.name, route.batch_key(request)
-        except RequestError as e:
-            return self.encoder.dead_letter(env, e.reason, str(e))
+        groups, letters = self.admit_batch([env], (0,) if tombstone else ())
+        return letters[0] if letters else next(iter(groups))

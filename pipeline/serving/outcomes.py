@@ -62,7 +62,7 @@ class OutcomeEncoder:
         phase_ms: tuple[float, float, float],
         batch_size: int,
     ) -> list[Outcome]:
-        """OK results for every row of a batch, encoded in one pass (the hot path).
+        """OK results for every row of a batch, encoded in one codec call (the hot path).
 
         ``started`` is the monotonic time the batch left the batcher; ``phase_ms`` are
         its preprocess, compute and postprocess times.
@@ -70,23 +70,29 @@ class OutcomeEncoder:
         encoder = self.codec.result_batch(model, version, columns)
         now_ms = time.time() * 1000.0
         pre_ms, compute_ms, post_ms = phase_ms
-        out = []
-        for i, env in enumerate(rows):
-            request = env.request
-            assert request is not None
-            timings = (
-                (started - env.consumed_at) * 1000.0,
-                pre_ms,
-                compute_ms,
-                post_ms,
-                now_ms - env.timestamp_ms,
-            )
-            value = encoder.encode(
-                i, request.id, timings, batch_size, env.topic, env.partition, env.offset
-            )
-            topic = (self.reply_topics and request.reply_topic) or self.output_topic
-            out.append(Outcome(env, topic, value, model=model))
-        return out
+        requests = [env.request for env in rows]
+        values = encoder.encode_all(
+            [r.id for r in requests],  # type: ignore[union-attr]  # routed rows: decoded
+            [
+                (
+                    (started - env.consumed_at) * 1000.0,
+                    pre_ms,
+                    compute_ms,
+                    post_ms,
+                    now_ms - env.timestamp_ms,
+                )
+                for env in rows
+            ],
+            batch_size,
+            [env.topic for env in rows],
+            [env.partition for env in rows],
+            [env.offset for env in rows],
+        )
+        output, replies = self.output_topic, self.reply_topics
+        return [
+            Outcome(env, (replies and r.reply_topic) or output, value, model=model)  # type: ignore[union-attr]
+            for env, r, value in zip(rows, requests, values, strict=True)
+        ]
 
     def expired(
         self, env: Envelope, model: str, version: str, now_ms: float, started: float

@@ -40,6 +40,16 @@ class ModelRoute:
 
     def batch_key(self, request: Request) -> Hashable:
         """Check the request's tensors; return the key of the batch it may join."""
+        exact = self._exact
+        if exact is not None and self.bucketer is None:  # the hot case, inline
+            tensors = request.inputs
+            if len(tensors) == len(exact):
+                for name, (dtype, shape) in exact.items():
+                    arr = tensors.get(name)
+                    if arr is None or arr.dtype != dtype or arr.shape != shape:
+                        break
+                else:
+                    return self.name
         key = self._signature_key(request)
         if self.bucketer is None:
             return key

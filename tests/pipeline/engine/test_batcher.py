@@ -56,6 +56,24 @@ class BatcherMachine(RuleBasedStateMachine):
         else:
             assert out is None
 
+    @rule(key=KEYS, n=st.integers(0, 15))
+    def add_many(self, key: object, n: int) -> None:
+        """Many items at once: the same batches as adding them one by one."""
+        items = list(range(self.next_item, self.next_item + n))
+        self.next_item += n
+        self.added.extend(items)
+        expected = []
+        for item in items:
+            _, model = self.model.setdefault(key, (self.now, []))
+            model.append(item)
+            if len(model) == self.size:
+                expected.append(model)
+                del self.model[key]
+        out = self.batcher.add_many(key, items, self.now)
+        assert [(b.key, b.items, b.reason) for b in out] == [(key, e, "full") for e in expected]
+        for b in out:
+            self._check(b)
+
     @rule()
     def due(self) -> None:
         expired = {

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,7 +89,7 @@ def _setup(producer: TxnProducer) -> tuple[ExactlyOnce, OffsetTracker, list[Outc
         Group(),  # type: ignore[arg-type]
         tracker,
         encoder,
-        acked.append,
+        acked.extend,
         lambda _: None,
         commit_interval_ms=10,
     )
@@ -348,3 +348,168 @@ def test_a_failed_commit_is_not_sent_again_once_a_newer_one_or_a_revoke_covers_i
     d.commit_done(error, [TopicPartition(*TP, 5)])  # gone: the next owner commits
     d.commit(force=True)
     assert len(consumer.commits) == 2
+
+
+# -- at-least-once: commit points instead of a callback per record ---------------------------
+
+
+class HoldingProducer:
+    """librdkafka with ``delivery.report.only.error``, acknowledging only when told.
+
+    ``produce`` holds a record until `ack` (or ``flush``) delivers it; a success leaves
+    no report, a failure (values in ``fail``) queues one that ``poll`` serves. ``len``
+    counts records held and reports not yet served, as ``len(Producer)`` does.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Any, str, bytes, bytes | None]] = []
+        self.reports: list[tuple[Any, KafkaError, Message]] = []
+        self.fail: dict[bytes, KafkaError] = {}
+        self.sent: list[tuple[str, bytes]] = []
+        self.flushes = 0
+        self.waits: list[float] = []  # each flush's timeout
+        self.down = False  # the broker acknowledges nothing
+
+    def produce(self, topic: str, value: bytes, key: Any = None, **kw: Any) -> None:
+        self.held.append((kw.get("on_delivery"), topic, value, key))
+        self.sent.append((topic, value))
+
+    def ack(self) -> None:
+        held, self.held = self.held, []
+        for callback, topic, value, key in held:
+            if value in self.fail:
+                msg = Message(topic=topic, value=value, key=key)
+                self.reports.append((callback, self.fail[value], msg))
+
+    def poll(self, _: float = 0) -> int:
+        reports, self.reports = self.reports, []
+        for callback, err, msg in reports:
+            callback(err, msg)
+        return len(reports)
+
+    def flush(self, timeout: float = 0) -> int:
+        self.flushes += 1
+        self.waits.append(timeout)
+        if not self.down:
+            self.ack()
+        self.poll()
+        return len(self)
+
+    def __len__(self) -> int:
+        return len(self.held) + len(self.reports)
+
+
+def _points(
+    confirm_every: int = 1000,
+) -> tuple[AtLeastOnce, OffsetTracker, HoldingProducer, list[Outcome]]:
+    tracker, producer, acked = OffsetTracker(), HoldingProducer(), []
+    d = AtLeastOnce(
+        producer,  # type: ignore[arg-type]
+        CommittingConsumer(),  # type: ignore[arg-type]
+        tracker,
+        OutcomeEncoder(AvroCodec(), "out", "dlq"),
+        acked.extend,
+        lambda _: None,
+        commit_interval_ms=60_000,
+        confirm_every=confirm_every,
+    )
+    return d, tracker, producer, acked
+
+
+def test_outcomes_are_done_only_at_a_commit_point_after_their_produce() -> None:
+    d, tracker, producer, acked = _points()
+    outs = _consume(tracker, 4)
+    d.publish(outs[:2])
+    d.confirm(force=False)  # the producer still holds them: no commit point
+    assert (tracker.committable(), acked) == ({}, [])
+    producer.ack()
+    d.publish(outs[2:])  # produced after those two were acknowledged
+    d.confirm(force=False)  # still held: none is done, not even the acknowledged ones
+    assert tracker.committable() == {}
+    producer.ack()
+    producer.poll()
+    d.confirm(force=False)  # nothing held: a free commit point
+    assert tracker.committable() == {TP: 4}
+    assert [o.envelope.offset for o in acked] == [0, 1, 2, 3]
+    assert (tracker.in_flight, tracker.in_flight_bytes, producer.flushes) == (0, 0, 0)
+
+
+def test_a_commit_or_enough_waiting_outcomes_make_a_commit_point_with_a_flush() -> None:
+    d, tracker, producer, _ = _points(confirm_every=3)
+    outs = _consume(tracker, 5)
+    d.publish(outs[:2])
+    d.confirm(force=False)
+    assert (producer.flushes, tracker.committable()) == (0, {})
+    d.publish(outs[2:3])  # three waiting: flush
+    d.confirm(force=False)
+    assert (producer.flushes, tracker.committable()) == (1, {TP: 3})
+    d.publish(outs[3:])
+    d.commit(force=True)  # a commit makes its own point first
+    assert (producer.flushes, tracker.committable()) == (2, {})
+    assert isinstance(d.consumer, CommittingConsumer)
+    assert d.consumer.commits[-1] == {TP: 5}
+
+
+def test_a_record_refused_for_good_is_left_out_of_its_point_and_done_with_its_stand_in() -> None:
+    d, tracker, producer, acked = _points()
+    outs = _consume(tracker, 3)
+    producer.fail[b"result-1"] = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+    d.publish(outs)
+    producer.flush()
+    d.confirm(force=False)
+    assert tracker.committable() == {TP: 1}  # 0 done, 1 refused, 2 done but after 1
+    assert [o.envelope.offset for o in acked] == [0, 2]
+    [stand_in] = d._take_pending()
+    assert (stand_in.topic, stand_in.reason) == ("dlq", "undeliverable")
+    d.publish([stand_in])
+    producer.flush()
+    d.confirm(force=False)
+    assert tracker.committable() == {TP: 3}
+    assert [o.reason for o in acked] == [None, None, "undeliverable"]
+    assert ("dlq", stand_in.value) in producer.sent
+    assert d.fatal is None
+
+
+def test_a_transient_delivery_failure_is_fatal_and_its_record_never_done() -> None:
+    d, tracker, producer, acked = _points()
+    outs = _consume(tracker, 3)
+    producer.fail[b"result-1"] = KafkaError(KafkaError._MSG_TIMED_OUT)
+    d.publish(outs)
+    producer.flush()
+    d.confirm(force=False)
+    assert "delivery to out failed for in/0@1" in (d.fatal or "")
+    assert tracker.committable() == {TP: 1}
+    assert tracker.outstanding(TP) == 1
+    assert [o.envelope.offset for o in acked] == [0, 2]  # delivered, so counted
+    assert d._take_pending() == []
+
+
+def test_outcomes_of_a_revoked_partition_are_not_done_at_their_point() -> None:
+    d, tracker, producer, _ = _points()
+    outs = _consume(tracker, 2)
+    d.publish(outs)
+    tracker.revoke(TP)
+    generation = tracker.assign(TP)  # back, from the last commit: served again
+    tracker.track(TP, 0)
+    producer.flush()
+    d.confirm(force=False)
+    assert tracker.committable() == {}
+    assert tracker.outstanding(TP) == 1
+    assert tracker.done(TP, 0, generation)
+
+
+def test_a_periodic_commit_waits_briefly_for_a_broker_that_is_away_and_commits_nothing() -> None:
+    d, tracker, producer, acked = _points()
+    d.commit_interval_s = 0.0  # every call is due
+    outs = _consume(tracker, 2)
+    d.publish(outs)
+    producer.down = True
+    d.commit(force=False)
+    assert producer.waits == [0.1]  # not the 30 s a forced commit may take
+    assert (tracker.committable(), acked) == ({}, [])
+    producer.down = False
+    d.commit(force=True)
+    assert producer.waits == [0.1, 30.0]
+    assert tracker.committable() == {}  # handed to the consumer's commit
+    assert isinstance(d.consumer, CommittingConsumer)
+    assert d.consumer.commits == [{TP: 2}]

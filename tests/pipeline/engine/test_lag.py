@@ -69,7 +69,7 @@ def test_in_flight_records_date_the_lag_and_count_from_the_oldest() -> None:
     t.assign(TP)
     for off in range(100, 105):
         t.track(TP, off, 10, timestamp_ms=int((1000.0 + off) * 1000))
-    t.done(TP, 100, 1, 10)
+    t.done(TP, 100, 1)
     lag = _monitor(c).measure(t, [TP], paused=False, now=1200.0)[TP]
     assert lag.messages == 110 - 101
     assert lag.seconds == pytest.approx(1200.0 - 1101.0)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from pipeline.config.loader import parse_topology
 from pipeline.engine.loop import Replica
@@ -27,7 +27,11 @@ models:
 
 
 class FakeProducer:
-    """Refuses values over ``limit`` bytes at produce(); acks the rest on poll()."""
+    """Refuses values over ``limit`` bytes at produce(); acks the rest on poll().
+
+    As librdkafka with ``delivery.report.only.error``: a delivery report only for a
+    failure (``late_error``, for records to "out"); ``len`` counts what is unacknowledged.
+    """
 
     def __init__(self, limit: int, late_error: KafkaError | None = None) -> None:
         self.limit = limit
@@ -45,14 +49,23 @@ class FakeProducer:
     ) -> None:
         if len(value) > self.limit:
             raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"))
-        self._acks.append((on_delivery, self.late_error if topic == "out" else None))
+        err = self.late_error if topic == "out" else None
+        self._acks.append((on_delivery, err, Message(topic=topic, value=value, key=key)))
         self.sent.append((topic, value))
 
     def poll(self, _: float = 0) -> int:
         acks, self._acks = self._acks, []
-        for callback, err in acks:
-            callback(err, None)
-        return len(acks)
+        failed = [(callback, err, msg) for callback, err, msg in acks if err is not None]
+        for callback, err, msg in failed:
+            callback(err, msg)
+        return len(failed)
+
+    def flush(self, _: float = 0) -> int:
+        self.poll()
+        return 0
+
+    def __len__(self) -> int:
+        return len(self._acks)
 
 
 def _pipeline(producer: FakeProducer) -> Replica:
@@ -72,6 +85,7 @@ def _settle(p: Replica) -> None:
     for _ in range(3):
         p._publish()
         p.producer.poll(0)
+        p.delivery.confirm(force=False)
 
 
 def test_a_result_too_large_to_send_becomes_a_dead_letter() -> None:

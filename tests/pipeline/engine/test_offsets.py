@@ -203,11 +203,11 @@ def test_bytes_and_the_oldest_unserved_record_follow_track_done_and_revoke() -> 
     assert (t.in_flight, t.in_flight_bytes) == (3, 300)
     assert t.oldest(tp) == (5, 1000)
     assert t.next_offset(tp) == 8
-    t.done(tp, 6, gen, 100)
+    t.done(tp, 6, gen)
     assert t.oldest(tp) == (5, 1000)  # 6 is done, but 5 is still unserved
-    t.done(tp, 5, gen, 100)
+    t.done(tp, 5, gen)
     assert t.oldest(tp) == (7, 3000)
-    assert t.in_flight_bytes == 100
+    assert t.in_flight_bytes == 100  # each record tracked alone is its own consumed batch
     assert t.last_timestamp_ms(tp) == 3000
     t.revoke(tp)
     assert (t.in_flight, t.in_flight_bytes) == (0, 0)

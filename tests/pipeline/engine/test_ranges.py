@@ -128,3 +128,12 @@ def test_shared_a_partition_given_again_is_judged_by_its_commit_not_by_before() 
     ranges.finish(consumer, ("t", 0))  # e.g. an end-of-partition event after it moved away
     ranges.placed(FakeConsumer({0: 2}), _tps(0))  # type: ignore[arg-type]
     assert ranges.finished == set()  # 2 of 5 committed: there is more to read
+
+
+def test_a_consumed_batch_is_cut_at_the_ranges_end() -> None:
+    consumer: Any = FakeConsumer({})
+    ranges = BoundedRanges({("t", 0): (0, 4)})
+    assert ranges.admit_many(consumer, ("t", 0), [0, 1]) == 2
+    assert ranges.finished == set()
+    assert ranges.admit_many(consumer, ("t", 0), [2, 3, 4, 5]) == 2  # 4 and 5: prefetched
+    assert (ranges.finished, consumer.paused) == ({("t", 0)}, [0])

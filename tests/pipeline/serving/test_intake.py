@@ -63,3 +63,28 @@ def test_what_cannot_be_served_is_one_dead_letter_with_its_reason() -> None:
         assert (out.reason, out.topic) == (reason, "dlq")
         letter = CODEC.decode_dead_letter(out.value)
         assert (letter.topic, letter.partition, letter.offset) == ("in", 1, 9)
+
+
+def test_a_batch_is_admitted_as_each_of_its_records_would_be() -> None:
+    """One decode call for the batch; groups keep arrival order; letters keep theirs."""
+    values = [
+        _request(),
+        b"\x00\xff junk",
+        _request(model="other"),
+        b"",
+        _request(x=np.ones(4, np.float32)),
+        _request(x=np.zeros(5, np.float32)),
+    ]
+    tombstones = {3}
+    one_by_one = [_intake().admit(_env(v), i in tombstones) for i, v in enumerate(values)]
+    rows = [_env(v) for v in values]
+    for i, env in enumerate(rows):
+        env.offset = i
+    groups, letters = _intake().admit_batch(rows, tombstones)
+    assert list(groups) == [("m", "m")]
+    assert [env.offset for env in groups[("m", "m")]] == [0, 4]
+    assert all(env.request is not None for env in groups[("m", "m")])
+    expected = [a.reason for a in one_by_one if isinstance(a, Outcome)]
+    assert [out.reason for out in letters] == expected
+    assert expected == ["undecodable", "unknown_model", "bad_request", "bad_tensor"]
+    assert [CODEC.decode_dead_letter(out.value).offset for out in letters] == [1, 2, 3, 5]
