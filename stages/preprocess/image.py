@@ -20,7 +20,14 @@ from schemas.errors import GraphError, describe
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageParams, require, stack_if_uniform
 
-__all__ = ["CenterCrop", "DecodeImage", "Normalize", "Resize", "ToNCHW"]
+__all__ = [
+    "CenterCrop",
+    "DecodeImage",
+    "ImageChainParams",
+    "Normalize",
+    "Resize",
+    "ToNCHW",
+]
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -33,6 +40,26 @@ _FILTERS = {
 def _image_spec(spec: TensorSpec, stage: str, name: str) -> None:
     if spec.datatype != "UINT8" or len(spec.shape) != 3:
         raise GraphError(f"{stage}: {name!r} must be UINT8[h,w,c], got {spec}")
+
+
+class ImageChainParams(StageParams):
+    """The CPU chain's parameters in one place, for the stages that fuse it (DALI, GPU).
+
+    decode_image → resize → center_crop → normalize → to_nchw, with the same names and
+    meanings, so a topology switches between them by changing the stage.
+    """
+
+    input: str = "image"
+    output: str | None = None
+    max_pixels: int = Field(40_000_000, ge=1, description="Refuse larger images (bombs).")
+    resize: int | tuple[int, int] = Field(description="Shorter side, or [height, width].")
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    crop: int | tuple[int, int] = Field(description="Square side, or [height, width].")
+    mean: list[float]
+    std: list[float]
+    scale: float = 1.0 / 255.0
+    dtype: Literal["FP32", "FP16"] = "FP32"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
 
 
 class DecodeImageParams(StageParams):

@@ -48,7 +48,7 @@ import io
 import re
 import warnings
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -58,7 +58,7 @@ from schemas.devices import GPU_EXTRAS, cuda_major, gpu_extra_for, parse_device
 from schemas.errors import GraphError, KpError, describe
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require
-from stages.preprocess.image import Resize, ResizeParams
+from stages.preprocess.image import ImageChainParams, Resize, ResizeParams
 from stages.preprocess.image_fused import cupy_stream, stream_handle
 
 __all__ = ["DaliImage", "DaliImageParams"]
@@ -74,20 +74,9 @@ _DECODABLE = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPE
 _Failures = dict[int, tuple[str, str]]
 
 
-class DaliImageParams(StageParams):
+class DaliImageParams(ImageChainParams):
     """The CPU chain's parameters in one place: decode, resize, crop, normalize, layout."""
 
-    input: str = "image"
-    output: str | None = None
-    max_pixels: int = Field(40_000_000, ge=1, description="Refuse larger images (bombs).")
-    resize: int | tuple[int, int] = Field(description="Shorter side, or [height, width].")
-    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
-    crop: int | tuple[int, int] = Field(description="Square side, or [height, width].")
-    mean: list[float]
-    std: list[float]
-    scale: float = 1.0 / 255.0
-    dtype: Literal["FP32", "FP16"] = "FP32"
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
     max_batch_size: int = Field(64, ge=1, description="DALI's batch; larger batches are split.")
     num_threads: int = Field(2, ge=1, description="DALI's CPU worker threads.")
 

@@ -62,7 +62,13 @@ from schemas.devices import parse_device
 from schemas.errors import GraphError, KpError, describe
 from schemas.tensors import TensorSpec
 from stages.base import Batch, StageBase, StageContext, StageParams, require
-from stages.preprocess.image import DecodeImage, DecodeImageParams, Resize, ResizeParams
+from stages.preprocess.image import (
+    DecodeImage,
+    DecodeImageParams,
+    ImageChainParams,
+    Resize,
+    ResizeParams,
+)
 from stages.preprocess.image import _RefusedError as _PillowRefusedError
 from stages.preprocess.image_fused import stream_handle
 
@@ -84,20 +90,9 @@ _JPEG = frozenset({"JPEG", "MPO"})
 _GPU_MODES = frozenset({"RGB", "L"})  # JPEG colour modes nvJPEG turns into RGB like Pillow
 
 
-class GpuDecodeImageParams(StageParams):
+class GpuDecodeImageParams(ImageChainParams):
     """The CPU chain's parameters in one place, as in ``dali_image``."""
 
-    input: str = "image"
-    output: str | None = None
-    max_pixels: int = Field(40_000_000, ge=1, description="Refuse larger images (bombs).")
-    resize: int | tuple[int, int] = Field(description="Shorter side, or [height, width].")
-    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
-    crop: int | tuple[int, int] = Field(description="Square side, or [height, width].")
-    mean: list[float]
-    std: list[float]
-    scale: float = 1.0 / 255.0
-    dtype: Literal["FP32", "FP16"] = "FP32"
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
     non_jpeg: Literal["cpu", "reject"] = Field(
         "cpu", description="Other formats: Pillow-decode the row on the CPU, or reject it."
     )
