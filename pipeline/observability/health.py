@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -26,7 +27,7 @@ from pipeline.config.topology import MetricsSettings
 from pipeline.observability.metrics import Metrics
 from schemas.errors import ConfigError
 
-__all__ = ["Health", "MetricsServer"]
+__all__ = ["Health", "MetricsServer", "probe_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +119,32 @@ class MetricsServer:
 
 
 def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
+    def metrics() -> bytes:
+        server.metrics.ready.set(1 if server.health.ready()[0] else 0)
+        return generate_latest(server.metrics.registry)
+
+    def probe(path: str) -> tuple[bool, dict[str, Any]]:
+        return server.health.alive() if path == "/healthz" else server.health.ready()
+
+    return probe_handler(metrics, probe)
+
+
+def probe_handler(
+    metrics: Callable[[], bytes], probe: Callable[[str], tuple[bool, dict[str, Any]]]
+) -> type[BaseHTTPRequestHandler]:
+    """The HTTP face of a process (or a process group): /metrics, /healthz and /readyz.
+
+    ``probe`` answers ``/healthz`` or ``/readyz`` (its argument) with whether it holds
+    and the details shown as JSON.
+    """
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                server.metrics.ready.set(1 if server.health.ready()[0] else 0)
-                self._send(
-                    HTTPStatus.OK, generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST
-                )
+                self._send(HTTPStatus.OK, metrics(), CONTENT_TYPE_LATEST)
             elif path in ("/healthz", "/readyz"):
-                ok, detail = server.health.alive() if path == "/healthz" else server.health.ready()
+                ok, detail = probe(path)
                 body = json.dumps({"ok": ok, **detail}).encode()
                 status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
                 self._send(status, body, "application/json")

@@ -38,15 +38,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from pipeline.observability.health import probe_handler
 from pipeline.workers.supervisor import Worker
 from schemas.errors import ConfigError
 
@@ -154,7 +154,8 @@ class GroupServer:
         self.workers, self.gave_up, self.timeout_s = workers, gave_up, timeout_s
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scrape")
         try:
-            self._server = ThreadingHTTPServer((host, port), _handler(self))
+            handler = probe_handler(self.metrics, self.probe)
+            self._server = ThreadingHTTPServer((host, port), handler)
         except OSError as e:
             raise ConfigError(
                 f"{where}: cannot listen on {host}:{port}: {e.strerror or e}; "
@@ -229,32 +230,3 @@ def _json(answer: tuple[int, bytes] | None) -> tuple[int, dict[str, Any]] | None
     except ValueError:
         body = {"body": answer[1][:200].decode(errors="replace")}
     return answer[0], body if isinstance(body, dict) else {"body": body}
-
-
-def _handler(server: GroupServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(HTTPStatus.OK, server.metrics(), CONTENT_TYPE_LATEST)
-            elif path in ("/healthz", "/readyz"):
-                ok, detail = server.probe(path)
-                body = json.dumps({"ok": ok, **detail}).encode()
-                status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
-                self._send(status, body, "application/json")
-            else:
-                self._send(
-                    HTTPStatus.NOT_FOUND, b"try /metrics, /healthz or /readyz\n", "text/plain"
-                )
-
-        def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("http: " + format, *args)
-
-    return Handler
