@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n = args.requests
     plan = Plan("tiny", "Tiny model", ROOT / "load/topologies/tiny-mlp.yaml", tiny_requests, n, 0)
-    with EmbeddedBroker().start() as broker:
+    with EmbeddedBroker() as broker:
         opened = produce(plan, broker.bootstrap_servers, n)
         seconds, cpu, _ = serve(opened, broker.bootstrap_servers, n, profile=False)
         print(f"plain: {n / seconds:,.0f} requests/s, process CPU {cpu / n * 1e6:.1f} µs/request")

@@ -81,7 +81,15 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
-        """Start the process and wait until it accepts connections."""
+        """Start the process and wait until it accepts connections; running: nothing to do.
+
+        Starting twice must not start a second process: ``with EmbeddedBroker().start()``
+        enters (and so starts) a started broker, and a second Tansu would have replaced
+        the first in ``_proc``, leaving the first running after `stop`, unseen, taking
+        CPU and memory from everything measured after it.
+        """
+        if self.running:
+            return self
         url = f"tcp://127.0.0.1:{self.port}"
         cmd = [
             str(tansu_binary()),
