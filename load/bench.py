@@ -211,7 +211,13 @@ def latency_check(
     # the broker's own round trip (measured beside it, same percentile) taken off.
     added = {q: over[q] - floor[i] for i, q in enumerate(("p50", "p90", "p99"))}
     overhead_bound = batching.max_delay_ms + 5.0
-    overhead_verdict = "PASS" if added["p99"] <= overhead_bound else "MISS"
+    if floor[2] > lat["p99"]:  # the floor's own run saturated the machine: no floor at all
+        overhead_verdict = (
+            "NOT MEASURED: the Kafka round trip measured beside it is slower than the "
+            "pipeline's whole latency, so it is no floor on this machine"
+        )
+    else:
+        overhead_verdict = "PASS" if added["p99"] <= overhead_bound else "MISS"
     return [
         f"Latency at half of saturation ({load.rates['achieved']:,.0f} requests/s achieved, "
         f"Poisson arrivals, {seconds:.0f} s, `kp-pipeline run` in its own process; client "
