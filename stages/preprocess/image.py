@@ -24,6 +24,7 @@ __all__ = [
     "CenterCrop",
     "DecodeImage",
     "ImageChainParams",
+    "ImageChainStage",
     "Normalize",
     "Resize",
     "ToNCHW",
@@ -326,3 +327,39 @@ class ToNCHW(StageBase):
         columns = {k: v for k, v in batch.columns.items() if k != self.p.input}
         columns[self.out] = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         return batch.with_columns(columns)
+
+
+class ImageChainStage(StageBase):
+    """What the fused image stages share: their output's place and shape, and its check.
+
+    Subclasses add the decoding; `check_params` is where one refuses a parameter its
+    library cannot honour.
+    """
+
+    def __init__(self, params: ImageChainParams) -> None:
+        super().__init__(params)
+        self.p = params
+        self.out = params.output or params.input
+        self.crop_hw = (params.crop, params.crop) if isinstance(params.crop, int) else params.crop
+        self._geometry = Resize(ResizeParams(size=params.resize))
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        """Per-row output shape: [3, crop_h, crop_w] (NCHW) or [crop_h, crop_w, 3]."""
+        h, w = self.crop_hw
+        return (3, h, w) if self.p.layout == "NCHW" else (h, w, 3)
+
+    def check_params(self) -> None:
+        """Raise `GraphError` for parameters this stage cannot honour (default: none)."""
+
+    def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+        """BYTES[1] (or BYTES[]) in; FP32/FP16 [3,h,w] (or [h,w,3]) out."""
+        spec = require(inputs, self.p.input, self.name)
+        if spec.datatype != "BYTES" or spec.shape not in ((), (1,)):
+            raise GraphError(f"{self.name}: {self.p.input!r} must be BYTES[1], got {spec}")
+        if len(self.p.mean) != 3 or len(self.p.std) != 3:
+            raise GraphError(f"{self.name}: mean and std need 3 values (RGB)")
+        self.check_params()
+        out = {k: v for k, v in inputs.items() if k != self.p.input}
+        out[self.out] = TensorSpec(self.p.dtype, self.out_shape)
+        return out

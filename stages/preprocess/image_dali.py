@@ -56,9 +56,8 @@ from pydantic import Field
 
 from schemas.devices import GPU_EXTRAS, cuda_major, gpu_extra_for, parse_device
 from schemas.errors import GraphError, KpError, describe
-from schemas.tensors import TensorSpec
-from stages.base import Batch, StageBase, StageContext, StageParams, require
-from stages.preprocess.image import ImageChainParams, Resize, ResizeParams
+from stages.base import Batch, StageContext, StageParams
+from stages.preprocess.image import ImageChainParams, ImageChainStage
 from stages.preprocess.image_fused import cupy_stream, stream_handle
 
 __all__ = ["DaliImage", "DaliImageParams"]
@@ -81,18 +80,15 @@ class DaliImageParams(ImageChainParams):
     num_threads: int = Field(2, ge=1, description="DALI's CPU worker threads.")
 
 
-class DaliImage(StageBase):
+class DaliImage(ImageChainStage):
     """Encoded images (BYTES[1]) in, a normalized FP32/FP16 batch out, in one DALI run."""
 
     Params: ClassVar[type[StageParams]] = DaliImageParams
+    p: DaliImageParams
     name = "dali_image"
 
     def __init__(self, params: DaliImageParams) -> None:
         super().__init__(params)
-        self.p = params
-        self.out = params.output or params.input
-        self.crop_hw = (params.crop, params.crop) if isinstance(params.crop, int) else params.crop
-        self._geometry = Resize(ResizeParams(size=params.resize))
         self._gpu: int | None = None  # CUDA device index, None on the CPU
         self._stream: int | None = None
         self._pipe: Any = None
@@ -101,23 +97,6 @@ class DaliImage(StageBase):
     def leaves_device_arrays(self) -> bool:
         """On CUDA the output is a CuPy array: only stages that take those may follow."""
         return self._gpu is not None
-
-    @property
-    def out_shape(self) -> tuple[int, int, int]:
-        """Per-row output shape: [3, crop_h, crop_w] (NCHW) or [crop_h, crop_w, 3]."""
-        h, w = self.crop_hw
-        return (3, h, w) if self.p.layout == "NCHW" else (h, w, 3)
-
-    def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
-        """BYTES[1] (or BYTES[]) in; FP32/FP16 [3,h,w] (or [h,w,3]) out."""
-        spec = require(inputs, self.p.input, self.name)
-        if spec.datatype != "BYTES" or spec.shape not in ((), (1,)):
-            raise GraphError(f"{self.name}: {self.p.input!r} must be BYTES[1], got {spec}")
-        if len(self.p.mean) != 3 or len(self.p.std) != 3:
-            raise GraphError(f"{self.name}: mean and std need 3 values (RGB)")
-        out = {k: v for k, v in inputs.items() if k != self.p.input}
-        out[self.out] = TensorSpec(self.p.dtype, self.out_shape)
-        return out
 
     def setup(self, ctx: StageContext) -> None:
         """Pick the device from the context and build the pipeline once."""

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -60,14 +60,12 @@ from pydantic import Field
 
 from schemas.devices import parse_device
 from schemas.errors import GraphError, KpError, describe
-from schemas.tensors import TensorSpec
-from stages.base import Batch, StageBase, StageContext, StageParams, require
+from stages.base import Batch, StageContext, StageParams
 from stages.preprocess.image import (
     DecodeImage,
     DecodeImageParams,
     ImageChainParams,
-    Resize,
-    ResizeParams,
+    ImageChainStage,
 )
 from stages.preprocess.image import _RefusedError as _PillowRefusedError
 from stages.preprocess.image_fused import stream_handle
@@ -104,18 +102,15 @@ class GpuDecodeImageParams(ImageChainParams):
     )
 
 
-class GpuDecodeImage(StageBase):
+class GpuDecodeImage(ImageChainStage):
     """Encoded images (BYTES[1]) in; a normalised FP32/FP16 torch tensor out, on the device."""
 
     Params: ClassVar[type[StageParams]] = GpuDecodeImageParams
+    p: GpuDecodeImageParams
     name = "gpu_decode_image"
 
     def __init__(self, params: GpuDecodeImageParams, decoder: JpegDecoder | None = None) -> None:
         super().__init__(params)
-        self.p = params
-        self.out = params.output or params.input
-        self.crop_hw = (params.crop, params.crop) if isinstance(params.crop, int) else params.crop
-        self._geometry = Resize(ResizeParams(size=params.resize))
         self._pillow = DecodeImage(DecodeImageParams(max_pixels=params.max_pixels))
         self._decoder = decoder
         self._device = "cpu"
@@ -127,27 +122,13 @@ class GpuDecodeImage(StageBase):
         """On CUDA the output is a torch CUDA tensor: only stages that take those may follow."""
         return self._device.startswith("cuda")
 
-    @property
-    def out_shape(self) -> tuple[int, int, int]:
-        """Per-row output shape: [3, crop_h, crop_w] (NCHW) or [crop_h, crop_w, 3]."""
-        h, w = self.crop_hw
-        return (3, h, w) if self.p.layout == "NCHW" else (h, w, 3)
-
-    def signature(self, inputs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
-        """BYTES[1] (or BYTES[]) in; FP32/FP16 [3,h,w] (or [h,w,3]) out."""
-        spec = require(inputs, self.p.input, self.name)
-        if spec.datatype != "BYTES" or spec.shape not in ((), (1,)):
-            raise GraphError(f"{self.name}: {self.p.input!r} must be BYTES[1], got {spec}")
-        if len(self.p.mean) != 3 or len(self.p.std) != 3:
-            raise GraphError(f"{self.name}: mean and std need 3 values (RGB)")
+    def check_params(self) -> None:
+        """Torch has no Lanczos filter: refuse it when the graph is checked."""
         if self.p.interpolation not in _TORCH_MODE:
             raise GraphError(
                 f"{self.name}: interpolation {self.p.interpolation!r} has no torch "
                 f"equivalent; use one of {sorted(_TORCH_MODE)} (or dali_image / the CPU chain)"
             )
-        out = {k: v for k, v in inputs.items() if k != self.p.input}
-        out[self.out] = TensorSpec(self.p.dtype, self.out_shape)
-        return out
 
     def setup(self, ctx: StageContext) -> None:
         """Pick the device and stream; without an injected decoder, load torchvision's."""
