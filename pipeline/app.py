@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.config.loader import load_topology
 from pipeline.config.topology import Topology
+from pipeline.engine.collector import serving_collector
 from pipeline.engine.loop import Replica, RunStats
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import admin_config, ensure_topics
@@ -134,7 +135,8 @@ def serve(
                 pipeline.metrics_url = None if server is None else server.url
                 if on_ready is not None:
                     on_ready(address, pipeline)
-                return pipeline.run(stop)
+                with serving_collector():
+                    return pipeline.run(stop)
         finally:
             close_graph(graph)
     finally:

@@ -107,10 +107,14 @@ class Replica:
         self.transactional_id = (
             transactional_id(topology.kafka, replica_id) if self.exactly_once else None
         )
+        own_producer = producer is None
         if producer is None:
             conf = producer_config(topology.kafka, bootstrap, self.transactional_id)
-            # Failures only: what is delivered is known at commit points (delivery).
+            # Failures only: what is delivered is known at commit points (delivery), and
+            # to one default callback rather than one handed over with every record.
             conf["delivery.report.only.error"] = True
+            if not self.exactly_once:
+                conf["on_delivery"] = _weak(self._on_report)
             producer = Producer(conf)
         self.producer = producer
         self.tracker = OffsetTracker()
@@ -135,6 +139,7 @@ class Replica:
             self.accounting.committed,
             self.flow.commit_interval_ms,
             confirm_every=max(1, self.flow.max_in_flight // 4),
+            default_reports=own_producer and not self.exactly_once,
         )
         self.intake = Intake(graph, self.codec, self.encoder)
         self.consumed = Consumed(self.consumer, self.tracker, self.accounting, self.bounded)
@@ -432,6 +437,9 @@ class Replica:
                     gauge.remove(p.topic, str(p.partition))
         self.delivery.forget([partition_of(p) for p in partitions])
         self.health.assignment = len(self.tracker.partitions())
+
+    def _on_report(self, err: KafkaError | None, msg: Message) -> None:
+        self.delivery.on_report(err, msg)
 
     def _on_commit(self, err: KafkaError | None, offsets: list[TopicPartition]) -> None:
         if err is not None and err.code() == KafkaError._NO_OFFSET:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -362,6 +363,8 @@ class HoldingProducer:
     """
 
     def __init__(self) -> None:
+        self.default: Any = None  # the ``on_delivery`` setting: records without their own
+        self.callbacks: list[Any] = []  # each produce's own callback (None: none given)
         self.held: list[tuple[Any, str, bytes, bytes | None]] = []
         self.reports: list[tuple[Any, KafkaError, Message]] = []
         self.fail: dict[bytes, KafkaError] = {}
@@ -371,7 +374,8 @@ class HoldingProducer:
         self.down = False  # the broker acknowledges nothing
 
     def produce(self, topic: str, value: bytes, key: Any = None, **kw: Any) -> None:
-        self.held.append((kw.get("on_delivery"), topic, value, key))
+        self.callbacks.append(kw.get("on_delivery"))
+        self.held.append((kw.get("on_delivery") or self.default, topic, value, key))
         self.sent.append((topic, value))
 
     def ack(self) -> None:
@@ -400,7 +404,7 @@ class HoldingProducer:
 
 
 def _points(
-    confirm_every: int = 1000,
+    confirm_every: int = 1000, default_reports: bool = False
 ) -> tuple[AtLeastOnce, OffsetTracker, HoldingProducer, list[Outcome]]:
     tracker, producer, acked = OffsetTracker(), HoldingProducer(), []
     d = AtLeastOnce(
@@ -412,7 +416,10 @@ def _points(
         lambda _: None,
         commit_interval_ms=60_000,
         confirm_every=confirm_every,
+        default_reports=default_reports,
     )
+    if default_reports:  # as the replica builds its producer: on_report is its default
+        producer.default = d.on_report
     return d, tracker, producer, acked
 
 
@@ -450,11 +457,15 @@ def test_a_commit_or_enough_waiting_outcomes_make_a_commit_point_with_a_flush() 
     assert d.consumer.commits[-1] == {TP: 5}
 
 
-def test_a_record_refused_for_good_is_left_out_of_its_point_and_done_with_its_stand_in() -> None:
-    d, tracker, producer, acked = _points()
+@pytest.mark.parametrize("default_reports", [False, True], ids=["per-record", "default"])
+def test_a_record_refused_for_good_is_left_out_of_its_point_and_done_with_its_stand_in(
+    default_reports: bool,
+) -> None:
+    d, tracker, producer, acked = _points(default_reports=default_reports)
     outs = _consume(tracker, 3)
     producer.fail[b"result-1"] = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
-    d.publish(outs)
+    d.publish(outs[:1])  # in an earlier batch than the refused one: found all the same
+    d.publish(outs[1:])
     producer.flush()
     d.confirm(force=False)
     assert tracker.committable() == {TP: 1}  # 0 done, 1 refused, 2 done but after 1
@@ -468,6 +479,8 @@ def test_a_record_refused_for_good_is_left_out_of_its_point_and_done_with_its_st
     assert [o.reason for o in acked] == [None, None, "undeliverable"]
     assert ("dlq", stand_in.value) in producer.sent
     assert d.fatal is None
+    # With a default callback no record carries one of its own (each costs ~0.5 µs).
+    assert all((cb is None) == default_reports for cb in producer.callbacks)
 
 
 def test_a_transient_delivery_failure_is_fatal_and_its_record_never_done() -> None:
