@@ -3,12 +3,15 @@
 Either way the replicas split the range's partitions through the replay's group, and
 every request of the range reaches the replay output exactly once, nothing outside it.
 The range ends inside the recorded traffic (``--to-offset``), so stopping at its end is
-tested too, and the live group's offsets stay untouched.
+tested too, and the live group's offsets stay untouched. A replica SIGKILLed mid-range
+leaves its partitions to the other, which serves them from the group's commits: every
+request of the range still reaches the output, at least once.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +23,11 @@ from e2e.kit import (
     committed_offsets,
     produce_tiny,
     tiny_vectors,
+    wait_for,
     write_tiny_topology,
 )
 
+from load.backlog import free_port, scrape, total
 from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.traffic import read_topic
@@ -127,3 +132,64 @@ def test_shared_needs_a_fixed_end(
     )  # fmt: skip
     assert done.returncode == 2
     assert "--shared: give the range a fixed end" in done.stderr
+
+
+def test_a_shared_replica_killed_mid_range_leaves_its_partitions_to_the_other(
+    broker: EmbeddedBroker, topics: Topics, tmp_path: Path
+) -> None:
+    # A window of 8 requests makes each replica wait for a commit point every batch or
+    # two (a few hundred requests a second), so the kill lands mid-range.
+    topology = write_tiny_topology(
+        tmp_path / "slow.yaml",
+        topics,
+        batch=4,
+        max_in_flight=8,
+        commit_interval_ms=50,
+        consumer={"session.timeout.ms": 6000},
+    )
+    produce_tiny(broker, topics.input, tiny_vectors(N))
+    expected = _expected(broker, topics.input)
+    out = f"{topics.output}-replay"
+    ports = [free_port(), free_port()]
+    logs = [tmp_path / f"replica-{i}.log" for i in range(2)]
+    replicas = [
+        subprocess.Popen(
+            [*_replay(topology, broker, out, "--shared"), "--metrics-port", str(port)],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        for port, log in zip(ports, logs, strict=True)
+    ]
+
+    def results(port: int) -> float:
+        try:
+            return total(scrape(f"http://127.0.0.1:{port}/metrics"), "kp_results_total")
+        except OSError:
+            return 0.0
+
+    try:
+        wait_for(lambda: all(results(p) >= 50 for p in ports), 120, "both replicas to serve")
+        killed_at = results(ports[0])
+        replicas[0].send_signal(signal.SIGKILL)
+        replicas[0].wait(30)
+        survivor = replicas[1].wait(240)
+    finally:
+        for replica in replicas:
+            if replica.poll() is None:
+                replica.kill()
+    text = logs[1].read_text()
+    assert survivor == 0, text[-3000:]
+    assert killed_at < len(expected) / 2, "the kill came after the replica's share was done"
+    served = _served(broker, out)
+    assert sorted(set(served)) == expected  # the whole range, nothing outside it
+    duplicates = len(served) - len(set(served))
+    # Repeated: only what the killed replica produced after its group's last commit.
+    assert duplicates <= killed_at + 200, duplicates
+    group = f"{topics.group}.replay.{out}"
+    assert set(committed_offsets(broker, group, topics.input).values()) == {TO}
+    assert set(committed_offsets(broker, topics.group, topics.input).values()) == {-1001}
+    print(
+        f"\nkilled one replica after {killed_at:.0f} results; the other finished the range: "
+        f"{len(set(served))} requests, {duplicates} served twice"
+    )
