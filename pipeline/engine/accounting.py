@@ -11,10 +11,14 @@ until scraped.
 
 from __future__ import annotations
 
+import operator
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from pipeline.config.topology import TopicSettings
 from pipeline.engine.offsets import OffsetTracker
@@ -24,6 +28,10 @@ from pipeline.serving.outcomes import Outcome
 from schemas.messages import Partition
 
 __all__ = ["REASONS", "Accounting", "RunStats"]
+
+# What an acknowledged outcome counts as, and its record's timestamp, read in C.
+_KIND = operator.attrgetter("topic", "model", "reason", "status")
+_STAMP = operator.attrgetter("envelope.timestamp_ms")
 
 REASONS = (
     "bad_request",
@@ -61,7 +69,7 @@ class Accounting:
         self._consumed_tp: defaultdict[Partition, int] = defaultdict(int)
         self._consumed_bytes: defaultdict[str, int] = defaultdict(int)
         self._acked: defaultdict[tuple[str, str, str | None, str], int] = defaultdict(int)
-        self._latency: defaultdict[str, list[float]] = defaultdict(list)
+        self._latency: defaultdict[str, list[np.ndarray[Any, Any]]] = defaultdict(list)
         self._transactions_seen: dict[str, int] = {}
 
     def declare(
@@ -95,20 +103,33 @@ class Accounting:
         self._consumed_bytes[tp[0]] += size
 
     def acknowledged(self, outs: Sequence[Outcome]) -> None:
-        """A batch of outcomes readers can now see."""
+        """A batch of outcomes readers can now see.
+
+        Counted by kind with one ``Counter`` over C-read keys; latencies as one array per
+        model (the usual batch is one model's results), observed at the next `flush`.
+        """
         if not outs:
             return
         now = time.time()
-        served, acked, latency = self._served, self._acked, self._latency
+        served, acked = self._served, self._acked
+        kinds = Counter(map(_KIND, outs))
         results = 0
-        for out in outs:
-            model = out.model
-            if out.reason is None:
-                results += 1
-                latency[model].append(now - out.envelope.timestamp_ms / 1000.0)
+        for (topic, model, reason, status), n in kinds.items():
+            if reason is None:
+                results += n
             # A model label only for served models: a request naming random models must
             # not make a new metric series each.
-            acked[(out.topic, model if model in served else "", out.reason, out.status)] += 1
+            acked[(topic, model if model in served else "", reason, status)] += n
+        if results == len(outs) and len(kinds) == 1:  # one model's results
+            stamps = np.fromiter(map(_STAMP, outs), np.float64, len(outs))
+            self._latency[outs[0].model].append(now - stamps / 1000.0)
+        elif results:
+            by_model: defaultdict[str, list[int]] = defaultdict(list)
+            for out in outs:
+                if out.reason is None:
+                    by_model[out.model].append(out.envelope.timestamp_ms)
+            for model, ms in by_model.items():
+                self._latency[model].append(now - np.asarray(ms, np.float64) / 1000.0)
         self.stats.results += results
         self.stats.dead_letters += len(outs) - results
         self.stats.last_delivered = time.monotonic()
@@ -142,5 +163,5 @@ class Accounting:
             self._acked.clear()
         if self._latency:
             for model, seconds in self._latency.items():
-                m.latency.observe_many(model, seconds)
+                m.latency.observe_many(model, np.concatenate(seconds))
             self._latency.clear()

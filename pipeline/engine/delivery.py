@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import threading
 import time
 from collections import defaultdict
@@ -102,6 +103,11 @@ _IDLE_COMMIT_S = 0.01
 
 def _refusal(e: Exception) -> KafkaError:
     return KafkaError(KafkaError.TOPIC_EXCEPTION, describe(e))
+
+
+# An outcome's (topic, partition, generation) and offset, read in C.
+_RUN = operator.attrgetter("envelope.topic", "envelope.partition", "envelope.generation")
+_OFFSET = operator.attrgetter("envelope.offset")
 
 
 def _send(
@@ -325,15 +331,9 @@ class AtLeastOnce(Delivery):
         outcomes = sent.outcomes
         if sent.failed:
             outcomes = [o for i, o in enumerate(outcomes) if i not in sent.failed]
-        runs: dict[tuple[str, int, int], list[int]] = {}
-        for out in outcomes:
-            env = out.envelope
-            key = (env.topic, env.partition, env.generation)
-            offsets = runs.get(key)
-            if offsets is None:
-                runs[key] = [env.offset]
-            else:
-                offsets.append(env.offset)
+        runs: defaultdict[tuple[str, int, int], list[int]] = defaultdict(list)
+        for key, offset in zip(map(_RUN, outcomes), map(_OFFSET, outcomes), strict=True):
+            runs[key].append(offset)
         for (topic, partition, generation), offsets in runs.items():
             self.tracker.done_many((topic, partition), offsets, generation)
         self.on_acked(outcomes)

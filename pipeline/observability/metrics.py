@@ -327,7 +327,9 @@ class BulkHistogram(Collector):
         with self._lock:
             self._series.setdefault(value, (np.zeros(len(self.bounds) + 1, np.int64), [0.0]))
 
-    def observe_many(self, value: str, observations: Sequence[float]) -> None:
+    def observe_many(
+        self, value: str, observations: Sequence[float] | np.ndarray[Any, Any]
+    ) -> None:
         """Add ``observations`` (seconds) to the series for label ``value``."""
         data = np.asarray(observations, dtype=np.float64)
         if not data.size:
