@@ -23,3 +23,9 @@ def encode_results(
     offsets: Sequence[int],
     row: Callable[[int], bytes],
 ) -> list[bytes]: ...
+def match_signatures(
+    items: Sequence[Request | RequestError],
+    table: dict[
+        str, tuple[int, str, tuple[str, ...], tuple[Any, ...], tuple[tuple[int, ...], ...]]
+    ],
+) -> list[int]: ...

@@ -683,3 +683,50 @@ def bytes_cells(arr):
             p = put(p + 4, data, sz)
         out.append(cell)
     return out
+
+
+# -- exact signatures -------------------------------------------------------------------
+
+
+def match_signatures(items, dict table):
+    """`schemas.signatures.match_signatures`, compiled: one entry per item."""
+    cdef list out = []
+    for r in items:
+        out.append(_signature(r, table))
+    return out
+
+
+cdef long _signature(object r, dict table) except? -2:
+    cdef Py_ssize_t j, n, d, ndim
+    cdef cnp.npy_intp* dims
+    if type(r) is not Request:
+        return -1
+    entry = table.get(r.model)
+    if entry is None:
+        return -1
+    index, version, names, dtypes, shapes = entry
+    v = r.model_version
+    if v is not None and v != "" and v != version:
+        return -1
+    inputs = r.inputs
+    if type(inputs) is not dict:
+        return -1
+    n = len(<tuple>names)
+    if len(<dict>inputs) != n:
+        return -1
+    for j in range(n):
+        arr = (<dict>inputs).get((<tuple>names)[j])
+        if arr is None or not cnp.PyArray_Check(arr):
+            return -1
+        descr = <object><PyObject*>cnp.PyArray_DESCR(<cnp.ndarray>arr)
+        if not cnp.PyArray_EquivTypes(<cnp.dtype>descr, <cnp.dtype>(<tuple>dtypes)[j]):
+            return -1
+        shape = (<tuple>shapes)[j]
+        ndim = cnp.PyArray_NDIM(<cnp.ndarray>arr)
+        if ndim != len(<tuple>shape):
+            return -1
+        dims = cnp.PyArray_DIMS(<cnp.ndarray>arr)
+        for d in range(ndim):
+            if dims[d] != <cnp.npy_intp>(<tuple>shape)[d]:
+                return -1
+    return index

@@ -88,6 +88,11 @@ class AvroCodec:
         self._writers: dict[int, Any] = {}
         self._compiled = compiled and COMPILED
 
+    @property
+    def compiled(self) -> bool:
+        """Whether this codec uses the compiled codec (built, and not turned off)."""
+        return self._compiled
+
     # -- requests -------------------------------------------------------------------------
 
     def encode_request(self, request: Request) -> bytes:

@@ -19,7 +19,8 @@ from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.routing import ModelRoute, Router
 from schemas.codec import AvroCodec
 from schemas.errors import RequestError
-from schemas.messages import Envelope
+from schemas.messages import Envelope, Request
+from schemas.signatures import match_signatures
 
 __all__ = ["Admitted", "Intake"]
 
@@ -50,7 +51,12 @@ class Intake:
         skip = frozenset(tombstones)
         todo = [i for i, env in enumerate(rows) if env.request is None and i not in skip]
         values = [rows[i].value for i in todo]
-        decoded = dict(zip(todo, self.codec.decode_requests(values), strict=True))
+        requests = self.codec.decode_requests(values)
+        if len(todo) == len(rows):
+            fast = self._exact(rows, requests)
+            if fast is not None:
+                return fast, []
+        decoded = dict(zip(todo, requests, strict=True))
         groups: dict[Admitted, list[Envelope]] = {}
         letters: list[Outcome] = []
         routes = self.router.routes
@@ -77,6 +83,33 @@ class Intake:
             else:
                 group.append(env)
         return groups, letters
+
+    def _exact(
+        self, rows: Sequence[Envelope], requests: list[Request | RequestError]
+    ) -> dict[Admitted, list[Envelope]] | None:
+        """The groups when every row is a request that fits its model's exact signature.
+
+        The usual batch, checked in one call (`schemas.signatures`); None otherwise, and
+        the rows take the path that finds and names each one's defect.
+        """
+        router = self.router
+        marks = match_signatures(requests, router.exact_signatures, self.codec.compiled)
+        if not marks or min(marks) < 0:
+            return None
+        for env, request in zip(rows, requests, strict=True):
+            env.request = request  # type: ignore[assignment]  # all are requests
+        keys = router.exact_keys
+        first = marks[0]
+        if marks.count(first) == len(marks):  # one model: the batch as it came
+            return {keys[first]: list(rows)}
+        groups: dict[Admitted, list[Envelope]] = {}
+        for env, mark in zip(rows, marks, strict=True):
+            group = groups.get(keys[mark])
+            if group is None:
+                groups[keys[mark]] = [env]
+            else:
+                group.append(env)
+        return groups
 
     def admit(self, env: Envelope, tombstone: bool = False) -> Admitted | Outcome:
         """``(model, batch key)`` with ``env.request`` decoded, or the record's dead letter.

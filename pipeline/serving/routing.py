@@ -9,6 +9,7 @@ import numpy as np
 
 from schemas.errors import RoutingError, TensorError
 from schemas.messages import Request
+from schemas.signatures import Signature
 from schemas.tensors import TensorSpec, numpy_dtype, oip_datatype
 
 __all__ = ["ModelRoute", "Router"]
@@ -37,6 +38,14 @@ class ModelRoute:
                 n: (numpy_dtype(s.datatype), tuple(d for d in s.shape if d is not None))
                 for n, s in self.inputs.items()
             }
+
+    @property
+    def exact(self) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]] | None:
+        """The one signature every request must have, when there is one and no bucketing.
+
+        A request with exactly these tensors joins the batch keyed by the model's name.
+        """
+        return self._exact if self.bucketer is None else None
 
     def batch_key(self, request: Request) -> Hashable:
         """Check the request's tensors; return the key of the batch it may join."""
@@ -94,6 +103,21 @@ class Router:
 
     def __init__(self, routes: Mapping[str, ModelRoute]) -> None:
         self.routes = dict(routes)
+        # The models with one exact signature and no bucketing, for a batch's one-call
+        # check (`schemas.signatures`); entry i's requests join batch `exact_keys[i]`.
+        exact = [r for r in self.routes.values() if r.exact is not None]
+        self.exact_signatures: dict[str, Signature] = {}
+        self.exact_keys: list[tuple[str, str]] = []
+        for i, route in enumerate(exact):
+            spec = route.exact or {}
+            self.exact_signatures[route.name] = (
+                i,
+                route.version,
+                tuple(spec),
+                tuple(dtype for dtype, _ in spec.values()),
+                tuple(shape for _, shape in spec.values()),
+            )
+            self.exact_keys.append((route.name, route.name))
 
     def route(self, request: Request) -> ModelRoute:
         """The route for ``request``, or a `RoutingError` naming what is served."""

@@ -88,3 +88,53 @@ def test_a_batch_is_admitted_as_each_of_its_records_would_be() -> None:
     assert [out.reason for out in letters] == expected
     assert expected == ["undecodable", "unknown_model", "bad_request", "bad_tensor"]
     assert [CODEC.decode_dead_letter(out.value).offset for out in letters] == [1, 2, 3, 5]
+
+
+def _two_models() -> Intake:
+    graph = [
+        SimpleNamespace(
+            name=name,
+            settings=SimpleNamespace(version="3"),
+            inputs={"x": TensorSpec("FP32", (n,))},
+            bucketer=None,
+        )
+        for name, n in (("m", 4), ("k", 2))
+    ]
+    return Intake(graph, CODEC, OutcomeEncoder(CODEC, "out", "dlq"))  # type: ignore[arg-type]
+
+
+def test_a_batch_that_all_fits_takes_one_check_and_groups_as_row_by_row() -> None:
+    """The usual batch (every row a request of its model's exact signature) is grouped
+    by one signature check; the groups are the ones the row-by-row path makes."""
+
+    def k(rid: str) -> bytes:
+        return CODEC.encode_request(Request(rid, "k", {"x": np.ones(2, np.float32)}))
+
+    def m(rid: str) -> bytes:
+        return CODEC.encode_request(Request(rid, "m", {"x": np.ones(4, np.float32)}))
+
+    values = [m("a"), k("b"), m("c"), k("d")]
+    rows = [_env(v) for v in values]
+    groups, letters = _two_models().admit_batch(rows)
+    assert letters == []
+    assert groups == {("m", "m"): [rows[0], rows[2]], ("k", "k"): [rows[1], rows[3]]}
+    assert all(env.request is not None for env in rows)
+    # The same rows with one that does not fit: the row-by-row path, the same groups.
+    bad = _env(_request(x=np.zeros(5, np.float32)))
+    again = [_env(v) for v in values]
+    groups2, letters2 = _two_models().admit_batch([*again, bad])
+    assert [o.reason for o in letters2] == ["bad_tensor"]
+
+    def ids(groups: dict[Any, list[Envelope]]) -> dict[Any, list[str]]:
+        return {k: [e.request.id for e in v] for k, v in groups.items()}  # type: ignore[union-attr]
+
+    assert ids(groups2) == ids(groups)
+
+
+def test_one_model_batch_that_fits_is_one_group_in_arrival_order() -> None:
+    rows = [_env(_request(x=np.full(4, i, np.float32))) for i in range(5)]
+    groups, letters = _intake().admit_batch(rows)
+    assert letters == []
+    assert list(groups) == [("m", "m")]
+    assert groups[("m", "m")] == rows
+    assert [float(e.request.inputs["x"][0]) for e in rows] == [0, 1, 2, 3, 4]  # type: ignore[union-attr]
