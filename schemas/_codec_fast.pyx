@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The compiled hot path of schemas.codec: a consumed batch of requests decoded, and a
-finished batch of results encoded, each in one call.
+finished batch of results encoded, each in one call; and a decoded batch checked against
+its models' exact signatures (`match_signatures`, whose reference is schemas/signatures.py).
 
 Long because it is one C-level reader and one writer for the two fixed layouts that
 schemas/binary.py reads and writes in Python; splitting it would only add imports.

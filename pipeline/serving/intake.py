@@ -6,8 +6,11 @@ rows by the batch they may join (the model and, for models with free dimensions,
 input shapes; a text's length bucket), in arrival order. A row that cannot be served
 becomes its dead letter instead: a tombstone, bytes that are not a request
 (``undecodable``), a model that is not served (``unknown_model``), tensors that do not
-fit (``bad_tensor``). The Kafka loop calls it once per consumed batch, the Faust adapter
-once per batch of events; `Intake.admit` is the one-record form.
+fit (``bad_tensor``). A batch whose every row is a request that fits its model's one
+exact signature (the usual batch) is checked and grouped in one compiled call
+(`schemas.signatures`); only other batches are routed row by row. The Kafka loop calls
+it once per consumed batch, the Faust adapter once per batch of events; `Intake.admit`
+is the one-record form.
 """
 
 from __future__ import annotations
