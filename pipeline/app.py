@@ -133,9 +133,9 @@ def serve(
                     share_ranges=share_ranges,
                 )
                 pipeline.metrics_url = None if server is None else server.url
-                if on_ready is not None:
-                    on_ready(address, pipeline)
-                with serving_collector():
+                with serving_collector():  # from ready on: callers see the policy applied
+                    if on_ready is not None:
+                        on_ready(address, pipeline)
                     return pipeline.run(stop)
         finally:
             close_graph(graph)

@@ -208,3 +208,22 @@ def test_a_model_runtime_that_stopped_fatally_stops_the_replica() -> None:
     assert p._failure() is None
     p.runtimes["m"] = Stopped()  # type: ignore[assignment]
     assert p._failure() == "model m: emit refused 3 outcomes: RuntimeError: gone"
+
+
+def test_the_replicas_own_producer_reports_a_failed_delivery_to_its_default_callback() -> None:
+    """A producer the replica builds hands records no callback of their own: a failure
+    must still reach `Delivery.on_report` (its ``on_delivery`` setting). A real
+    librdkafka producer with no broker to reach times its record out."""
+    topology = parse_topology(
+        TOPOLOGY + "kafka: {producer: {message.timeout.ms: 300}}\n", "t.yaml", {}
+    )
+    p = Replica(topology, [], "127.0.0.1:1", consumer=object())  # type: ignore[arg-type]
+    assert p.delivery.default_reports
+    env = _envelope(p, b"request")
+    p._pending.append(Outcome(env, "out", b"result"))
+    p._publish()
+    deadline = time.monotonic() + 10
+    while p.delivery.fatal is None and time.monotonic() < deadline:
+        p.producer.flush(0.2)  # serves the delivery report once the record times out
+    assert "delivery to out failed for in/0@7" in (p.delivery.fatal or "")
+    assert p.tracker.committable() == {}  # never done, never committed

@@ -37,6 +37,7 @@ def test_consumers_rebalance_cooperatively_and_read_only_committed_requests() ->
     assert conf["isolation.level"] == "read_committed"
     assert conf["enable.auto.commit"] is False
     assert "group.instance.id" not in conf
+    assert conf["fetch.queue.backoff.ms"] == 10  # not librdkafka's 1 s: the loop starved
 
 
 def test_a_static_member_is_named_by_its_replica_and_the_users_settings_win() -> None:

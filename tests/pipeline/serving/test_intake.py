@@ -138,3 +138,24 @@ def test_one_model_batch_that_fits_is_one_group_in_arrival_order() -> None:
     assert list(groups) == [("m", "m")]
     assert groups[("m", "m")] == rows
     assert [float(e.request.inputs["x"][0]) for e in rows] == [0, 1, 2, 3, 4]  # type: ignore[union-attr]
+
+
+def test_a_batch_that_all_fits_never_routes_row_by_row(monkeypatch: Any) -> None:
+    """The one-call check is what groups such a batch: keying row by row is not reached
+    (it is for a batch with one row that does not fit)."""
+    from pipeline.serving.routing import ModelRoute
+
+    calls: list[str] = []
+    real = ModelRoute.batch_key
+
+    def counting(self: ModelRoute, request: Request) -> Any:
+        calls.append(request.id)
+        return real(self, request)
+
+    monkeypatch.setattr(ModelRoute, "batch_key", counting)
+    intake = _intake()
+    groups, _ = intake.admit_batch([_env(_request()) for _ in range(3)])
+    assert sum(map(len, groups.values())) == 3
+    assert calls == []
+    intake.admit_batch([_env(_request()), _env(_request(x=np.zeros(5, np.float32)))])
+    assert len(calls) == 2
