@@ -405,7 +405,7 @@ def kafka_round_trip(
     reader = threading.Thread(target=read, name="floor-reader")
     reader.start()
     time.sleep(1.0)  # the reader's first fetch is in place
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})  # the generator's
     rng = np.random.default_rng(7)
     start, due = time.perf_counter(), 0.0
     payload = b"x" * 300
