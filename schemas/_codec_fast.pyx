@@ -261,6 +261,11 @@ cdef object tensor(
             nonzero *= <uint64_t>dims[i]
     count = 0 if zero else nonzero  # meaningless when it overflowed: then refused below
     if kind == _BYTES:
+        if not zero and not overflow and nonzero == 1 and not one_framed(c.buf + start, size):
+            # One element sent bare (schemas.tensors.BYTES_RULE): the data is the element.
+            arr = _empty(1, dtype=_OBJECT)
+            arr[0] = PyBytes_FromStringAndSize(<const char*>c.buf + start, size)
+            return arr.reshape(tuple([dims[i] for i in range(ndims)]))
         if not zero and (overflow or nonzero > <uint64_t>size // 4):
             verdict[0] = BAD  # 4 * count > len(data): not even the length prefixes fit
             return None
@@ -294,6 +299,16 @@ cdef object tensor(
     )  # flags 0: read-only, like np.frombuffer over bytes
     cnp.set_array_base(arr, base)
     return arr
+
+
+cdef inline bint one_framed(const uint8_t* p, Py_ssize_t size):
+    """Whether ``p`` is exactly one length-prefixed BYTES element."""
+    if size < 4:
+        return False
+    cdef uint64_t n = p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (
+        <uint32_t>p[3] << 24
+    )
+    return n == <uint64_t>(size - 4)
 
 
 cdef object bytes_tensor(

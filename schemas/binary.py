@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from schemas.errors import DecodeError, TensorError
+from schemas.errors import DecodeError, RequestError, RequestIdentity, TensorError
 from schemas.tensors import MAX_DIMS, oip_datatype, pack_bytes_elements
 
 __all__ = [
@@ -177,8 +177,12 @@ def read_request(buf: bytes) -> dict[str, Any]:
     rid, pos = _read_str(buf, 0)
     model, pos = _read_str(buf, pos)
     version, pos = _read_optional_str(buf, pos)
-    inputs, pos = _read_array(buf, pos, _read_tensor, MAX_TENSORS, _too_many_tensors)
-    pairs, pos = _read_array(buf, pos, _read_pair, MAX_PARAMETERS, _too_many_parameters)
+    try:
+        inputs, pos = _read_array(buf, pos, _read_tensor, MAX_TENSORS, _too_many_tensors)
+        pairs, pos = _read_array(buf, pos, _read_pair, MAX_PARAMETERS, _too_many_parameters)
+    except RequestError as e:  # refused part way: what came before says whose it is
+        e.whose = RequestIdentity(rid, model, version or None)
+        raise
     branch, pos = decode_long(buf, pos)
     deadline: int | None = None
     if branch == 1:

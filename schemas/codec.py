@@ -25,7 +25,7 @@ import fastavro
 
 from schemas import SCHEMA_DIR
 from schemas.binary import MAX_PARAMETERS, MAX_TENSORS, ResultBatchEncoder, read_request
-from schemas.errors import DecodeError, RequestError, describe
+from schemas.errors import DecodeError, RequestError, RequestIdentity, describe
 from schemas.messages import DeadLetter, Request, Result, Status, Timings
 from schemas.tensors import array_to_bytes, bytes_to_array
 from schemas.wire import frame, unframe
@@ -81,6 +81,9 @@ class AvroCodec:
         self.request_schema = fastavro.parse_schema(load_schema("request"))
         self.result_schema = fastavro.parse_schema(load_schema("result"))
         self.dead_letter_schema = fastavro.parse_schema(load_schema("dead_letter"))
+        # Dead letters written before they carried the version and reply topic: their
+        # schema, for reading a dead-letter topic that older replicas wrote to.
+        self._dead_letter_v1 = fastavro.parse_schema(_without(load_schema("dead_letter"), _DL_V2))
         self._registry = registry
         self._result_id = result_schema_id
         self._dead_letter_id = dead_letter_schema_id
@@ -112,32 +115,16 @@ class AvroCodec:
     def decode_request(self, data: bytes) -> Request:
         """Decode and check a request; any defect raises a `RequestError` subclass."""
         record = self._read_request(data)
-        inputs = record["inputs"]
-        if len(inputs) > MAX_TENSORS:
-            raise DecodeError(f"request has more than {MAX_TENSORS} tensors")
-        if len(record["parameters"]) > MAX_PARAMETERS:
-            raise DecodeError(f"request has more than {MAX_PARAMETERS} parameters")
-        reply = record["reply_topic"]
-        if reply and not _TOPIC.match(reply):  # "" means none, as an absent one does
-            raise RequestError(f"reply_topic {reply[:80]!r} is not a legal Kafka topic name")
-        arrays = {}
-        for t in inputs:
-            name = t["name"]
-            if name in arrays:
-                raise DecodeError(f"input {name!r} appears twice")
-            try:
-                arrays[name] = bytes_to_array(t["datatype"], t["shape"], t["data"])
-            except RequestError as e:
-                raise type(e)(f"input {name!r}: {e}") from None
-        return Request(
-            id=record["id"],
-            model=record["model"],
-            model_version=record["model_version"],
-            inputs=arrays,
-            parameters=record["parameters"],
-            deadline_ms=record["deadline_ms"],
-            reply_topic=record["reply_topic"],
-        )
+        try:
+            return _checked_request(record)
+        except RequestError as e:  # its fields decoded: the dead letter says whose it was
+            e.whose = RequestIdentity(
+                record["id"],
+                record["model"],
+                record["model_version"] or None,
+                record["reply_topic"] or None,
+            )
+            raise
 
     def decode_requests(self, values: Sequence[bytes]) -> list[Request | RequestError]:
         """Decode a consumed batch in one call (the hot path): one entry per value.
@@ -265,13 +252,24 @@ class AvroCodec:
             },
             "payload": letter.payload,
             "failed_at_ms": letter.failed_at_ms,
+            "model_version": letter.model_version,
+            "reply_topic": letter.reply_topic,
         }
         payload = self._write(self.dead_letter_schema, record)
         return payload if self._dead_letter_id is None else frame(self._dead_letter_id, payload)
 
     def decode_dead_letter(self, data: bytes) -> DeadLetter:
-        """Decode a dead letter."""
-        r = self._read(self.dead_letter_schema, data)
+        """Decode a dead letter, also one written before the version and reply topic were."""
+        try:
+            r = self._read(self.dead_letter_schema, data)
+        except Exception:
+            if self._registry is not None:  # the registry names the writer's own schema
+                raise
+            r = dict(
+                fastavro.schemaless_reader(
+                    io.BytesIO(data), self._dead_letter_v1, self.dead_letter_schema
+                )  # type: ignore[arg-type]
+            )
         src = r["source"]
         return DeadLetter(
             reason=r["reason"],
@@ -283,6 +281,8 @@ class AvroCodec:
             failed_at_ms=r["failed_at_ms"],
             id=r["id"],
             model=r["model"],
+            model_version=r["model_version"],
+            reply_topic=r["reply_topic"],
         )
 
     # -- helpers --------------------------------------------------------------------------
@@ -373,6 +373,44 @@ class ResultBatch:
                 zip(rids, timings, topics, partitions, offsets, strict=True)
             )
         ]
+
+
+_DL_V2 = frozenset({"model_version", "reply_topic"})
+"""The dead letter's fields added in its second version, at its end."""
+
+
+def _without(schema: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    return {**schema, "fields": [f for f in schema["fields"] if f["name"] not in names]}
+
+
+def _checked_request(record: dict[str, Any]) -> Request:
+    """The `Request` of a decoded record, each field checked; a defect raises."""
+    inputs = record["inputs"]
+    if len(inputs) > MAX_TENSORS:
+        raise DecodeError(f"request has more than {MAX_TENSORS} tensors")
+    if len(record["parameters"]) > MAX_PARAMETERS:
+        raise DecodeError(f"request has more than {MAX_PARAMETERS} parameters")
+    reply = record["reply_topic"]
+    if reply and not _TOPIC.match(reply):  # "" means none, as an absent one does
+        raise RequestError(f"reply_topic {reply[:80]!r} is not a legal Kafka topic name")
+    arrays = {}
+    for t in inputs:
+        name = t["name"]
+        if name in arrays:
+            raise DecodeError(f"input {name!r} appears twice")
+        try:
+            arrays[name] = bytes_to_array(t["datatype"], t["shape"], t["data"])
+        except RequestError as e:
+            raise type(e)(f"input {name!r}: {e}") from None
+    return Request(
+        id=record["id"],
+        model=record["model"],
+        model_version=record["model_version"],
+        inputs=arrays,
+        parameters=record["parameters"],
+        deadline_ms=record["deadline_ms"],
+        reply_topic=record["reply_topic"],
+    )
 
 
 def _tensor_record(name: str, array: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ turn pydantic's validation errors into ``models[0].batching.max_batch_size: unkn
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "GraphError",
     "KpError",
     "RequestError",
+    "RequestIdentity",
     "RoutingError",
     "TensorError",
     "describe",
@@ -69,9 +71,25 @@ class BrokerError(KpError):
 
 
 class RequestError(KpError):
-    """One request cannot be served. ``reason`` is a short label used as a metric label."""
+    """One request cannot be served. ``reason`` is a short label used as a metric label.
+
+    ``whose`` is what did decode of the request (its id, model, version and reply topic)
+    when the defect was found after its fields were read: the dead letter carries it, so
+    the service that sent the request can tell which one failed.
+    """
 
     reason = "bad_request"
+    whose: RequestIdentity | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestIdentity:
+    """The fields that name a request and where its answer goes, as they were sent."""
+
+    id: str
+    model: str
+    model_version: str | None = None
+    reply_topic: str | None = None
 
 
 class DecodeError(RequestError):

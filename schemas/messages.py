@@ -71,6 +71,7 @@ class Envelope:
     consumed_at: float
     generation: int = 0
     request: Request | None = None
+    headers: list[tuple[str, bytes | None]] | None = None  # the record's, when it had any
 
 
 class Status(StrEnum):
@@ -122,3 +123,5 @@ class DeadLetter:
     failed_at_ms: int
     id: str | None = None
     model: str | None = None
+    model_version: str | None = None
+    reply_topic: str | None = None

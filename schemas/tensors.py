@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from schemas.errors import TensorError
 
 __all__ = [
+    "BYTES_RULE",
     "DATATYPES",
+    "FRAMING",
     "DeclaredTensor",
     "TensorSpec",
     "array_to_bytes",
@@ -144,6 +146,27 @@ def unpack_bytes_elements(data: bytes, count: int) -> list[bytes]:
     return out
 
 
+FRAMING = (
+    "each BYTES element is its 4-byte little-endian length then its bytes, elements back "
+    "to back (the Open Inference Protocol's binary form); only a tensor of one element may "
+    "be sent without it"
+)
+"""The framing rule, as refusals state it."""
+
+BYTES_RULE = """A BYTES tensor's data: each element is a 4-byte little-endian length followed by
+that many bytes, the elements back to back, nothing after (the Open Inference Protocol's
+binary tensor form). A tensor of exactly one element may also be sent bare: data that is
+not exactly one framed element (its first 4 bytes, read as a little-endian length, do not
+equal the rest's length) is that element as it is. So a JPEG file or a UTF-8 text put
+as-is into a shape-[1] BYTES tensor is served; a bare element whose first 4 bytes happen to
+state the length of the rest would be read as framed, so clients that can should frame
+(`kp-pipeline produce` and `array_to_bytes` always do)."""
+
+
+def _one_framed_element(data: bytes) -> bool:
+    return len(data) >= 4 and _LEN.unpack_from(data)[0] == len(data) - 4
+
+
 def bytes_to_array(datatype: str, shape: Sequence[int], data: bytes) -> np.ndarray[Any, Any]:
     """A read-only array over a tensor's row-major bytes (no copy for numeric types)."""
     if len(shape) > MAX_DIMS:
@@ -152,15 +175,22 @@ def bytes_to_array(datatype: str, shape: Sequence[int], data: bytes) -> np.ndarr
         raise TensorError(f"negative dimension in shape {list(shape)}")
     count = math.prod(shape)
     if datatype == "BYTES":
+        if count == 1 and not _one_framed_element(data):
+            arr = np.empty(1, dtype=object)
+            arr[0] = bytes(data)  # one element sent as it is (a JPEG, a text): see BYTES_RULE
+            return _reshape(arr, shape)
         # Every element has a 4-byte length prefix: check before allocating for a hostile
         # shape such as [2**50].
         if 4 * count > len(data):
             raise TensorError(
                 f"BYTES{list(shape)} needs at least {4 * count} bytes of length prefixes, "
-                f"got {len(data)}"
+                f"got {len(data)}; {FRAMING}"
             )
         arr = np.empty(count, dtype=object)
-        arr[:] = unpack_bytes_elements(data, count)
+        try:
+            arr[:] = unpack_bytes_elements(data, count)
+        except TensorError as e:
+            raise TensorError(f"{e}; {FRAMING}") from None
         return _reshape(arr, shape)
     dtype = _WIRE_DTYPE.get(datatype)
     if dtype is None:

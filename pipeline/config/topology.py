@@ -119,6 +119,11 @@ class TopicSettings(_Strict):
     replay_output: str | None = Field(
         None, description="Where `kp-pipeline replay` writes results (--output overrides)."
     )
+    propagate_headers: list[str] = Field(
+        default_factory=list,
+        description="Request headers copied onto each request's result and dead letter "
+        "(names, any case), beside the W3C traceparent and tracestate, which always are.",
+    )
     create: bool = Field(True, description="Create missing topics at start.")
     partitions: int = Field(4, ge=1, description="Partitions of topics created at start.")
     replication_factor: int = Field(1, ge=1)

@@ -100,8 +100,13 @@ class Consumed:
             out.tombstones.extend(start + i for i, v in enumerate(raw) if v is None)
             values = [v or b"" for v in raw]
         add = out.rows.append
+        rows = len(out.rows)
         for msg, value, offset, stamp in zip(run, values, offsets, stamps, strict=True):
             add(Envelope(topic, partition, offset, msg.key(), value, stamp, now, generation))
+        headers = [m.headers() for m in run]
+        if any(headers):  # kept for the outcome to carry (trace context, named headers)
+            for env, found in zip(out.rows[rows:], headers, strict=True):
+                env.headers = cast("list[tuple[str, bytes | None]] | None", found)
 
 
 def _runs(msgs: list[Message]) -> Iterator[tuple[Partition | None, list[Message]]]:

@@ -92,6 +92,7 @@ class Replica:
             topology.topics.output,
             topology.topics.dead_letter,
             reply_topics=ranges is None,
+            propagate_headers=topology.topics.propagate_headers,
         )
         self.metrics = metrics or Metrics()
         self.health = health or Health(topology.metrics.stale_after_s)

@@ -173,7 +173,12 @@ class KpFaustModel:
         self.graph = {m.name: m for m in graph}
         topics = opened.topology.topics
         self.codec = codec or make_codec(opened.topology)
-        self.encoder = OutcomeEncoder(self.codec, topics.output, topics.dead_letter)
+        self.encoder = OutcomeEncoder(
+            self.codec,
+            topics.output,
+            topics.dead_letter,
+            propagate_headers=topics.propagate_headers,
+        )
         self.intake = Intake(graph, self.codec, self.encoder)
         self.stats = FaustStats()
         # The Faust app exports its own metrics; the runtimes' stay in this registry.
@@ -271,6 +276,7 @@ class KpFaustModel:
             msg.value or b"",
             timestamp_ms,
             consumed_at,
+            headers=_header_list(msg.headers),
         )
 
     async def handle(self, events: Sequence[EventT[Any]]) -> list[Outcome]:
@@ -468,3 +474,11 @@ def attach(
 def _nowhere(outcomes: list[Outcome]) -> None:
     """The runtimes' default emit: never used, every batch names its own."""
     raise AssertionError(f"{len(outcomes)} outcomes of a batch submitted without an emit")
+
+
+def _header_list(headers: Any) -> list[tuple[str, bytes | None]] | None:
+    """A Faust message's headers (a list of pairs or a mapping) as the client gives them."""
+    if not headers:
+        return None
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    return [(str(k), v) for k, v in pairs]

@@ -78,7 +78,7 @@ class Intake:
                     route = self.router.route(request)  # raises the RoutingError
                 admitted = (route.name, route.batch_key(request))
             except RequestError as e:
-                letters.append(self.encoder.dead_letter(env, e.reason, str(e)))
+                letters.append(self.encoder.dead_letter(env, e.reason, str(e), e.whose))
                 continue
             group = groups.get(admitted)
             if group is None:

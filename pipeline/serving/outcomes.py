@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from schemas.codec import AvroCodec
+from schemas.errors import RequestIdentity
 from schemas.messages import DeadLetter, Envelope, Result, Status, Timings
 
 __all__ = ["Outcome", "OutcomeEncoder"]
 
 Headers = list[tuple[str, str | bytes | None]]
+
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+"""W3C trace context: every outcome carries its request's, so a trace spans the pipeline."""
 
 
 @dataclass(slots=True)
@@ -45,12 +49,22 @@ class OutcomeEncoder:
         output_topic: str,
         dead_letter_topic: str,
         reply_topics: bool = True,
+        propagate_headers: Iterable[str] = (),
     ) -> None:
         self.codec = codec
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
         # A replay writes every result to its own output, never to a live reply topic.
         self.reply_topics = reply_topics
+        self._carry = TRACE_HEADERS | {name.lower() for name in propagate_headers}
+
+    def carried(self, headers: list[tuple[str, bytes | None]] | None) -> Headers | None:
+        """The request's headers that its outcome carries: trace context and named ones."""
+        if not headers:
+            return None
+        carry = self._carry
+        kept: Headers = [(k, v) for k, v in headers if k.lower() in carry]
+        return kept or None
 
     def results(
         self,
@@ -88,9 +102,15 @@ class OutcomeEncoder:
             [env.partition for env in rows],
             [env.offset for env in rows],
         )
-        output, replies = self.output_topic, self.reply_topics
+        output, replies, carried = self.output_topic, self.reply_topics, self.carried
         return [
-            Outcome(env, (replies and r.reply_topic) or output, value, model=model)  # type: ignore[union-attr]
+            Outcome(
+                env,
+                (replies and r.reply_topic) or output,  # type: ignore[union-attr]
+                value,
+                carried(env.headers) if env.headers else None,
+                model=model,
+            )
             for env, r, value in zip(rows, requests, values, strict=True)
         ]
 
@@ -126,7 +146,8 @@ class OutcomeEncoder:
         )
         topic = (self.reply_topics and request.reply_topic) or self.output_topic
         value = self.codec.encode_result(result)
-        return Outcome(env, topic, value, model=model, status=Status.EXPIRED.value)
+        headers = self.carried(env.headers)
+        return Outcome(env, topic, value, headers, model=model, status=Status.EXPIRED.value)
 
     def stand_in(self, out: Outcome, cause: str) -> Outcome | None:
         """The dead letter to send instead of an outcome the broker refused for good.
@@ -142,12 +163,30 @@ class OutcomeEncoder:
         if env.value:
             trimmed = dataclasses.replace(env, value=b"")
             error = f"{cause}; the request's bytes were dropped from this dead letter"
-            return self.dead_letter(trimmed, out.reason, error)
+            return self.dead_letter(trimmed, out.reason, error, self._whose(out))
         return None
 
-    def dead_letter(self, env: Envelope, reason: str, error: str) -> Outcome:
-        """A dead letter with the original bytes; the reason also travels in headers."""
+    def _whose(self, letter: Outcome) -> RequestIdentity | None:
+        """The request a dead letter named (rare path: read back from its bytes)."""
+        dead = self.codec.decode_dead_letter(letter.value)
+        if dead.id is None or dead.model is None:
+            return None
+        return RequestIdentity(dead.id, dead.model, dead.model_version, dead.reply_topic)
+
+    def dead_letter(
+        self, env: Envelope, reason: str, error: str, whose: RequestIdentity | None = None
+    ) -> Outcome:
+        """A dead letter with the original bytes; the reason also travels in headers.
+
+        It names the request (id, model, version, reply topic) whenever those decoded: from
+        ``env.request``, or from ``whose`` when the request was refused after its fields
+        were read (a tensor that does not fit, an illegal reply topic).
+        """
         request = env.request
+        if request is not None:
+            whose = RequestIdentity(
+                request.id, request.model, request.model_version, request.reply_topic
+            )
         # Capped, so a dead letter always fits where its request did (a request whose
         # bytes are mostly a 1 MB id would otherwise have a dead letter just as large).
         letter = DeadLetter(
@@ -158,14 +197,19 @@ class OutcomeEncoder:
             offset=env.offset,
             payload=env.value,
             failed_at_ms=int(time.time() * 1000),
-            id=None if request is None else _cap(request.id, MAX_NAME),
-            model=None if request is None else _cap(request.model, MAX_NAME),
         )
         headers: Headers = [
             ("kp.reason", reason.encode()),
             ("kp.error", error.encode()[:1024]),
             ("kp.source", f"{env.topic}/{env.partition}/{env.offset}".encode()),
         ]
+        if whose is not None:
+            letter.id = _cap(whose.id, MAX_NAME)
+            letter.model = _cap(whose.model, MAX_NAME)
+            letter.model_version = whose.model_version and _cap(whose.model_version, MAX_NAME)
+            letter.reply_topic = whose.reply_topic and _cap(whose.reply_topic, MAX_NAME)
+            headers += [("kp.id", letter.id.encode()), ("kp.model", letter.model.encode())]
+        headers += self.carried(env.headers) or ()
         return Outcome(
             env,
             self.dead_letter_topic,

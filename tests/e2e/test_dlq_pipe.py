@@ -9,6 +9,7 @@ as a result, as a dead letter, or as a redriven request that became one of those
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -19,8 +20,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import numpy as np
 import pytest
+from confluent_kafka import Producer
 from e2e.kit import (
     ROOT,
     Topics,
@@ -391,3 +394,77 @@ def test_a_registry_topology_decodes_its_framed_dead_letters(
     assert sorted((r["id"], r["reason"]) for r in rows) == [(i, "unknown_model") for i in ids]
     plan = _dlq(topology, broker, "redrive", "--id", "nope-*", "--dry-run")
     assert "would redrive 3 dead letters" in plan.stdout, plan.stderr[-2000:]
+
+
+# -- whose request failed, and the headers that come back -----------------------------------
+
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _raw(rid: str, inputs: list[dict[str, Any]], reply_topic: str | None = None) -> bytes:
+    """A request as a producer written from request.avsc by field name makes it."""
+    record = {
+        "id": rid, "model": "tiny-mlp", "model_version": "1", "parameters": {},
+        "deadline_ms": None, "reply_topic": reply_topic, "inputs": inputs,
+    }  # fmt: skip
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(load_schema("request")), record)
+    return buf.getvalue()
+
+
+def test_dead_letters_name_the_request_and_headers_come_back(
+    broker: EmbeddedBroker, topics: Topics, tiny_topology: Path
+) -> None:
+    """The refusals of the issue, sent as other producers send them, on the real broker."""
+    text = tiny_topology.read_text().replace(
+        "create: false", "create: false, propagate_headers: [trace-id]"
+    )
+    tiny_topology.write_text(text)
+    x = np.ones(64, np.float32)
+    fp32 = {"name": "x", "datatype": "FP32", "shape": [64]}
+    jpeg = {"name": "x", "datatype": "BYTES", "shape": [1], "data": b"\xff\xd8\xff\xe0JFIF"}
+    sent = {
+        "f64": _raw("f64", [{**fp32, "data": x.astype(np.float64).tobytes()}], "svc.replies"),
+        "reply": _raw("reply", [{**fp32, "data": x.tobytes()}], "not a topic!"),
+        "twice": _raw("twice", [{**fp32, "data": x.tobytes()}] * 2, "svc.replies"),
+        "jpeg": _raw("jpeg", [jpeg]),
+        "ok": _raw("ok", [{**fp32, "data": x.tobytes()}]),
+    }  # fmt: skip
+    producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
+    for rid, value in sent.items():
+        headers = [("traceparent", TRACEPARENT), ("trace-id", rid.encode()), ("x-other", b"no")]
+        producer.produce(topics.input, value, rid.encode(), headers=headers)
+    assert producer.flush(30) == 0
+    _serve(tiny_topology, broker, topics, 1, 4)
+
+    [result] = read_all(broker, topics.output, 1)
+    assert CODEC.decode_result(result.value()).id == "ok"
+    assert result.headers() == [("traceparent", TRACEPARENT), ("trace-id", b"ok")]
+    letters = {}
+    for m in read_all(broker, topics.dead_letter, 4):
+        letter = CODEC.decode_dead_letter(m.value())
+        letters[letter.id] = (letter, dict(m.headers() or []))
+    want = {  # id: (reason, reply topic as sent)
+        "f64": ("bad_tensor", "svc.replies"),
+        "reply": ("bad_request", "not a topic!"),
+        "twice": ("undecodable", "svc.replies"),
+        "jpeg": ("bad_tensor", None),  # served bare, but the model takes FP32 x
+    }
+    assert set(letters) == set(want)
+    for rid, (reason, reply) in want.items():
+        letter, headers = letters[rid]
+        assert (letter.reason, letter.model, letter.model_version, letter.reply_topic) == (
+            reason, "tiny-mlp", "1", reply,
+        ), letter  # fmt: skip
+        assert letter.payload == sent[rid]
+        assert headers["kp.id"] == rid.encode()
+        assert headers["kp.model"] == b"tiny-mlp"
+        assert headers["traceparent"] == TRACEPARENT
+        assert headers["trace-id"] == rid.encode()
+        assert "x-other" not in headers
+    assert "FP32[64] needs 256 bytes, got 512" in letters["f64"][0].error
+
+    shown = _json(_dlq(tiny_topology, broker, "inspect", "--json"))
+    assert sorted(
+        (d["id"], d["model"], d["model_version"], d["reply_topic"]) for d in shown
+    ) == sorted((rid, "tiny-mlp", "1", reply) for rid, (_, reply) in want.items())

@@ -3,15 +3,17 @@
 Each result must equal the embedding of its text computed alone (no padding, no batch)
 with ONNX Runtime and NumPy: padding to a bucket and batching with other texts must not
 change an answer. Texts over the largest bucket and bytes that are not UTF-8 become dead
-letters; everything else is served.
+letters; everything else is served, texts sent bare (no BYTES length prefix) included.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import numpy as np
 import pytest
 from e2e.kit import ROOT, Topics, read_all, start_background
@@ -20,7 +22,7 @@ from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.samples import mixed_texts
 from pipeline.tools.traffic import image_request, produce_requests, text_request
-from schemas.codec import AvroCodec
+from schemas.codec import AvroCodec, load_schema
 
 MODEL = ROOT / "models" / "minilm_l6_int8.onnx"
 TOKENIZER = ROOT / "models" / "minilm_tokenizer.json"
@@ -51,6 +53,17 @@ def _reference(texts: list[str]) -> dict[str, np.ndarray[Any, Any]]:
     return out
 
 
+def _bare(rid: str, text: str) -> bytes:
+    record = {
+        "id": rid, "model": "minilm-l6", "model_version": None, "parameters": {},
+        "deadline_ms": None, "reply_topic": None,
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": text.encode()}],
+    }  # fmt: skip
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(load_schema("request")), record)
+    return buf.getvalue()
+
+
 def test_every_embedding_equals_its_text_alone(
     broker: EmbeddedBroker, topics: Topics, tmp_path: Path
 ) -> None:
@@ -77,8 +90,15 @@ def test_every_embedding_equals_its_text_alone(
                 os.environ[k] = v
     texts = mixed_texts(80)
     codec = AvroCodec()
+    # Every fourth text goes bare, its UTF-8 as the one BYTES element's data with no length
+    # prefix, as a producer written from the schema by field name sends it: served alike.
     records = [
-        (f"t{i}".encode(), codec.encode_request(text_request(f"t{i}", "minilm-l6", t)))
+        (
+            f"t{i}".encode(),
+            _bare(f"t{i}", t)
+            if i % 4 == 0
+            else codec.encode_request(text_request(f"t{i}", "minilm-l6", t)),
+        )
         for i, t in enumerate(texts)
     ]
     records.append((b"long", codec.encode_request(text_request("long", "minilm-l6", "lag " * 300))))

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.codec import MAX_TENSORS, AvroCodec, load_schema
-from schemas.errors import DecodeError, RequestError, TensorError
+from schemas.errors import DecodeError, RequestError, RequestIdentity, TensorError
 from schemas.messages import DeadLetter, Request, Status, Timings
 
 CODEC = AvroCodec()
@@ -153,6 +153,22 @@ def test_error_result_round_trip() -> None:
 def test_dead_letter_round_trip(rid: str | None, model: str | None) -> None:
     letter = DeadLetter("bad_tensor", "why", "t", 1, 2**35, b"\x00raw\xff", 123, rid, model)
     assert CODEC.decode_dead_letter(CODEC.encode_dead_letter(letter)) == letter
+    letter.model_version, letter.reply_topic = "2", "svc.replies"
+    assert CODEC.decode_dead_letter(CODEC.encode_dead_letter(letter)) == letter
+
+
+def test_dead_letters_written_before_version_and_reply_topic_still_read() -> None:
+    old = load_schema("dead_letter")
+    old["fields"] = [f for f in old["fields"] if f["name"] not in ("model_version", "reply_topic")]
+    record = {
+        "id": "r", "model": "m", "reason": "bad_tensor", "error": "why",
+        "source": {"topic": "t", "partition": 1, "offset": 5}, "payload": b"x",
+        "failed_at_ms": 9,
+    }  # fmt: skip
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(old), record)
+    letter = CODEC.decode_dead_letter(buf.getvalue())
+    assert letter == DeadLetter("bad_tensor", "why", "t", 1, 5, b"x", 9, "r", "m", None, None)
 
 
 @pytest.mark.parametrize(
@@ -197,9 +213,18 @@ def test_dead_letter_round_trip(rid: str | None, model: str | None) -> None:
             "input 's': BYTES[2] needs at least 8 bytes of length prefixes, got 5",
         ),
         (
-            _avro(_record(inputs=[_tensor("s", "BYTES", [1], b"\x01\x00\x00\x00ab")])),
+            _avro(_record(inputs=[_tensor("s", "BYTES", [2], b"\x01\x00\x00\x00a" * 2 + b"!")])),
             TensorError,
-            "input 's': BYTES tensor has 1 bytes after its 1 elements",
+            "input 's': BYTES tensor has 1 bytes after its 2 elements; each BYTES element is "
+            "its 4-byte little-endian length then its bytes",
+        ),
+        (
+            _avro(_record(inputs=[_tensor("s", "BYTES", [2], b"\xff\xd8\xff\xe0JFIF")])),
+            TensorError,
+            "input 's': BYTES element 0 claims 3774863615 bytes past the data's end; each "
+            "BYTES element is its 4-byte little-endian length then its bytes, elements back to "
+            "back (the Open Inference Protocol's binary form); only a tensor of one element may "
+            "be sent without it",
         ),
         (
             _avro(_record(inputs=[_tensor(f"t{i}", "INT8", [], b"\x00") for i in range(65)])),
@@ -215,6 +240,70 @@ def test_defects_become_request_errors_with_a_reason(
         CODEC.decode_request(data)
     assert message in str(e.value)
     assert e.value.reason == {DecodeError: "undecodable", TensorError: "bad_tensor"}[error]
+
+
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 4
+
+
+@pytest.mark.parametrize(
+    ("data", "element"),
+    [
+        (JPEG, JPEG),  # a file as it is: its first 4 bytes claim ~3.7 GB
+        ("héllo wörld".encode(), "héllo wörld".encode()),
+        (b"", b""),
+        (b"abc", b"abc"),  # shorter than a length prefix
+        (b"\x03\x00\x00\x00abc", b"abc"),  # framed: the prefix is the rest's length
+        (b"\x02\x00\x00\x00abc", b"\x02\x00\x00\x00abc"),  # not exactly one element: bare
+        (b"\x00\x00\x00\x00", b""),  # one framed empty element
+    ],
+)
+@pytest.mark.parametrize("shape", [[1], [1, 1], []])
+def test_one_bytes_element_may_come_bare_or_framed(
+    data: bytes, element: bytes, shape: list[int]
+) -> None:
+    wire = _avro(_record(inputs=[_tensor("s", "BYTES", shape, data)]))
+    for codec in (CODEC, AvroCodec(compiled=False)):
+        [request] = codec.decode_requests([wire])
+        assert isinstance(request, Request), request
+        got = request.inputs["s"]
+        assert got.shape == tuple(shape)
+        assert got.reshape(-1)[0] == element
+    # What the client side writes for that element decodes back to it.
+    arr = np.empty(shape, dtype=object)
+    arr.reshape(-1)[0] = element
+    again = CODEC.decode_request(CODEC.encode_request(Request("r", "m", {"s": arr})))
+    assert again.inputs["s"].reshape(-1)[0] == element
+
+
+@pytest.mark.parametrize(
+    ("over", "reason"),
+    [
+        ({"inputs": [_tensor("x", "FP32", [2], np.zeros(2, np.float64).tobytes())]}, "bad_tensor"),
+        ({"reply_topic": "no spaces allowed"}, "bad_request"),
+        ({"inputs": [_tensor("x", "INT8", [1], b"\x01")] * 2}, "undecodable"),
+        ({"inputs": [_tensor("s", "BYTES", [2], JPEG)]}, "bad_tensor"),
+        # Refused while reading the tensors, before the reply topic that follows them.
+        ({"inputs": [_tensor(f"t{i}", "INT8", [], b"\x00") for i in range(65)]}, "undecodable"),
+    ],
+)
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_refused_request_whose_fields_decoded_says_whose_it_is(
+    over: dict[str, Any], reason: str, compiled: bool
+) -> None:
+    rec = _record(**{"id": "req-7", "model": "tiny", "model_version": "3"} | {
+        "reply_topic": "svc.replies", **over
+    })  # fmt: skip
+    [error] = AvroCodec(compiled=compiled).decode_requests([_avro(rec)])
+    assert isinstance(error, RequestError)
+    assert error.reason == reason
+    read = None if len(rec["inputs"]) > MAX_TENSORS else rec["reply_topic"]
+    assert error.whose == RequestIdentity("req-7", "tiny", "3", read)
+
+
+def test_bytes_that_are_not_a_request_name_no_one() -> None:
+    [error] = CODEC.decode_requests([b"\xff" * 11])
+    assert isinstance(error, DecodeError)
+    assert error.whose is None
 
 
 def test_an_id_that_is_not_utf8_is_a_decode_error() -> None:

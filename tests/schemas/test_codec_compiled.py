@@ -266,6 +266,32 @@ valid_values = requests.map(PURE.encode_request) | raw_records.map(record_bytes)
 
 
 @st.composite
+def one_element_bytes(draw: st.DrawFn) -> bytes:
+    """A BYTES tensor of one element, framed, bare, or bare with a prefix that nearly fits."""
+    element = draw(st.binary(max_size=24))
+    data = draw(
+        st.sampled_from(
+            [
+                element,
+                struct.pack("<I", len(element)) + element,
+                struct.pack("<I", len(element) + 1) + element,
+                struct.pack("<I", max(len(element) - 1, 0)) + element,
+            ]
+        )
+    )
+    shape = draw(st.sampled_from([[1], [1, 1], [], [1, 1, 1]]))
+    tensor = {"name": "s", "datatype": "BYTES", "shape": shape, "data": data}
+    return record_bytes({**draw(raw_records), "inputs": [tensor]})
+
+
+@compiled_only
+@given(st.lists(one_element_bytes(), min_size=1, max_size=4))
+@fuzz(800)
+def test_one_element_bytes_bare_or_framed_decode_alike(values: list[bytes]) -> None:
+    check(values)
+
+
+@st.composite
 def mutated(draw: st.DrawFn) -> bytes:
     data = draw(valid_values)
     n = len(data)

@@ -370,6 +370,8 @@ def test_the_specialised_reader_agrees_with_fastavro(payload: bytes) -> None:
     registry = decode(REGISTRY, frame(OURS, payload))
     if "longer than 64 bits" in str(plain):
         return  # an Avro long is 64 bits: ours refuses more, fastavro wraps them silently
+    if "union branch -" in str(plain):
+        return  # fastavro takes a negative union index from the list's end; ours refuses it
     if "more than" in str(plain):
         assert isinstance(registry, RequestError)
         return  # ours refuses an over-long array at its count, before reading the rest

@@ -81,3 +81,15 @@ def test_a_bounded_run_stops_at_its_ranges_end() -> None:
     assert [e.offset for e in batch.rows] == [0, 1, 2]
     assert consumer.paused == [("in", 0)]
     assert bounded.finished == {("in", 0)}
+
+
+def test_records_headers_ride_on_their_envelopes_only_where_there_are_any() -> None:
+    consumed, tracker, _ = _consumed()
+    tracker.assign(("in", 0))
+    traced = [("traceparent", b"00-ab-cd-01"), ("empty", None)]
+    msgs = [_msg(0, 0), _msg(0, 1), _msg(0, 2)]
+    msgs[1].set_headers(traced)
+    batch = consumed.take(msgs, now=0.0)
+    assert [e.headers for e in batch.rows] == [None, traced, None]
+    plain = consumed.take([_msg(0, 3)], now=0.0)
+    assert plain.rows[0].headers is None

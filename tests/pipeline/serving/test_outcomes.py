@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.serving.outcomes import OutcomeEncoder
 from schemas.codec import AvroCodec
+from schemas.errors import RequestIdentity
 from schemas.messages import Envelope, Request, Result, Status, Timings
 from schemas.wire import unframe
 
@@ -92,3 +93,75 @@ def test_encode_result_round_trips_any_result_and_frames_for_a_registry() -> Non
     assert back == result
     framed = AvroCodec(result_schema_id=12).encode_result(result)
     assert unframe(framed)[0] == 12
+
+
+# -- whose request, and the headers that travel ----------------------------------------------
+
+TRACE = [
+    ("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    ("tracestate", b"vendor=1"),
+    ("Trace-Id", b"abc"),  # named in the topology, in another case
+    ("x-secret", b"not named: stays behind"),
+    ("empty", None),
+]
+
+
+def test_a_refused_request_that_decoded_names_itself_on_its_dead_letter() -> None:
+    encoder = OutcomeEncoder(CODEC, "results", "dlq")
+    env = _env(None)
+    env.request = None  # refused while decoding; the error knew whose it was
+    whose = RequestIdentity("req-9", "tiny", "2", "svc.replies")
+    out = encoder.dead_letter(env, "bad_tensor", "input 'x': FP32[64] needs 256 bytes", whose)
+    letter = CODEC.decode_dead_letter(out.value)
+    assert (letter.id, letter.model, letter.model_version, letter.reply_topic) == (
+        "req-9",
+        "tiny",
+        "2",
+        "svc.replies",
+    )
+    assert out.model == "tiny"
+    headers = dict(out.headers or [])
+    assert (headers["kp.id"], headers["kp.model"], headers["kp.reason"]) == (
+        b"req-9",
+        b"tiny",
+        b"bad_tensor",
+    )
+    # A stand-in for it (its bytes too large for the topic) still says whose it was.
+    stand_in = encoder.stand_in(out, "MSG_SIZE_TOO_LARGE")
+    assert stand_in is not None
+    again = CODEC.decode_dead_letter(stand_in.value)
+    assert (again.id, again.model, again.payload) == ("req-9", "tiny", b"")
+
+
+def test_bytes_that_decoded_to_nothing_name_no_one() -> None:
+    env = _env(None)
+    env.request = None
+    out = OutcomeEncoder(CODEC, "results", "dlq").dead_letter(env, "undecodable", "garbage")
+    letter = CODEC.decode_dead_letter(out.value)
+    assert (letter.id, letter.model, letter.model_version, letter.reply_topic) == (None,) * 4
+    assert "kp.id" not in dict(out.headers or [])
+
+
+def test_trace_context_and_named_headers_travel_to_results_and_dead_letters() -> None:
+    encoder = OutcomeEncoder(CODEC, "results", "dlq", propagate_headers=["trace-id"])
+    env = _env(None)
+    env.headers = list(TRACE)
+    carried = TRACE[:3]
+    [result] = encoder.results(
+        [env], "m", "1", {"y": np.zeros((1, 2), np.float32)}, time.monotonic(), (0, 0, 0), 1
+    )
+    assert result.headers == carried
+    letter = encoder.dead_letter(env, "bad_tensor", "why")
+    assert (letter.headers or [])[-3:] == carried
+    now_ms = time.time() * 1000
+    env.request.deadline_ms = int(now_ms) - 5  # type: ignore[union-attr]
+    assert encoder.expired(env, "m", "1", now_ms, time.monotonic()).headers == carried
+    # Without named headers only the trace context travels; without headers, nothing.
+    plain = OutcomeEncoder(CODEC, "results", "dlq")
+    assert plain.carried(env.headers) == TRACE[:2]
+    assert plain.carried([("x", b"1")]) is None
+    env.headers = None
+    [bare] = plain.results(
+        [env], "m", "1", {"y": np.zeros((1, 2), np.float32)}, time.monotonic(), (0, 0, 0), 1
+    )
+    assert bare.headers is None
