@@ -35,7 +35,15 @@ try:
 except ImportError:  # not built (no C compiler at install): the pure-Python codec serves
     _codec_fast = None  # type: ignore[assignment]
 
-__all__ = ["COMPILED", "MAX_TENSORS", "AvroCodec", "ResultBatch", "SchemaLookup", "load_schema"]
+__all__ = [
+    "COMPILED",
+    "MAX_TENSORS",
+    "AvroCodec",
+    "ResultBatch",
+    "SchemaLookup",
+    "load_schema",
+    "request_from_record",
+]
 
 COMPILED: bool = _codec_fast is not None
 """Whether the compiled codec was built and is used by the batch entry points."""
@@ -114,17 +122,7 @@ class AvroCodec:
 
     def decode_request(self, data: bytes) -> Request:
         """Decode and check a request; any defect raises a `RequestError` subclass."""
-        record = self._read_request(data)
-        try:
-            return _checked_request(record)
-        except RequestError as e:  # its fields decoded: the dead letter says whose it was
-            e.whose = RequestIdentity(
-                record["id"],
-                record["model"],
-                record["model_version"] or None,
-                record["reply_topic"] or None,
-            )
-            raise
+        return request_from_record(self._read_request(data))
 
     def decode_requests(self, values: Sequence[bytes]) -> list[Request | RequestError]:
         """Decode a consumed batch in one call (the hot path): one entry per value.
@@ -381,6 +379,24 @@ _DL_V2 = frozenset({"model_version", "reply_topic"})
 
 def _without(schema: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
     return {**schema, "fields": [f for f in schema["fields"] if f["name"] not in names]}
+
+
+def request_from_record(record: dict[str, Any]) -> Request:
+    """The `Request` of a decoded request record (Avro's, or another encoding's in its shape).
+
+    Every field is checked; a defect raises its `RequestError`, which says whose request
+    it was (the record's id, model, version and reply topic all decoded).
+    """
+    try:
+        return _checked_request(record)
+    except RequestError as e:
+        e.whose = RequestIdentity(
+            record["id"],
+            record["model"],
+            record["model_version"] or None,
+            record["reply_topic"] or None,
+        )
+        raise
 
 
 def _checked_request(record: dict[str, Any]) -> Request:

@@ -72,6 +72,7 @@ class Envelope:
     generation: int = 0
     request: Request | None = None
     headers: list[tuple[str, bytes | None]] | None = None  # the record's, when it had any
+    encoding: str | None = None  # of the request, when not Avro ("json")
 
 
 class Status(StrEnum):

@@ -124,9 +124,25 @@ class TopicSettings(_Strict):
         description="Request headers copied onto each request's result and dead letter "
         "(names, any case), beside the W3C traceparent and tracestate, which always are.",
     )
+    encoding: dict[str, Literal["avro", "json"]] = Field(
+        default_factory=dict,
+        description="Input topics whose requests are not Avro: 'json' is the Open Inference "
+        "Protocol's v2 JSON body (schemas/oip_json.py). A record's content-type header "
+        "(application/json, application/avro) overrides its topic's.",
+    )
+    result_encoding: Literal["request", "avro", "json"] = Field(
+        "request", description="Results in their request's encoding, or all in one."
+    )
     create: bool = Field(True, description="Create missing topics at start.")
     partitions: int = Field(4, ge=1, description="Partitions of topics created at start.")
     replication_factor: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _encoded_topics_are_inputs(self) -> TopicSettings:
+        unknown = sorted(set(self.encoding) - set(self.input))
+        if unknown:
+            raise ValueError(f"encoding names {unknown}, which are not input topics")
+        return self
 
 
 class FlowSettings(_Strict):

@@ -93,6 +93,7 @@ class Replica:
             topology.topics.dead_letter,
             reply_topics=ranges is None,
             propagate_headers=topology.topics.propagate_headers,
+            result_encoding=topology.topics.result_encoding,
         )
         self.metrics = metrics or Metrics()
         self.health = health or Health(topology.metrics.stale_after_s)
@@ -142,7 +143,7 @@ class Replica:
             confirm_every=max(1, self.flow.max_in_flight // 4),
             default_reports=own_producer and not self.exactly_once,
         )
-        self.intake = Intake(graph, self.codec, self.encoder)
+        self.intake = Intake(graph, self.codec, self.encoder, topology.topics.encoding)
         self.consumed = Consumed(self.consumer, self.tracker, self.accounting, self.bounded)
         self.batchers = {
             m.name: MicroBatcher[Any, Envelope](

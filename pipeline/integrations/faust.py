@@ -178,8 +178,9 @@ class KpFaustModel:
             topics.output,
             topics.dead_letter,
             propagate_headers=topics.propagate_headers,
+            result_encoding=topics.result_encoding,
         )
-        self.intake = Intake(graph, self.codec, self.encoder)
+        self.intake = Intake(graph, self.codec, self.encoder, topics.encoding)
         self.stats = FaustStats()
         # The Faust app exports its own metrics; the runtimes' stay in this registry.
         self.metrics = Metrics()

@@ -15,17 +15,25 @@ is the one-record form.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.routing import ModelRoute, Router
-from schemas.codec import AvroCodec
-from schemas.errors import RequestError
+from schemas import oip_json
+from schemas.codec import AvroCodec, request_from_record
+from schemas.errors import DecodeError, RequestError
 from schemas.messages import Envelope, Request
 from schemas.signatures import match_signatures
 
 __all__ = ["Admitted", "Intake"]
+
+CONTENT_TYPES = {
+    b"application/json": "json",
+    b"application/avro": "avro",
+    b"avro/binary": "avro",
+}
+"""The content types a record's ``content-type`` header may name, and their encodings."""
 
 Admitted = tuple[str, Hashable]
 """A request that may be served: its model's name and the key of the batch it joins."""
@@ -34,12 +42,21 @@ Admitted = tuple[str, Hashable]
 class Intake:
     """Decodes, routes and keys consumed records for the models of one topology."""
 
-    def __init__(self, graph: Sequence[ServedModel], codec: AvroCodec, encoder: OutcomeEncoder):
+    def __init__(
+        self,
+        graph: Sequence[ServedModel],
+        codec: AvroCodec,
+        encoder: OutcomeEncoder,
+        encodings: Mapping[str, str] | None = None,
+    ):
+        """``encodings``: input topics whose requests are not Avro (``json``)."""
         self.codec = codec
         self.encoder = encoder
         self.router = Router(
             {m.name: ModelRoute(m.name, m.settings.version, m.inputs, m.bucketer) for m in graph}
         )
+        self.encodings = {t: e for t, e in (encodings or {}).items() if e != "avro"}
+        self._only_model = graph[0].name if len(graph) == 1 else None
 
     def admit_batch(
         self, rows: Sequence[Envelope], tombstones: Collection[int] = ()
@@ -52,7 +69,14 @@ class Intake:
         keep the rows' order.
         """
         skip = frozenset(tombstones)
-        todo = [i for i, env in enumerate(rows) if env.request is None and i not in skip]
+        failed: dict[int, RequestError] = {}
+        if self.encodings or any(env.headers for env in rows):
+            failed = self._decode_other_encodings(rows, skip)
+        todo = [
+            i
+            for i, env in enumerate(rows)
+            if env.request is None and i not in skip and (not failed or i not in failed)
+        ]
         values = [rows[i].value for i in todo]
         requests = self.codec.decode_requests(values)
         if len(todo) == len(rows):
@@ -67,6 +91,8 @@ class Intake:
             try:
                 if skip and i in skip:
                     raise RequestError("record has no value (tombstone)")
+                if failed and i in failed:
+                    raise failed[i]
                 request = env.request
                 if request is None:
                     got = decoded[i]
@@ -86,6 +112,52 @@ class Intake:
             else:
                 group.append(env)
         return groups, letters
+
+    def _decode_other_encodings(
+        self, rows: Sequence[Envelope], skip: Collection[int]
+    ) -> dict[int, RequestError]:
+        """Decode the rows that are not Avro (by topic or content-type); their errors.
+
+        Each such row gets its ``encoding`` and, when it decodes, its ``request``; Avro
+        rows are left to the batch decode.
+        """
+        failed: dict[int, RequestError] = {}
+        for i, env in enumerate(rows):
+            if env.request is not None or i in skip:
+                continue
+            try:
+                encoding, length, model = self._wire(env)
+                if encoding == "avro":
+                    continue
+                env.encoding = encoding
+                record = oip_json.decode_request(env.value, length, model or self._only_model)
+                env.request = request_from_record(record)
+            except RequestError as e:
+                failed[i] = e
+        return failed
+
+    def _wire(self, env: Envelope) -> tuple[str, int | None, str | None]:
+        """A record's encoding, binary-data split and model, from its headers or topic."""
+        encoding = self.encodings.get(env.topic, "avro")
+        length = model = None
+        for key, value in env.headers or ():
+            name = key.lower()
+            if name == "content-type":
+                kind = (value or b"").split(b";")[0].strip().lower()
+                if kind not in CONTENT_TYPES:
+                    raise DecodeError(
+                        f"content-type {kind.decode(errors='replace')!r}: this pipeline reads "
+                        f"{', '.join(t.decode() for t in CONTENT_TYPES)}"
+                    )
+                encoding = CONTENT_TYPES[kind]
+            elif name == oip_json.HEADER_LENGTH:
+                try:
+                    length = int(value or b"")
+                except ValueError:
+                    raise DecodeError(f"{key}: {value!r} is not a length") from None
+            elif name == "kp.model":
+                model = (value or b"").decode(errors="replace")
+        return encoding, length, model
 
     def _exact(
         self, rows: Sequence[Envelope], requests: list[Request | RequestError]

@@ -15,13 +15,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from schemas import oip_json
 from schemas.codec import AvroCodec
 from schemas.errors import RequestIdentity
-from schemas.messages import DeadLetter, Envelope, Result, Status, Timings
+from schemas.messages import DeadLetter, Envelope, Request, Result, Status, Timings
 
 __all__ = ["Outcome", "OutcomeEncoder"]
 
 Headers = list[tuple[str, str | bytes | None]]
+
+JSON_HEADER = ("content-type", oip_json.CONTENT_TYPE.encode())
+"""On every JSON result, so a reader can tell the encodings apart on one topic."""
 
 TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 """W3C trace context: every outcome carries its request's, so a trace spans the pipeline."""
@@ -50,6 +54,7 @@ class OutcomeEncoder:
         dead_letter_topic: str,
         reply_topics: bool = True,
         propagate_headers: Iterable[str] = (),
+        result_encoding: str = "request",
     ) -> None:
         self.codec = codec
         self.output_topic = output_topic
@@ -57,6 +62,14 @@ class OutcomeEncoder:
         # A replay writes every result to its own output, never to a live reply topic.
         self.reply_topics = reply_topics
         self._carry = TRACE_HEADERS | {name.lower() for name in propagate_headers}
+        # "request": each result in its request's encoding; "avro"/"json": all in that one.
+        self.result_encoding = result_encoding
+
+    def _json(self, env: Envelope) -> bool:
+        """Whether this request's result is a v2 JSON body rather than Avro."""
+        if self.result_encoding == "request":
+            return env.encoding == "json"
+        return self.result_encoding == "json"
 
     def carried(self, headers: list[tuple[str, bytes | None]] | None) -> Headers | None:
         """The request's headers that its outcome carries: trace context and named ones."""
@@ -103,7 +116,7 @@ class OutcomeEncoder:
             [env.offset for env in rows],
         )
         output, replies, carried = self.output_topic, self.reply_topics, self.carried
-        return [
+        outcomes = [
             Outcome(
                 env,
                 (replies and r.reply_topic) or output,  # type: ignore[union-attr]
@@ -113,6 +126,47 @@ class OutcomeEncoder:
             )
             for env, r, value in zip(rows, requests, values, strict=True)
         ]
+        if self.result_encoding == "json" or any(env.encoding for env in rows):
+            self._as_json(outcomes, version, columns, started, phase_ms, batch_size, now_ms)
+        return outcomes
+
+    def _as_json(
+        self,
+        outcomes: list[Outcome],
+        version: str,
+        columns: dict[str, Any],
+        started: float,
+        phase_ms: tuple[float, float, float],
+        batch_size: int,
+        now_ms: float,
+    ) -> None:
+        """Re-encode the outcomes whose results go out as v2 JSON (the slower path)."""
+        pre_ms, compute_ms, post_ms = phase_ms
+        for i, out in enumerate(outcomes):
+            env = out.envelope
+            if not self._json(env):
+                continue
+            request = env.request
+            assert request is not None
+            result = Result(
+                id=request.id,
+                model=out.model,
+                model_version=version,
+                status=Status.OK,
+                outputs={name: col[i] for name, col in columns.items()},
+                timings=Timings(
+                    queue_ms=(started - env.consumed_at) * 1000.0,
+                    preprocess_ms=pre_ms,
+                    compute_ms=compute_ms,
+                    postprocess_ms=post_ms,
+                    end_to_end_ms=now_ms - env.timestamp_ms,
+                ),
+                batch_size=batch_size,
+                topic=env.topic,
+                partition=env.partition,
+                offset=env.offset,
+            )
+            out.value, out.headers = _json_outcome(result, request, out.headers)
 
     def expired(
         self, env: Envelope, model: str, version: str, now_ms: float, started: float
@@ -145,8 +199,11 @@ class OutcomeEncoder:
             f"(deadline_ms {request.deadline_ms})",
         )
         topic = (self.reply_topics and request.reply_topic) or self.output_topic
-        value = self.codec.encode_result(result)
         headers = self.carried(env.headers)
+        if self._json(env):
+            value, headers = _json_outcome(result, request, headers)
+        else:
+            value = self.codec.encode_result(result)
         return Outcome(env, topic, value, headers, model=model, status=Status.EXPIRED.value)
 
     def stand_in(self, out: Outcome, cause: str) -> Outcome | None:
@@ -228,3 +285,15 @@ MAX_ERROR = 4096
 
 def _cap(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _json_outcome(
+    result: Result, request: Request, headers: Headers | None
+) -> tuple[bytes, Headers]:
+    """A result's v2 JSON bytes and headers, binary outputs where the request asked."""
+    binary = request.parameters.get("binary_data_output") == "true"
+    value, length = oip_json.encode_result(result, binary)
+    headers = [*(headers or ()), JSON_HEADER]
+    if length is not None:
+        headers.append((oip_json.HEADER_LENGTH, str(length).encode()))
+    return value, headers

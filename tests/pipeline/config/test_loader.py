@@ -302,3 +302,22 @@ def test_lag_control_ceilings_below_the_configured_batching_are_refused() -> Non
     message = _error(text)
     assert message.startswith("topo.yaml: models[0].batching: ")
     assert "lag_control.max_batch_size (2) is below max_batch_size (8)" in message
+
+
+def test_topic_encodings_name_input_topics_and_known_encodings() -> None:
+    t = parse_topology(
+        _edit("dead_letter: c}", "dead_letter: c, encoding: {a: json}, result_encoding: avro}"),
+        "topo.yaml",
+        {},
+    )
+    assert (t.topics.encoding, t.topics.result_encoding) == ({"a": "json"}, "avro")
+    assert parse_topology(GOOD, "topo.yaml", {}).topics.result_encoding == "request"
+    wrong = _error(_edit("dead_letter: c}", "dead_letter: c, encoding: {z: json}}"))
+    assert "topo.yaml" in wrong and "topics" in wrong
+    assert "encoding names ['z'], which are not input topics" in wrong
+    kind = _error(_edit("dead_letter: c}", "dead_letter: c, encoding: {a: xml}}"))
+    assert "topics.encoding.a" in kind
+    headers = parse_topology(
+        _edit("dead_letter: c}", "dead_letter: c, propagate_headers: [x-t]}"), "t", {}
+    )
+    assert headers.topics.propagate_headers == ["x-t"]

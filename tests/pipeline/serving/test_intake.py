@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,16 +17,18 @@ from schemas.tensors import TensorSpec
 CODEC = AvroCodec()
 
 
-def _intake() -> Intake:
-    graph = [
-        SimpleNamespace(
-            name="m",
-            settings=SimpleNamespace(version="3"),
-            inputs={"x": TensorSpec("FP32", (4,))},
-            bucketer=None,
-        )
-    ]
-    return Intake(graph, CODEC, OutcomeEncoder(CODEC, "out", "dlq"))  # type: ignore[arg-type]
+GRAPH = [
+    SimpleNamespace(
+        name="m",
+        settings=SimpleNamespace(version="3"),
+        inputs={"x": TensorSpec("FP32", (4,))},
+        bucketer=None,
+    )
+]
+
+
+def _intake(encodings: dict[str, str] | None = None) -> Intake:
+    return Intake(GRAPH, CODEC, OutcomeEncoder(CODEC, "out", "dlq"), encodings)  # type: ignore[arg-type]
 
 
 def _env(value: bytes) -> Envelope:
@@ -159,3 +162,49 @@ def test_a_batch_that_all_fits_never_routes_row_by_row(monkeypatch: Any) -> None
     assert calls == []
     intake.admit_batch([_env(_request()), _env(_request(x=np.zeros(5, np.float32)))])
     assert len(calls) == 2
+
+
+def _json_env(body: dict[str, Any], headers: list[tuple[str, bytes | None]] | None) -> Envelope:
+    env = _env(json.dumps(body).encode())
+    env.headers = headers
+    return env
+
+
+def test_a_record_s_content_type_or_its_topic_picks_its_encoding() -> None:
+    body = {
+        "id": "j1",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [4], "data": [1, 2, 3, 4]}],
+    }
+    by_header = _json_env(body, [("Content-Type", b"application/json; charset=utf-8")])
+    by_topic = _json_env(body, None)
+    avro_here = _env(_request())
+    avro_here.headers = [("content-type", b"application/avro")]
+    groups, letters = _intake({"in": "json"}).admit_batch([by_header, by_topic, avro_here])
+    assert letters == []
+    assert [len(g) for g in groups.values()] == [3]
+    assert [(e.encoding, e.request.id) for e in (by_header, by_topic, avro_here)] == [  # type: ignore[union-attr]
+        ("json", "j1"),
+        ("json", "j1"),
+        (None, "r1"),
+    ]
+    np.testing.assert_array_equal(by_topic.request.inputs["x"], [1, 2, 3, 4])  # type: ignore[union-attr]
+
+
+def test_an_unknown_content_type_or_a_bad_json_body_is_a_dead_letter_naming_it() -> None:
+    odd = _env(_request())
+    odd.headers = [("content-type", b"application/x-protobuf")]
+    short = _json_env(
+        {
+            "id": "j2",
+            "model_name": "m",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [4], "data": [1]}],
+        },
+        [("content-type", b"application/json")],
+    )
+    fine = _env(_request())
+    groups, letters = _intake().admit_batch([odd, short, fine])
+    assert [len(g) for g in groups.values()] == [1]
+    dead = [CODEC.decode_dead_letter(o.value) for o in letters]
+    assert [(d.reason, d.id) for d in dead] == [("undecodable", None), ("bad_tensor", "j2")]
+    assert "content-type 'application/x-protobuf'" in dead[0].error
+    assert "shape [4] holds 4 elements, data has 1" in dead[1].error

@@ -1,0 +1,120 @@
+"""The Open Inference Protocol's JSON body on the real broker, with clients no one here wrote.
+
+Requests are built by Triton's own client (`tritonclient.http.InferenceServerClient.
+generate_request_body`, JSON and binary-data bodies) and produced with aiokafka onto a
+topic the topology declares ``json``; the pipeline serves them beside Avro requests on
+the same topic (their ``content-type`` header says so), and each result comes back in its
+request's encoding: the JSON ones are parsed by Triton's client again and must carry the
+same numbers as the Avro twin of the same input. Malformed JSON, a tensor whose data
+disagrees with its shape, and an unknown content type are dead letters naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from e2e.kit import Topics, read_all, start_background
+
+from pipeline.kafka.broker import EmbeddedBroker
+from schemas.codec import AvroCodec
+from schemas.messages import Request
+
+http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
+N = 40  # JSON requests, half of them binary; as many Avro twins
+
+
+def _triton_body(rid: str, x: np.ndarray[Any, Any], binary: bool) -> tuple[bytes, int | None]:
+    t = http.InferInput("x", [64], "FP32")
+    t.set_data_from_numpy(x, binary_data=binary)
+    body, length = http.InferenceServerClient.generate_request_body(
+        [t], request_id=rid, parameters={"tenant": "t1"} if binary else None
+    )
+    return body, length
+
+
+async def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, list[Any]]]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for value, headers in records:
+            await producer.send(topic, value, headers=headers)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def test_triton_json_requests_are_served_beside_avro_and_answered_in_json(
+    broker: EmbeddedBroker, topics: Topics, tiny_topology: Path
+) -> None:
+    text = tiny_topology.read_text().replace(
+        "create: false", f"create: false, encoding: {{{topics.input}: json}}"
+    )
+    tiny_topology.write_text(text)
+    rng = np.random.default_rng(5)
+    xs = {f"j{i}": rng.standard_normal(64).astype(np.float32) for i in range(N)}
+    codec = AvroCodec()
+    records: list[tuple[bytes, list[Any]]] = []
+    for i, (rid, x) in enumerate(xs.items()):
+        body, length = _triton_body(rid, x, binary=i % 2 == 1)
+        headers = [("kp.model", b"tiny-mlp")]
+        if length is not None:
+            headers.append(("Inference-Header-Content-Length", str(length).encode()))
+        records.append((body, headers))
+        twin = codec.encode_request(Request(f"a{i}", "tiny-mlp", {"x": x}))
+        records.append((twin, [("content-type", b"application/avro")]))
+    bad = {
+        b"{not json": [],
+        b'{"model_name": "tiny-mlp", "inputs": [{"name": "x", "datatype": "FP32", '
+        b'"shape": [64], "data": [1.0, 2.0]}]}': [],
+        b"anything": [("content-type", b"text/plain")],
+    }
+    records += list(bad.items())
+    asyncio.run(_produce(broker.bootstrap_servers, topics.input, records))
+
+    served = start_background(tiny_topology, broker)
+    try:
+        out = read_all(broker, topics.output, 2 * N)
+        dlq = read_all(broker, topics.dead_letter, len(bad))
+    finally:
+        stats = served.stop()
+    assert stats.results == 2 * N
+
+    avro: dict[str, Any] = {}
+    parsed: dict[str, Any] = {}
+    for m in out:
+        headers = {k.lower(): v for k, v in m.headers() or []}
+        if headers.get("content-type") == b"application/json":
+            length = headers.get("inference-header-content-length")
+            result = http.InferenceServerClient.parse_response_body(
+                m.value(), header_length=None if length is None else int(length)
+            )
+            parsed[result.get_response()["id"]] = result
+        else:
+            r = codec.decode_result(m.value())
+            avro[r.id] = r
+    assert set(parsed) == set(xs)
+    assert len(avro) == N
+    for i, rid in enumerate(xs):
+        twin = avro[f"a{i}"].outputs
+        got = parsed[rid]
+        response = got.get_response()
+        assert response["model_name"] == "tiny-mlp"
+        assert response["parameters"]["status"] == "OK"
+        for name in twin:
+            np.testing.assert_array_equal(
+                np.asarray(got.as_numpy(name)).astype(twin[name].dtype), twin[name]
+            )
+    letters = sorted(
+        (d.reason, d.error) for d in (codec.decode_dead_letter(m.value()) for m in dlq)
+    )
+    assert [reason for reason, _ in letters] == ["bad_tensor", "undecodable", "undecodable"]
+    errors = " | ".join(e for _, e in letters)
+    assert "input 'x': shape [64] holds 64 elements, data has 2" in errors
+    assert "not a JSON inference request" in errors
+    assert "content-type 'text/plain'" in errors
