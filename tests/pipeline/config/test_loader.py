@@ -313,7 +313,8 @@ def test_topic_encodings_name_input_topics_and_known_encodings() -> None:
     assert (t.topics.encoding, t.topics.result_encoding) == ({"a": "json"}, "avro")
     assert parse_topology(GOOD, "topo.yaml", {}).topics.result_encoding == "request"
     wrong = _error(_edit("dead_letter: c}", "dead_letter: c, encoding: {z: json}}"))
-    assert "topo.yaml" in wrong and "topics" in wrong
+    assert "topo.yaml" in wrong
+    assert "topics" in wrong
     assert "encoding names ['z'], which are not input topics" in wrong
     kind = _error(_edit("dead_letter: c}", "dead_letter: c, encoding: {a: xml}}"))
     assert "topics.encoding.a" in kind
