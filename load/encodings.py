@@ -4,8 +4,9 @@
 
 One embedded broker; the same FP32[64] requests produced once per encoding to a topic of
 their own: Avro (the compiled codec's path), the Open Inference Protocol's v2 JSON body
-with the tensor as a JSON list, and the JSON body with the binary-data extension (the
-tensor's bytes after the JSON, as Triton's clients send them). kp-pipeline serves each
+with the tensor as a JSON list, the JSON body with the binary-data extension (the
+tensor's bytes after the JSON, as Triton's clients send them), and the v2 protobuf
+ModelInferRequest with typed contents and with raw_input_contents. kp-pipeline serves each
 topic with the tiny topology (results in the request's encoding), timed by its own
 clocks from the first record consumed to the last outcome delivered. Prints requests/s
 and each encoding's ratio to Avro; compare only figures from one run.
@@ -28,10 +29,11 @@ from pipeline.app import OpenTopology
 from pipeline.config.loader import load_topology
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import ensure_topics
+from schemas import oip_protobuf
 from schemas.codec import AvroCodec
 from schemas.messages import Request
 
-ENCODINGS = ("avro", "json", "json+binary")
+ENCODINGS = ("avro", "json", "json+binary", "protobuf", "protobuf+raw")
 
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -46,6 +48,18 @@ def _values(encoding: str, x: np.ndarray[Any, Any]) -> list[tuple[bytes, Headers
             for i, row in enumerate(x)
         ]
     out: list[tuple[bytes, Headers | None]] = []
+    if encoding.startswith("protobuf"):
+        message = oip_protobuf.messages["ModelInferRequest"]
+        for i, row in enumerate(x):
+            request = message(id=f"r{i}")
+            t = request.inputs.add(name="x", datatype="FP32")
+            t.shape.append(64)
+            if encoding == "protobuf":
+                t.contents.fp32_contents.extend(row.tolist())
+            else:
+                request.raw_input_contents.append(row.tobytes())
+            out.append((request.SerializeToString(), None))
+        return out
     for i, row in enumerate(x):
         tensor: dict[str, Any] = {"name": "x", "datatype": "FP32", "shape": [64]}
         if encoding == "json":
@@ -73,7 +87,8 @@ def _run(broker: EmbeddedBroker, encoding: str, x: np.ndarray[Any, Any]) -> floa
     path = ROOT / "load/topologies/tiny-mlp.yaml"
     topology = load_topology(path, env=env)
     if encoding != "avro":
-        topics = topology.topics.model_copy(update={"encoding": {env["KP_INPUT"]: "json"}})
+        kind = encoding.split("+", maxsplit=1)[0]
+        topics = topology.topics.model_copy(update={"encoding": {env["KP_INPUT"]: kind}})
         topology = topology.model_copy(update={"topics": topics})
     t = topology.topics
     ensure_topics(

@@ -124,13 +124,14 @@ class TopicSettings(_Strict):
         description="Request headers copied onto each request's result and dead letter "
         "(names, any case), beside the W3C traceparent and tracestate, which always are.",
     )
-    encoding: dict[str, Literal["avro", "json"]] = Field(
+    encoding: dict[str, Literal["avro", "json", "protobuf"]] = Field(
         default_factory=dict,
-        description="Input topics whose requests are not Avro: 'json' is the Open Inference "
-        "Protocol's v2 JSON body (schemas/oip_json.py). A record's content-type header "
-        "(application/json, application/avro) overrides its topic's.",
+        description="Input topics whose requests are not Avro: the Open Inference Protocol's "
+        "v2 JSON body ('json', schemas/oip_json.py) or ModelInferRequest ('protobuf', "
+        "schemas/oip_v2.proto). A record's content-type header (application/json, "
+        "application/x-protobuf, application/avro) overrides its topic's.",
     )
-    result_encoding: Literal["request", "avro", "json"] = Field(
+    result_encoding: Literal["request", "avro", "json", "protobuf"] = Field(
         "request", description="Results in their request's encoding, or all in one."
     )
     create: bool = Field(True, description="Create missing topics at start.")

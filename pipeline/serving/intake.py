@@ -20,7 +20,7 @@ from collections.abc import Collection, Hashable, Mapping, Sequence
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.routing import ModelRoute, Router
-from schemas import oip_json
+from schemas import oip_json, oip_protobuf
 from schemas.codec import AvroCodec, request_from_record
 from schemas.errors import DecodeError, RequestError
 from schemas.messages import Envelope, Request
@@ -32,6 +32,7 @@ CONTENT_TYPES = {
     b"application/json": "json",
     b"application/avro": "avro",
     b"avro/binary": "avro",
+    **{kind: "protobuf" for kind in oip_protobuf.CONTENT_TYPES},
 }
 """The content types a record's ``content-type`` header may name, and their encodings."""
 
@@ -49,7 +50,7 @@ class Intake:
         encoder: OutcomeEncoder,
         encodings: Mapping[str, str] | None = None,
     ):
-        """``encodings``: input topics whose requests are not Avro (``json``)."""
+        """``encodings``: input topics whose requests are not Avro (``json``, ``protobuf``)."""
         self.codec = codec
         self.encoder = encoder
         self.router = Router(
@@ -130,7 +131,12 @@ class Intake:
                 if encoding == "avro":
                     continue
                 env.encoding = encoding
-                record = oip_json.decode_request(env.value, length, model or self._only_model)
+                model = model or self._only_model
+                record = (
+                    oip_json.decode_request(env.value, length, model)
+                    if encoding == "json"
+                    else oip_protobuf.decode_request(env.value, model)
+                )
                 env.request = request_from_record(record)
             except RequestError as e:
                 failed[i] = e

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from schemas import oip_json
+from schemas import oip_json, oip_protobuf
 from schemas.codec import AvroCodec
 from schemas.errors import RequestIdentity
 from schemas.messages import DeadLetter, Envelope, Request, Result, Status, Timings
@@ -65,11 +65,11 @@ class OutcomeEncoder:
         # "request": each result in its request's encoding; "avro"/"json": all in that one.
         self.result_encoding = result_encoding
 
-    def _json(self, env: Envelope) -> bool:
-        """Whether this request's result is a v2 JSON body rather than Avro."""
+    def _encoding(self, env: Envelope) -> str | None:
+        """The request's result encoding when not Avro: "json" or "protobuf"."""
         if self.result_encoding == "request":
-            return env.encoding == "json"
-        return self.result_encoding == "json"
+            return env.encoding
+        return None if self.result_encoding == "avro" else self.result_encoding
 
     def carried(self, headers: list[tuple[str, bytes | None]] | None) -> Headers | None:
         """The request's headers that its outcome carries: trace context and named ones."""
@@ -126,11 +126,11 @@ class OutcomeEncoder:
             )
             for env, r, value in zip(rows, requests, values, strict=True)
         ]
-        if self.result_encoding == "json" or any(env.encoding for env in rows):
-            self._as_json(outcomes, version, columns, started, phase_ms, batch_size, now_ms)
+        if self.result_encoding not in ("request", "avro") or any(env.encoding for env in rows):
+            self._re_encode(outcomes, version, columns, started, phase_ms, batch_size, now_ms)
         return outcomes
 
-    def _as_json(
+    def _re_encode(
         self,
         outcomes: list[Outcome],
         version: str,
@@ -140,11 +140,12 @@ class OutcomeEncoder:
         batch_size: int,
         now_ms: float,
     ) -> None:
-        """Re-encode the outcomes whose results go out as v2 JSON (the slower path)."""
+        """Re-encode the outcomes whose results go out as v2 JSON or protobuf (slower)."""
         pre_ms, compute_ms, post_ms = phase_ms
         for i, out in enumerate(outcomes):
             env = out.envelope
-            if not self._json(env):
+            encoding = self._encoding(env)
+            if encoding is None:
                 continue
             request = env.request
             assert request is not None
@@ -166,7 +167,7 @@ class OutcomeEncoder:
                 partition=env.partition,
                 offset=env.offset,
             )
-            out.value, out.headers = _json_outcome(result, request, out.headers)
+            out.value, out.headers = _other_outcome(encoding, result, request, out.headers)
 
     def expired(
         self, env: Envelope, model: str, version: str, now_ms: float, started: float
@@ -200,8 +201,9 @@ class OutcomeEncoder:
         )
         topic = (self.reply_topics and request.reply_topic) or self.output_topic
         headers = self.carried(env.headers)
-        if self._json(env):
-            value, headers = _json_outcome(result, request, headers)
+        encoding = self._encoding(env)
+        if encoding is not None:
+            value, headers = _other_outcome(encoding, result, request, headers)
         else:
             value = self.codec.encode_result(result)
         return Outcome(env, topic, value, headers, model=model, status=Status.EXPIRED.value)
@@ -287,13 +289,16 @@ def _cap(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _json_outcome(
-    result: Result, request: Request, headers: Headers | None
+def _other_outcome(
+    encoding: str, result: Result, request: Request, headers: Headers | None
 ) -> tuple[bytes, Headers]:
-    """A result's v2 JSON bytes and headers, binary outputs where the request asked."""
+    """A result's bytes and headers in ``encoding`` (json: binary outputs where asked)."""
+    if encoding == "protobuf":
+        type_header = ("content-type", oip_protobuf.CONTENT_TYPE.encode())
+        return oip_protobuf.encode_result(result), [*(headers or ()), type_header]
     binary = request.parameters.get("binary_data_output") == "true"
     value, length = oip_json.encode_result(result, binary)
-    headers = [*(headers or ()), JSON_HEADER]
+    out = [*(headers or ()), JSON_HEADER]
     if length is not None:
-        headers.append((oip_json.HEADER_LENGTH, str(length).encode()))
-    return value, headers
+        out.append((oip_json.HEADER_LENGTH, str(length).encode()))
+    return value, out

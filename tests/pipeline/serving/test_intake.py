@@ -192,7 +192,7 @@ def test_a_record_s_content_type_or_its_topic_picks_its_encoding() -> None:
 
 def test_an_unknown_content_type_or_a_bad_json_body_is_a_dead_letter_naming_it() -> None:
     odd = _env(_request())
-    odd.headers = [("content-type", b"application/x-protobuf")]
+    odd.headers = [("content-type", b"text/csv")]
     short = _json_env(
         {
             "id": "j2",
@@ -206,5 +206,19 @@ def test_an_unknown_content_type_or_a_bad_json_body_is_a_dead_letter_naming_it()
     assert [len(g) for g in groups.values()] == [1]
     dead = [CODEC.decode_dead_letter(o.value) for o in letters]
     assert [(d.reason, d.id) for d in dead] == [("undecodable", None), ("bad_tensor", "j2")]
-    assert "content-type 'application/x-protobuf'" in dead[0].error
+    assert "content-type 'text/csv'" in dead[0].error
     assert "shape [4] holds 4 elements, data has 1" in dead[1].error
+
+
+def test_a_protobuf_content_type_reads_a_model_infer_request() -> None:
+    from schemas import oip_protobuf
+
+    message = oip_protobuf.messages["ModelInferRequest"](id="p1")  # no model: the only one
+    t = message.inputs.add(name="x", datatype="FP32")
+    t.shape.append(4)
+    t.contents.fp32_contents.extend([1, 2, 3, 4])
+    env = _env(message.SerializeToString())
+    env.headers = [("content-type", b"application/protobuf")]
+    groups, letters = _intake().admit_batch([env])
+    assert (letters, list(groups)) == ([], [("m", "m")])
+    assert (env.encoding, env.request.id, env.request.model) == ("protobuf", "p1", "m")  # type: ignore[union-attr]

@@ -1,4 +1,5 @@
-"""The Open Inference Protocol's JSON body on the real broker, with clients no one here wrote.
+"""The Open Inference Protocol's JSON and protobuf bodies on the real broker, with clients no
+one here wrote.
 
 Requests are built by Triton's own client (`tritonclient.http.InferenceServerClient.
 generate_request_body`, JSON and binary-data bodies) and produced with aiokafka onto a
@@ -7,6 +8,8 @@ the same topic (their ``content-type`` header says so), and each result comes ba
 request's encoding: the JSON ones are parsed by Triton's client again and must carry the
 same numbers as the Avro twin of the same input. Malformed JSON, a tensor whose data
 disagrees with its shape, and an unknown content type are dead letters naming the field.
+The protobuf test does the same with ModelInferRequests serialized by Triton's generated
+classes (typed contents and raw_input_contents), answered as ModelInferResponses.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from e2e.kit import Topics, read_all, start_background
+from triton_pb import service_pb2
 
 from pipeline.kafka.broker import EmbeddedBroker
 from schemas.codec import AvroCodec
@@ -118,3 +122,64 @@ def test_triton_json_requests_are_served_beside_avro_and_answered_in_json(
     assert "input 'x': shape [64] holds 64 elements, data has 2" in errors
     assert "not a JSON inference request" in errors
     assert "content-type 'text/plain'" in errors
+
+
+def test_triton_protobuf_requests_are_served_and_answered_in_protobuf(
+    broker: EmbeddedBroker, topics: Topics, tiny_topology: Path
+) -> None:
+    """ModelInferRequests serialized by Triton's generated classes, as Seldon writes them."""
+    pb = service_pb2()
+    if pb is None:
+        pytest.skip("tritonclient is a dev dependency")
+    text = tiny_topology.read_text().replace(
+        "create: false", f"create: false, encoding: {{{topics.input}: protobuf}}"
+    )
+    tiny_topology.write_text(text)
+    rng = np.random.default_rng(6)
+    xs = {f"p{i}": rng.standard_normal(64).astype(np.float32) for i in range(N)}
+    codec = AvroCodec()
+    records: list[tuple[bytes, list[Any]]] = []
+    for i, (rid, x) in enumerate(xs.items()):
+        request = pb.ModelInferRequest(model_name="tiny-mlp", id=rid)
+        t = request.inputs.add(name="x", datatype="FP32")
+        t.shape.append(64)
+        if i % 2:
+            request.raw_input_contents.append(x.tobytes())
+        else:
+            t.contents.fp32_contents.extend(x.tolist())
+        records.append((request.SerializeToString(), []))
+        twin = codec.encode_request(Request(f"a{i}", "tiny-mlp", {"x": x}))
+        records.append((twin, [("content-type", b"application/avro")]))
+    records.append((b"\xff\xff not protobuf", []))
+    asyncio.run(_produce(broker.bootstrap_servers, topics.input, records))
+
+    served = start_background(tiny_topology, broker)
+    try:
+        out = read_all(broker, topics.output, 2 * N)
+        [dead] = read_all(broker, topics.dead_letter, 1)
+    finally:
+        served.stop()
+    avro: dict[str, Any] = {}
+    answers: dict[str, Any] = {}
+    for m in out:
+        if dict(m.headers() or []).get("content-type") == b"application/x-protobuf":
+            response = pb.ModelInferResponse()
+            response.ParseFromString(m.value())
+            answers[response.id] = response
+        else:
+            r = codec.decode_result(m.value())
+            avro[r.id] = r
+    assert set(answers) == set(xs)
+    for i, rid in enumerate(xs):
+        twin = avro[f"a{i}"].outputs
+        response = answers[rid]
+        assert response.parameters["status"].string_param == "OK"
+        for k, tensor in enumerate(response.outputs):
+            want = twin[tensor.name]
+            assert list(tensor.shape) == list(want.shape)
+            if tensor.datatype != "BYTES":
+                got = np.frombuffer(response.raw_output_contents[k], want.dtype.newbyteorder("<"))
+                np.testing.assert_array_equal(got, want.reshape(-1))
+    letter = codec.decode_dead_letter(dead.value())
+    assert letter.reason == "undecodable"
+    assert letter.error.startswith("not a ModelInferRequest")
