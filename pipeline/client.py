@@ -230,7 +230,7 @@ class Client:
         """The reply topic's results and the dead letters that name our requests."""
         while not self._stop.is_set():
             try:
-                msgs = self._consumer.consume(500, 0.05)
+                msgs = self._next_answers()
             except KafkaException as e:  # the client goes on; the futures time out
                 log.warning("kp client: reading answers: %s", e)
                 time.sleep(0.1)
@@ -244,6 +244,19 @@ class Client:
                     self._answer(msg)
                 except Exception as e:  # an answer that does not decode: not ours to fail on
                     log.warning("kp client: unreadable answer on %s: %s", msg.topic(), e)
+
+    def _next_answers(self) -> list[Any]:
+        """What has arrived; else wait for the first answer alone and take what came with it.
+
+        ``consume(n, wait)`` returns only with n records or when the wait is over, which
+        at a modest rate would add the whole wait to every round trip (measured: p50 56
+        ms at 500 requests/s with a 50 ms wait).
+        """
+        msgs = self._consumer.consume(500, 0)
+        if msgs:
+            return msgs
+        first = self._consumer.poll(0.05)
+        return [] if first is None else [first, *self._consumer.consume(499, 0)]
 
     def _answer(self, msg: Any) -> None:
         if msg.topic() == self.reply_topic:
