@@ -23,6 +23,7 @@ from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import admin_config, ensure_topics
 from pipeline.observability.health import Health, MetricsServer
 from pipeline.observability.metrics import Metrics
+from pipeline.observability.tracing import make_tracing
 from pipeline.serving.graph import ServedModel, build_graph, close_graph
 from schemas.codec import AvroCodec, load_schema
 from schemas.messages import Partition
@@ -116,6 +117,7 @@ def serve(
     metrics, health = Metrics(), Health(settings.stale_after_s)
     server = MetricsServer(settings, metrics, health, where).start() if settings.enabled else None
     try:
+        tracing = make_tracing(topology.tracing, opened.source)
         graph = check_graph(opened)
         try:
             with cluster(topology, bootstrap) as address:
@@ -131,6 +133,7 @@ def serve(
                     ranges=ranges,
                     replica_id=replica_id,
                     share_ranges=share_ranges,
+                    tracing=tracing,
                 )
                 pipeline.metrics_url = None if server is None else server.url
                 with serving_collector():  # from ready on: callers see the policy applied
@@ -139,6 +142,8 @@ def serve(
                     return pipeline.run(stop)
         finally:
             close_graph(graph)
+            if tracing is not None:
+                tracing.close()
     finally:
         if server is not None:
             server.close()

@@ -34,16 +34,12 @@ from pipeline.engine.delivery import AtLeastOnce, Delivery, ExactlyOnce
 from pipeline.engine.lag import LagMonitor
 from pipeline.engine.offsets import OffsetTracker
 from pipeline.engine.ranges import BoundedRanges, names
-from pipeline.kafka.clients import (
-    consumer_config,
-    producer_config,
-    reader_config,
-    transactional_id,
-)
+from pipeline.kafka.clients import consumer_config, producer_config, reader_config, transactional_id
 from pipeline.kafka.clients import replica_id as kafka_replica_id
 from pipeline.kafka.watch import ClientWatch
 from pipeline.observability.health import Health
 from pipeline.observability.metrics import GpuSampler, Metrics
+from pipeline.observability.tracing import Tracing
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
@@ -74,8 +70,10 @@ class Replica:
         ranges: Mapping[Partition, tuple[int, int]] | None = None,
         replica_id: str | None = None,
         share_ranges: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.topology = topology
+        self.tracing = tracing  # spans per request, when the topology asks (see tracing.py)
         self.flow = topology.flow
         self.codec = codec or AvroCodec()
         # A bounded run (a replay) serves [start, end) of each listed partition, assigned
@@ -94,6 +92,7 @@ class Replica:
             reply_topics=ranges is None,
             propagate_headers=topology.topics.propagate_headers,
             result_encoding=topology.topics.result_encoding,
+            tracing=tracing is not None,
         )
         self.metrics = metrics or Metrics()
         self.health = health or Health(topology.metrics.stale_after_s)
@@ -282,6 +281,8 @@ class Replica:
                 break
         if outcomes:
             self.delivery.publish(outcomes)
+            if self.tracing is not None:
+                self.tracing.published(outcomes)
 
     def _commit(self, force: bool) -> None:
         self.delivery.commit(force)

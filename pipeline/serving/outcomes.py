@@ -42,6 +42,8 @@ class Outcome:
     reason: str | None = None  # set for dead letters
     model: str = ""  # for metrics; "" when the request never reached a model
     status: str = "OK"  # of a result (OK, ERROR, EXPIRED)
+    # (batch started, preprocess ms, compute ms, postprocess ms, batch size): for tracing
+    phases: tuple[float, float, float, float, int] | None = None
 
 
 class OutcomeEncoder:
@@ -55,6 +57,7 @@ class OutcomeEncoder:
         reply_topics: bool = True,
         propagate_headers: Iterable[str] = (),
         result_encoding: str = "request",
+        tracing: bool = False,
     ) -> None:
         self.codec = codec
         self.output_topic = output_topic
@@ -64,6 +67,7 @@ class OutcomeEncoder:
         self._carry = TRACE_HEADERS | {name.lower() for name in propagate_headers}
         # "request": each result in its request's encoding; "avro"/"json": all in that one.
         self.result_encoding = result_encoding
+        self.tracing = tracing  # a replica that makes spans: results keep their phase times
 
     def _encoding(self, env: Envelope) -> str | None:
         """The request's result encoding when not Avro: "json" or "protobuf"."""
@@ -126,6 +130,10 @@ class OutcomeEncoder:
             )
             for env, r, value in zip(rows, requests, values, strict=True)
         ]
+        if self.tracing:
+            phases = (started, pre_ms, compute_ms, post_ms, batch_size)
+            for out in outcomes:
+                out.phases = phases
         if self.result_encoding not in ("request", "avro") or any(env.encoding for env in rows):
             self._re_encode(outcomes, version, columns, started, phase_ms, batch_size, now_ms)
         return outcomes
