@@ -25,6 +25,7 @@ from schemas.codec import AvroCodec, request_from_record
 from schemas.errors import DecodeError, RequestError
 from schemas.messages import Envelope, Request
 from schemas.signatures import match_signatures
+from schemas.wire import unframe, unframe_protobuf
 
 __all__ = ["Admitted", "Intake"]
 
@@ -132,11 +133,17 @@ class Intake:
                     continue
                 env.encoding = encoding
                 model = model or self._only_model
-                record = (
-                    oip_json.decode_request(env.value, length, model)
-                    if encoding == "json"
-                    else oip_protobuf.decode_request(env.value, model)
-                )
+                value = env.value
+                # A JSON Schema or Protobuf value framed by Confluent's serializers (neither
+                # plain JSON nor a ModelInferRequest can start with a 0 byte): the message
+                # is after the header (and Protobuf's message indexes).
+                framed = value[:1] == b"\x00"
+                if encoding == "json":
+                    body = unframe(value)[1] if framed else value
+                    record = oip_json.decode_request(body, length, model)
+                else:
+                    body = unframe_protobuf(value)[2] if framed else value
+                    record = oip_protobuf.decode_request(body, model)
                 env.request = request_from_record(record)
             except RequestError as e:
                 failed[i] = e

@@ -151,3 +151,15 @@ def test_framed_results_and_dead_letters_decode_through_the_registry() -> None:
     letter = DeadLetter("bad_image", "e", "t", 0, 1, b"raw", 0, "r", "m")
     assert codec.decode_dead_letter(codec.encode_dead_letter(letter)) == letter
     assert sorted(set(registry.lookups)) == [8, 9]
+
+
+def test_a_framed_protobuf_value_gives_its_message_indexes_and_message() -> None:
+    from schemas.wire import unframe_protobuf
+
+    assert unframe_protobuf(frame(9, b"\x00" + b"msg")) == (9, [0], b"msg")  # the first: [0]
+    # count 1 (zig-zag 2), index 2 (zig-zag 4): the third message of the file
+    assert unframe_protobuf(frame(9, b"\x02\x04" + b"msg")) == (9, [2], b"msg")
+    assert unframe_protobuf(frame(7, b"\x04\x02\x06")) == (7, [1, 3], b"")
+    for bad in (b"\x02", b"\x02\x84", b"\xfe\x01"):
+        with pytest.raises(DecodeError, match="message index"):
+            unframe_protobuf(frame(1, bad))

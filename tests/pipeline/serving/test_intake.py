@@ -222,3 +222,24 @@ def test_a_protobuf_content_type_reads_a_model_infer_request() -> None:
     groups, letters = _intake().admit_batch([env])
     assert (letters, list(groups)) == ([], [("m", "m")])
     assert (env.encoding, env.request.id, env.request.model) == ("protobuf", "p1", "m")  # type: ignore[union-attr]
+
+
+def test_values_framed_by_confluents_json_schema_and_protobuf_serializers_are_read() -> None:
+    from schemas import oip_protobuf
+    from schemas.wire import frame
+
+    body = {
+        "id": "j",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [4], "data": [1, 2, 3, 4]}],
+    }
+    framed_json = _json_env({}, [("content-type", b"application/json")])
+    framed_json.value = frame(21, json.dumps(body).encode())
+    message = oip_protobuf.messages["ModelInferRequest"](id="p")
+    t = message.inputs.add(name="x", datatype="FP32")
+    t.shape.append(4)
+    t.contents.fp32_contents.extend([1, 2, 3, 4])
+    framed_pb = _env(frame(22, b"\x02\x04" + message.SerializeToString()))  # message index [2]
+    framed_pb.headers = [("content-type", b"application/x-protobuf")]
+    _, letters = _intake().admit_batch([framed_json, framed_pb])
+    assert letters == []
+    assert [e.request.id for e in (framed_json, framed_pb)] == ["j", "p"]  # type: ignore[union-attr]
