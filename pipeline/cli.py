@@ -229,14 +229,60 @@ def cmd_produce(args: argparse.Namespace) -> int:
             for i in range(args.count * len(names))
         ]
     topic = args.topic or topology.topics.input[0]
+    bootstrap = _bootstrap(args, topology)
+    if args.wait is not None:
+        return _produce_and_wait(topology, codec, reqs, bootstrap, topic, args.wait)
     n = produce_requests(
         topology.kafka,
-        _bootstrap(args, topology),
+        bootstrap,
         topic,
         ((r.id.encode(), codec.encode_request(r)) for r in reqs),
     )
     _echo(f"produced {n} requests to {topic}")
     return ExitCode.OK
+
+
+def _produce_and_wait(
+    topology: Any, codec: Any, reqs: list[Any], bootstrap: str, topic: str, timeout: float
+) -> int:
+    """Send through a `Client` and print each request's answer: exit 1 unless all are OK."""
+    from concurrent.futures import wait
+
+    from pipeline.client import Client, InferenceError
+
+    with Client(
+        bootstrap, topic, topology.topics.dead_letter, settings=topology.kafka, codec=codec
+    ) as client:
+        futures = {r.id: client.submit(r.model, r.inputs, request_id=r.id) for r in reqs}
+        client.flush(timeout)
+        wait(futures.values(), timeout=timeout)
+        failed = 0
+        for rid, future in futures.items():
+            if not future.done():
+                failed += 1
+                _echo(f"{rid}: no answer within {timeout:g} s")
+                continue
+            try:
+                result = future.result()
+            except InferenceError as e:
+                failed += 1
+                _echo(f"{rid}: {e}")
+                continue
+            _echo(f"{rid}: {result.status.value} {_outputs(result)}")
+    _echo(f"{len(reqs) - failed} of {len(reqs)} requests answered with a result")
+    return ExitCode.OK if failed == 0 else ExitCode.FAILED
+
+
+def _outputs(result: Any) -> str:
+    """A result's outputs on one line: small ones as values, the rest as shapes."""
+    parts = []
+    for name, arr in result.outputs.items():
+        if arr.size <= 5:
+            values = [v.decode() if isinstance(v, bytes) else v for v in arr.reshape(-1).tolist()]
+            parts.append(f"{name}={values}")
+        else:
+            parts.append(f"{name}: {arr.dtype}{list(arr.shape)}")
+    return " ".join(parts)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -349,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--count", type=int, default=1, help="times to send each")
     pr.add_argument("--topic")
     pr.add_argument("--id-prefix", default="req-")
+    pr.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="send through a client with a reply topic of its own and print each answer "
+        "(exit 1 unless every request gets a result within SECONDS)",
+    )
     pr.set_defaults(func=cmd_produce)
 
     rs = sub.add_parser("results", help="print results or dead letters")

@@ -170,11 +170,16 @@ class Client:
         parameters: Mapping[str, str] | None = None,
         deadline_ms: int | None = None,
         key: bytes | None = None,
+        request_id: str | None = None,
     ) -> Future[Result]:
-        """Send one request; its future resolves to the `Result` or raises `InferenceError`."""
+        """Send one request; its future resolves to the `Result` or raises `InferenceError`.
+
+        ``request_id`` (default: a fresh UUID) is the correlation id: unique among the
+        requests this client waits for.
+        """
         if self._stop.is_set():
             raise KpError("the client is closed")
-        rid = uuid.uuid4().hex
+        rid = request_id or uuid.uuid4().hex
         request = as_request(
             rid,
             model,
@@ -187,6 +192,8 @@ class Client:
         value = self.codec.encode_request(request)
         future: Future[Result] = Future()
         with self._lock:
+            if rid in self._pending:
+                raise KpError(f"request id {rid!r} is already waiting for its answer")
             self._pending[rid] = future
         while True:
             try:

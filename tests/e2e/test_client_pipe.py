@@ -159,3 +159,37 @@ async def _async_through_a_kill(
             t.cancel()
         assert elapsed <= timeout + 3.5
         return len(pending), answered, timed_out
+
+
+def test_produce_wait_prints_each_answer_through_the_client(
+    broker: EmbeddedBroker, topics: Topics, tiny_topology: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from e2e.kit import ROOT
+
+    tensor = tmp_path / "x.npy"
+    np.save(tensor, X)
+
+    def produce(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "produce", str(tiny_topology),
+             "--bootstrap", broker.bootstrap_servers, "--tensor", f"x={tensor}", *extra],
+            capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+        )  # fmt: skip
+
+    served = start_background(tiny_topology, broker)
+    try:
+        ok = produce("--count", "3", "--wait", "30")
+        refused = produce("--model", "nope", "--id-prefix", "bad-", "--wait", "30")
+    finally:
+        served.stop()
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    lines = ok.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == ["req-0", "req-1", "req-2"]
+    assert all(" OK classes=[" in line and "scores=[" in line for line in lines[:3]), lines
+    assert lines[-1] == "3 of 3 requests answered with a result"
+    assert refused.returncode == 1
+    assert refused.stdout.splitlines()[0].startswith("bad-0: unknown_model: ")
+    assert refused.stdout.splitlines()[-1] == "0 of 1 requests answered with a result"
