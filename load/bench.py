@@ -24,13 +24,14 @@ only figures from the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,16 +256,40 @@ def latency_check(
     ]
 
 
-def _latency_run(plan: Plan, bootstrap: str, rate: float, seconds: float) -> generator.LoadReport:
-    """`kp-pipeline run` on fresh topics in its own process; the generator in this one."""
-    tag = f"bench.{plan.name}.latency"
-    env = {
+def topic_env(tag: str, bootstrap: str) -> dict[str, str]:
+    """The ${VAR}s that give a topology fresh topics and a group of its own, named by ``tag``."""
+    return {
         "KP_BOOTSTRAP": bootstrap,
         "KP_GROUP": f"{tag}.kp",
         "KP_INPUT": f"{tag}.requests",
         "KP_OUTPUT": f"{tag}.results",
         "KP_DLQ": f"{tag}.dead-letters",
     }
+
+
+@contextlib.contextmanager
+def run_process(path: Path, bootstrap: str, env: dict[str, str]) -> Iterator[int]:
+    """`kp-pipeline run` on ``path`` in its own process, ready; its metrics port.
+
+    Stopped with SIGTERM (a drain) when the block ends.
+    """
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(path), "--bootstrap", bootstrap,
+         "--metrics-port", str(port)],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/readyz", 120)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+
+
+def _latency_run(plan: Plan, bootstrap: str, rate: float, seconds: float) -> generator.LoadReport:
+    """`kp-pipeline run` on fresh topics in its own process; the generator in this one."""
+    env = topic_env(f"bench.{plan.name}.latency", bootstrap)
     text = plan.topology.read_text()
     for literal, var in (("kp.requests", "KP_INPUT"), ("kp.results", "KP_OUTPUT")):
         text = text.replace(f"[{literal}]", f"[{env[var]}]").replace(
@@ -279,23 +304,16 @@ def _latency_run(plan: Plan, bootstrap: str, rate: float, seconds: float) -> gen
         AdminClient({"bootstrap.servers": bootstrap}), [*t.input, t.output, t.dead_letter],
         PARTITIONS, 1,
     )  # fmt: skip
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(path), "--bootstrap", bootstrap,
-         "--metrics-port", str(port)],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     try:
-        _wait_ready(f"http://127.0.0.1:{port}/readyz", 120)
-        opened = OpenTopology(topology, str(path), path.parent)
-        config = generator.LoadConfig(
-            path, rate=rate, duration=seconds, arrival="poisson", bootstrap=bootstrap,
-            out=ROOT / "load" / "results" / f"latency-{plan.name}",
-        )  # fmt: skip
-        return generator.measure(config, opened, bootstrap, f"http://127.0.0.1:{port}/metrics")
+        with run_process(path, bootstrap, env) as port:
+            opened = OpenTopology(topology, str(path), path.parent)
+            config = generator.LoadConfig(
+                path, rate=rate, duration=seconds, arrival="poisson", bootstrap=bootstrap,
+                out=ROOT / "load" / "results" / f"latency-{plan.name}",
+            )  # fmt: skip
+            metrics = f"http://127.0.0.1:{port}/metrics"
+            return generator.measure(config, opened, bootstrap, metrics)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
         path.unlink(missing_ok=True)
 
 

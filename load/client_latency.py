@@ -13,9 +13,6 @@ from one run.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,10 +21,10 @@ from concurrent.futures import Future
 import numpy as np
 from confluent_kafka.admin import AdminClient
 
-from load.bench import ROOT, _wait_ready
+from load.bench import ROOT, run_process, topic_env
 from pipeline.client import Client
 from pipeline.config.loader import load_topology
-from pipeline.kafka.broker import EmbeddedBroker, free_port
+from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import ensure_topics
 from schemas.messages import Result
 
@@ -36,29 +33,13 @@ def measure(rate: float, seconds: float) -> dict[str, float]:
     """Round trips in ms at ``rate`` requests/s for ``seconds``."""
     with EmbeddedBroker() as broker:
         bootstrap = broker.bootstrap_servers
-        env = {
-            "KP_BOOTSTRAP": bootstrap,
-            "KP_GROUP": "client-latency.kp",
-            "KP_INPUT": "client-latency.requests",
-            "KP_OUTPUT": "client-latency.results",
-            "KP_DLQ": "client-latency.dead-letters",
-        }
+        env = topic_env("client-latency", bootstrap)
         path = ROOT / "load/topologies/tiny-mlp.yaml"
         t = load_topology(path, env=env).topics
         admin = AdminClient({"bootstrap.servers": bootstrap})
         ensure_topics(admin, [*t.input, t.output, t.dead_letter], 4, 1)
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", str(path), "--bootstrap", bootstrap,
-             "--metrics-port", str(port)],
-            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            _wait_ready(f"http://127.0.0.1:{port}/readyz", 120)
+        with run_process(path, bootstrap, env):
             return _run(Client(bootstrap, t.input[0], t.dead_letter), rate, seconds)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
 
 
 def _run(client: Client, rate: float, seconds: float) -> dict[str, float]:

@@ -24,7 +24,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from load import variants
-from load.bench import ROOT, SEED
+from load.bench import ROOT, SEED, topic_env
 from pipeline.app import OpenTopology
 from pipeline.config.loader import load_topology
 from pipeline.kafka.broker import EmbeddedBroker
@@ -75,15 +75,8 @@ def _values(encoding: str, x: np.ndarray[Any, Any]) -> list[tuple[bytes, Headers
 
 def _run(broker: EmbeddedBroker, encoding: str, x: np.ndarray[Any, Any]) -> float:
     """Requests/s of kp-pipeline serving ``x`` in ``encoding`` on topics of its own."""
-    tag = f"enc.{encoding.replace('+', '-')}"
     bootstrap = broker.bootstrap_servers
-    env = {
-        "KP_BOOTSTRAP": bootstrap,
-        "KP_GROUP": f"{tag}.kp",
-        "KP_INPUT": f"{tag}.requests",
-        "KP_OUTPUT": f"{tag}.results",
-        "KP_DLQ": f"{tag}.dead-letters",
-    }
+    env = topic_env(f"enc.{encoding.replace('+', '-')}", bootstrap)
     path = ROOT / "load/topologies/tiny-mlp.yaml"
     topology = load_topology(path, env=env)
     if encoding != "avro":
