@@ -8,7 +8,7 @@ CODEC  := $(VENV)/.codec
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup toolchain models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-codec bench-preprocess bench-latency bench-delivery prometheus-tools gpu-kit gpu-check ci clean
+.PHONY: help setup toolchain models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-codec bench-preprocess bench-latency bench-delivery prometheus-tools client-tools gpu-kit gpu-check ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,19 @@ prometheus-tools:  ## install Debian's prometheus and promtool if missing (needs
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
+# Clients no one here wrote, for the protocol tests: Debian's kcat (the command-line
+# example) and the KServe Python SDK in a venv of its own (kserve 0.21 needs protobuf < 7,
+# which this project's environment has moved past).
+KSERVE := .venv-kserve/.installed
+$(KSERVE):
+	$(PYTHON) -m venv .venv-kserve
+	.venv-kserve/bin/pip install --quiet kserve==0.21.0
+	touch $(KSERVE)
+
+client-tools: $(KSERVE)  ## kcat and the KServe SDK venv, for the protocol tests (kcat needs root)
+	@command -v kcat >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat; }
+
 setup: $(STAMP) $(CODEC) $(TOOLS) prometheus-tools models/.exported  ## create .venv, install everything, export the models
 
 models/.exported: $(STAMP) $(wildcard pipeline/tools/zoo/*.py)
@@ -66,7 +79,7 @@ lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: setup lint  ## everything: lint, unit tests, end-to-end tests on a real broker
+test: setup client-tools lint  ## everything: lint, unit tests, end-to-end tests on a real broker
 	@$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the setup is broken" >&2; exit 1; fi; \
 	exit $$rc
@@ -74,7 +87,7 @@ test: setup lint  ## everything: lint, unit tests, end-to-end tests on a real br
 test-unit: setup  ## unit tests only (no broker)
 	$(BIN)/python -m pytest -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
 
-test-e2e: setup  ## end-to-end tests only
+test-e2e: setup client-tools  ## end-to-end tests only
 	$(BIN)/python -m pytest -p no:cacheprovider -m e2e $(PYTEST_ARGS)
 
 bench: setup  ## side-by-side benchmark (prints figures, writes load/results/)
@@ -108,5 +121,5 @@ ci: export KP_REQUIRE_COMPILED_CODEC := 1
 ci: test  ## what .ci/run runs (and the compiled codec must have been built)
 
 clean:  ## remove the venv, models and caches
-	rm -rf $(VENV) models .mypy_cache .ruff_cache .pytest_cache .hypothesis build
+	rm -rf $(VENV) .venv-kserve models .mypy_cache .ruff_cache .pytest_cache .hypothesis build
 	rm -f schemas/_codec_fast.c schemas/_codec_fast.*.so
