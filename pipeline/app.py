@@ -25,9 +25,11 @@ from pipeline.observability.health import Health, MetricsServer
 from pipeline.observability.metrics import Metrics
 from pipeline.observability.tracing import make_tracing
 from pipeline.serving.graph import ServedModel, build_graph, close_graph
+from schemas import oip_json, oip_protobuf
 from schemas.codec import AvroCodec, load_schema
 from schemas.messages import Partition
 from schemas.registry import SchemaRegistryClient
+from schemas.wire import frame, protobuf_header
 
 __all__ = ["OpenTopology", "cluster", "make_codec", "open_topology", "serve"]
 
@@ -78,7 +80,13 @@ def create_topics(topology: Topology, bootstrap: str) -> None:
 
 
 def make_codec(topology: Topology) -> AvroCodec:
-    """Plain Avro, or the Schema Registry wire format when a registry is configured."""
+    """Plain Avro, or the Schema Registry wire format when a registry is configured.
+
+    With a registry every value the pipeline writes is framed, and its schema registered
+    first: Avro results and dead letters under ``<topic>-value``; JSON results with the
+    v2 response's JSON Schema and protobuf results with schemas/oip_v2.proto
+    (`result_subjects` says under which subjects).
+    """
     reg = topology.kafka.schema_registry
     if reg is None:
         return AvroCodec()
@@ -86,11 +94,41 @@ def make_codec(topology: Topology) -> AvroCodec:
         reg.url, reg.username, reg.password.get_secret_value() if reg.password else None
     )
     t = topology.topics
+    subjects = result_subjects(t.output, t.result_encoding)
+    prefixes = {}
+    if "json" in subjects:
+        json_id = client.register(subjects["json"], oip_json.response_schema(), "JSON")
+        prefixes["json"] = frame(json_id, b"")
+    if "protobuf" in subjects:
+        proto = oip_protobuf.PROTO.read_text(encoding="utf-8")
+        proto_id = client.register(subjects["protobuf"], proto, "PROTOBUF")
+        prefixes["protobuf"] = protobuf_header(proto_id, oip_protobuf.RESPONSE_INDEXES)
     return AvroCodec(
         registry=client,
-        result_schema_id=client.register(f"{t.output}-value", load_schema("result")),
+        result_schema_id=(
+            client.register(subjects["avro"], load_schema("result")) if "avro" in subjects else None
+        ),
         dead_letter_schema_id=client.register(f"{t.dead_letter}-value", load_schema("dead_letter")),
+        result_prefixes=prefixes,
     )
+
+
+def result_subjects(output: str, result_encoding: str) -> dict[str, str]:
+    """The registry subject of each encoding the results may be written in.
+
+    One encoding for every result (``topics.result_encoding`` avro, json or protobuf):
+    ``<topic>-value``, the registry's default (TopicNameStrategy). Results in their
+    requests' encodings (``request``), so one topic may carry all three: Avro keeps
+    ``<topic>-value`` and the others take ``<topic>-<record name>`` (TopicRecordNameStrategy),
+    so no subject ever holds two schema types (a registry refuses that).
+    """
+    if result_encoding != "request":
+        return {result_encoding: f"{output}-value"}
+    return {
+        "avro": f"{output}-value",
+        "json": f"{output}-{oip_json.response_schema()['title']}",
+        "protobuf": f"{output}-{oip_protobuf.RESPONSE_NAME}",
+    }
 
 
 def serve(

@@ -289,6 +289,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     """Print results (or dead letters) from the output topic."""
     from pipeline.app import make_codec, open_topology
     from pipeline.tools.traffic import read_topic
+    from schemas.answers import read_result
 
     topology = open_topology(args.topology).topology
     codec = make_codec(topology)
@@ -303,7 +304,7 @@ def cmd_results(args: argparse.Namespace) -> int:
             d = codec.decode_dead_letter(msg.value())
             _echo(f"{d.id} {d.model} {d.topic}/{d.partition}@{d.offset} {d.reason}: {d.error}")
             continue
-        r = codec.decode_result(msg.value())
+        r = read_result(codec, msg.value(), msg.headers())
         outs = " ".join(f"{k}={_short(v)}" for k, v in r.outputs.items())
         _echo(
             f"{r.id} {r.model} v{r.model_version} {r.status.value} batch={r.batch_size} "

@@ -41,6 +41,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.config.topology import KafkaSettings, Topology
 from pipeline.kafka.clients import admin_config, ensure_topics, reader_config, sender_config
+from schemas.answers import read_result
 from schemas.codec import AvroCodec
 from schemas.errors import KpError
 from schemas.messages import DeadLetter, Request, Result, Status
@@ -267,7 +268,7 @@ class Client:
 
     def _answer(self, msg: Any) -> None:
         if msg.topic() == self.reply_topic:
-            result = self.codec.decode_result(msg.value())
+            result = read_result(self.codec, msg.value(), msg.headers())
             future = self._take(result.id)
             if future is None:
                 return

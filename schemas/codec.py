@@ -75,6 +75,8 @@ class AvroCodec:
     ids are the registered ids of our result and dead-letter schemas, written into every
     value we produce. ``compiled=False`` keeps the batch entry points on the pure-Python
     reference even where the compiled codec is built (benchmarks and tests compare both).
+    ``result_prefixes``: under the same registry, the wire-format header written before a
+    result in another encoding ("json", "protobuf"), by encoding (`pipeline.app`).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class AvroCodec:
         request_schema_id: int | None = None,
         *,
         compiled: bool = True,
+        result_prefixes: Mapping[str, bytes] | None = None,
     ) -> None:
         self.request_schema = fastavro.parse_schema(load_schema("request"))
         self.result_schema = fastavro.parse_schema(load_schema("result"))
@@ -98,6 +101,7 @@ class AvroCodec:
         self._request_id = request_schema_id
         self._writers: dict[int, Any] = {}
         self._compiled = compiled and COMPILED
+        self.result_prefixes: Mapping[str, bytes] = dict(result_prefixes or {})
 
     @property
     def compiled(self) -> bool:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,11 +44,28 @@ from schemas.tensors import (
     pack_bytes_elements,
 )
 
-__all__ = ["CONTENT_TYPE", "HEADER_LENGTH", "decode_request", "decode_result", "encode_result"]
+__all__ = [
+    "CONTENT_TYPE",
+    "HEADER_LENGTH",
+    "RESPONSE_SCHEMA",
+    "decode_request",
+    "decode_result",
+    "encode_result",
+    "response_schema",
+]
 
 CONTENT_TYPE = "application/json"
 HEADER_LENGTH = "inference-header-content-length"
 """The record header (any case) that splits a value into JSON and binary tensor data."""
+
+RESPONSE_SCHEMA = Path(__file__).with_name("oip_v2_response.schema.json")
+"""The JSON Schema of the results this module writes; registered where a registry is set."""
+
+
+def response_schema() -> dict[str, Any]:
+    """The results' JSON Schema (its ``title`` is the record name registries use)."""
+    schema: dict[str, Any] = json.loads(RESPONSE_SCHEMA.read_text(encoding="utf-8"))
+    return schema
 
 
 def decode_request(

@@ -19,6 +19,7 @@ fields in ``parameters``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,16 @@ from schemas.errors import DecodeError, RequestError, RequestIdentity, TensorErr
 from schemas.messages import Result
 from schemas.tensors import _WIRE_DTYPE, DATATYPES, array_to_bytes, pack_bytes_elements
 
-__all__ = ["CONTENT_TYPE", "CONTENT_TYPES", "decode_request", "encode_result", "messages"]
+__all__ = [
+    "CONTENT_TYPE",
+    "CONTENT_TYPES",
+    "PROTO",
+    "RESPONSE_INDEXES",
+    "RESPONSE_NAME",
+    "decode_request",
+    "encode_result",
+    "messages",
+]
 
 CONTENT_TYPE = "application/x-protobuf"
 CONTENT_TYPES = (b"application/x-protobuf", b"application/protobuf")
@@ -163,6 +173,17 @@ def _build() -> dict[str, Any]:
 
 messages = _build()
 """The message classes by name: InferParameter, ModelInferRequest, ModelInferResponse."""
+
+PROTO = Path(__file__).with_name("oip_v2.proto")
+"""The .proto these descriptors follow; its text is what a Schema Registry is given."""
+RESPONSE_NAME = "inference.ModelInferResponse"
+RESPONSE_INDEXES = [
+    [
+        m.name
+        for m in messages["ModelInferResponse"].DESCRIPTOR.file.message_types_by_name.values()
+    ].index("ModelInferResponse")
+]
+"""Where ModelInferResponse is among the file's messages: the wire format's message index."""
 
 _CONTENTS = {
     "BOOL": "bool_contents",

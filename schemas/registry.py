@@ -36,12 +36,23 @@ class SchemaRegistryClient:
             self._headers["Authorization"] = f"Basic {token}"
         self._by_id: dict[int, dict[str, Any]] = {}
 
-    def register(self, subject: str, schema: dict[str, Any]) -> int:
-        """Register ``schema`` under ``subject`` (idempotent) and return its id."""
-        body = json.dumps({"schema": json.dumps(schema)}).encode()
-        reply = self._call("POST", f"/subjects/{subject}/versions", body)
+    def register(
+        self, subject: str, schema: dict[str, Any] | str, schema_type: str = "AVRO"
+    ) -> int:
+        """Register ``schema`` under ``subject`` (idempotent) and return its id.
+
+        ``schema_type``: AVRO (a schema as JSON), JSON (a JSON Schema) or PROTOBUF (the
+        text of a .proto file), as the registry's REST API names them; Avro is the
+        registry's default and is not sent.
+        """
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        payload: dict[str, str] = {"schema": text}
+        if schema_type != "AVRO":
+            payload["schemaType"] = schema_type
+        reply = self._call("POST", f"/subjects/{subject}/versions", json.dumps(payload).encode())
         schema_id = int(reply["id"])
-        self._by_id[schema_id] = schema
+        if isinstance(schema, dict):
+            self._by_id[schema_id] = schema
         return schema_id
 
     def schema_by_id(self, schema_id: int) -> dict[str, Any]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from schemas.errors import DecodeError
 
-__all__ = ["MAGIC", "frame", "unframe", "unframe_protobuf"]
+__all__ = ["MAGIC", "frame", "protobuf_header", "unframe", "unframe_protobuf"]
 
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
@@ -15,6 +16,18 @@ _HEADER = struct.Struct(">bI")
 def frame(schema_id: int, payload: bytes) -> bytes:
     """Prefix ``payload`` with the wire-format header for ``schema_id``."""
     return _HEADER.pack(MAGIC, schema_id) + payload
+
+
+def protobuf_header(schema_id: int, indexes: Sequence[int]) -> bytes:
+    """The bytes Confluent's Protobuf serializer writes before a message of the schema.
+
+    The wire-format header, then which message of the registered file this is: the first
+    message as a single 0 byte, any other as a zig-zag varint count and its indexes
+    (`unframe_protobuf` reads both).
+    """
+    if list(indexes) == [0]:
+        return frame(schema_id, b"\x00")
+    return frame(schema_id, b"".join(_zigzag_bytes(n) for n in (len(indexes), *indexes)))
 
 
 def unframe(data: bytes) -> tuple[int, bytes]:
@@ -58,3 +71,16 @@ def _zigzag(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if not byte & 0x80:
             return (value >> 1) ^ -(value & 1), pos
+
+
+def _zigzag_bytes(value: int) -> bytes:
+    n = (value << 1) ^ (value >> 63)
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

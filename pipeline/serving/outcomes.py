@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,7 @@ class OutcomeEncoder:
         # "request": each result in its request's encoding; "avro"/"json": all in that one.
         self.result_encoding = result_encoding
         self.tracing = tracing  # a replica that makes spans: results keep their phase times
+        self._prefixes = codec.result_prefixes  # registry framing of JSON/protobuf results
 
     def _encoding(self, env: Envelope) -> str | None:
         """The request's result encoding when not Avro: "json" or "protobuf"."""
@@ -175,7 +176,9 @@ class OutcomeEncoder:
                 partition=env.partition,
                 offset=env.offset,
             )
-            out.value, out.headers = _other_outcome(encoding, result, request, out.headers)
+            out.value, out.headers = _other_outcome(
+                encoding, result, request, out.headers, self._prefixes
+            )
 
     def expired(
         self, env: Envelope, model: str, version: str, now_ms: float, started: float
@@ -211,7 +214,7 @@ class OutcomeEncoder:
         headers = self.carried(env.headers)
         encoding = self._encoding(env)
         if encoding is not None:
-            value, headers = _other_outcome(encoding, result, request, headers)
+            value, headers = _other_outcome(encoding, result, request, headers, self._prefixes)
         else:
             value = self.codec.encode_result(result)
         return Outcome(env, topic, value, headers, model=model, status=Status.EXPIRED.value)
@@ -298,14 +301,25 @@ def _cap(text: str, limit: int) -> str:
 
 
 def _other_outcome(
-    encoding: str, result: Result, request: Request, headers: Headers | None
+    encoding: str,
+    result: Result,
+    request: Request,
+    headers: Headers | None,
+    prefixes: Mapping[str, bytes],
 ) -> tuple[bytes, Headers]:
-    """A result's bytes and headers in ``encoding`` (json: binary outputs where asked)."""
+    """A result's bytes and headers in ``encoding`` (json: binary outputs where asked).
+
+    ``prefixes``: the registry's wire-format header per encoding, where one is set. The
+    JSON length header then still counts the JSON alone, as the binary-data extension
+    defines it; a reader strips the 5-byte header first.
+    """
+    prefix = prefixes.get(encoding, b"")
     if encoding == "protobuf":
         type_header = ("content-type", oip_protobuf.CONTENT_TYPE.encode())
-        return oip_protobuf.encode_result(result), [*(headers or ()), type_header]
+        return prefix + oip_protobuf.encode_result(result), [*(headers or ()), type_header]
     binary = request.parameters.get("binary_data_output") == "true"
     value, length = oip_json.encode_result(result, binary)
+    value = prefix + value
     out = [*(headers or ()), JSON_HEADER]
     if length is not None:
         out.append((oip_json.HEADER_LENGTH, str(length).encode()))

@@ -13,10 +13,8 @@ import io
 import json
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from e2e.kit import (
     tiny_vectors,
     write_tiny_topology,
 )
+from e2e.registry import registry_stub
 
 from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
@@ -324,38 +323,8 @@ def test_refusals_and_errors_on_the_real_broker(
 
 @pytest.fixture
 def registry_url() -> Iterator[str]:
-    """A minimal Schema Registry: register (POST) and look up by id (GET), in memory."""
-    schemas: dict[int, str] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def _reply(self, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_POST(self) -> None:
-            schema = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["schema"]
-            found = next((i for i, s in schemas.items() if s == schema), None)
-            if found is None:
-                found = len(schemas) + 1
-                schemas[found] = schema
-            self._reply({"id": found})
-
-        def do_GET(self) -> None:
-            self._reply({"schema": schemas[int(self.path.rsplit("/", 1)[1])]})
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with registry_stub() as registry:
+        yield registry.url
 
 
 def test_a_registry_topology_decodes_its_framed_dead_letters(

@@ -15,17 +15,25 @@ classes (typed contents and raw_input_contents), answered as ModelInferResponses
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 from e2e.kit import Topics, read_all, start_background
+from e2e.registry import registry_stub
 from triton_pb import service_pb2
 
+from pipeline.app import make_codec, open_topology
 from pipeline.kafka.broker import EmbeddedBroker
-from schemas.codec import AvroCodec
+from schemas import oip_protobuf
+from schemas.answers import read_result
+from schemas.codec import AvroCodec, load_schema
 from schemas.messages import Request
+from schemas.registry import SchemaRegistryClient
+from schemas.wire import protobuf_header, unframe, unframe_protobuf
 
 http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
 N = 40  # JSON requests, half of them binary; as many Avro twins
@@ -183,3 +191,77 @@ def test_triton_protobuf_requests_are_served_and_answered_in_protobuf(
     letter = codec.decode_dead_letter(dead.value())
     assert letter.reason == "undecodable"
     assert letter.error.startswith("not a ModelInferRequest")
+
+
+def test_under_a_registry_each_encodings_results_are_framed_with_its_registered_schema(
+    broker: EmbeddedBroker, topics: Topics, tiny_topology: Path
+) -> None:
+    """Avro, JSON Schema and Protobuf wire formats on one topic, one subject per type."""
+    pb = service_pb2()
+    if pb is None:
+        pytest.skip("tritonclient is a dev dependency")
+    x = np.random.default_rng(8).standard_normal(64).astype(np.float32)
+    with registry_stub() as registry:
+        tiny_topology.write_text(
+            tiny_topology.read_text().replace(
+                "bootstrap_servers: embedded,",
+                f"bootstrap_servers: embedded, schema_registry: {{url: '{registry.url}'}},",
+            )
+        )
+        client = SchemaRegistryClient(registry.url)
+        avro = AvroCodec(
+            client,
+            request_schema_id=client.register(f"{topics.input}-value", load_schema("request")),
+        )
+        body, _ = _triton_body("as-json", x, binary=False)
+        request = pb.ModelInferRequest(model_name="tiny-mlp", id="as-protobuf")
+        t = request.inputs.add(name="x", datatype="FP32")
+        t.shape.append(64)
+        request.raw_input_contents.append(x.tobytes())
+        # As Confluent's Protobuf serializer frames it (the id is the producer's schema).
+        framed = protobuf_header(99, [2]) + request.SerializeToString()
+        records = [
+            (body, [("content-type", b"application/json"), ("kp.model", b"tiny-mlp")]),
+            (framed, [("content-type", b"application/x-protobuf")]),
+            (avro.encode_request(Request("as-avro", "tiny-mlp", {"x": x})), []),
+        ]
+        asyncio.run(_produce(broker.bootstrap_servers, topics.input, records))
+        served = start_background(tiny_topology, broker)
+        try:
+            out = read_all(broker, topics.output, 3)
+        finally:
+            served.stop()
+
+        out_topic = topics.output
+        assert registry.subjects() == {
+            f"{topics.input}-value": "AVRO",
+            f"{out_topic}-value": "AVRO",
+            f"{out_topic}-kp.oip.v2.InferResponse": "JSON",
+            f"{out_topic}-inference.ModelInferResponse": "PROTOBUF",
+            f"{topics.dead_letter}-value": "AVRO",
+        }
+        by_type = {r.schema_type: (i, r.schema) for i, r in registry.by_id.items()}
+        results = {}
+        for m in out:
+            value, headers = m.value(), m.headers()
+            assert value[0] == 0  # every value in the wire format
+            kind = dict(headers or []).get("content-type")
+            if kind == b"application/json":
+                schema_id, payload = unframe(value)
+                assert schema_id == by_type["JSON"][0]
+                # Triton's client asks for binary outputs: they follow the JSON.
+                length = int(dict(headers or [])["inference-header-content-length"])
+                jsonschema.validate(json.loads(payload[:length]), json.loads(by_type["JSON"][1]))
+            elif kind == b"application/x-protobuf":
+                schema_id, indexes, payload = unframe_protobuf(value)
+                assert (schema_id, indexes) == (by_type["PROTOBUF"][0], [3])
+                assert by_type["PROTOBUF"][1] == oip_protobuf.PROTO.read_text()
+                assert pb.ModelInferResponse.FromString(payload).id == "as-protobuf"
+            result = read_result(make_codec(open_topology(tiny_topology).topology), value, headers)
+            results[result.id] = result
+    assert sorted(results) == ["as-avro", "as-json", "as-protobuf"]
+    want = results["as-avro"].outputs
+    for rid in ("as-json", "as-protobuf"):
+        assert results[rid].status.value == "OK"
+        for name, arr in want.items():
+            np.testing.assert_array_equal(results[rid].outputs[name], arr, err_msg=rid)

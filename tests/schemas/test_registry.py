@@ -101,6 +101,19 @@ def test_register_posts_the_schema_as_json_text_and_returns_its_id(
     assert "authorization" not in call.headers
 
 
+def test_register_names_json_and_protobuf_schema_types_and_avro_stays_implicit(
+    registry: FakeRegistry,
+) -> None:
+    client = SchemaRegistryClient(registry.url)
+    client.register("t-value", load_schema("result"))
+    client.register("t-json", {"title": "x", "type": "object"}, "JSON")
+    client.register("t-proto", 'syntax = "proto3";', "PROTOBUF")
+    avro, as_json, proto = (call.body for call in registry.calls)
+    assert "schemaType" not in avro
+    assert (as_json["schemaType"], json.loads(as_json["schema"])["title"]) == ("JSON", "x")
+    assert proto == {"schema": 'syntax = "proto3";', "schemaType": "PROTOBUF"}
+
+
 def test_register_is_idempotent_and_ids_differ_per_schema(registry: FakeRegistry) -> None:
     client = SchemaRegistryClient(registry.url)
     first = client.register("a-value", load_schema("result"))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from schemas.codec import AvroCodec, load_schema
 from schemas.errors import DecodeError
 from schemas.messages import DeadLetter, Request, Timings
-from schemas.wire import MAGIC, frame, unframe
+from schemas.wire import MAGIC, frame, protobuf_header, unframe, unframe_protobuf
 
 
 class FakeRegistry:
@@ -59,6 +59,23 @@ def test_frame_is_magic_zero_then_big_endian_id() -> None:
 @given(st.integers(0, 2**32 - 1), st.binary(max_size=50))
 def test_unframe_inverts_frame(schema_id: int, payload: bytes) -> None:
     assert unframe(frame(schema_id, payload)) == (schema_id, payload)
+
+
+def test_the_first_protobuf_message_is_one_zero_byte_as_confluent_writes_it() -> None:
+    assert protobuf_header(5, [0]) == frame(5, b"\x00")
+    assert protobuf_header(5, [3]) == frame(5, b"\x02\x06")  # count 1, index 3, zig-zag
+
+
+@given(
+    st.integers(0, 2**31 - 1),
+    st.lists(st.integers(0, 2**20), min_size=1, max_size=5),
+    st.binary(max_size=32),
+)
+def test_unframe_protobuf_inverts_protobuf_header(
+    schema_id: int, indexes: list[int], payload: bytes
+) -> None:
+    value = protobuf_header(schema_id, indexes) + payload
+    assert unframe_protobuf(value) == (schema_id, indexes, payload)
 
 
 @pytest.mark.parametrize("magic", [1, 0x7F, 0x80, 0xFF])
