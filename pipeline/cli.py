@@ -253,7 +253,7 @@ def _produce_and_wait(
     with Client(
         bootstrap, topic, topology.topics.dead_letter, settings=topology.kafka, codec=codec
     ) as client:
-        futures = {r.id: client.submit(r.model, r.inputs, request_id=r.id) for r in reqs}
+        futures = {r.id: client.send(r) for r in reqs}
         client.flush(timeout)
         wait(futures.values(), timeout=timeout)
         failed = 0

@@ -26,6 +26,7 @@ Requests are Avro, framed as the topology's codec frames them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -178,19 +179,28 @@ class Client:
         ``request_id`` (default: a fresh UUID) is the correlation id: unique among the
         requests this client waits for.
         """
-        if self._stop.is_set():
-            raise KpError("the client is closed")
-        rid = request_id or uuid.uuid4().hex
         request = as_request(
-            rid,
+            request_id or uuid.uuid4().hex,
             model,
             inputs,
             model_version=model_version,
             parameters=dict(parameters or {}),
             deadline_ms=deadline_ms,
-            reply_topic=self.reply_topic,
         )
-        value = self.codec.encode_request(request)
+        return self.send(request, key)
+
+    def send(self, request: Request, key: bytes | None = None) -> Future[Result]:
+        """Send a request built beforehand; its future as `submit` returns it.
+
+        `pipeline.tools.traffic` builds photo and text requests; the request keeps its id
+        (the correlation id) and is sent with this client's reply topic.
+        """
+        if self._stop.is_set():
+            raise KpError("the client is closed")
+        rid = request.id
+        value = self.codec.encode_request(
+            dataclasses.replace(request, reply_topic=self.reply_topic)
+        )
         future: Future[Result] = Future()
         with self._lock:
             if rid in self._pending:

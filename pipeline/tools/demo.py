@@ -1,8 +1,9 @@
 """``kp-pipeline demo``: the whole product in one command, on an embedded broker.
 
-Starts Tansu, serves the topology, produces the sample photos (and one corrupt image) as
-requests, prints one line per result and the dead letter, then a throughput line, and
-shuts everything down cleanly.
+Starts Tansu, serves the topology, sends the sample photos (and one corrupt image) as
+requests through a `pipeline.client.Client`, as a service would, prints one line per
+result and the dead letter the client was told of, then a throughput line, and shuts
+everything down cleanly.
 """
 
 from __future__ import annotations
@@ -10,18 +11,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
 from pipeline.app import OpenTopology, make_codec, serve
-from pipeline.config.topology import KafkaSettings
+from pipeline.client import Client, InferenceError
 from pipeline.engine.loop import Replica, RunStats
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.samples import SAMPLE_TEXTS, sample_jpegs
-from pipeline.tools.traffic import image_request, produce_requests, read_topic, text_request
-from schemas.codec import AvroCodec
+from pipeline.tools.traffic import image_request, text_request
 from schemas.errors import KpError
 from schemas.messages import DeadLetter, Request, Result
 
@@ -85,18 +85,35 @@ class BackgroundPipeline:
             self._ready.set()
 
 
-@dataclass(frozen=True)
 class _Send:
-    """Sends the demo's requests to its input topic, as the topology's producer."""
+    """Sends the demo's requests as a service would: through a `Client`.
 
-    codec: AvroCodec
-    kafka: KafkaSettings
-    address: str
-    topic: str
+    The client's reply topic brings each result back; its dead-letter reader names each
+    request the pipeline refused.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.futures: list[Future[Result]] = []
 
     def __call__(self, requests: list[Request]) -> None:
-        encoded = [(r.id.encode(), self.codec.encode_request(r)) for r in requests]
-        produce_requests(self.kafka, self.address, self.topic, encoded)
+        self.futures += [self.client.send(r) for r in requests]
+        self.client.flush()
+
+    def answers(self, timeout: float) -> tuple[list[Result], list[DeadLetter]]:
+        """Every request's result, and the dead letters of those refused."""
+        deadline = time.monotonic() + timeout
+        results, letters = [], []
+        for future in self.futures:
+            try:
+                results.append(future.result(max(deadline - time.monotonic(), 0.01)))
+            except InferenceError as e:
+                if e.dead_letter is None:
+                    raise
+                letters.append(e.dead_letter)
+            except TimeoutError:
+                self.client.forget(future)
+        return results, letters
 
 
 def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
@@ -110,29 +127,31 @@ def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
         echo(f"embedded Tansu broker on {address}")
         served = BackgroundPipeline(opened, address).start()
         devices = ", ".join(dict.fromkeys(model.instance_devices()))
-        echo(
-            f"serving {model.name} ({model.backend} on {devices}) from "
-            f"{', '.join(topology.topics.input)} → {topology.topics.output}"
-        )
-        t0 = time.monotonic()
-        send = _Send(codec, topology.kafka, address, topology.topics.input[0])
-        (_produce_texts if text else _produce_samples)(send, model.name, requests, echo)
-        kafka, topics = topology.kafka, topology.topics
-        results = [
-            codec.decode_result(m.value())
-            for m in read_topic(kafka, address, topics.output, count=requests, timeout=300)
-        ]
-        elapsed = time.monotonic() - t0
-        letters = [
-            codec.decode_dead_letter(m.value())
-            for m in read_topic(kafka, address, topics.dead_letter, count=1, timeout=30)
-        ]
+        topics = topology.topics
+        with Client(
+            address,
+            topics.input[0],
+            topics.dead_letter,
+            settings=topology.kafka,
+            codec=codec,
+            client_id="demo",
+        ) as client:
+            echo(
+                f"serving {model.name} ({model.backend} on {devices}) from "
+                f"{', '.join(topics.input)}; a kp_pipeline.Client sends the requests and "
+                f"reads each answer on its reply topic {client.reply_topic}"
+            )
+            t0 = time.monotonic()
+            send = _Send(client)
+            (_produce_texts if text else _produce_samples)(send, model.name, requests, echo)
+            results, letters = send.answers(timeout=300)
+            elapsed = time.monotonic() - t0
         stats = served.stop()
     (_report_texts if text else _report)(results, letters, show, topology.topics.dead_letter, echo)
     rate = len(results) / elapsed if elapsed > 0 else 0.0
     echo(
         f"{len(results)} results, {len(letters)} dead letter in {elapsed:.2f} s: "
-        f"{rate:.1f} requests/s (first request produced → last result read; "
+        f"{rate:.1f} requests/s (first request sent → last answer received; "
         f"the pipeline consumed {stats.consumed} and committed every offset it consumed: "
         f"{sum(stats.committed.values()) == stats.consumed})"
     )

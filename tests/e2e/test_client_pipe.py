@@ -20,7 +20,7 @@ from e2e.kit import Topics, spawn_run, start_background
 
 from pipeline.client import AsyncClient, Client, InferenceError
 from pipeline.kafka.broker import EmbeddedBroker
-from schemas.messages import Result, Status
+from schemas.messages import Request, Result, Status
 
 X = np.linspace(-1, 1, 64, dtype=np.float32)
 
@@ -91,6 +91,33 @@ def test_infer_returns_results_and_raises_dead_letters_reasons(
     remaining = _topics(broker)
     assert reply not in remaining  # deleted on close
     assert outcomes["async_reply"] not in remaining
+
+
+def test_results_in_json_and_protobuf_come_back_as_results_and_send_keeps_the_request(
+    broker: EmbeddedBroker, topics: Topics, tiny_topology: Path
+) -> None:
+    """The client reads whatever encoding the topology answers in; `send` keeps the id."""
+    answers: dict[str, Result] = {}
+    for encoding in ("json", "protobuf"):
+        tiny_topology.write_text(
+            tiny_topology.read_text()
+            .replace("create: false", f"create: false, result_encoding: {encoding}")
+            .replace("result_encoding: json, ", "")
+        )
+        served = start_background(tiny_topology, broker)
+        try:
+            with _client(broker, topics) as client:
+                request = Request(f"mine-{encoding}", "tiny-mlp", {"x": X}, parameters={"a": "b"})
+                answers[encoding] = client.send(request).result(30)
+        finally:
+            served.stop()
+    for encoding, result in answers.items():
+        assert result.id == f"mine-{encoding}"
+        assert result.status == Status.OK
+        assert result.outputs["scores"].shape == (3,)
+    np.testing.assert_array_equal(
+        answers["json"].outputs["scores"], answers["protobuf"].outputs["scores"]
+    )
 
 
 def test_no_infer_hangs_past_its_timeout_when_the_pipeline_is_killed_mid_load(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,21 @@ def test_known_photos_get_their_class(
     assert committed_offsets(broker, topics.group, topics.input) == end_offsets(
         broker, topics.input
     )
+
+
+def test_the_demo_command_answers_every_photo_through_the_client() -> None:
+    """`kp-pipeline demo` as the README runs it: its own broker, a Client, one dead letter."""
+    if not (MODELS / "efficientnet_lite0.onnx").exists():
+        pytest.fail("models/efficientnet_lite0.onnx missing: run `make models`")
+    command = [sys.executable, "-m", "pipeline.cli", "demo", str(ROOT / "topology.yaml")]
+    done = subprocess.run(
+        [*command, "--requests", "12"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    assert "a kp_pipeline.Client sends the requests" in out
+    assert "demo-00000-cat       Egyptian cat" in out
+    assert "dead letter: demo-corrupt → kp.dead-letters: bad_image" in out
+    assert "12 results, 1 dead letter" in out
+    assert "committed every offset it consumed: True" in out
