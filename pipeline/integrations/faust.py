@@ -43,7 +43,9 @@ batching, see `KpFaustModel.take_size`), runs each through `KpFaustModel.handle`
             for event in events:
                 await stream.ack(event)
 
-From the topology: the models, their batching, the topics, the Schema Registry. Not
+From the topology: the models, their batching, the topics, the Schema Registry and
+``tracing`` (a span per request, as `pipeline.observability.tracing` makes them, ended
+when the broker acknowledged its outcome). Not
 from it: the ``kafka`` connection settings, ``flow`` and ``metrics`` (the Faust app has
 its own), and lag-driven batching (``lag_control``): batch size and delay stay fixed.
 The output and dead-letter topics must exist (``topics.create`` is ``kp-pipeline run``'s
@@ -93,6 +95,7 @@ from pipeline.app import OpenTopology, make_codec, open_topology
 from pipeline.config.loader import load_topology
 from pipeline.kafka.refusals import is_permanent
 from pipeline.observability.metrics import Metrics
+from pipeline.observability.tracing import make_tracing
 from pipeline.serving.graph import ServedModel, build_graph, close_graph
 from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
@@ -173,12 +176,15 @@ class KpFaustModel:
         self.graph = {m.name: m for m in graph}
         topics = opened.topology.topics
         self.codec = codec or make_codec(opened.topology)
+        # Spans per request, as the Kafka loop makes them, ended when the broker acked.
+        self.tracing = make_tracing(opened.topology.tracing, opened.source)
         self.encoder = OutcomeEncoder(
             self.codec,
             topics.output,
             topics.dead_letter,
             propagate_headers=topics.propagate_headers,
             result_encoding=topics.result_encoding,
+            tracing=self.tracing is not None,
         )
         self.intake = Intake(graph, self.codec, self.encoder, topics.encoding)
         self.stats = FaustStats()
@@ -345,7 +351,7 @@ class KpFaustModel:
         instead, and a dead letter that is too large is sent without the request's
         bytes; any other failure raises `DeliveryError`.
         """
-        pending = list(outcomes)
+        pending, delivered = list(outcomes), []
         while pending:
             # Concurrently: aiokafka makes a send wait while its partition's batch is
             # full, and one send at a time would wait a round trip for each batch.
@@ -355,11 +361,14 @@ class KpFaustModel:
             for out, error in zip(pending, done, strict=True):
                 if error is None:
                     self._count(out)
+                    delivered.append(out)
                 elif isinstance(error, Exception):
                     retry.append(self._refused(out, error))
                 else:
                     raise error
             pending = retry
+        if self.tracing is not None:
+            self.tracing.published(delivered)
 
     async def _deliver(self, app: faust.App, out: Outcome) -> None:
         """Send one outcome through Faust's producer and wait for the broker's ack."""
@@ -415,6 +424,8 @@ class KpFaustModel:
         for runtime in self.runtimes.values():
             runtime.stop(timeout=60.0)
         close_graph(list(self.graph.values()))
+        if self.tracing is not None:
+            self.tracing.close()
 
     def __enter__(self) -> KpFaustModel:
         return self

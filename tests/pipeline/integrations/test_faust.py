@@ -448,3 +448,29 @@ def test_from_topology_refuses_a_model_it_does_not_have(tmp_path: Path) -> None:
     path.write_text(TOPOLOGY)
     with pytest.raises(KpError, match="no model 'nope' \\(it has tiny-mlp\\)"):
         KpFaustModel.from_topology(path, model="nope", env={})
+
+
+def test_with_tracing_each_delivered_outcome_gets_a_span_with_its_phases(
+    model: KpFaustModel, app: faust.App
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from pipeline.observability.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert model.tracing is None  # the topology does not ask for it
+    model.tracing, model.encoder.tracing = Tracing(provider.get_tracer("t")), True
+    try:
+        outcomes = outcomes_for(model, app, 2)
+        asyncio.run(model.publish(FakeApp(), outcomes))  # type: ignore[arg-type]
+    finally:
+        model.tracing, model.encoder.tracing = None, False
+    spans = exporter.get_finished_spans()
+    requests = [s for s in spans if s.name.startswith("kp-pipeline")]
+    assert sorted(s.attributes["kp.outcome"] for s in requests) == ["OK", "OK", "undecodable"]
+    phases = sorted(s.name for s in spans if s.parent is not None)
+    assert phases == sorted(["queue", "preprocess", "infer", "postprocess", "publish"] * 2)
