@@ -45,6 +45,7 @@ from pipeline.kafka.clients import admin_config, ensure_topics
 from pipeline.tools.demo import BackgroundPipeline
 from pipeline.tools.samples import mixed_texts, sample_jpegs
 from pipeline.tools.traffic import image_request, tensor_request, text_request
+from schemas.answers import read_result
 from schemas.codec import AvroCodec
 from schemas.errors import KpError
 from schemas.messages import Request, Status
@@ -327,13 +328,13 @@ class Reader(threading.Thread):
                 for msg in [first, *self._consumer.consume(1000, 0)]:
                     value = msg.value()
                     if msg.error() is None and value is not None:
-                        self._record(msg.topic() == self._output, value, now)
+                        self._record(msg.topic() == self._output, value, msg.headers(), now)
         finally:
             self._consumer.close()
 
-    def _record(self, result: bool, value: bytes, now: float) -> None:
-        try:
-            out = self._codec.decode_result(value) if result else None
+    def _record(self, result: bool, value: bytes, headers: Any, now: float) -> None:
+        try:  # results in any encoding the topology answers in, as the client reads them
+            out = read_result(self._codec, value, headers) if result else None
             rid = out.id if out is not None else self._codec.decode_dead_letter(value).id
         except Exception:  # someone else's record in a shared topic
             return
