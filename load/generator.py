@@ -42,6 +42,7 @@ from pipeline.app import OpenTopology, make_codec, open_topology
 from pipeline.config.topology import ModelSettings, Topology
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import admin_config, ensure_topics
+from pipeline.kafka.preflight import check_access
 from pipeline.tools.demo import BackgroundPipeline
 from pipeline.tools.samples import mixed_texts, sample_jpegs
 from pipeline.tools.traffic import image_request, tensor_request, text_request
@@ -491,6 +492,7 @@ def _measure(
         if size > PREENCODED_LIMIT:
             raise KpError(f"over {PREENCODED_LIMIT >> 30} GiB of requests: lower rate×duration")
     s = Samples.empty(mix, kind, due)
+    check_access(topology.kafka, bootstrap, where)
     conf = {**admin_config(topology.kafka, bootstrap), "client.id": "kp-load"}
     reader = Reader(conf, topics.output, topics.dead_letter, codec, prefix, s)
     reader.start()

@@ -21,6 +21,7 @@ from pipeline.engine.collector import serving_collector
 from pipeline.engine.loop import Replica, RunStats
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import admin_config, ensure_topics
+from pipeline.kafka.preflight import check_access
 from pipeline.observability.health import Health, MetricsServer
 from pipeline.observability.metrics import Metrics
 from pipeline.observability.tracing import make_tracing
@@ -159,6 +160,7 @@ def serve(
         graph = check_graph(opened)
         try:
             with cluster(topology, bootstrap) as address:
+                check_access(topology.kafka, address, opened.source, 5.0, unreachable_ok=True)
                 create_topics(topology, address)
                 pipeline = Replica(
                     topology,

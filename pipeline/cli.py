@@ -190,14 +190,20 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _bootstrap(args: argparse.Namespace, topology: Any) -> str:
+    """The cluster a command talks to, once it answered with the topology's security."""
+    from pipeline.kafka.preflight import check_access
+
     if args.bootstrap:
-        return str(args.bootstrap)
-    if topology.kafka.embedded:
+        address = str(args.bootstrap)
+    elif topology.kafka.embedded:
         raise ConfigError(
             "the topology uses an embedded broker, which lives inside `kp-pipeline run`; "
             "start one with `kp-pipeline broker`, set KP_BOOTSTRAP (or pass --bootstrap)"
         )
-    return str(topology.kafka.bootstrap_servers)
+    else:
+        address = str(topology.kafka.bootstrap_servers)
+    check_access(topology.kafka, address, str(args.topology))
+    return address
 
 
 def cmd_produce(args: argparse.Namespace) -> int:

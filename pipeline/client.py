@@ -42,6 +42,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.config.topology import KafkaSettings, Topology
 from pipeline.kafka.clients import admin_config, ensure_topics, reader_config, sender_config
+from pipeline.kafka.preflight import check_access
 from schemas.answers import read_result
 from schemas.codec import AvroCodec
 from schemas.errors import KpError
@@ -112,6 +113,7 @@ class Client:
         self._pending: dict[str, Future[Result]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        check_access(self.settings, bootstrap, "kp_pipeline.Client")
         admin = AdminClient(admin_config(self.settings, bootstrap))
         ensure_topics(admin, [self.reply_topic], 1, 1)
         self._producer = Producer(sender_config(self.settings, bootstrap))

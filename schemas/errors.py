@@ -4,6 +4,7 @@
 
     KpError                      root: catch this to catch anything kp-pipeline raises
     ├── ConfigError              topology.yaml is wrong; names the file and the field path
+    │   └── AccessError          the cluster refused our credentials or certificates
     ├── GraphError               stages and model signatures do not fit together
     ├── BackendError             a model could not be loaded or run
     ├── BrokerError              the embedded broker could not be started, or Kafka refused us
@@ -32,6 +33,7 @@ from enum import IntEnum
 from typing import Any
 
 __all__ = [
+    "AccessError",
     "BackendError",
     "BrokerError",
     "ConfigError",
@@ -56,6 +58,13 @@ class KpError(Exception):
 
 class ConfigError(KpError):
     """A topology file is invalid. The message starts with ``file: field.path:``."""
+
+
+class AccessError(ConfigError):
+    """The cluster refused this client: a wrong password, an untrusted certificate.
+
+    A setting to fix, not a failure to retry: refused at start (exit 2).
+    """
 
 
 class GraphError(KpError):

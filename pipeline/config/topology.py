@@ -48,13 +48,58 @@ class _Strict(BaseModel):
 
 
 class SecuritySettings(_Strict):
-    """How to authenticate to the cluster; passed to librdkafka as given."""
+    """How to reach and authenticate to the cluster: TLS, mutual TLS and SASL.
+
+    Passed to librdkafka (`pipeline.kafka.clients`); every client kp-pipeline makes uses
+    the same settings, and `pipeline.kafka.preflight` checks them once at start. Secrets
+    (the SASL password, the key's password) are `SecretStr`: shown as ``**********``
+    wherever a setting is printed, and read only where librdkafka is configured.
+    """
 
     protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
-    ssl_ca_location: str | None = None
+    ssl_ca_location: str | None = Field(
+        None, description="CA certificate(s) (PEM) that sign the brokers' certificates."
+    )
+    ssl_certificate_location: str | None = Field(
+        None, description="This client's certificate (PEM), for mutual TLS."
+    )
+    ssl_key_location: str | None = Field(
+        None, description="The private key (PEM) of ssl_certificate_location."
+    )
+    ssl_key_password: SecretStr | None = None
+    ssl_endpoint_identification: Literal["https", "none"] = Field(
+        "https",
+        description="'https': the broker's certificate must name the host connected to "
+        "(librdkafka's default); 'none' turns the check off.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> SecuritySettings:
+        sasl = self.protocol.startswith("SASL")
+        if sasl and self.sasl_mechanism is None:
+            raise ValueError(f"protocol {self.protocol} needs sasl_mechanism")
+        if sasl and self.sasl_mechanism != "OAUTHBEARER":
+            for name in ("sasl_username", "sasl_password"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{self.sasl_mechanism} needs {name}")
+        if not sasl and (self.sasl_mechanism or self.sasl_username or self.sasl_password):
+            raise ValueError(f"sasl_* settings need a SASL protocol, not {self.protocol}")
+        tls = [
+            name
+            for name in ("ssl_ca_location", "ssl_certificate_location", "ssl_key_location")
+            if getattr(self, name)
+        ]
+        if tls and not self.protocol.endswith("SSL"):
+            raise ValueError(f"{tls[0]} needs protocol SSL or SASL_SSL, not {self.protocol}")
+        if bool(self.ssl_certificate_location) != bool(self.ssl_key_location):
+            raise ValueError("ssl_certificate_location and ssl_key_location go together")
+        for name in tls:
+            if not Path(getattr(self, name)).is_file():
+                raise ValueError(f"{name}: no file {getattr(self, name)!r}")
+        return self
 
 
 class SchemaRegistrySettings(_Strict):

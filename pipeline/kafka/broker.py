@@ -7,7 +7,11 @@ need to keep (point ``bootstrap_servers`` at a real cluster for that).
 
 Known Tansu limits (measured, see the project's notes): ListOffsets high watermarks
 advance per record batch, so lag is read from fetch responses instead; group joins take
-``session.timeout.ms / 2``, hence the short session timeout used with it.
+``session.timeout.ms / 2``, hence the short session timeout used with it. Tansu 0.6.0
+(the wheel's) cannot serve TLS (its ``--cert`` and ``--key`` options exclude each other)
+nor keep SCRAM users (its memory and S3 storage drop them), so the tests put a TLS and
+SASL terminating proxy of their own in front of it (tests/e2e/netproxy.py), and
+``advertised`` makes the broker name that proxy in its metadata.
 """
 
 from __future__ import annotations
@@ -67,10 +71,13 @@ class EmbeddedBroker:
         storage: str = "memory://tansu/",
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
+        advertised: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self.storage = storage
         self.env = env
+        # host:port clients are told to connect to (a proxy in front); default: our own
+        self.advertised = advertised
         self._log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: object = None
@@ -97,7 +104,7 @@ class EmbeddedBroker:
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            f"tcp://{self.advertised}" if self.advertised else url,
             "--storage-engine",
             self.storage,
         ]

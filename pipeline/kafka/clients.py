@@ -53,6 +53,14 @@ def _common(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:
         conf["sasl.password"] = sec.sasl_password.get_secret_value()
     if sec.ssl_ca_location:
         conf["ssl.ca.location"] = sec.ssl_ca_location
+    if sec.ssl_certificate_location:
+        conf["ssl.certificate.location"] = sec.ssl_certificate_location
+    if sec.ssl_key_location:
+        conf["ssl.key.location"] = sec.ssl_key_location
+    if sec.ssl_key_password is not None:
+        conf["ssl.key.password"] = sec.ssl_key_password.get_secret_value()
+    if sec.protocol.endswith("SSL"):
+        conf["ssl.endpoint.identification.algorithm"] = sec.ssl_endpoint_identification
     return conf
 
 

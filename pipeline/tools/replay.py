@@ -50,6 +50,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.clients import reader_config
+from pipeline.kafka.preflight import check_access
 from pipeline.tools.timespec import parse_time
 from pipeline.workers.supervisor import worker_count
 from schemas.errors import ConfigError
@@ -392,6 +393,7 @@ def _destination(args: argparse.Namespace, t: Any) -> tuple[str, str]:
         raise RangeError(
             "--bootstrap: a replay reads recorded traffic from a cluster (or set KP_BOOTSTRAP)"
         )
+    check_access(t.kafka, str(bootstrap), str(args.topology))
     return str(output), str(bootstrap)
 
 

@@ -348,6 +348,7 @@ class DlqContext:
 def open_context(args: argparse.Namespace) -> DlqContext:
     """Open ``args.topology``; ``--bootstrap`` names the cluster (an embedded one is refused)."""
     from pipeline.app import make_codec, open_topology
+    from pipeline.kafka.preflight import check_access
 
     topology = open_topology(args.topology).topology
     bootstrap = args.bootstrap or topology.kafka.bootstrap_servers
@@ -356,5 +357,6 @@ def open_context(args: argparse.Namespace) -> DlqContext:
             "--bootstrap: the topology's broker is embedded in `kp-pipeline run`; "
             "name the cluster that holds its dead letters"
         )
+    check_access(topology.kafka, bootstrap, str(args.topology))
     t = topology.topics
     return DlqContext(topology.kafka, bootstrap, t.dead_letter, t.output, make_codec(topology))

@@ -228,7 +228,11 @@ def test_numbers_from_the_environment_are_converted() -> None:
 
 
 def test_secrets_are_not_printed() -> None:
-    text = _edit('{bootstrap_servers: "${BOOT:-embedded}"}', "{security: {sasl_password: '${PW}'}}")
+    text = _edit(
+        '{bootstrap_servers: "${BOOT:-embedded}"}',
+        "{security: {protocol: SASL_SSL, sasl_mechanism: PLAIN, sasl_username: u, "
+        "sasl_password: '${PW}'}}",
+    )
     t = parse_topology(text, "t", {"PW": "hunter2"})
     assert "hunter2" not in repr(t)
     assert "hunter2" not in str(t.model_dump())

@@ -3,7 +3,9 @@ every client (group consumer, reader, producer, admin) carries the cluster's sec
 
 from __future__ import annotations
 
+import re
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +26,7 @@ SECURE = KafkaSettings(
         sasl_mechanism="PLAIN",
         sasl_username="u",
         sasl_password="p",
-        ssl_ca_location="/x",
+        ssl_ca_location=__file__,  # a file that exists: the settings check it
     ),
     consumer={"isolation.level": "read_uncommitted", "enable.auto.commit": True},
     producer={"compression.type": "lz4"},
@@ -70,7 +72,8 @@ def test_every_client_carries_the_clusters_security() -> None:
             "u",
             "p",
         )
-        assert conf["ssl.ca.location"] == "/x"
+        assert conf["ssl.ca.location"] == __file__
+        assert conf["ssl.endpoint.identification.algorithm"] == "https"
 
 
 def test_a_reader_takes_the_users_consumer_settings_but_never_commits() -> None:
@@ -111,3 +114,46 @@ def test_the_transactional_id_is_the_groups_and_the_replicas_unless_configured()
     assert transactional_id(settings, "kp-pipeline-0") == "kp-kp-pipeline-0"
     assert transactional_id(settings, "host name:1") == "kp-host_name_1"
     assert transactional_id(KafkaSettings(transactional_id="fixed"), "x") == "fixed"
+
+
+def test_mutual_tls_and_the_hostname_check_reach_librdkafka(tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "c.key"
+    cert.write_text("-")
+    key.write_text("-")
+    security = SecuritySettings(
+        protocol="SSL",
+        ssl_ca_location=str(cert),
+        ssl_certificate_location=str(cert),
+        ssl_key_location=str(key),
+        ssl_key_password="k3y-pw",
+        ssl_endpoint_identification="none",
+    )
+    conf = admin_config(KafkaSettings(security=security), "b:9093")
+    assert (conf["ssl.certificate.location"], conf["ssl.key.location"]) == (str(cert), str(key))
+    assert conf["ssl.key.password"] == "k3y-pw"
+    assert conf["ssl.endpoint.identification.algorithm"] == "none"
+    assert "sasl.mechanism" not in conf
+    assert "ssl.endpoint.identification.algorithm" not in admin_config(KafkaSettings(), "b")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"protocol": "SASL_SSL"}, "protocol SASL_SSL needs sasl_mechanism"),
+        ({"protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "u"},
+         "SCRAM-SHA-512 needs sasl_password"),
+        ({"sasl_username": "u"}, "sasl_* settings need a SASL protocol, not PLAINTEXT"),
+        ({"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u",
+          "sasl_password": "p", "ssl_ca_location": __file__},
+         "ssl_ca_location needs protocol SSL or SASL_SSL, not SASL_PLAINTEXT"),
+        ({"protocol": "SSL", "ssl_certificate_location": __file__},
+         "ssl_certificate_location and ssl_key_location go together"),
+        ({"protocol": "SSL", "ssl_ca_location": "/no/such/ca.pem"},
+         "ssl_ca_location: no file '/no/such/ca.pem'"),
+    ],
+)  # fmt: skip
+def test_incomplete_security_is_refused_naming_the_setting(
+    fields: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SecuritySettings(**fields)  # type: ignore[arg-type]
