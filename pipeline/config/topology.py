@@ -76,6 +76,21 @@ class SecuritySettings(_Strict):
         "(librdkafka's default); 'none' turns the check off.",
     )
 
+    @field_validator(
+        "sasl_mechanism",
+        "sasl_username",
+        "sasl_password",
+        "ssl_ca_location",
+        "ssl_certificate_location",
+        "ssl_key_location",
+        "ssl_key_password",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """'' is not set: a topology reads these from ``${VAR:-}`` (the Helm chart does)."""
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _complete(self) -> SecuritySettings:
         sasl = self.protocol.startswith("SASL")
@@ -96,10 +111,21 @@ class SecuritySettings(_Strict):
             raise ValueError(f"{tls[0]} needs protocol SSL or SASL_SSL, not {self.protocol}")
         if bool(self.ssl_certificate_location) != bool(self.ssl_key_location):
             raise ValueError("ssl_certificate_location and ssl_key_location go together")
-        for name in tls:
-            if not Path(getattr(self, name)).is_file():
-                raise ValueError(f"{name}: no file {getattr(self, name)!r}")
         return self
+
+    def missing_files(self) -> list[str]:
+        """``name: path`` of each TLS file setting whose file does not exist here.
+
+        Checked when a client starts (`pipeline.kafka.preflight`), not when a topology is
+        read: ``validate`` and the Helm chart's tests read topologies whose certificates
+        live only in the pods.
+        """
+        names = ("ssl_ca_location", "ssl_certificate_location", "ssl_key_location")
+        return [
+            f"{name}: no file {getattr(self, name)!r}"
+            for name in names
+            if getattr(self, name) and not Path(getattr(self, name)).is_file()
+        ]
 
 
 class SchemaRegistrySettings(_Strict):

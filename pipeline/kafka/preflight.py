@@ -83,6 +83,9 @@ def check_access(
     left to the caller's own retries (a replica starts and waits, not ready, as it does
     when its brokers go away later); a refusal is raised all the same.
     """
+    missing = settings.security.missing_files()
+    if missing:
+        raise AccessError(f"{where}: kafka.security.{missing[0]}")
     errors: list[KafkaError] = []
     conf: dict[str, Any] = {**admin_config(settings, bootstrap), "error_cb": errors.append}
     conf.setdefault("log_level", 2)  # the refusal is raised; librdkafka need not print it too

@@ -68,11 +68,17 @@ CASES: dict[str, Obj] = {
             "deadLetterTopic": "images.dlq",
             "partitions": 12,
             "createTopics": True,
+            "security": {
+                "protocol": "SASL_SSL",
+                "saslMechanism": "SCRAM-SHA-512",
+                "saslSecret": {"name": "kafka", "usernameKey": "user", "passwordKey": "password"},
+                "tlsSecret": {"name": "kafka-ca", "caKey": "ca.pem"},
+            },
         },
         "env": [
             {
-                "name": "KP_SASL_PASSWORD",
-                "valueFrom": {"secretKeyRef": {"name": "kafka", "key": "password"}},
+                "name": "OTEL_EXPORTER_OTLP_HEADERS",
+                "valueFrom": {"secretKeyRef": {"name": "otel", "key": "headers"}},
             }
         ],
         "envFrom": [{"configMapRef": {"name": "extra"}}],
@@ -100,6 +106,17 @@ CASES["workers-and-replay"] = {
     "replay": {"enabled": True, "from": "2026-11-20T00:00Z", "toOffset": "0:500,1:700"},
 }
 
+CASES["secured"] = {
+    "kafka": {
+        "security": {
+            "protocol": "SASL_SSL",
+            "saslMechanism": "SCRAM-SHA-512",
+            "saslSecret": {"name": "kafka-sasl"},
+            "tlsSecret": {"name": "kafka-tls", "mutual": True},
+        }
+    },
+    "replay": {"enabled": True, "fromOffset": "0", "toOffset": "100"},
+}
 CASE_IDS = list(CASES)
 
 # Kinds each case renders.
@@ -111,6 +128,7 @@ EXPECTED_KINDS: dict[str, set[str]] = {
     "servicemonitor-disabled": CORE_KINDS | {"ScaledObject"},
     "everything-set": CORE_KINDS | {"ScaledObject", "ServiceMonitor"},
     "workers-and-replay": CORE_KINDS | {"ScaledObject", "ServiceMonitor", "Job"},
+    "secured": CORE_KINDS | {"ScaledObject", "ServiceMonitor", "Job"},
 }
 # Kinds the Kubernetes schemas cover besides the core ones (the replay Job, when enabled).
 OPTIONAL_CORE_KINDS = {"Job"}
@@ -430,7 +448,10 @@ def test_configmap_topology_loads_with_the_deployments_environment(helm: Path, c
 
     objects = render(helm, CASES[case])
     text = one(objects, "ConfigMap")["data"]["topology.yaml"]
-    env = env_of(objects)
+    secrets = [
+        e["name"] for e in container(objects)["env"] if "secretKeyRef" in e.get("valueFrom", {})
+    ]
+    env = env_of(objects) | dict.fromkeys(secrets, "from-a-secret")  # as Kubernetes resolves them
     topology = parse_topology(text, "configmap topology.yaml", env=env)
     kafka = CASES[case].get("kafka", {})
     assert topology.kafka.bootstrap_servers == kafka.get("bootstrapServers", "kafka:9092")
@@ -695,3 +716,37 @@ def test_replay_job_is_refused_without_a_fixed_end_or_onto_a_live_topic(helm: Pa
     err = render_error(helm, {"replay": {"enabled": True, "to": "x", "output": "kp.results"}})
     assert "replay.output: must not be a live topic" in err
     assert all(o["kind"] != "Job" for o in render(helm, {}))
+
+
+def test_credentials_and_certificates_come_from_secrets_never_the_configmap(helm: Path) -> None:
+    from pipeline.config.loader import parse_topology
+
+    objects = render(helm, CASES["secured"])
+    text = one(objects, "ConfigMap")["data"]["topology.yaml"]
+    for kind in ("Deployment", "Job"):
+        pod = one(objects, kind)["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+        assert refs["KP_SASL_USERNAME"] == {"name": "kafka-sasl", "key": "username"}
+        assert refs["KP_SASL_PASSWORD"] == {"name": "kafka-sasl", "key": "password"}
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "kafka-tls")
+        volume = next(v for v in pod["volumes"] if v["name"] == "kafka-tls")
+        assert (mount["mountPath"], mount["readOnly"]) == ("/etc/kp-pipeline-tls", True)
+        assert volume["secret"] == {"secretName": "kafka-tls", "defaultMode": 0o400}
+    # What the pod's environment holds once Kubernetes resolved the Secret references.
+    env = {**env_of(objects), "KP_SASL_USERNAME": "svc", "KP_SASL_PASSWORD": "s3cret-sentinel"}
+    security = parse_topology(text, "configmap", env=env).kafka.security
+    assert (security.protocol, security.sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert security.sasl_password is not None
+    assert security.sasl_password.get_secret_value() == "s3cret-sentinel"
+    assert security.ssl_ca_location == "/etc/kp-pipeline-tls/ca.crt"
+    assert security.ssl_key_location == "/etc/kp-pipeline-tls/tls.key"
+    rendered = json.dumps(objects)
+    assert "s3cret-sentinel" not in rendered
+    assert "${KP_SASL_PASSWORD:-}" in text  # the ConfigMap holds a reference, not a value
+    plain = parse_topology(
+        one(render(helm, {}), "ConfigMap")["data"]["topology.yaml"],
+        "c",
+        env=env_of(render(helm, {})),
+    ).kafka.security
+    assert (plain.protocol, plain.sasl_username, plain.ssl_ca_location) == ("PLAINTEXT", None, None)

@@ -14,7 +14,7 @@ from confluent_kafka import KafkaError
 from pipeline.config.topology import KafkaSettings, SecuritySettings
 from pipeline.kafka.broker import free_port
 from pipeline.kafka.preflight import check_access, refusal
-from schemas.errors import BrokerError
+from schemas.errors import AccessError, BrokerError
 
 SASL = KafkaSettings(
     security=SecuritySettings(
@@ -73,3 +73,9 @@ def test_no_broker_is_a_broker_error_in_time_or_a_warning_when_a_replica_may_wai
     assert time.monotonic() - t0 < 5
     check_access(KafkaSettings(), address, "t.yaml", timeout=1.0, unreachable_ok=True)
     assert f"no broker at {address} answered" in caplog.text
+
+
+def test_a_tls_file_that_is_not_there_is_refused_before_connecting() -> None:
+    settings = KafkaSettings(security=SecuritySettings(protocol="SSL", ssl_ca_location="/no/ca"))
+    with pytest.raises(AccessError, match=r"t.yaml: kafka\.security\.ssl_ca_location: no file"):
+        check_access(settings, "127.0.0.1:1", "t.yaml")

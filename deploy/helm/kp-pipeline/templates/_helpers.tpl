@@ -74,3 +74,59 @@ release that asks for them, unless keda.allowIdleConsumers says that is intended
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The cluster's security, from values and Secrets, as the KP_* variables the topology reads
+(kafka.security in the default topology). Credentials come from Kubernetes Secrets
+through secretKeyRef and certificate files from a Secret volume: never from values that
+end up in the ConfigMap.
+*/}}
+{{- define "kp-pipeline.securityEnv" -}}
+{{- $sec := .Values.kafka.security -}}
+- name: KP_SECURITY_PROTOCOL
+  value: {{ $sec.protocol | quote }}
+{{- with $sec.saslMechanism }}
+- name: KP_SASL_MECHANISM
+  value: {{ . | quote }}
+{{- end }}
+{{- if $sec.saslSecret.name }}
+- name: KP_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $sec.saslSecret.name | quote }}
+      key: {{ $sec.saslSecret.usernameKey | quote }}
+- name: KP_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $sec.saslSecret.name | quote }}
+      key: {{ $sec.saslSecret.passwordKey | quote }}
+{{- end }}
+{{- if $sec.tlsSecret.name }}
+- name: KP_SSL_CA_LOCATION
+  value: {{ printf "/etc/kp-pipeline-tls/%s" $sec.tlsSecret.caKey | quote }}
+{{- if $sec.tlsSecret.mutual }}
+- name: KP_SSL_CERTIFICATE_LOCATION
+  value: {{ printf "/etc/kp-pipeline-tls/%s" $sec.tlsSecret.certKey | quote }}
+- name: KP_SSL_KEY_LOCATION
+  value: {{ printf "/etc/kp-pipeline-tls/%s" $sec.tlsSecret.keyKey | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The TLS Secret's files, mounted read-only beside (not inside) the topology. */}}
+{{- define "kp-pipeline.securityMounts" -}}
+{{- if .Values.kafka.security.tlsSecret.name }}
+- name: kafka-tls
+  mountPath: /etc/kp-pipeline-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "kp-pipeline.securityVolumes" -}}
+{{- if .Values.kafka.security.tlsSecret.name }}
+- name: kafka-tls
+  secret:
+    secretName: {{ .Values.kafka.security.tlsSecret.name | quote }}
+    defaultMode: 0400
+{{- end }}
+{{- end -}}
