@@ -84,7 +84,8 @@ def make_codec(topology: Topology) -> AvroCodec:
     """Plain Avro, or the Schema Registry wire format when a registry is configured.
 
     With a registry every value the pipeline writes is framed, and its schema registered
-    first: Avro results and dead letters under ``<topic>-value``; JSON results with the
+    first: requests (as `produce` and the client write them) under each input topic's
+    ``<topic>-value``, Avro results and dead letters under ``<topic>-value``; JSON results with the
     v2 response's JSON Schema and protobuf results with schemas/oip_v2.proto
     (`result_subjects` says under which subjects).
     """
@@ -104,8 +105,11 @@ def make_codec(topology: Topology) -> AvroCodec:
         proto = oip_protobuf.PROTO.read_text(encoding="utf-8")
         proto_id = client.register(subjects["protobuf"], proto, "PROTOBUF")
         prefixes["protobuf"] = protobuf_header(proto_id, oip_protobuf.RESPONSE_INDEXES)
+    request = load_schema("request")
+    request_ids = {client.register(f"{topic}-value", request) for topic in t.input}
     return AvroCodec(
         registry=client,
+        request_schema_id=min(request_ids),  # one schema: one id, under every input's subject
         result_schema_id=(
             client.register(subjects["avro"], load_schema("result")) if "avro" in subjects else None
         ),

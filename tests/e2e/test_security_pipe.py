@@ -16,107 +16,33 @@ message naming the setting, as does the client.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from confluent_kafka.admin import AdminClient
 from e2e.certs import Pki, make_pki
-from e2e.kit import ROOT, Topics, new_topics, spawn_run, write_tiny_topology
-from e2e.netproxy import KafkaProxy
+from e2e.kit import ROOT, new_topics, spawn_run
+from e2e.secured import (
+    PASSWORD,
+    Secured,
+    create_topics,
+    sasl_ssl,
+    secured,
+    secured_topology,
+)
 
 from pipeline.client import Client
-from pipeline.config.topology import KafkaSettings, SecuritySettings
-from pipeline.kafka.broker import EmbeddedBroker, free_port
-from pipeline.kafka.clients import admin_config, ensure_topics
 from schemas.errors import AccessError
-
-PASSWORD = "correct-horse-battery"
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@dataclass
-class Secured:
-    """A broker behind a proxy, and the topology's ``kafka.security`` that reaches it."""
-
-    broker: EmbeddedBroker
-    proxy: KafkaProxy
-    security: dict[str, str]
-
-    @property
-    def bootstrap_servers(self) -> str:  # what kit's helpers connect to
-        return self.proxy.address
-
-    @property
-    def settings(self) -> KafkaSettings:
-        return KafkaSettings(security=SecuritySettings(**self.security))  # type: ignore[arg-type]
-
-
-@contextlib.contextmanager
-def secured(
-    pki: Pki,
-    security: dict[str, str],
-    *,
-    tls: bool = True,
-    mutual: bool = False,
-    sasl: bool = False,
-    cert: str = "broker",
-) -> Iterator[Secured]:
-    port = free_port()
-    broker = EmbeddedBroker(advertised=f"127.0.0.1:{port}").start()
-    proxy = KafkaProxy(
-        broker.bootstrap_servers,
-        port=port,
-        cert=(getattr(pki, f"{cert}_pem"), getattr(pki, f"{cert}_key")) if tls else None,
-        client_ca=pki.ca_pem if mutual else None,
-        users={"alice": PASSWORD} if sasl else None,
-    ).start()
-    try:
-        yield Secured(broker, proxy, security)
-    finally:
-        proxy.stop()
-        broker.stop()
-
-
-def _sasl_ssl(pki: Pki, password: str = PASSWORD, mutual: bool = True) -> dict[str, str]:
-    out = {
-        "protocol": "SASL_SSL",
-        "sasl_mechanism": "SCRAM-SHA-512",
-        "sasl_username": "alice",
-        "sasl_password": password,
-        "ssl_ca_location": pki.ca_pem,
-    }
-    if mutual:
-        out |= {"ssl_certificate_location": pki.client_pem, "ssl_key_location": pki.client_key}
-    return out
-
-
-def _topology(path: Path, topics: Topics, security: dict[str, str]) -> Path:
-    write_tiny_topology(path, topics)
-    block = json.dumps(security)
-    path.write_text(
-        path.read_text().replace(
-            "bootstrap_servers: embedded,", f"bootstrap_servers: embedded, security: {block},"
-        )
-    )
-    return path
-
-
-def _create(where: Secured, topics: Topics, *extra: str) -> None:
-    admin = AdminClient(admin_config(where.settings, where.bootstrap_servers))
-    ensure_topics(admin, [topics.input, topics.output, topics.dead_letter, *extra], 2, 1)
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -135,7 +61,7 @@ def _round_trip(where: Secured, topology: Path, tmp_path: Path) -> None:
     """A pipeline over the secured path answers the client."""
     run = spawn_run(topology, where, tmp_path / "run.log")  # type: ignore[arg-type]
     try:
-        with Client.from_topology(topology, bootstrap=where.bootstrap_servers) as client:
+        with Client.fromsecured_topology(topology, bootstrap=where.bootstrap_servers) as client:
             result = client.infer("tiny-mlp", {"x": np.ones(64, np.float32)}, timeout=60)
     finally:
         _stop(run)
@@ -145,9 +71,9 @@ def _round_trip(where: Secured, topology: Path, tmp_path: Path) -> None:
 def test_every_command_works_over_sasl_scram_and_mutual_tls(pki: Pki, tmp_path: Path) -> None:
     topics = new_topics()
     replay_out = f"{topics.output}-replay"
-    with secured(pki, _sasl_ssl(pki), mutual=True, sasl=True) as where:
-        _create(where, topics, replay_out)
-        topology = _topology(tmp_path / "t.yaml", topics, where.security)
+    with secured(pki, sasl_ssl(pki), mutual=True, sasl=True) as where:
+        create_topics(where, topics, replay_out)
+        topology = secured_topology(tmp_path / "t.yaml", topics, where.security)
         boot = ("--bootstrap", where.bootstrap_servers)
         np.save(tmp_path / "x.npy", np.linspace(-1, 1, 64, dtype=np.float32))
         log = tmp_path / "run.log"
@@ -159,7 +85,7 @@ def test_every_command_works_over_sasl_scram_and_mutual_tls(pki: Pki, tmp_path: 
                        "--tensor", f"x={tmp_path}/x.npy", "--id-prefix", "bad-")  # fmt: skip
             results = _cli("results", str(topology), *boot, "--count", "20", "--idle", "10")
             letters = _cli("dlq", "inspect", str(topology), *boot, "--json")
-            with Client.from_topology(topology, bootstrap=where.bootstrap_servers) as client:
+            with Client.fromsecured_topology(topology, bootstrap=where.bootstrap_servers) as client:
                 answer = client.infer("tiny-mlp", {"x": np.ones(64, np.float32)}, timeout=60)
             load = subprocess.run(
                 [sys.executable, "-m", "load.generator", str(topology), *boot, "--rate", "100",
@@ -200,8 +126,8 @@ def test_tls_alone_and_sasl_plain_carry_a_pipeline_and_the_client(pki: Pki, tmp_
     ):
         topics = new_topics()
         with secured(pki, security, **options) as where:  # type: ignore[arg-type]
-            _create(where, topics)
-            topology = _topology(tmp_path / f"{name}.yaml", topics, security)
+            create_topics(where, topics)
+            topology = secured_topology(tmp_path / f"{name}.yaml", topics, security)
             _round_trip(where, topology, tmp_path)
             if name == "plain":
                 assert where.proxy.logins[-1] == ("PLAIN", "alice", True)
@@ -220,7 +146,7 @@ def test_tls_alone_and_sasl_plain_carry_a_pipeline_and_the_client(pki: Pki, tmp_
 def test_a_refused_login_stops_run_fast_with_exit_2_naming_the_setting(
     pki: Pki, tmp_path: Path, case: str, says: str
 ) -> None:
-    security = _sasl_ssl(pki, mutual=True)
+    security = sasl_ssl(pki, mutual=True)
     options: dict[str, Any] = {"mutual": True, "sasl": True}
     if case == "wrong_password":
         security["sasl_password"] = "not-the-password"
@@ -237,13 +163,13 @@ def test_a_refused_login_stops_run_fast_with_exit_2_naming_the_setting(
         }
     topics = new_topics()
     with secured(pki, security, **options) as where:
-        topology = _topology(tmp_path / "t.yaml", topics, security)
+        topology = secured_topology(tmp_path / "t.yaml", topics, security)
         t0 = time.monotonic()
         done = _cli("run", str(topology), "--bootstrap", where.bootstrap_servers,
                     "--metrics-port", "0", timeout=60)  # fmt: skip
         took = time.monotonic() - t0
         with pytest.raises(AccessError, match=r"kafka\.security"):
-            Client.from_topology(topology, bootstrap=where.bootstrap_servers)
+            Client.fromsecured_topology(topology, bootstrap=where.bootstrap_servers)
     assert done.returncode == 2, (done.stdout[-1500:], done.stderr[-1500:])
     assert says in done.stderr
     assert f"{topology}: kafka.security:" in done.stderr
