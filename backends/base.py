@@ -45,6 +45,8 @@ class ModelSpec:
     name: str
     artifact: Path
     options: Mapping[str, Any] = field(default_factory=dict)
+    # The topology trusts the file to run code while it loads (pickles): see trust_artifact.
+    trust_artifact: bool = False
 
 
 @dataclass(frozen=True, slots=True)

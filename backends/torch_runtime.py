@@ -2,10 +2,13 @@
 
 Options (the model's ``options`` section in topology.yaml):
 
-- ``format``: ``auto`` (default: ``factory`` when one is named, ``export`` for ``.pt2``
-  files, else ``torchscript``), ``torchscript``, ``export`` or ``factory``.
+- ``format``: ``auto`` (default: told apart by content), ``torchscript``, ``export``,
+  ``state_dict``, ``pickle`` or ``factory``; which of them may run code while loading,
+  and ``trust_artifact``, are in `backends.torch_artifacts`.
+- ``module`` and ``module_kwargs``: the ``nn.Module`` class (``module:Class``) a state dict
+  is loaded into, weights-only.
 - ``factory``: ``module:callable``, called with the artifact's path, returning an
-  ``nn.Module`` (for models that exist as Python code plus a state dict).
+  ``nn.Module`` (its loads are weights-only unless the model is trusted).
 - ``precision``: ``fp32`` (default), ``fp16`` or ``bf16``: the module's weights and its
   floating inputs are cast; floating outputs come back as the signature's datatype.
 - ``intra_op_threads``: ``torch.set_num_threads`` (process-wide in PyTorch, so the last
@@ -34,7 +37,6 @@ GPU was lent to this work.
 from __future__ import annotations
 
 import logging
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -45,16 +47,16 @@ from pydantic import Field
 from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
 from backends.devices import PinnedBuffers, StreamOwner, resolve_device
 from backends.options import (
-    SIGNATURE_FILE,
     DeclaredTensor,
     StrictOptions,
     parse_options,
     parse_signature_json,
     signature_of,
 )
+from backends.torch_artifacts import load_module as _load_module
+from backends.torch_artifacts import resolve_format
 from schemas.devices import is_device_array
-from schemas.errors import BackendError, GraphError
-from schemas.plugins import import_object
+from schemas.errors import BackendError
 from schemas.tensors import TensorSpec, numpy_dtype, oip_datatype_named
 
 __all__ = ["TorchBackend", "TorchOptions"]
@@ -65,8 +67,10 @@ log = logging.getLogger(__name__)
 class TorchOptions(StrictOptions):
     """The torch backend's section of a model's settings."""
 
-    format: Literal["auto", "torchscript", "export", "factory"] = "auto"
+    format: Literal["auto", "torchscript", "export", "state_dict", "pickle", "factory"] = "auto"
     factory: str | None = None
+    module: str | None = None  # module:Class that a state dict is loaded into
+    module_kwargs: dict[str, Any] = Field(default_factory=dict)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     intra_op_threads: int = 0
     inputs: list[DeclaredTensor] = Field(default_factory=list)
@@ -107,10 +111,10 @@ class TorchBackend(StreamOwner):
         self._device = torch.device(placed)
         if opts.intra_op_threads:
             torch.set_num_threads(opts.intra_op_threads)
-        fmt = _format(opts, spec.artifact)
-        if fmt != "factory" and not spec.artifact.is_file():
+        if opts.factory is None and not spec.artifact.is_file():
             raise BackendError(f"no model file at {spec.artifact}")
-        module, embedded = _load_module(fmt, spec.artifact, opts, self._device)
+        fmt = resolve_format(opts.format, spec.artifact, opts.factory, opts.module)
+        module, embedded = _load_module(fmt, spec.artifact, opts, self._device, spec.trust_artifact)
         inputs, outputs = _signature(fmt, opts, embedded, spec.artifact)
         self._dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[opts.precision]
         if self._dtype is not None:
@@ -243,67 +247,6 @@ class TorchBackend(StreamOwner):
         pinned = self._pinned.view(f"out:{name}", tuple(t.shape), t.dtype, run)
         pinned.copy_(t, non_blocking=True)
         return pinned
-
-
-def _format(opts: TorchOptions, artifact: Path) -> str:
-    if opts.format == "factory" and opts.factory is None:
-        raise BackendError("options.format is 'factory' but options.factory names none")
-    if opts.format != "auto":
-        return opts.format
-    if opts.factory is not None:
-        return "factory"
-    return "export" if artifact.suffix == ".pt2" else "torchscript"
-
-
-def _load_module(
-    fmt: str, artifact: Path, opts: TorchOptions, device: Any
-) -> tuple[Any, dict[str, Any]]:
-    """The callable module and what the archive says about itself (signature, program)."""
-    import torch
-
-    embedded: dict[str, Any] = {}
-    if fmt == "factory":
-        assert opts.factory is not None
-        try:
-            factory = import_object(opts.factory, "torch module factory")
-        except GraphError as e:
-            raise BackendError(f"options.factory: {e}") from None
-        try:
-            module = factory(artifact)
-        except Exception as e:
-            raise BackendError(f"factory {opts.factory} failed on {artifact}: {e}") from None
-        if not isinstance(module, torch.nn.Module):
-            raise BackendError(
-                f"factory {opts.factory} returned {type(module).__name__}, not a Module"
-            )
-        return module.eval().to(device), embedded
-    _require_zip(artifact, fmt)
-    extra = {SIGNATURE_FILE: ""}
-    try:
-        if fmt == "torchscript":
-            module = torch.jit.load(str(artifact), map_location=device, _extra_files=extra)
-        else:
-            program = torch.export.load(str(artifact), extra_files=extra)
-            embedded["program"] = program
-            module = program.module().to(device)
-    except Exception as e:
-        kind = "a TorchScript archive" if fmt == "torchscript" else "a torch.export program"
-        raise BackendError(f"{artifact} is not {kind} (format {fmt!r}): {e}") from None
-    if extra[SIGNATURE_FILE]:
-        embedded["signature"] = extra[SIGNATURE_FILE]
-    if fmt == "torchscript":
-        module.eval()
-    return module, embedded
-
-
-def _require_zip(artifact: Path, fmt: str) -> None:
-    """Both formats are zip archives; anything else is refused before torch guesses."""
-    if not zipfile.is_zipfile(artifact):
-        kind = "TorchScript archive" if fmt == "torchscript" else "torch.export .pt2 program"
-        raise BackendError(
-            f"{artifact} is not a {kind} (not a zip archive); "
-            "give the torch backend a .pt (TorchScript) or .pt2 file, or options.factory"
-        )
 
 
 def _signature(

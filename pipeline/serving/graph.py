@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from backends.artifacts import artifact_sha256
 from backends.base import Backend, ModelInfo, ModelSpec
 from backends.registry import backend_class
 from pipeline.config.topology import ModelSettings, StageSettings, Topology
@@ -94,13 +95,25 @@ def close_graph(graph: Sequence[ServedModel]) -> None:
         model.close()
 
 
-def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ServedModel:
-    """Build and check one model; ``where`` prefixes error messages."""
+def _check_artifact(settings: ModelSettings, where: str) -> None:
+    """The artifact is there, and is the file the topology pins (``sha256``) if it does."""
     if not settings.artifact.exists():
         raise GraphError(
             f"{where}.artifact: no such file {settings.artifact} (the demo and benchmark "
             "models are made by `kp-pipeline models export`)"
         )
+    if settings.sha256 is not None:
+        actual = artifact_sha256(settings.artifact)
+        if actual != settings.sha256:
+            raise GraphError(
+                f"{where}.sha256: {settings.artifact} has SHA-256 {actual}; the topology "
+                f"expects {settings.sha256}. Refusing to load it"
+            )
+
+
+def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ServedModel:
+    """Build and check one model; ``where`` prefixes error messages."""
+    _check_artifact(settings, where)
     wanted = settings.instance_devices()
     ctx = StageContext(model=settings.name, device=wanted[0], base_dir=base_dir)
     pre = _stages(settings.preprocess, f"{where}.preprocess", ctx)
@@ -112,7 +125,9 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ServedMo
     instances: list[Backend] = []
     placed: list[str] = []
     try:
-        spec = ModelSpec(settings.name, settings.artifact, settings.options)
+        spec = ModelSpec(
+            settings.name, settings.artifact, settings.options, settings.trust_artifact
+        )
         info: ModelInfo | None = None
         for i, device in enumerate(wanted):
             backend = cls()

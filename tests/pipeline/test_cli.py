@@ -213,3 +213,16 @@ def test_run_refuses_zero_workers(capsys: pytest.CaptureFixture[str]) -> None:
         main(["run", "topology.yaml", "--workers", "0"])
     assert e.value.code == 2
     assert "--workers: '0' is not a whole number of 1 or more" in capsys.readouterr().err
+
+
+def test_models_sha256_prints_what_a_models_sha256_setting_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"weights")
+    assert main(["models", "sha256", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == f"{hashlib.sha256(b'weights').hexdigest()}  {path}"
+    assert main(["models", "sha256", str(tmp_path / "nope")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err

@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
+from backends.artifacts import artifact_sha256
 from backends.onnx_runtime import OnnxRuntimeBackend
 from pipeline.config.loader import load_topology
 from pipeline.serving.graph import ServedModel, build_graph
-from schemas.errors import BackendError, GraphError
+from schemas.errors import BackendError, ConfigError, GraphError
 from schemas.tensors import TensorSpec
 from stages.base import StageParams
 
@@ -117,6 +118,28 @@ def test_missing_model_file(tmp_path: Path) -> None:
     message = _error(tmp_path, "ARTIFACT", str(tmp_path / "nope.onnx"))
     assert f"models[0].artifact: no such file {tmp_path / 'nope.onnx'}" in message
     assert "kp-pipeline models export" in message
+
+
+def test_a_pinned_sha256_loads_the_right_file_and_refuses_another(tmp_path: Path) -> None:
+    right = artifact_sha256(TINY_ONNX)
+    pinned = TINY.replace("    instances: 2\n", f"    instances: 1\n    sha256: {right}\n")
+    for model in _build(tmp_path, pinned):
+        model.close()
+    changed = tmp_path / "tampered.onnx"
+    changed.write_bytes(TINY_ONNX.read_bytes() + b"\0")
+    message = _error(
+        tmp_path, "    instances: 2\n", f"    instances: 1\n    sha256: {right}\n", changed
+    )
+    assert f"models[0].sha256: {changed} has SHA-256 {artifact_sha256(changed)}" in message
+    assert f"the topology expects {right}. Refusing to load it" in message
+
+
+def test_a_sha256_that_is_not_one_is_refused_naming_the_field(tmp_path: Path) -> None:
+    text = TINY.replace("    instances: 2\n", "    sha256: abc123\n")
+    path = tmp_path / "t.yaml"
+    path.write_text(text.replace("ARTIFACT", str(TINY_ONNX)))
+    with pytest.raises(ConfigError, match=r"models\[0\]\.sha256: String should match pattern"):
+        load_topology(path, env={})
 
 
 def test_non_onnx_model_file(tmp_path: Path) -> None:
@@ -484,3 +507,29 @@ def test_stages_that_take_device_arrays_may_follow_a_gpu_stage(
     )
     (graph,) = _build(tmp_path, TINY.replace("preprocess: []", chain))
     graph.close()
+
+
+def test_only_the_plugins_the_topology_names_are_imported(tmp_path: Path) -> None:
+    """Building a graph imports the named backend and stages, no other installed plugin."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.yaml"
+    path.write_text(TINY.replace("ARTIFACT", str(TINY_ONNX)))
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from pipeline.config.loader import load_topology\n"
+        "from pipeline.serving.graph import build_graph\n"
+        f"graph = build_graph(load_topology(Path({str(path)!r}), env={{}}), 't', Path('.'))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('backends.', 'stages.'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    loaded = done.stdout.strip()
+    assert "backends.onnx_runtime" in loaded
+    for other in ("backends.torch_runtime", "backends.tensorflow_runtime",
+                  "backends.tensorrt_runtime", "stages.preprocess.image_dali",
+                  "stages.preprocess.image"):  # fmt: skip
+        assert other not in loaded, loaded
