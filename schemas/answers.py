@@ -49,7 +49,7 @@ def read_result(codec: AvroCodec, value: bytes, headers: Headers = None) -> Resu
 def _from_json(value: bytes, length: int | None) -> Result:
     try:
         body: dict[str, Any] = json.loads(value if length is None else value[:length])
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise DecodeError(f"not a v2 JSON response: {e}") from None
     tail = b"" if length is None else value[length:]
     outputs = {}

@@ -88,6 +88,8 @@ def decode_request(
         body = json.loads(head)
     except (ValueError, UnicodeDecodeError) as e:
         raise DecodeError(f"not a JSON inference request: {e}") from None
+    except RecursionError:  # arrays or objects nested past Python's recursion limit
+        raise DecodeError("not a JSON inference request: nested too deeply") from None
     if not isinstance(body, dict):
         raise DecodeError(f"not a JSON inference request: a {type(body).__name__}, not an object")
     rid = _optional_str(body, "id") or ""

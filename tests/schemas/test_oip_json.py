@@ -222,6 +222,23 @@ def test_any_bytes_are_a_request_or_a_request_error(value: bytes) -> None:
         _decode(value, None, model="m")
 
 
+@given(st.integers(1, 200_000), st.sampled_from([b"[", b'{"a":']))
+@settings(max_examples=25, deadline=None)
+def test_any_nesting_depth_is_a_request_or_a_request_error(depth: int, opener: bytes) -> None:
+    """Deeply nested data (hostile or not) is a dead letter, never a RecursionError."""
+    closer = b"]" if opener == b"[" else b"}"
+    data = opener * depth + b"1" + closer * depth
+    value = b'{"model_name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], '
+    with contextlib.suppress(RequestError):
+        _decode(value + b'"data": ' + data + b"}]}", None, model="m")
+
+
+def test_nesting_past_the_recursion_limit_is_named() -> None:
+    deep = b'{"inputs": [{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}"
+    with pytest.raises(DecodeError, match="nested too deeply"):
+        oip_json.decode_request(deep, None, "m")
+
+
 def test_binary_bytes_elements_are_length_prefixed_as_tritons_client_writes_them() -> None:
     head = json.dumps(
         {
