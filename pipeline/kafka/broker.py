@@ -10,7 +10,7 @@ advance per record batch, so lag is read from fetch responses instead; group joi
 ``session.timeout.ms / 2``, hence the short session timeout used with it. Tansu 0.6.0
 (the wheel's) cannot serve TLS (its ``--cert`` and ``--key`` options exclude each other)
 nor keep SCRAM users (its memory and S3 storage drop them), so the tests put a TLS and
-SASL terminating proxy of their own in front of it (tests/e2e/netproxy.py), and
+SASL terminating proxy of their own in front of it (load/netproxy.py), and
 ``advertised`` makes the broker name that proxy in its metadata.
 """
 

@@ -43,6 +43,13 @@ def _common(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:
         "bootstrap.servers": bootstrap,
         "client.id": settings.client_id,
         "security.protocol": settings.security.protocol,
+        # A request unanswered this long ends its connection. librdkafka's 60 s default
+        # keeps a replica "connected" (and ready) for a minute behind a network that
+        # drops everything; 15 s is far above any healthy request's time (fetches wait
+        # 10 ms here), and a new connection's setup gets as long. Measured with a
+        # black-holed proxy: load/faults.py.
+        "socket.timeout.ms": 15000,
+        "socket.connection.setup.timeout.ms": 15000,
     }
     sec = settings.security
     if sec.sasl_mechanism:
@@ -164,6 +171,8 @@ def producer_config(
     if transactional is not None:
         conf["transactional.id"] = transactional
         conf["transaction.timeout.ms"] = settings.transaction_timeout_ms
+        # librdkafka refuses a request timeout longer than the transaction's.
+        conf["socket.timeout.ms"] = min(conf["socket.timeout.ms"], settings.transaction_timeout_ms)
     conf.update(settings.producer)
     return conf
 

@@ -1,6 +1,6 @@
 """A broker behind the TLS/SASL proxy, with the topology settings that reach it.
 
-Shared by the security tests and the secret-leak test: see `e2e.netproxy` for why the
+Shared by the security tests and the secret-leak test: see `load.netproxy` for why the
 proxy is there (Tansu 0.6.0 serves neither TLS nor SCRAM).
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 from confluent_kafka.admin import AdminClient
 from e2e.certs import Pki
 from e2e.kit import Topics, write_tiny_topology
-from e2e.netproxy import KafkaProxy
 
+from load.netproxy import KafkaProxy
 from pipeline.config.topology import KafkaSettings, SecuritySettings
 from pipeline.kafka.broker import EmbeddedBroker, free_port
 from pipeline.kafka.clients import admin_config, ensure_topics

@@ -1,7 +1,7 @@
 """TLS, mutual TLS and SASL end to end, and refusals that fail fast with their reason.
 
 Tansu 0.6.0 cannot serve TLS nor keep SCRAM users (see `pipeline.kafka.broker`), so each
-test runs a broker of its own behind `e2e.netproxy.KafkaProxy`, which terminates TLS
+test runs a broker of its own behind `load.netproxy.KafkaProxy`, which terminates TLS
 (requiring a client certificate for mutual TLS) and answers the SASL exchange as a broker
 does (PLAIN, SCRAM-SHA-256/512); the broker advertises the proxy, so every connection of
 every client goes through it. Certificates come from a test CA (`e2e.certs`).

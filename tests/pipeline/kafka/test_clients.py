@@ -55,6 +55,8 @@ def test_only_exactly_once_producers_are_transactional() -> None:
     assert "transactional.id" not in plain
     txn = producer_config(KafkaSettings(transaction_timeout_ms=5000), "b:9092", "g-r1")
     assert (txn["transactional.id"], txn["transaction.timeout.ms"]) == ("g-r1", 5000)
+    assert txn["socket.timeout.ms"] == 5000  # librdkafka: at most the transaction's timeout
+    assert plain["socket.timeout.ms"] == 15000  # not 60 s: a black hole is noticed in 15
 
 
 def test_every_client_carries_the_clusters_security() -> None:
