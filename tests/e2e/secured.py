@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
-from e2e.certs import Pki
 from e2e.kit import Topics, write_tiny_topology
 
+from load.certs import Pki
 from load.netproxy import KafkaProxy
 from pipeline.config.topology import KafkaSettings, SecuritySettings
 from pipeline.kafka.broker import EmbeddedBroker, free_port

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from e2e.certs import Pki, make_pki
 from e2e.kit import ROOT, new_topics, wait_for
 from e2e.registry import registry_stub
 from e2e.secured import Secured, create_topics, sasl_ssl, secured, secured_topology
 
+from load.certs import Pki, make_pki
 from pipeline.kafka.broker import free_port
 from pipeline.kafka.clients import reader_config
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from e2e.certs import Pki, make_pki
 from e2e.kit import ROOT, new_topics, spawn_run
 from e2e.secured import (
     PASSWORD,
@@ -36,6 +35,7 @@ from e2e.secured import (
     secured_topology,
 )
 
+from load.certs import Pki, make_pki
 from pipeline.client import Client
 from schemas.errors import AccessError
 

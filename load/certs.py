@@ -1,4 +1,4 @@
-"""A test CA and the certificates the TLS tests need, made with `cryptography`.
+"""A test CA and the certificates the TLS tests and benchmark need, made with `cryptography`.
 
 ``make_pki(dir)`` writes PEM files: ``ca.pem`` (the CA the clients trust), ``broker.pem``
 and ``broker.key`` (for 127.0.0.1 and localhost), ``wrong-host.pem``/``.key`` (signed by
@@ -22,6 +22,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 @dataclass(frozen=True)
 class Pki:
+    """The folder of a test PKI; ``pki.ca_pem`` names ``ca.pem`` in it."""
+
     dir: Path
 
     def __getattr__(self, name: str) -> str:  # pki.ca_pem → dir/ca.pem
@@ -84,9 +86,12 @@ def make_pki(directory: Path) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca = _cert("kp-test-ca", None)
     _write(directory / "ca", ca_key, ca)
-    local = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    local: list[x509.GeneralName] = [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.DNSName("localhost"),
+    ]
     _write(directory / "broker", *_cert("localhost", (ca_key, ca.subject), local))
-    elsewhere = [x509.DNSName("elsewhere.example")]
+    elsewhere: list[x509.GeneralName] = [x509.DNSName("elsewhere.example")]
     _write(directory / "wrong-host", *_cert("elsewhere.example", (ca_key, ca.subject), elsewhere))
     _write(directory / "client", *_cert("kp-client", (ca_key, ca.subject), client=True))
     rogue_key, rogue = _cert("rogue-ca", None)
