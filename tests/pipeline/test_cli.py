@@ -161,6 +161,13 @@ def clients(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]
         monkeypatch.setattr(target, recorder("consumer"))
     for target in PRODUCERS:
         monkeypatch.setattr(target, recorder("producer"))
+
+    def preflight(settings: Any, bootstrap: str, where: str, *_: Any, **__: Any) -> None:
+        """The one connection before any work (pipeline.kafka.preflight), recorded."""
+        made.append(("preflight", {"security": settings.security, "bootstrap": bootstrap}))
+
+    for target in ("pipeline.kafka.preflight.check_access", "pipeline.tools.replay.check_access"):
+        monkeypatch.setattr(target, preflight)
     return made
 
 
@@ -193,7 +200,10 @@ def test_commands_reach_the_cluster_with_the_topologys_security_and_client_setti
     given = [a.format(topology=topology, tensor=tmp_path / "x.npy") for a in argv]
     with pytest.raises(RefusedError):
         main(given)
-    [(kind, conf)] = clients
+    [(first, checked), (kind, conf)] = clients
+    assert first == "preflight"  # the one connection before any work comes first
+    assert checked["bootstrap"] == "broker.example:9093"
+    assert checked["security"].sasl_username == "u"
     assert conf["bootstrap.servers"] == "broker.example:9093"
     assert conf["security.protocol"] == "SASL_SSL"
     assert conf["sasl.mechanism"] == "PLAIN"
