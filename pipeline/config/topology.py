@@ -342,6 +342,18 @@ class ModelSettings(_Strict):
     retry: RetrySettings = RetrySettings()
     preprocess: list[StageSettings] = Field(default_factory=list)
     postprocess: list[StageSettings] = Field(default_factory=list)
+    max_age_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Staleness by event time: a request whose record timestamp is older than "
+        "this when its batch forms gets an EXPIRED result without running.",
+    )
+    late_topic: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,249}$",
+        description="Where results expired by max_age_ms go (default: the output topic, or "
+        "the request's reply topic).",
+    )
     sha256: str | None = Field(
         None,
         pattern=r"^[0-9a-f]{64}$",
@@ -368,6 +380,12 @@ class ModelSettings(_Strict):
             except BackendError:
                 raise ValueError(f"{d!r} is not a device: {DEVICE_FORMS} (or a list)") from None
         return v
+
+    @model_validator(mode="after")
+    def _late_needs_an_age(self) -> ModelSettings:
+        if self.late_topic is not None and self.max_age_ms is None:
+            raise ValueError("late_topic needs max_age_ms: it is where requests too old go")
+        return self
 
     def instance_devices(self) -> list[str]:
         """The device of each instance: a list is taken in turn, a single device by all."""

@@ -30,6 +30,7 @@ kp_preprocess_seconds                histogram  model, model_instance (per batch
 kp_compute_seconds                   histogram  model, model_instance (per batch, the backend)
 kp_postprocess_seconds               histogram  model, model_instance (per batch)
 kp_end_to_end_latency_seconds        histogram  model (record timestamp → outcome acked)
+kp_request_age_seconds               histogram  model (record timestamp → its batch prepared)
 kp_in_flight_requests                gauge      consumed, outcome not yet acknowledged
 kp_in_flight_bytes                   gauge      their record bytes
 kp_paused_partitions                 gauge      partitions paused by backpressure
@@ -105,6 +106,9 @@ LATENCY_BUCKETS = (
     30.0,
     60.0,
 )
+AGE_BUCKETS = (*LATENCY_BUCKETS, 300.0, 900.0, 3600.0, 14400.0)
+"""Ages reach hours under a backlog; latency's buckets, then up to four hours."""
+
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 STATUSES = ("OK", "ERROR", "EXPIRED")
@@ -196,6 +200,14 @@ class Metrics:
             LATENCY_BUCKETS,
         )
         r.register(self.latency)
+        self.request_age = BulkHistogram(
+            "kp_request_age_seconds",
+            "How old each request was (by its record timestamp) when its batch was prepared "
+            "for the model: under lag, how stale the answers are (see max_age_ms).",
+            "model",
+            AGE_BUCKETS,
+        )
+        r.register(self.request_age)
         self.in_flight = Gauge(
             "kp_in_flight_requests",
             "Requests consumed whose outcome is not yet acknowledged.",
@@ -296,6 +308,7 @@ class Metrics:
         self.inference_retries.labels(model)
         self.queue_time.labels(model)
         self.latency.declare(model)
+        self.request_age.declare(model)
         for i, device in enumerate(devices):
             for h in (self.preprocess_time, self.compute_time, self.postprocess_time):
                 h.labels(model, str(i))

@@ -181,18 +181,40 @@ class OutcomeEncoder:
             )
 
     def expired(
-        self, env: Envelope, model: str, version: str, now_ms: float, started: float
+        self,
+        env: Envelope,
+        model: str,
+        version: str,
+        now_ms: float,
+        started: float,
+        max_age_ms: float | None = None,
+        late_topic: str | None = None,
     ) -> Outcome:
-        """An EXPIRED result for a request whose ``deadline_ms`` had passed at ``now_ms``.
+        """An EXPIRED result for a request past its deadline at ``now_ms``.
 
-        ``started`` is the monotonic time its batch reached preprocessing: the queue time
-        it spent. It carries no outputs and a batch size of 0 (no model ran it); the error
-        says by how much the deadline was missed.
+        The deadline is the request's ``deadline_ms``, or its record's timestamp plus the
+        model's ``max_age_ms``, whichever comes first. ``started`` is the monotonic time
+        its batch reached preprocessing: the queue time it spent. It carries no outputs
+        and a batch size of 0 (no model ran it); the error says which deadline passed and
+        by how much. One expired by age goes to ``late_topic`` when the model names one.
         """
         request = env.request
         assert request is not None
-        assert request.deadline_ms is not None
-        missed = now_ms - request.deadline_ms
+        aged = None if max_age_ms is None else env.timestamp_ms + max_age_ms
+        by_age = aged is not None and (request.deadline_ms is None or aged < request.deadline_ms)
+        if by_age:
+            assert aged is not None
+            error = (
+                f"older than max_age_ms {max_age_ms:g} when its batch formed "
+                f"(record timestamp {env.timestamp_ms}, age {now_ms - env.timestamp_ms:.0f} ms)"
+            )
+        else:
+            assert request.deadline_ms is not None
+            missed = now_ms - request.deadline_ms
+            error = (
+                f"deadline passed {missed:.0f} ms before preprocessing "
+                f"(deadline_ms {request.deadline_ms})"
+            )
         result = Result(
             id=request.id,
             model=model,
@@ -207,10 +229,11 @@ class OutcomeEncoder:
             topic=env.topic,
             partition=env.partition,
             offset=env.offset,
-            error=f"deadline passed {missed:.0f} ms before preprocessing "
-            f"(deadline_ms {request.deadline_ms})",
+            error=error,
         )
         topic = (self.reply_topics and request.reply_topic) or self.output_topic
+        if by_age and late_topic is not None and self.reply_topics:
+            topic = late_topic
         headers = self.carried(env.headers)
         encoding = self._encoding(env)
         if encoding is not None:

@@ -263,7 +263,9 @@ class ModelRuntime:
         """Expire, prepare and pass one batch on; ``owed`` follows what is left to answer."""
         # Checked after the wait for an instance: the last moment before any work.
         s = self.graph.settings
-        rows, expired = expire(self.encoder, s.name, s.version, list(owed.rows))
+        rows, expired = expire(
+            self.encoder, s.name, s.version, list(owed.rows), s.max_age_ms, s.late_topic
+        )
         if expired:
             if not rows:
                 self._end(emit, owed, expired)
@@ -377,6 +379,8 @@ class ModelRuntime:
         m, name = self.metrics, self.name
         # A batch's queue time is its oldest request's: the wait the batch policy caused.
         m.queue_time.labels(name).observe(max(0.0, item.started - rows[0].consumed_at))
+        now_ms = time.time() * 1000.0
+        m.request_age.observe_many(name, [(now_ms - r.timestamp_ms) / 1000.0 for r in rows])
         m.preprocess_time.labels(name, str(inst.stats.index)).observe(item.preprocess_ms / 1000.0)
         columns = item.batch.columns
         real = sum(_elements(columns[n]) for n in self.graph.info.inputs if n in columns)

@@ -15,6 +15,7 @@ instead of losing requests.
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -106,18 +107,33 @@ def prepare(
 
 
 def expire(
-    encoder: OutcomeEncoder, model: str, version: str, rows: list[Envelope]
+    encoder: OutcomeEncoder,
+    model: str,
+    version: str,
+    rows: list[Envelope],
+    max_age_ms: float | None = None,
+    late_topic: str | None = None,
 ) -> tuple[list[Envelope], list[Outcome]]:
-    """The rows still within their deadline, and EXPIRED results for the others."""
-    if all(r.request is None or r.request.deadline_ms is None for r in rows):
-        return rows, []  # the usual case: nobody set a deadline
-    now_ms, started = time.time() * 1000.0, time.monotonic()
+    """The rows still within their deadline, and EXPIRED results for the others.
+
+    A row's deadline is its request's ``deadline_ms``, or its record timestamp plus the
+    model's ``max_age_ms`` (staleness by event time), whichever comes first.
+    """
+    now_ms = time.time() * 1000.0
+    oldest_ok = -math.inf if max_age_ms is None else now_ms - max_age_ms
+    if all(r.request is None or r.request.deadline_ms is None for r in rows) and (
+        max_age_ms is None or min(r.timestamp_ms for r in rows) >= oldest_ok
+    ):
+        return rows, []  # the usual case: nobody set a deadline, nothing is too old
+    started = time.monotonic()
     live: list[Envelope] = []
     expired: list[Outcome] = []
     for r in rows:
         deadline = None if r.request is None else r.request.deadline_ms
-        if deadline is not None and deadline < now_ms:
-            expired.append(encoder.expired(r, model, version, now_ms, started))
+        if (deadline is not None and deadline < now_ms) or r.timestamp_ms < oldest_ok:
+            expired.append(
+                encoder.expired(r, model, version, now_ms, started, max_age_ms, late_topic)
+            )
         else:
             live.append(r)
     return live, expired

@@ -347,3 +347,22 @@ def read_outcomes(
     finally:
         counter.stop()
     return counter
+
+
+def produce_aiokafka(bootstrap: str, topic: str, records: list[tuple[bytes, list[Any]]]) -> None:
+    """Produce (value, headers) records with aiokafka: a client that is not librdkafka."""
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for value, headers in records:
+                await producer.send(topic, value, headers=headers)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())

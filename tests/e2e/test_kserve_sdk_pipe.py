@@ -10,7 +10,6 @@ twin of each row; and the SDK parses every response back (`InferResponse.from_re
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from e2e.kit import ROOT, Topics, read_all, start_background
+from e2e.kit import ROOT, Topics, produce_aiokafka, read_all, start_background
 
 from pipeline.kafka.broker import EmbeddedBroker
 from schemas.codec import AvroCodec
@@ -46,19 +45,6 @@ def _sdk(python: str, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-async def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, list[Any]]]) -> None:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for value, headers in records:
-            await producer.send(topic, value, headers=headers)
-        await producer.flush()
-    finally:
-        await producer.stop()
-
-
 def test_kserve_sdk_requests_in_json_binary_and_protobuf_come_back_parsed_by_the_sdk(
     broker: EmbeddedBroker, topics: Topics, tiny_topology: Path, tmp_path: Path, kserve_python: str
 ) -> None:
@@ -77,7 +63,7 @@ def test_kserve_sdk_requests_in_json_binary_and_protobuf_come_back_parsed_by_the
         records.append((base64.b64decode(r["value"]), headers))
     for i, row in enumerate(rows):
         records.append((codec.encode_request(Request(f"avro-{i}", "tiny-mlp", {"x": row})), []))
-    asyncio.run(_produce(broker.bootstrap_servers, topics.input, records))
+    produce_aiokafka(broker.bootstrap_servers, topics.input, records)
 
     served = start_background(tiny_topology, broker)
     try:

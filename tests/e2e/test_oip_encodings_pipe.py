@@ -14,7 +14,6 @@ classes (typed contents and raw_input_contents), answered as ModelInferResponses
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
-from e2e.kit import Topics, read_all, start_background
+from e2e.kit import Topics, produce_aiokafka, read_all, start_background
 from e2e.registry import registry_stub
 from triton_pb import service_pb2
 
@@ -46,19 +45,6 @@ def _triton_body(rid: str, x: np.ndarray[Any, Any], binary: bool) -> tuple[bytes
         [t], request_id=rid, parameters={"tenant": "t1"} if binary else None
     )
     return body, length
-
-
-async def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, list[Any]]]) -> None:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for value, headers in records:
-            await producer.send(topic, value, headers=headers)
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 def test_triton_json_requests_are_served_beside_avro_and_answered_in_json(
@@ -87,7 +73,7 @@ def test_triton_json_requests_are_served_beside_avro_and_answered_in_json(
         b"anything": [("content-type", b"text/plain")],
     }
     records += list(bad.items())
-    asyncio.run(_produce(broker.bootstrap_servers, topics.input, records))
+    produce_aiokafka(broker.bootstrap_servers, topics.input, records)
 
     served = start_background(tiny_topology, broker)
     try:
@@ -159,7 +145,7 @@ def test_triton_protobuf_requests_are_served_and_answered_in_protobuf(
         twin = codec.encode_request(Request(f"a{i}", "tiny-mlp", {"x": x}))
         records.append((twin, [("content-type", b"application/avro")]))
     records.append((b"\xff\xff not protobuf", []))
-    asyncio.run(_produce(broker.bootstrap_servers, topics.input, records))
+    produce_aiokafka(broker.bootstrap_servers, topics.input, records)
 
     served = start_background(tiny_topology, broker)
     try:
@@ -225,7 +211,7 @@ def test_under_a_registry_each_encodings_results_are_framed_with_its_registered_
             (framed, [("content-type", b"application/x-protobuf")]),
             (avro.encode_request(Request("as-avro", "tiny-mlp", {"x": x})), []),
         ]
-        asyncio.run(_produce(broker.bootstrap_servers, topics.input, records))
+        produce_aiokafka(broker.bootstrap_servers, topics.input, records)
         served = start_background(tiny_topology, broker)
         try:
             out = read_all(broker, topics.output, 3)

@@ -124,3 +124,26 @@ def test_retry_errors_name_the_field(section: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_topology(_with_retry(section), "topo.yaml", {})
     assert message in str(e.value)
+
+
+def test_max_age_and_a_late_topic_are_read() -> None:
+    text = TOPOLOGY + "    max_age_ms: 1500\n    late_topic: too.late\n"
+    [m] = parse_topology(text, "topo.yaml", {}).models
+    assert (m.max_age_ms, m.late_topic) == (1500, "too.late")
+    [plain] = parse_topology(TOPOLOGY, "topo.yaml", {}).models
+    assert (plain.max_age_ms, plain.late_topic) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("    max_age_ms: 0\n", "models[0].max_age_ms: Input should be greater than 0"),
+        ("    late_topic: late\n", "models[0]: late_topic needs max_age_ms"),
+        ("    max_age_ms: 10\n    late_topic: 'no spaces'\n",
+         "models[0].late_topic: String should match pattern"),
+    ],
+)  # fmt: skip
+def test_staleness_settings_that_cannot_work_are_refused(lines: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_topology(TOPOLOGY + lines, "topo.yaml", {})
+    assert f"topo.yaml: {message}" in str(e.value)

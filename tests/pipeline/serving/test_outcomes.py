@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.serving.outcomes import OutcomeEncoder
+from pipeline.serving.steps import expire
 from schemas.codec import AvroCodec
 from schemas.errors import RequestIdentity
 from schemas.messages import Envelope, Request, Result, Status, Timings
@@ -68,6 +69,41 @@ def test_an_expired_result_goes_to_the_reply_topic_unless_replaying() -> None:
     replay = OutcomeEncoder(CODEC, "replayed", "dlq", reply_topics=False)
     assert live.expired(env, "m", "1", now_ms, time.monotonic()).topic == "mine"
     assert replay.expired(env, "m", "1", now_ms, time.monotonic()).topic == "replayed"
+
+
+def _aged(age_ms: float, deadline_in_ms: float | None = None) -> Envelope:
+    env = _env(None)
+    now = time.time() * 1000
+    env.timestamp_ms = int(now - age_ms)
+    if deadline_in_ms is not None:
+        env.request.deadline_ms = int(now + deadline_in_ms)  # type: ignore[union-attr]
+    return env
+
+
+def test_max_age_expires_exactly_the_requests_older_than_it() -> None:
+    encoder = OutcomeEncoder(CODEC, "results", "dlq")
+    rows = [_aged(age) for age in (10, 900, 50, 2000, 499)]
+    live, expired = expire(encoder, "m", "1", rows, max_age_ms=500)
+    assert [r.timestamp_ms for r in live] == [rows[i].timestamp_ms for i in (0, 2, 4)]
+    assert [o.envelope for o in expired] == [rows[1], rows[3]]
+    errors = [CODEC.decode_result(o.value).error or "" for o in expired]
+    assert all(e.startswith("older than max_age_ms 500 when its batch formed") for e in errors)
+    assert "age 2000 ms" in errors[1] or "age 2001 ms" in errors[1]
+    fresh = [_aged(1), _aged(2)]
+    assert expire(encoder, "m", "1", fresh, max_age_ms=500) == (fresh, [])
+
+
+def test_the_earlier_deadline_wins_and_late_topic_takes_only_the_too_old() -> None:
+    encoder = OutcomeEncoder(CODEC, "results", "dlq")
+    by_deadline = _aged(100, deadline_in_ms=-50)  # deadline passed; young by age
+    by_age = _aged(5000, deadline_in_ms=60_000)
+    _, expired = expire(encoder, "m", "1", [by_deadline, by_age], 1000, "late")
+    assert [o.topic for o in expired] == ["results", "late"]
+    first, second = (CODEC.decode_result(o.value).error or "" for o in expired)
+    assert first.startswith("deadline passed")
+    assert second.startswith("older than max_age_ms 1000")
+    replay = OutcomeEncoder(CODEC, "replayed", "dlq", reply_topics=False)
+    assert expire(replay, "m", "1", [_aged(5000)], 1000, "late")[1][0].topic == "replayed"
 
 
 def test_encode_result_round_trips_any_result_and_frames_for_a_registry() -> None:
