@@ -61,7 +61,7 @@ def _round_trip(where: Secured, topology: Path, tmp_path: Path) -> None:
     """A pipeline over the secured path answers the client."""
     run = spawn_run(topology, where, tmp_path / "run.log")  # type: ignore[arg-type]
     try:
-        with Client.fromsecured_topology(topology, bootstrap=where.bootstrap_servers) as client:
+        with Client.from_topology(topology, bootstrap=where.bootstrap_servers) as client:
             result = client.infer("tiny-mlp", {"x": np.ones(64, np.float32)}, timeout=60)
     finally:
         _stop(run)
@@ -85,7 +85,7 @@ def test_every_command_works_over_sasl_scram_and_mutual_tls(pki: Pki, tmp_path: 
                        "--tensor", f"x={tmp_path}/x.npy", "--id-prefix", "bad-")  # fmt: skip
             results = _cli("results", str(topology), *boot, "--count", "20", "--idle", "10")
             letters = _cli("dlq", "inspect", str(topology), *boot, "--json")
-            with Client.fromsecured_topology(topology, bootstrap=where.bootstrap_servers) as client:
+            with Client.from_topology(topology, bootstrap=where.bootstrap_servers) as client:
                 answer = client.infer("tiny-mlp", {"x": np.ones(64, np.float32)}, timeout=60)
             load = subprocess.run(
                 [sys.executable, "-m", "load.generator", str(topology), *boot, "--rate", "100",
@@ -169,7 +169,7 @@ def test_a_refused_login_stops_run_fast_with_exit_2_naming_the_setting(
                     "--metrics-port", "0", timeout=60)  # fmt: skip
         took = time.monotonic() - t0
         with pytest.raises(AccessError, match=r"kafka\.security"):
-            Client.fromsecured_topology(topology, bootstrap=where.bootstrap_servers)
+            Client.from_topology(topology, bootstrap=where.bootstrap_servers)
     assert done.returncode == 2, (done.stdout[-1500:], done.stderr[-1500:])
     assert says in done.stderr
     assert f"{topology}: kafka.security:" in done.stderr
