@@ -13,6 +13,9 @@ otherwise.
 Per-instance series are labelled ``model_instance``: ``instance`` is the label Prometheus
 gives the scraped replica, and it would rename ours to ``exported_instance``.
 
+Long because every metric is defined here, beside the catalog below that the dashboard,
+the alerts and their tests read: split up, the catalog and the definitions would drift.
+
 The catalog (what `deploy/grafana` and `deploy/prometheus` build on):
 
 ===================================  =========  ===========================================
