@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py | toolchain
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 (the CPU build) is pinned in the extras; an unpinned torch pulls CUDA.
-	# This also compiles the codec (setup.py) in place, beside schemas/_codec_fast.pyx.
+	# This also compiles the codec and the row passes (setup.py) in place, beside the .pyx.
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP) $(CODEC)
 
@@ -28,10 +28,11 @@ toolchain:  ## install gcc and the Python headers if missing (needs root; Debian
 	  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc python3-dev; }
 
-# An editable install does not rebuild the extension when its source changes: this does.
-$(CODEC): schemas/_codec_fast.pyx $(STAMP)
+# An editable install does not rebuild the extensions when their sources change: this does.
+$(CODEC): schemas/_codec_fast.pyx pipeline/engine/_rows_fast.pyx $(STAMP)
 	$(BIN)/pip install --quiet --no-deps -e .
-	$(BIN)/python -c "import schemas.codec as c; print('compiled codec:', c.COMPILED)"
+	$(BIN)/python -c "import schemas.codec as c, pipeline.engine.rows as r; \
+	  print('compiled codec:', c.COMPILED, '· compiled row passes:', r.COMPILED)"
 	touch $(CODEC)
 
 # helm and the CRD schema validators for tests/deploy (from the npm registry).
@@ -123,3 +124,4 @@ ci: test  ## what .ci/run runs (and the compiled codec must have been built)
 clean:  ## remove the venv, models and caches
 	rm -rf $(VENV) .venv-kserve models .mypy_cache .ruff_cache .pytest_cache .hypothesis build
 	rm -f schemas/_codec_fast.c schemas/_codec_fast.*.so
+	rm -f pipeline/engine/_rows_fast.c pipeline/engine/_rows_fast.*.so

@@ -1,10 +1,11 @@
-"""Build of the compiled codec (schemas/_codec_fast.pyx); everything else is in pyproject.toml.
+"""Build of the compiled hot paths; everything else is in pyproject.toml.
 
-The extension is optional: where no C compiler or Python headers exist, the build warns
-and installs without it, and schemas.codec serves with its pure-Python reference instead
-(`schemas.codec.COMPILED` says which). Cython and NumPy come from the build-system
-requirements, so a normal ``pip install`` (or ``pip install -e .``, which builds the module
-in place, beside the .pyx) compiles it.
+schemas/_codec_fast.pyx is the codec's, pipeline/engine/_rows_fast.pyx the Kafka loop's
+per-record passes. Each extension is optional: where no C compiler or Python headers
+exist, the build warns and installs without it, and the pure-Python reference serves
+instead (`schemas.codec.COMPILED`, `pipeline.engine.rows.COMPILED` say which). Cython
+and NumPy come from the build-system requirements, so a normal ``pip install`` (or
+``pip install -e .``, which builds the modules in place, beside the .pyx) compiles them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ CODEC = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
-extensions = cythonize([CODEC], language_level=3, quiet=True)
+ROWS = Extension("pipeline.engine._rows_fast", ["pipeline/engine/_rows_fast.pyx"])
+
+extensions = cythonize([CODEC, ROWS], language_level=3, quiet=True)
 for ext in extensions:
     # cythonize() returns new Extension objects without `optional` (Cython 3.3): set it
     # here, or a machine without gcc fails the whole install instead of skipping this one.

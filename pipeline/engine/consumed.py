@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import operator
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from confluent_kafka import Consumer, Message
 from pipeline.engine.accounting import Accounting
 from pipeline.engine.offsets import OffsetTracker
 from pipeline.engine.ranges import BoundedRanges
+from pipeline.engine.rows import envelopes, read_run
 from schemas.messages import Envelope, Partition
 
 __all__ = ["Batch", "Consumed"]
@@ -65,22 +65,31 @@ class Consumed:
         return out
 
     def _run(self, tp: Partition, run: list[Message], now: float, out: Batch) -> None:
-        """Track consecutive records of one partition; add their envelopes to ``out``."""
+        """Track consecutive records of one partition; add their envelopes to ``out``.
+
+        Each record's fields are read once, in one call (`pipeline.engine.rows`).
+        """
         generation = self.tracker.generation(tp)
         if generation is None:  # prefetched before a revoke: the new owner will serve it
             return
-        offsets = [cast(int, m.offset()) for m in run]
-        if not all(map(operator.lt, offsets, offsets[1:])):  # the client went back (rare)
+        cols = read_run(run)
+        if not cols.ordered:  # the client went back (rare)
             run = _increasing(run)
-            offsets = [cast(int, m.offset()) for m in run]
+            cols = read_run(run)
+        offsets, raw, keys, stamps, sizes = (
+            cols.offsets,
+            cols.values,
+            cols.keys,
+            cols.stamps,
+            cols.sizes,
+        )
         if self.bounded is not None:
             keep = self.bounded.admit_many(self.consumer, tp, offsets)
-            run, offsets = run[:keep], offsets[:keep]
+            if keep < len(run):
+                run, offsets, raw = run[:keep], offsets[:keep], raw[:keep]
+                keys, stamps, sizes = keys[:keep], stamps[:keep], sizes[:keep]
             if not run:
                 return
-        raw = [m.value() for m in run]
-        sizes = [len(v) if v else 0 for v in raw]
-        stamps = [m.timestamp()[1] for m in run]
         if min(stamps) <= 0:  # no timestamp on a record: date it by its arrival
             arrival = int(time.time() * 1000)
             stamps = [t if t > 0 else arrival for t in stamps]
@@ -91,22 +100,19 @@ class Consumed:
                 "%s[%d]: %d records re-delivered by the client; already served", *tp, skipped
             )
             run, offsets, raw = run[skipped:], offsets[skipped:], raw[skipped:]
-            sizes, stamps = sizes[skipped:], stamps[skipped:]
+            keys, stamps, sizes = keys[skipped:], stamps[skipped:], sizes[skipped:]
         self.accounting.consumed_many(tp, taken, sum(sizes))
         topic, partition = tp
         values = cast(list[bytes], raw)
-        if None in raw:  # tombstones: served as dead letters, their places noted
+        if cols.tombstones:  # tombstones: served as dead letters, their places noted
             start = len(out.rows)
             out.tombstones.extend(start + i for i, v in enumerate(raw) if v is None)
             values = [v or b"" for v in raw]
-        add = out.rows.append
-        rows = len(out.rows)
-        for msg, value, offset, stamp in zip(run, values, offsets, stamps, strict=True):
-            add(Envelope(topic, partition, offset, msg.key(), value, stamp, now, generation))
-        headers = [m.headers() for m in run]
-        if any(headers):  # kept for the outcome to carry (trace context, named headers)
-            for env, found in zip(out.rows[rows:], headers, strict=True):
-                env.headers = cast("list[tuple[str, bytes | None]] | None", found)
+        rows = envelopes(topic, partition, generation, now, keys, values, offsets, stamps)
+        if cols.headers:  # kept for the outcome to carry (trace context, named headers)
+            for env, msg in zip(rows, run, strict=True):
+                env.headers = cast("list[tuple[str, bytes | None]] | None", msg.headers())
+        out.rows.extend(rows)
 
 
 def _runs(msgs: list[Message]) -> Iterator[tuple[Partition | None, list[Message]]]:

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import operator
 import threading
 import time
 from collections import defaultdict
@@ -76,6 +75,7 @@ from typing import Any, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from pipeline.engine.offsets import OffsetTracker
+from pipeline.engine.rows import offset_runs
 from pipeline.kafka.refusals import is_permanent
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from schemas.errors import describe
@@ -103,11 +103,6 @@ _IDLE_COMMIT_S = 0.01
 
 def _refusal(e: Exception) -> KafkaError:
     return KafkaError(KafkaError.TOPIC_EXCEPTION, describe(e))
-
-
-# An outcome's (topic, partition, generation) and offset, read in C.
-_RUN = operator.attrgetter("envelope.topic", "envelope.partition", "envelope.generation")
-_OFFSET = operator.attrgetter("envelope.offset")
 
 
 def _send(
@@ -331,10 +326,7 @@ class AtLeastOnce(Delivery):
         outcomes = sent.outcomes
         if sent.failed:
             outcomes = [o for i, o in enumerate(outcomes) if i not in sent.failed]
-        runs: defaultdict[tuple[str, int, int], list[int]] = defaultdict(list)
-        for key, offset in zip(map(_RUN, outcomes), map(_OFFSET, outcomes), strict=True):
-            runs[key].append(offset)
-        for (topic, partition, generation), offsets in runs.items():
+        for (topic, partition, generation), offsets in offset_runs(outcomes).items():
             self.tracker.done_many((topic, partition), offsets, generation)
         self.on_acked(outcomes)
 

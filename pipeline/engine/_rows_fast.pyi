@@ -1,0 +1,22 @@
+"""Types of the compiled row passes (pipeline/engine/_rows_fast.pyx); see rows.py."""
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+def read_run(
+    run: list[Any],
+) -> tuple[
+    list[int], list[bytes | None], list[bytes | None], list[int], list[int], bool, bool, bool
+]: ...
+def envelopes(
+    cls: type[Any],
+    topic: str,
+    partition: int,
+    generation: int,
+    now: float,
+    keys: Sequence[bytes | None],
+    values: Sequence[bytes],
+    offsets: Sequence[int],
+    stamps: Sequence[int],
+) -> list[Any]: ...
+def offset_runs(outcomes: Iterable[Any]) -> dict[tuple[str, int, int], list[int]]: ...

@@ -1,0 +1,113 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The compiled twin of pipeline/engine/rows.py: its per-record passes, each one C loop.
+
+rows.py is the reference; every function here returns exactly what its ``_``-named
+Python twin there returns (tests/pipeline/engine/test_rows.py, hypothesis). What is
+saved is the interpreter's work per record: the loop, the attribute lookups and the
+bound-method objects. The `Message` getters are taken once from the class and called
+with vectorcall; an outcome's envelope fields are read with one ``getattr`` each.
+
+Runs on the CPU only; nothing here touches a GPU.
+"""
+
+from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_GET_ITEM
+
+from confluent_kafka import Message
+
+cdef object _OFFSET = Message.offset
+cdef object _VALUE = Message.value
+cdef object _KEY = Message.key
+cdef object _TIMESTAMP = Message.timestamp
+cdef object _HEADERS = Message.headers
+
+
+def read_run(list run):
+    """`rows._read_run`: (offsets, values, keys, stamps, sizes, ordered, tombstones, headers)."""
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(run)
+    cdef list offsets = PyList_New(n), values = PyList_New(n)
+    cdef list keys = PyList_New(n), stamps = PyList_New(n), sizes = PyList_New(n)
+    cdef long long offset, last = 0
+    cdef Py_ssize_t size
+    cdef bint ordered = True, tombstones = False, headers = False
+    cdef object m, o, v, k, t, s, z
+    for i in range(n):
+        m = <object>PyList_GET_ITEM(run, i)
+        o = _OFFSET(m)
+        v = _VALUE(m)
+        k = _KEY(m)
+        t = _TIMESTAMP(m)
+        s = <object>PyTuple_GET_ITEM(t, 1)
+        offset = o
+        if i and offset <= last:
+            ordered = False
+        last = offset
+        if v is None:
+            tombstones = True
+            size = 0
+        elif type(v) is bytes:
+            size = PyBytes_GET_SIZE(v)
+        else:
+            size = len(v)
+        if not headers and _HEADERS(m):
+            headers = True
+        Py_INCREF(o)
+        PyList_SET_ITEM(offsets, i, o)
+        Py_INCREF(v)
+        PyList_SET_ITEM(values, i, v)
+        Py_INCREF(k)
+        PyList_SET_ITEM(keys, i, k)
+        Py_INCREF(s)
+        PyList_SET_ITEM(stamps, i, s)
+        z = size
+        Py_INCREF(z)
+        PyList_SET_ITEM(sizes, i, z)
+    return offsets, values, keys, stamps, sizes, ordered, tombstones, headers
+
+
+def envelopes(cls, topic, partition, generation, now, list keys, list values, list offsets, list stamps):
+    """`rows._envelopes`: ``cls(topic, partition, offset, key, value, stamp, now, generation)``."""
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(keys)
+    if PyList_GET_SIZE(values) != n or PyList_GET_SIZE(offsets) != n or PyList_GET_SIZE(stamps) != n:
+        raise ValueError("envelopes: columns of different lengths")
+    cdef list out = PyList_New(n)
+    cdef object env
+    for i in range(n):
+        env = cls(
+            topic,
+            partition,
+            <object>PyList_GET_ITEM(offsets, i),
+            <object>PyList_GET_ITEM(keys, i),
+            <object>PyList_GET_ITEM(values, i),
+            <object>PyList_GET_ITEM(stamps, i),
+            now,
+            generation,
+        )
+        Py_INCREF(env)
+        PyList_SET_ITEM(out, i, env)
+    return out
+
+
+def offset_runs(outcomes):
+    """`rows._offset_runs`: offsets by (topic, partition, generation), in order."""
+    cdef dict runs = {}
+    cdef object out, env, key, last_key = None
+    cdef list last = None
+    cdef PyObject* found
+    for out in outcomes:
+        env = out.envelope
+        key = (env.topic, env.partition, env.generation)
+        if last is None or key != last_key:  # the usual batch is one partition's run
+            found = PyDict_GetItem(runs, key)
+            if found is NULL:
+                last = []
+                PyDict_SetItem(runs, key, last)
+            else:
+                last = <list>found
+            last_key = key
+        PyList_Append(last, env.offset)
+    return runs

@@ -1,0 +1,137 @@
+"""The compiled row passes (pipeline/engine/_rows_fast.pyx) against their Python reference.
+
+Real confluent `Message` objects: any offsets (in order or not, repeated), values and
+keys that are bytes, empty or absent, any timestamps, headers absent, empty or present.
+Both must give equal columns, equal envelopes and equal offset runs. Skipped, with the
+reason shown, where the extension was not built; `KP_REQUIRE_COMPILED_CODEC=1` (set by
+`make ci`) makes its absence a failure instead.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE, Message
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.engine import rows
+from schemas.messages import Envelope
+
+compiled_only = pytest.mark.skipif(
+    not rows.COMPILED,
+    reason="row passes not compiled (no C compiler at install): nothing to compare them with",
+)
+fast: Any = rows._rows_fast
+
+
+def fuzz(examples: int) -> settings:
+    return settings(max_examples=examples, derandomize=True, database=None, deadline=None)
+
+
+def test_the_row_passes_are_compiled_where_ci_requires_it() -> None:
+    if os.environ.get("KP_REQUIRE_COMPILED_CODEC") != "1":
+        pytest.skip("KP_REQUIRE_COMPILED_CODEC is not set (make ci sets it)")
+    assert rows.COMPILED, "pipeline/engine/_rows_fast.pyx was not built"
+
+
+maybe_bytes = st.one_of(st.none(), st.binary(max_size=40))
+headers = st.one_of(
+    st.none(),
+    st.just([]),
+    st.lists(st.tuples(st.sampled_from(["traceparent", "x"]), maybe_bytes), min_size=1),
+)
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> list[Message]:
+    n = draw(st.integers(0, 30))
+    start = draw(st.integers(0, 2**40))
+    steps = draw(st.lists(st.integers(-2, 3), min_size=n, max_size=n))
+    out, offset = [], start
+    for step in steps:
+        offset = max(0, offset + step)
+        stamp = draw(st.integers(-1, 2**41))
+        out.append(
+            Message(
+                topic="in",
+                partition=3,
+                offset=offset,
+                key=draw(maybe_bytes),
+                value=draw(maybe_bytes),
+                headers=draw(headers),
+                timestamp=(
+                    (TIMESTAMP_CREATE_TIME, stamp) if stamp >= 0 else (TIMESTAMP_NOT_AVAILABLE, -1)
+                ),
+            )
+        )
+    return out
+
+
+@compiled_only
+@fuzz(400)
+@given(messages())
+def test_a_run_reads_the_same_columns(run: list[Message]) -> None:
+    assert rows.RunColumns(*fast.read_run(run)) == rows._read_run(run)
+
+
+@compiled_only
+@fuzz(200)
+@given(messages(), st.integers(0, 5), st.floats(0, 1e9))
+def test_a_run_makes_the_same_envelopes(run: list[Message], generation: int, now: float) -> None:
+    cols = rows._read_run(run)
+    values = [v or b"" for v in cols.values]
+    args = ("in", 3, generation, now, cols.keys, values, cols.offsets, cols.stamps)
+    made = fast.envelopes(Envelope, *args)
+    assert made == rows._envelopes(*args)
+    assert all(type(e) is Envelope for e in made)
+
+
+@compiled_only
+def test_columns_of_different_lengths_are_refused() -> None:
+    with pytest.raises(ValueError, match="different lengths"):
+        fast.envelopes(Envelope, "in", 0, 1, 0.0, [b"k"], [], [1], [2])
+
+
+def _outcome(topic: str, partition: int, generation: int, offset: int) -> Any:
+    return SimpleNamespace(
+        envelope=SimpleNamespace(
+            topic=topic, partition=partition, generation=generation, offset=offset
+        )
+    )
+
+
+@compiled_only
+@fuzz(300)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]), st.integers(0, 2), st.integers(1, 2), st.integers(0, 50)
+        ),
+        max_size=60,
+    )
+)
+def test_delivered_outcomes_group_into_the_same_offset_runs(
+    fields: list[tuple[str, int, int, int]],
+) -> None:
+    outcomes = [_outcome(*f) for f in fields]
+    got = fast.offset_runs(outcomes)
+    assert got == rows._offset_runs(outcomes)
+    assert list(got) == list(rows._offset_runs(outcomes))  # first-seen order, too
+
+
+def test_the_reference_reads_what_the_records_hold() -> None:
+    run = [
+        Message(topic="in", partition=0, offset=7, key=b"k", value=b"abc", timestamp=(1, 5)),
+        Message(topic="in", partition=0, offset=9, value=None, headers=[("h", b"1")]),
+    ]
+    cols = rows.read_run(run)
+    assert cols.offsets == [7, 9]
+    assert cols.values == [b"abc", None]
+    assert cols.keys == [b"k", None]
+    assert cols.sizes == [3, 0]
+    assert cols.ordered and cols.tombstones and cols.headers
+    assert not rows.read_run(run[::-1]).ordered
