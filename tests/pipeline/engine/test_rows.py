@@ -133,5 +133,7 @@ def test_the_reference_reads_what_the_records_hold() -> None:
     assert cols.values == [b"abc", None]
     assert cols.keys == [b"k", None]
     assert cols.sizes == [3, 0]
-    assert cols.ordered and cols.tombstones and cols.headers
+    assert cols.ordered
+    assert cols.tombstones
+    assert cols.headers
     assert not rows.read_run(run[::-1]).ordered
