@@ -166,7 +166,7 @@ def _serve(replica: Replica, msgs: list[Message]) -> float:
         replica._publish()
         replica.producer.poll(0)
         replica.delivery.confirm(force=False)
-        replica._commit(force=False)
+        replica.delivery.commit(force=False)
         replica.accounting.flush(replica.delivery.transactions)  # _observe less lag
     for name, batcher in replica.batchers.items():
         for flushed in batcher.drain():

@@ -354,6 +354,12 @@ class ModelSettings(_Strict):
         description="Where results expired by max_age_ms go (default: the output topic, or "
         "the request's reply topic).",
     )
+    ordering: Literal["none", "partition", "key"] = Field(
+        "none",
+        description="Publish results in offset order per record key (key) or per partition "
+        "(partition) while batches still mix keys; none: as soon as each is ready. Records "
+        "without a key are not ordered under key.",
+    )
     sha256: str | None = Field(
         None,
         pattern=r"^[0-9a-f]{64}$",

@@ -10,10 +10,12 @@ it is visible as consumer lag.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-__all__ = ["Backpressure", "wake_fetcher"]
+__all__ = ["Backpressure", "wake_fetcher", "warn_if_narrow"]
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +69,19 @@ def wake_fetcher(consumer: Consumer, parts: list[TopicPartition]) -> None:
                 consumer.seek(tp)
             except KafkaException as e:  # e.g. revoked meanwhile; the timer still fetches
                 log.debug("seek %s[%d]@%d on resume: %s", tp.topic, tp.partition, tp.offset, e)
+
+
+def warn_if_narrow(max_in_flight: int, batching: Iterable[Any]) -> None:
+    """Warn when the in-flight window holds fewer than 4 of the biggest batches.
+
+    ``batching``: each model's `BatchingSettings`. Such a window fills with a few batches:
+    the consumer pauses and resumes constantly, and each pause drops librdkafka's prefetch.
+    """
+    biggest = max((b.max_batch_size for b in batching), default=0)
+    if max_in_flight < 4 * biggest:
+        log.warning(
+            "flow.max_in_flight (%d) holds fewer than 4 batches of %d: the consumer will "
+            "pause and resume constantly, and each pause drops librdkafka's prefetch",
+            max_in_flight,
+            biggest,
+        )

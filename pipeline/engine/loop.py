@@ -26,13 +26,14 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from pipeline.config.topology import Topology
 from pipeline.engine.accounting import Accounting, RunStats
-from pipeline.engine.backpressure import Backpressure, wake_fetcher
+from pipeline.engine.backpressure import Backpressure, wake_fetcher, warn_if_narrow
 from pipeline.engine.batch_control import LagBatchControl, steer
 from pipeline.engine.batcher import Flushed, MicroBatcher
 from pipeline.engine.consumed import Consumed
 from pipeline.engine.delivery import AtLeastOnce, Delivery, ExactlyOnce
 from pipeline.engine.lag import LagMonitor
 from pipeline.engine.offsets import OffsetTracker
+from pipeline.engine.ordering import Sequencer
 from pipeline.engine.ranges import BoundedRanges, names
 from pipeline.kafka.clients import consumer_config, producer_config, reader_config, transactional_id
 from pipeline.kafka.clients import replica_id as kafka_replica_id
@@ -143,6 +144,9 @@ class Replica:
             default_reports=own_producer and not self.exactly_once,
         )
         self.intake = Intake(graph, self.codec, self.encoder, topology.topics.encoding)
+        self.sequencer = Sequencer(  # exactly-once publishes in offset order already
+            {} if self.exactly_once else {g.name: g.settings.ordering for g in graph}, self.metrics
+        )
         self.consumed = Consumed(self.consumer, self.tracker, self.accounting, self.bounded)
         self.batchers = {
             m.name: MicroBatcher[Any, Envelope](
@@ -158,14 +162,7 @@ class Replica:
             for m in graph
             if m.settings.batching.lag_control.enabled
         }
-        biggest = max((m.settings.batching.max_batch_size for m in graph), default=0)
-        if self.flow.max_in_flight < 4 * biggest:
-            log.warning(
-                "flow.max_in_flight (%d) holds fewer than 4 batches of %d: the consumer will "
-                "pause and resume constantly, and each pause drops librdkafka's prefetch",
-                self.flow.max_in_flight,
-                biggest,
-            )
+        warn_if_narrow(self.flow.max_in_flight, (m.settings.batching for m in graph))
         self.assigned = threading.Event()
         self.metrics_url: str | None = None  # where /metrics is served, when it is
         self._next_lag = 0.0
@@ -216,7 +213,7 @@ class Replica:
                 self._publish()
                 self.producer.poll(0)
                 self.delivery.confirm(force=False)
-                self._commit(force=False)
+                self.delivery.commit(force=False)
                 self._apply_backpressure()
                 self._observe(now)
                 self.health.beat()
@@ -257,6 +254,8 @@ class Replica:
             return
         groups, letters = self.intake.admit_batch(batch.rows, batch.tombstones)
         self._pending.extend(letters)
+        if self.sequencer:
+            self.sequencer.admit_groups(groups)
         for (model, key), members in groups.items():
             for flushed in self.batchers[model].add_many(key, members, now):
                 self._submit(model, flushed)
@@ -279,13 +278,12 @@ class Replica:
                 outcomes.extend(self._completed.get_nowait())
             except queue.Empty:
                 break
+        if self.sequencer:
+            outcomes = self.sequencer.release(outcomes)
         if outcomes:
             self.delivery.publish(outcomes)
             if self.tracing is not None:
                 self.tracing.published(outcomes)
-
-    def _commit(self, force: bool) -> None:
-        self.delivery.commit(force)
 
     def _apply_backpressure(self) -> None:
         decision = self.backpressure.update(self.tracker.in_flight, self.tracker.in_flight_bytes)
@@ -319,6 +317,8 @@ class Replica:
         for (topic, partition), lag in lags.items():
             m.lag.labels(topic, str(partition)).set(lag.messages)
             m.lag_seconds.labels(topic, str(partition)).set(lag.seconds)
+        if self.sequencer:
+            self.sequencer.held_by_model()  # onto its gauge
         worst = max((lag.seconds for lag in lags.values()), default=0.0)
         steer(self.controls, self.batchers, worst, m)
         self.gpus.sample()
@@ -439,6 +439,7 @@ class Replica:
                 with contextlib.suppress(KeyError):  # never measured
                     gauge.remove(p.topic, str(p.partition))
         self.delivery.forget([partition_of(p) for p in partitions])
+        self.sequencer.forget(partition_of(p) for p in partitions)
         self.health.assignment = len(self.tracker.partitions())
 
     def _on_report(self, err: KafkaError | None, msg: Message) -> None:

@@ -34,6 +34,9 @@ kp_compute_seconds                   histogram  model, model_instance (per batch
 kp_postprocess_seconds               histogram  model, model_instance (per batch)
 kp_end_to_end_latency_seconds        histogram  model (record timestamp → outcome acked)
 kp_request_age_seconds               histogram  model (record timestamp → its batch prepared)
+kp_reorder_held_outcomes             gauge      model (held for an earlier row: ordering)
+kp_reorder_wait_seconds              histogram  model (how long each held outcome waited)
+kp_reorder_unkeyed_total             counter    model (ordering: key rows without a key)
 kp_in_flight_requests                gauge      consumed, outcome not yet acknowledged
 kp_in_flight_bytes                   gauge      their record bytes
 kp_paused_partitions                 gauge      partitions paused by backpressure
@@ -211,6 +214,26 @@ class Metrics:
             AGE_BUCKETS,
         )
         r.register(self.request_age)
+        self.reorder_held = Gauge(
+            "kp_reorder_held_outcomes",
+            "Outcomes of an ordered model (ordering: key or partition) held until every "
+            "earlier row of their key or partition has been published.",
+            ["model"],
+            registry=r,
+        )
+        self.reorder_wait = BulkHistogram(
+            "kp_reorder_wait_seconds",
+            "How long each held outcome of an ordered model waited for the rows before it.",
+            "model",
+            LATENCY_BUCKETS,
+        )
+        r.register(self.reorder_wait)
+        self.reorder_unkeyed = Counter(
+            "kp_reorder_unkeyed",
+            "Rows of a model with ordering: key whose record had no key (published unordered).",
+            ["model"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "kp_in_flight_requests",
             "Requests consumed whose outcome is not yet acknowledged.",
@@ -298,6 +321,9 @@ class Metrics:
 
     def declare_model(self, model: str, devices: list[str]) -> None:
         """Create a model's series at zero so dashboards show 0, not 'no data'."""
+        self.reorder_held.labels(model)
+        self.reorder_wait.declare(model)
+        self.reorder_unkeyed.labels(model)
         for status in STATUSES:
             self.results.labels(model, status)
         for trigger in ("full", "deadline", "drain"):

@@ -147,3 +147,18 @@ def test_staleness_settings_that_cannot_work_are_refused(lines: str, message: st
     with pytest.raises(ConfigError) as e:
         parse_topology(TOPOLOGY + lines, "topo.yaml", {})
     assert f"topo.yaml: {message}" in str(e.value)
+
+
+def test_ordering_is_read_and_defaults_to_none() -> None:
+    [m] = parse_topology(TOPOLOGY + "    ordering: key\n", "topo.yaml", {}).models
+    assert m.ordering == "key"
+    [plain] = parse_topology(TOPOLOGY, "topo.yaml", {}).models
+    assert plain.ordering == "none"
+
+
+def test_an_unknown_ordering_is_refused_naming_the_field_and_file() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_topology(TOPOLOGY + "    ordering: offset\n", "topo.yaml", {})
+    assert "topo.yaml: models[0].ordering: Input should be 'none', 'partition' or 'key'" in str(
+        e.value
+    )
