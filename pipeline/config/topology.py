@@ -311,6 +311,54 @@ class RetrySettings(_Strict):
         return rng.uniform(0.0, ceiling) / 1000.0
 
 
+class ModelScheduling(_Strict):
+    """How the device scheduler treats one model's batches (with ``scheduling.enabled``)."""
+
+    priority: int = Field(
+        0, ge=0, le=1000, description="Higher goes first when batches wait for a device."
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        le=1_000_000,
+        description="Share of the device among models of equal priority, by rows served.",
+    )
+    max_concurrent: int | None = Field(
+        None, ge=1, le=1024, description="At most this many of its batches admitted at once."
+    )
+
+
+class SchedulingSettings(_Strict):
+    """The device scheduler: which waiting batch a device takes next (scheduler.py)."""
+
+    enabled: bool = Field(
+        False, description="Off: each model sends its batches to its instances as they come."
+    )
+    concurrency: int = Field(
+        2, ge=1, le=1024, description="Batches admitted to each device at once (preparing or "
+        "running): 2 lets one be preprocessed while one runs.",
+    )  # fmt: skip
+    devices: dict[str, int] = Field(
+        default_factory=dict, description="Concurrency of named devices (cpu, cuda:N)."
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _device_limits(cls, v: dict[str, int]) -> dict[str, int]:
+        for device, limit in v.items():
+            try:
+                parse_device(device)
+            except BackendError:
+                raise ValueError(f"{device!r} is not a device: {DEVICE_FORMS}") from None
+            if not 1 <= limit <= 1024:
+                raise ValueError(f"{device}: concurrency {limit} is not between 1 and 1024")
+        return v
+
+    def concurrency_of(self, device: str) -> int:
+        """Batches a device admits at once."""
+        return self.devices.get(device, self.concurrency)
+
+
 class StageSettings(BaseModel):
     """``{stage: <name or module:Class>, <its parameters>...}``; parameters are the stage's."""
 
@@ -354,6 +402,7 @@ class ModelSettings(_Strict):
         description="Where results expired by max_age_ms go (default: the output topic, or "
         "the request's reply topic).",
     )
+    scheduling: ModelScheduling = ModelScheduling()
     ordering: Literal["none", "partition", "key"] = Field(
         "none",
         description="Publish results in offset order per record key (key) or per partition "
@@ -414,6 +463,7 @@ class Topology(_Strict):
     flow: FlowSettings = FlowSettings()
     metrics: MetricsSettings = MetricsSettings()
     tracing: TracingSettings = TracingSettings()
+    scheduling: SchedulingSettings = SchedulingSettings()
     models: list[ModelSettings] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -423,4 +473,16 @@ class Topology(_Strict):
             if m.name in seen:
                 raise ValueError(f"model name {m.name!r} appears twice")
             seen.add(m.name)
+        return self
+
+    @model_validator(mode="after")
+    def _scheduled_models_need_the_scheduler(self) -> Topology:
+        if self.scheduling.enabled:
+            return self
+        for i, m in enumerate(self.models):
+            if m.scheduling != ModelScheduling():
+                raise ValueError(
+                    f"models[{i}].scheduling ({m.name}) is set but scheduling.enabled is "
+                    "false: enable the device scheduler, or drop the model's scheduling"
+                )
         return self

@@ -6,9 +6,8 @@ committed only with or after its outcome (result or dead letter), and only once 
 earlier record of its partition has one too (`pipeline.engine.offsets`); how outcomes and
 offsets reach Kafka, at least once or exactly once, is `pipeline.engine.delivery`'s.
 
-Rebalances are cooperative (incremental): only the partitions that move are revoked, and
-their in-flight work is finished and committed, within ``flow.revoke_timeout_s``, before
-they go; the others keep being served throughout.
+Rebalances are cooperative: only moving partitions are revoked, their in-flight work
+finished and committed (within ``flow.revoke_timeout_s``) first; the others keep serving.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from pipeline.serving.graph import ServedModel
 from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.runtime import ModelRuntime
+from pipeline.serving.scheduler import DeviceScheduler
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerError
 from schemas.messages import Envelope, Partition, partition_of
@@ -120,11 +120,9 @@ class Replica:
             producer = Producer(conf)
         self.producer = producer
         self.tracker = OffsetTracker()
+        flow = self.flow
         self.backpressure = Backpressure(
-            self.flow.max_in_flight,
-            self.flow.low_mark,
-            self.flow.max_in_flight_bytes,
-            self.flow.low_mark_bytes,
+            flow.max_in_flight, flow.low_mark, flow.max_in_flight_bytes, flow.low_mark_bytes
         )
         self.lag = LagMonitor(self.consumer)
         self.gpus = GpuSampler(self.metrics)
@@ -154,8 +152,10 @@ class Replica:
             )
             for m in graph
         }
+        scheduler = DeviceScheduler.for_graph(topology.scheduling, graph, self.metrics)
         self.runtimes = {
-            m.name: ModelRuntime(m, self.encoder, self._completed.put, self.metrics) for m in graph
+            m.name: ModelRuntime(m, self.encoder, self._completed.put, self.metrics, scheduler)
+            for m in graph
         }
         self.controls = {
             m.name: LagBatchControl.from_settings(m.settings.batching, m.info.max_batch_size)

@@ -37,6 +37,10 @@ kp_request_age_seconds               histogram  model (record timestamp → its 
 kp_reorder_held_outcomes             gauge      model (held for an earlier row: ordering)
 kp_reorder_wait_seconds              histogram  model (how long each held outcome waited)
 kp_reorder_unkeyed_total             counter    model (ordering: key rows without a key)
+kp_scheduler_wait_seconds            histogram  model (a batch's wait for a device slot)
+kp_scheduler_grants_total            counter    model, device (slots the scheduler gave)
+kp_scheduler_running_batches         gauge      device (slots taken: preparing or running)
+kp_scheduler_queued_batches          gauge      model (submitted, not yet on an instance)
 kp_in_flight_requests                gauge      consumed, outcome not yet acknowledged
 kp_in_flight_bytes                   gauge      their record bytes
 kp_paused_partitions                 gauge      partitions paused by backpressure
@@ -234,6 +238,31 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.scheduler_wait = Histogram(
+            "kp_scheduler_wait_seconds",
+            "How long each batch waited for a slot on its device (the device scheduler).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.scheduler_grants = Counter(
+            "kp_scheduler_grants",
+            "Device slots the scheduler gave to a model's batches.",
+            ["model", "device"],
+            registry=r,
+        )
+        self.scheduler_running = Gauge(
+            "kp_scheduler_running_batches",
+            "Batches holding a slot on the device (being prepared or run).",
+            ["device"],
+            registry=r,
+        )
+        self.scheduler_queued = Gauge(
+            "kp_scheduler_queued_batches",
+            "A model's batches submitted and not yet handed to an instance.",
+            ["model"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "kp_in_flight_requests",
             "Requests consumed whose outcome is not yet acknowledged.",
@@ -324,6 +353,8 @@ class Metrics:
         self.reorder_held.labels(model)
         self.reorder_wait.declare(model)
         self.reorder_unkeyed.labels(model)
+        self.scheduler_wait.labels(model)
+        self.scheduler_queued.labels(model)
         for status in STATUSES:
             self.results.labels(model, status)
         for trigger in ("full", "deadline", "drain"):

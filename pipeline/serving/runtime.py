@@ -59,6 +59,7 @@ from pipeline.observability.metrics import Metrics
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.recovery import Recovery
+from pipeline.serving.scheduler import DeviceScheduler
 from pipeline.serving.steps import Prepared, Started, complete, expire, finish, prepare, start
 from schemas.errors import describe
 from schemas.messages import Envelope
@@ -92,6 +93,7 @@ class _Instance:
     raw: queue.SimpleQueue[tuple[list[Envelope], Emit] | None]  # to preprocess
     inbox: queue.SimpleQueue[tuple[Prepared, Emit] | None]  # to run
     outstanding: int = 0
+    granted: int = 0  # of its outstanding batches, those holding a device slot
 
 
 @dataclass(slots=True)
@@ -111,11 +113,13 @@ class ModelRuntime:
         encoder: OutcomeEncoder,
         emit: Emit,
         metrics: Metrics | None = None,
+        scheduler: DeviceScheduler | None = None,
     ) -> None:
         self.graph = graph
         self.encoder = encoder
         self.emit = emit
         self.metrics = metrics or Metrics()
+        self.scheduler = scheduler  # shared by the models of a replica, when enabled
         self.recovery = Recovery(graph.name, graph.settings.retry, self._letters, self.metrics)
         # Unbounded here, bounded by the caller's in-flight limit.
         self._incoming: queue.SimpleQueue[tuple[list[Envelope], Emit] | None] = queue.SimpleQueue()
@@ -127,6 +131,7 @@ class ModelRuntime:
         self._turn = 0
         self._threads: list[threading.Thread] = []
         self._busy = 0
+        self._queued = 0  # submitted, not yet handed to an instance
         self._lock = threading.Lock()
         self._fatal: str | None = None
 
@@ -163,6 +168,8 @@ class ModelRuntime:
         """
         with self._lock:
             self._busy += 1
+            self._queued += 1
+            self.metrics.scheduler_queued.labels(self.name).set(self._queued)
         self._incoming.put((rows, emit or self.emit))
 
     @property
@@ -201,7 +208,22 @@ class ModelRuntime:
             chosen.outstanding += 1
             return chosen
 
+    def _admit(self, inst: _Instance, rows: int) -> None:
+        """Wait for the device scheduler to admit this batch to ``inst``'s device, if any."""
+        if self.scheduler is not None:
+            self.scheduler.acquire(self.name, inst.stats.device, rows)
+            with self._room:
+                inst.granted += 1
+        with self._lock:
+            self._queued -= 1
+            self.metrics.scheduler_queued.labels(self.name).set(self._queued)
+
     def _release(self, inst: _Instance, rows: int, busy_s: float) -> None:
+        if self.scheduler is not None:
+            with self._room:
+                granted, inst.granted = inst.granted > 0, max(0, inst.granted - 1)
+            if granted:
+                self.scheduler.release(self.name, inst.stats.device)
         with self._room:
             inst.outstanding -= 1
             if rows:
@@ -242,6 +264,7 @@ class ModelRuntime:
             try:
                 # Chosen before preprocessing, so GPU stages can run on the instance's device.
                 owed.slot = self._acquire()
+                self._admit(owed.slot, len(work[0]))
                 owed.slot.raw.put(work)
             except Exception as e:
                 self._abandon(work[1], owed, "preprocess_failed", e)

@@ -1,6 +1,6 @@
 """``ordering: key``: every key's results in offset order, though batches finish out of order.
 
-Two instances of a model whose first instance is slow (`e2e.uneven`): batches that went
+Two instances of a model whose first instance is slow (`load.timed_backends`): batches that went
 to the fast one finish before an earlier batch on the slow one. 400 requests over 4
 partitions and 10 keys, batches of 8 that mix keys. With ``ordering: key`` each key's
 results reach the output (keyed like their requests, so one key's results share an
@@ -32,7 +32,7 @@ topics: {{input: [{input}], output: {output}, dead_letter: {dlq}, create: false}
 flow: {{max_in_flight: 4096, commit_interval_ms: 100}}
 models:
   - name: pair
-    backend: e2e.uneven:UnevenBackend
+    backend: load.timed_backends:UnevenBackend
     artifact: {artifact}
     instances: 2
     ordering: {ordering}

@@ -162,3 +162,45 @@ def test_an_unknown_ordering_is_refused_naming_the_field_and_file() -> None:
     assert "topo.yaml: models[0].ordering: Input should be 'none', 'partition' or 'key'" in str(
         e.value
     )
+
+
+def test_scheduling_is_read() -> None:
+    text = (
+        "scheduling: {enabled: true, concurrency: 1, devices: {cuda:1: 3}}\n"
+        + TOPOLOGY
+        + "    scheduling: {priority: 7, weight: 2.5, max_concurrent: 1}\n"
+    )
+    topology = parse_topology(text, "topo.yaml", {})
+    [m] = topology.models
+    assert (m.scheduling.priority, m.scheduling.weight, m.scheduling.max_concurrent) == (7, 2.5, 1)
+    assert topology.scheduling.concurrency_of("cpu") == 1
+    assert topology.scheduling.concurrency_of("cuda:1") == 3
+    assert not parse_topology(TOPOLOGY, "topo.yaml", {}).scheduling.enabled
+
+
+@pytest.mark.parametrize(
+    ("head", "lines", "message"),
+    [
+        ("scheduling: {enabled: true}\n", "    scheduling: {priority: 1001}\n",
+         "models[0].scheduling.priority: Input should be less than or equal to 1000"),
+        ("scheduling: {enabled: true}\n", "    scheduling: {weight: 0}\n",
+         "models[0].scheduling.weight: Input should be greater than 0"),
+        ("scheduling: {enabled: true}\n", "    scheduling: {max_concurrent: 0}\n",
+         "models[0].scheduling.max_concurrent: Input should be greater than or equal to 1"),
+        ("scheduling: {enabled: true}\n", "    scheduling: {tenant: a}\n",
+         "models[0].scheduling.tenant: unknown key"),
+        ("scheduling: {enabled: true, devices: {gpu0: 2}}\n", "",
+         "scheduling.devices: 'gpu0' is not a device"),
+        ("scheduling: {enabled: true, concurrency: 0}\n", "",
+         "scheduling.concurrency: Input should be greater than or equal to 1"),
+        ("", "    scheduling: {priority: 3}\n",
+         "models[0].scheduling (m) is set but scheduling.enabled is false"),
+    ],
+)  # fmt: skip
+def test_scheduling_that_cannot_work_is_refused_naming_the_field(
+    head: str, lines: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_topology(head + TOPOLOGY + lines, "topo.yaml", {})
+    assert "topo.yaml" in str(e.value)
+    assert message in str(e.value)

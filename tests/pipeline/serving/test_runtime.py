@@ -22,12 +22,13 @@ from PIL import Image
 from prometheus_client import generate_latest
 
 from backends.base import ModelInfo, ModelSpec
-from pipeline.config.topology import ModelSettings, RetrySettings
+from pipeline.config.topology import ModelSettings, RetrySettings, SchedulingSettings
 from pipeline.observability.metrics import Metrics
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.recovery import ISOLATE, halve, isolation_budget
 from pipeline.serving.runtime import DEPTH, ModelRuntime
+from pipeline.serving.scheduler import DeviceScheduler
 from pipeline.serving.steps import Prepared
 from schemas.codec import AvroCodec
 from schemas.messages import Envelope, Request, Status
@@ -962,3 +963,29 @@ def test_a_worker_thread_that_dies_stops_the_runtime_fatally_and_stop_returns() 
         time.sleep(0.001)
     assert runtime.fatal == "model m: pre-m-0 died: RuntimeError: handler bug"
     assert runtime.stop(5)
+
+
+def test_with_the_device_scheduler_every_batch_takes_a_slot_and_gives_it_back() -> None:
+    """Served, poisoned (isolated by halving) and failed batches all return their slots."""
+    graph = _graph([FakeBackend(), FakeBackend()])
+    metrics = Metrics()
+    settings = SchedulingSettings(enabled=True, concurrency=1)
+    scheduler = DeviceScheduler.for_graph(settings, [graph], metrics)
+    assert scheduler is not None
+    sink = Sink()
+    runtime = ModelRuntime(
+        graph, OutcomeEncoder(CODEC, "results", "dlq"), sink.emit, metrics, scheduler
+    )
+    runtime.start()
+    try:
+        for i in range(6):
+            image = _jpeg(BLACK) if i == 3 else _jpeg(RED)  # a poison row in batch 3
+            runtime.submit([_env(2 * i, image), _env(2 * i + 1, b"not a jpeg")])
+        sink.wait_for(12)
+        _wait_idle(runtime)
+    finally:
+        assert runtime.stop(5)
+    assert scheduler._lanes["cpu"].policy.total == 0
+    assert metrics.scheduler_grants.labels("m", "cpu")._value.get() == 6
+    assert metrics.scheduler_running.labels("cpu")._value.get() == 0
+    assert metrics.scheduler_queued.labels("m")._value.get() == 0

@@ -1,0 +1,167 @@
+"""A high-priority model's latency alone and under a 10x low-priority flood, scheduled or not.
+
+Two models share one device that runs one batch at a time, 25 ms a batch
+(`load.timed_backends.OneDeviceBackend`: a stand-in for a GPU, which this machine does
+not have; the device is a lock, so the figures are the scheduler's and the pipeline's,
+not a model's). ``high`` (1 instance) gets 20 requests/s; ``low`` (3 instances) gets
+10x that, 200 requests/s, in batches of up to 8: even in full batches, with high's own
+that is more than the device runs (45 batches/s against 40), so low's backlog grows, as
+floods do. Three runs of 10 s each in one process, one broker: high alone; with the
+flood and no scheduler; with the flood and ``scheduling: {enabled: true, concurrency:
+1}``, high at priority 10. Printed per
+run: high's p50 and p99 end to end (record timestamp to result encoded, from each
+result's own timings) and inside the pipeline (consumed to encoded), and how many low
+requests were served meanwhile.
+
+    python -m load.scheduling [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from pipeline.app import open_topology
+from pipeline.config.topology import KafkaSettings
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.clients import ensure_topics
+from pipeline.tools.demo import BackgroundPipeline
+from pipeline.tools.traffic import read_topic, tensor_request
+from schemas.codec import AvroCodec
+from schemas.messages import Result
+
+__all__ = ["main", "measure"]
+
+BATCH_MS = 25
+HIGH_RATE = 20.0
+FLOOD = 10  # low's rate, as a multiple of high's
+
+TOPOLOGY = """
+kafka: {{bootstrap_servers: embedded, group_id: {tag}}}
+topics: {{input: [{tag}.in], output: {tag}.out, dead_letter: {tag}.dlq, create: false}}
+flow: {{max_in_flight: 4096, commit_interval_ms: 100}}
+scheduling: {{enabled: {enabled}, concurrency: 1}}
+models:
+  - name: low
+    backend: load.timed_backends:OneDeviceBackend
+    artifact: {artifact}
+    instances: 3
+    options: {{delay_ms: {batch_ms}}}
+    inputs: [{{name: x, datatype: FP32, shape: [4]}}]
+    batching: {{max_batch_size: 8, max_delay_ms: 2}}
+  - name: high
+    backend: load.timed_backends:OneDeviceBackend
+    artifact: {artifact}
+    options: {{delay_ms: {batch_ms}}}{high}
+    inputs: [{{name: x, datatype: FP32, shape: [4]}}]
+    batching: {{max_batch_size: 8, max_delay_ms: 2}}
+"""
+
+
+def _paced(address: str, topic: str, model: str, rate: float, seconds: float) -> None:
+    """``rate`` requests/s of ``model`` for ``seconds``, evenly spaced."""
+    codec = AvroCodec()
+    producer = Producer({"bootstrap.servers": address, "linger.ms": 1, "log_level": 3})
+    x = np.ones(4, np.float32)
+    start, n = time.monotonic(), int(rate * seconds)
+    for i in range(n):
+        time.sleep(max(0.0, start + i / rate - time.monotonic()))
+        value = codec.encode_request(tensor_request(f"{model}-{i}", model, {"x": x}))
+        producer.produce(topic, value, model.encode())
+        producer.poll(0)
+    producer.flush(30)
+
+
+def measure(
+    broker: EmbeddedBroker, flood: bool, scheduler: bool, seconds: float
+) -> dict[str, float]:
+    """High's latency percentiles (ms) and low's count served, for one setting."""
+    tag = f"sched.{os.getpid()}.{time.monotonic_ns()}"
+    address = broker.bootstrap_servers
+    ensure_topics(AdminClient({"bootstrap.servers": address}), [f"{tag}.in", f"{tag}.out"], 4, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = Path(tmp) / "device.txt"
+        artifact.write_text("one device\n")
+        path = Path(tmp) / "topology.yaml"
+        path.write_text(
+            TOPOLOGY.format(
+                tag=tag,
+                artifact=artifact,
+                enabled=str(scheduler).lower(),
+                batch_ms=BATCH_MS,
+                high="\n    scheduling: {priority: 10}" if scheduler else "",
+            )
+        )
+        served = BackgroundPipeline(open_topology(path), address).start(120)
+    assert served.pipeline is not None
+    senders = [(f"{tag}.in", "high", HIGH_RATE)]
+    if flood:
+        senders.append((f"{tag}.in", "low", HIGH_RATE * FLOOD))
+    threads = [
+        threading.Thread(target=_paced, args=(address, t, m, r, seconds)) for t, m, r in senders
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(2 * BATCH_MS / 1000 + 0.5)  # the last high requests' answers
+    served.stop()
+    high, low = _read(address, f"{tag}.out")
+    end_to_end = [r.timings.end_to_end_ms for r in high]
+    inside = [
+        r.timings.queue_ms + r.timings.preprocess_ms + r.timings.compute_ms
+        + r.timings.postprocess_ms
+        for r in high
+    ]  # fmt: skip
+    return {
+        "high": len(high),
+        "e2e_p50": float(np.percentile(end_to_end, 50)),
+        "e2e_p99": float(np.percentile(end_to_end, 99)),
+        "inside_p50": float(np.percentile(inside, 50)),
+        "inside_p99": float(np.percentile(inside, 99)),
+        "low": len(low),
+    }
+
+
+def _read(address: str, topic: str) -> tuple[list[Result], list[Result]]:
+    """The results on ``topic``: high's, low's."""
+    codec = AvroCodec()
+    records = read_topic(KafkaSettings(), address, topic, timeout=30, idle=3)
+    results = [codec.decode_result(m.value()) for m in records]
+    high = [r for r in results if r.model == "high"]
+    return high, [r for r in results if r.model == "low"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The three runs, one after the other; a table of the figures."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=10.0)
+    args = p.parse_args(argv)
+    runs = [
+        ("high alone", False, False),
+        ("10x low flood, no scheduler", True, False),
+        ("10x low flood, scheduler", True, True),
+    ]
+    print("| run | high served | high p50 / p99 end to end (ms) | inside (ms) | low served |")
+    print("|---|---:|---:|---:|---:|")
+    with EmbeddedBroker() as broker:
+        for name, flood, scheduler in runs:
+            f = measure(broker, flood, scheduler, args.seconds)
+            print(
+                f"| {name} | {f['high']:.0f} | {f['e2e_p50']:.1f} / {f['e2e_p99']:.1f} | "
+                f"{f['inside_p50']:.1f} / {f['inside_p99']:.1f} | {f['low']:.0f} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""The device scheduler: its policy under hypothesis, and its gate across threads.
+
+Policy properties, on random models (priorities, weights, limits), devices (slots) and
+event sequences where every model always has a batch waiting:
+
+- no more batches admitted than the device's slots, nor than a model's limit;
+- every pick is of the highest priority among the waiting models under their limits;
+- among models of one priority, rows served stay proportional to weights: the gap
+  between two models' rows/weight never exceeds the largest batch over each's weight
+  (start-time fair queuing's bound), so no model of equal priority starves.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.config.topology import ModelScheduling, SchedulingSettings
+from pipeline.observability.metrics import Metrics
+from pipeline.serving.scheduler import DeviceScheduler, FairPolicy
+
+MAX_ROWS = 16
+
+
+@st.composite
+def models(draw: st.DrawFn, same_priority: bool = False) -> dict[str, ModelScheduling]:
+    n = draw(st.integers(1, 4))
+    return {
+        f"m{i}": ModelScheduling(
+            priority=0 if same_priority else draw(st.integers(0, 2)),
+            weight=draw(st.sampled_from([0.5, 1.0, 2.0, 3.0])),
+            max_concurrent=None if same_priority else draw(st.one_of(st.none(), st.integers(1, 2))),
+        )
+        for i in range(n)
+    }
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(models(), st.integers(1, 3), st.integers(0, 2**32 - 1))
+def test_picks_keep_priority_order_and_every_limit(
+    specs: dict[str, ModelScheduling], slots: int, seed: int
+) -> None:
+    rng = random.Random(seed)
+    policy = FairPolicy(slots, specs)
+    running: list[str] = []
+    for _ in range(200):
+        if running and (rng.random() < 0.5 or policy.total >= slots):
+            policy.done(running.pop(rng.randrange(len(running))))
+            continue
+        waiting = {m: rng.randint(1, MAX_ROWS) for m in specs if rng.random() < 0.8}
+        picked = policy.pick(waiting)
+        under = [
+            m
+            for m in waiting
+            if specs[m].max_concurrent is None or running.count(m) < specs[m].max_concurrent
+        ]
+        if picked is None:
+            assert len(running) >= slots or not under
+            continue
+        running.append(picked)
+        assert picked in under
+        assert specs[picked].priority == max(specs[m].priority for m in under)
+        assert len(running) <= slots
+        limit = specs[picked].max_concurrent
+        assert limit is None or running.count(picked) <= limit
+        assert policy.total == len(running)
+
+
+@settings(max_examples=200, derandomize=True, database=None, deadline=None)
+@given(models(same_priority=True), st.integers(1, 3), st.integers(0, 2**32 - 1))
+def test_equal_priorities_share_rows_by_weight_and_none_starves(
+    specs: dict[str, ModelScheduling], slots: int, seed: int
+) -> None:
+    rng = random.Random(seed)
+    policy = FairPolicy(slots, specs)
+    served = dict.fromkeys(specs, 0)
+    running: list[str] = []
+    for _ in range(400):  # every model always has a batch waiting
+        if policy.total >= slots:
+            policy.done(running.pop(rng.randrange(len(running))))
+        rows = {m: rng.randint(1, MAX_ROWS) for m in specs}
+        picked = policy.pick(rows)
+        assert picked is not None
+        running.append(picked)
+        served[picked] += rows[picked]
+        for a, sa in specs.items():
+            for b, sb in specs.items():
+                gap = served[a] / sa.weight - served[b] / sb.weight
+                assert gap <= MAX_ROWS / sa.weight + MAX_ROWS / sb.weight + 1e-9
+
+
+def test_an_idle_model_earns_no_credit() -> None:
+    """A model that waited for nothing does not then take the device for a long stretch."""
+    policy = FairPolicy(1, {"a": ModelScheduling(), "b": ModelScheduling()})
+    for _ in range(50):  # a alone for a while
+        assert policy.pick({"a": 10}) == "a"
+        policy.done("a")
+    picks = []
+    for _ in range(10):  # then both: they alternate at once
+        picked = policy.pick({"a": 10, "b": 10})
+        assert picked is not None
+        picks.append(picked)
+        policy.done(picked)
+    assert picks.count("b") == 5
+
+
+def _scheduler(concurrency: int, **models: ModelScheduling) -> tuple[DeviceScheduler, Metrics]:
+    metrics = Metrics()
+    settings = SchedulingSettings(enabled=True, concurrency=concurrency)
+    sched = DeviceScheduler(settings, {m: (s, ["cpu"]) for m, s in models.items()}, metrics)
+    return sched, metrics
+
+
+def _waiter(sched: DeviceScheduler, model: str, order: list[str]) -> threading.Thread:
+    def run() -> None:
+        sched.acquire(model, "cpu", 4)
+        order.append(model)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _wait_until_waiting(sched: DeviceScheduler, n: int) -> None:
+    lane = sched._lanes["cpu"]
+    deadline = time.monotonic() + 5
+    while sum(len(q) for q in lane.waiting.values()) < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def test_a_freed_slot_goes_to_the_higher_priority_batch_whatever_came_first() -> None:
+    sched, metrics = _scheduler(
+        1, low=ModelScheduling(priority=0), high=ModelScheduling(priority=5)
+    )
+    sched.acquire("low", "cpu", 4)  # the device's one slot
+    order: list[str] = []
+    first = _waiter(sched, "low", order)
+    _wait_until_waiting(sched, 1)
+    second = _waiter(sched, "high", order)
+    _wait_until_waiting(sched, 2)
+    sched.release("low", "cpu")
+    second.join(5)
+    assert order == ["high"]
+    sched.release("high", "cpu")
+    first.join(5)
+    assert order == ["high", "low"]
+    sched.release("low", "cpu")
+    assert metrics.scheduler_grants.labels("low", "cpu")._value.get() == 2
+    assert metrics.scheduler_grants.labels("high", "cpu")._value.get() == 1
+    assert metrics.scheduler_running.labels("cpu")._value.get() == 0
+    counts = [
+        s.value
+        for m in metrics.scheduler_wait.collect()
+        for s in m.samples
+        if s.name == "kp_scheduler_wait_seconds_count"
+    ]
+    assert sum(counts) == 3
+
+
+def test_a_model_at_its_limit_waits_while_another_takes_the_free_slot() -> None:
+    sched, _ = _scheduler(
+        2, a=ModelScheduling(priority=9, max_concurrent=1), b=ModelScheduling(priority=0)
+    )
+    sched.acquire("a", "cpu", 1)
+    order: list[str] = []
+    waiting_a = _waiter(sched, "a", order)
+    _wait_until_waiting(sched, 1)
+    _waiter(sched, "b", order).join(5)
+    assert order == ["b"]  # a's higher priority does not lift its limit
+    sched.release("a", "cpu")
+    waiting_a.join(5)
+    assert order == ["b", "a"]
+
+
+def test_disabled_scheduling_makes_no_scheduler() -> None:
+    assert DeviceScheduler.for_graph(SchedulingSettings(), [], Metrics()) is None
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_many_threads_never_exceed_the_devices_slots(concurrency: int) -> None:
+    sched, _ = _scheduler(concurrency, a=ModelScheduling(), b=ModelScheduling(weight=2))
+    inside, most = 0, 0
+    lock = threading.Lock()
+
+    def work(model: str) -> None:
+        nonlocal inside, most
+        for _ in range(30):
+            sched.acquire(model, "cpu", 2)
+            with lock:
+                inside += 1
+                most = max(most, inside)
+            time.sleep(0.0005)
+            with lock:
+                inside -= 1
+            sched.release(model, "cpu")
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in ("a", "b", "a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert most == concurrency
+    assert sched._lanes["cpu"].policy.total == 0
