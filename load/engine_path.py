@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "scores": np.zeros((model.batching.max_batch_size, 3), np.float32),
     }
 
-    def run_model(rows: list[Envelope], emit: Any = None) -> None:
+    def run_model(rows: list[Envelope], emit: Any = None, cls: Any = None) -> None:
         """What the runtime hands back for a batch: its results' Outcomes."""
         columns = {k: v[: len(rows)] for k, v in outputs.items()}
         out = replica.encoder.results(

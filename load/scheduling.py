@@ -11,7 +11,7 @@ flood and no scheduler; with the flood and ``scheduling: {enabled: true, concurr
 1}``, high at priority 10. Printed per
 run: high's p50 and p99 end to end (record timestamp to result encoded, from each
 result's own timings) and inside the pipeline (consumed to encoded), and how many low
-requests were served meanwhile.
+requests were served (each run waits until every request has its answer).
 
     python -m load.scheduling [--seconds 10]
 """
@@ -112,7 +112,11 @@ def measure(
         t.start()
     for t in threads:
         t.join()
-    time.sleep(2 * BATCH_MS / 1000 + 0.5)  # the last high requests' answers
+    expected = sum(int(r * seconds) for _, _, r in senders)
+    deadline = time.monotonic() + 120
+    stats = served.pipeline.stats
+    while stats.results + stats.dead_letters < expected and time.monotonic() < deadline:
+        time.sleep(0.05)  # every request answered (low's backlog drains after the senders)
     served.stop()
     high, low = _read(address, f"{tag}.out")
     end_to_end = [r.timings.end_to_end_ms for r in high]

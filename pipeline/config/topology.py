@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from pipeline.config.kafka import KafkaSettings, SchemaRegistrySettings, SecuritySettings
+from pipeline.config.scheduling import ModelScheduling, SchedulingSettings
 from schemas.devices import DEVICE_FORMS, parse_device
 from schemas.errors import BackendError
 from schemas.tensors import DeclaredTensor
@@ -31,8 +32,10 @@ __all__ = [
     "KafkaSettings",
     "LagControlSettings",
     "MetricsSettings",
+    "ModelScheduling",
     "ModelSettings",
     "RetrySettings",
+    "SchedulingSettings",
     "SchemaRegistrySettings",
     "SecuritySettings",
     "StageSettings",
@@ -309,54 +312,6 @@ class RetrySettings(_Strict):
         """
         ceiling = min(self.max_backoff_ms, self.backoff_ms * 2.0 ** min(attempt - 1, 30))
         return rng.uniform(0.0, ceiling) / 1000.0
-
-
-class ModelScheduling(_Strict):
-    """How the device scheduler treats one model's batches (with ``scheduling.enabled``)."""
-
-    priority: int = Field(
-        0, ge=0, le=1000, description="Higher goes first when batches wait for a device."
-    )
-    weight: float = Field(
-        1.0,
-        gt=0,
-        le=1_000_000,
-        description="Share of the device among models of equal priority, by rows served.",
-    )
-    max_concurrent: int | None = Field(
-        None, ge=1, le=1024, description="At most this many of its batches admitted at once."
-    )
-
-
-class SchedulingSettings(_Strict):
-    """The device scheduler: which waiting batch a device takes next (scheduler.py)."""
-
-    enabled: bool = Field(
-        False, description="Off: each model sends its batches to its instances as they come."
-    )
-    concurrency: int = Field(
-        2, ge=1, le=1024, description="Batches admitted to each device at once (preparing or "
-        "running): 2 lets one be preprocessed while one runs.",
-    )  # fmt: skip
-    devices: dict[str, int] = Field(
-        default_factory=dict, description="Concurrency of named devices (cpu, cuda:N)."
-    )
-
-    @field_validator("devices")
-    @classmethod
-    def _device_limits(cls, v: dict[str, int]) -> dict[str, int]:
-        for device, limit in v.items():
-            try:
-                parse_device(device)
-            except BackendError:
-                raise ValueError(f"{device!r} is not a device: {DEVICE_FORMS}") from None
-            if not 1 <= limit <= 1024:
-                raise ValueError(f"{device}: concurrency {limit} is not between 1 and 1024")
-        return v
-
-    def concurrency_of(self, device: str) -> int:
-        """Batches a device admits at once."""
-        return self.devices.get(device, self.concurrency)
 
 
 class StageSettings(BaseModel):

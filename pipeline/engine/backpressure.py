@@ -40,6 +40,11 @@ class Backpressure:
         """How many more records may be consumed now."""
         return 0 if self.paused else max(0, self.high - in_flight)
 
+    @classmethod
+    def of(cls, flow: Any) -> Backpressure:
+        """The marks of a topology's ``flow`` section (`FlowSettings`)."""
+        return cls(flow.max_in_flight, flow.low_mark, flow.max_in_flight_bytes, flow.low_mark_bytes)
+
     def update(self, in_flight: int, in_flight_bytes: int = 0) -> bool | None:
         """True when it is time to pause, False to resume, None to stay as is."""
         over_bytes = self.high_bytes is not None and in_flight_bytes >= self.high_bytes

@@ -44,7 +44,7 @@ from pipeline.serving.graph import ServedModel
 from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.runtime import ModelRuntime
-from pipeline.serving.scheduler import DeviceScheduler
+from pipeline.serving.scheduler import Classed, DeviceScheduler, RequestClasses
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerError
 from schemas.messages import Envelope, Partition, partition_of
@@ -120,10 +120,7 @@ class Replica:
             producer = Producer(conf)
         self.producer = producer
         self.tracker = OffsetTracker()
-        flow = self.flow
-        self.backpressure = Backpressure(
-            flow.max_in_flight, flow.low_mark, flow.max_in_flight_bytes, flow.low_mark_bytes
-        )
+        self.backpressure = Backpressure.of(self.flow)
         self.lag = LagMonitor(self.consumer)
         self.gpus = GpuSampler(self.metrics)
         self._completed: queue.SimpleQueue[list[Outcome]] = queue.SimpleQueue()
@@ -141,7 +138,8 @@ class Replica:
             confirm_every=max(1, self.flow.max_in_flight // 4),
             default_reports=own_producer and not self.exactly_once,
         )
-        self.intake = Intake(graph, self.codec, self.encoder, topology.topics.encoding)
+        classes = RequestClasses(topology.scheduling, self.metrics)  # read when enabled
+        self.intake = Intake(graph, self.codec, self.encoder, topology.topics.encoding, classes)
         self.sequencer = Sequencer(  # exactly-once publishes in offset order already
             {} if self.exactly_once else {g.name: g.settings.ordering for g in graph}, self.metrics
         )
@@ -268,7 +266,8 @@ class Replica:
     def _submit(self, model: str, flushed: Flushed[Any, Envelope]) -> None:
         self.metrics.batches.labels(model, flushed.reason).inc()
         self.metrics.batch_size.labels(model).observe(len(flushed.items))
-        self.runtimes[model].submit(flushed.items)
+        key = flushed.key
+        self.runtimes[model].submit(flushed.items, None, key.cls if type(key) is Classed else None)
 
     def _publish(self) -> None:
         outcomes = self._pending + self.delivery.pending

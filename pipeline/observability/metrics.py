@@ -41,6 +41,7 @@ kp_scheduler_wait_seconds            histogram  model (a batch's wait for a devi
 kp_scheduler_grants_total            counter    model, device (slots the scheduler gave)
 kp_scheduler_running_batches         gauge      device (slots taken: preparing or running)
 kp_scheduler_queued_batches          gauge      model (submitted, not yet on an instance)
+kp_scheduler_unlisted_tenants_total  counter    model (requests of a tenant not in tenants)
 kp_in_flight_requests                gauge      consumed, outcome not yet acknowledged
 kp_in_flight_bytes                   gauge      their record bytes
 kp_paused_partitions                 gauge      partitions paused by backpressure
@@ -263,6 +264,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.scheduler_unlisted_tenants = Counter(
+            "kp_scheduler_unlisted_tenants",
+            "Requests naming a tenant that scheduling.tenants does not list (default weight).",
+            ["model"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "kp_in_flight_requests",
             "Requests consumed whose outcome is not yet acknowledged.",
@@ -355,6 +362,7 @@ class Metrics:
         self.reorder_unkeyed.labels(model)
         self.scheduler_wait.labels(model)
         self.scheduler_queued.labels(model)
+        self.scheduler_unlisted_tenants.labels(model)
         for status in STATUSES:
             self.results.labels(model, status)
         for trigger in ("full", "deadline", "drain"):

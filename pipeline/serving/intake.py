@@ -20,6 +20,7 @@ from collections.abc import Collection, Hashable, Mapping, Sequence
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.routing import ModelRoute, Router
+from pipeline.serving.scheduler import Classed, RequestClasses
 from schemas import oip_json, oip_protobuf
 from schemas.codec import AvroCodec, request_from_record
 from schemas.errors import DecodeError, RequestError
@@ -50,8 +51,14 @@ class Intake:
         codec: AvroCodec,
         encoder: OutcomeEncoder,
         encodings: Mapping[str, str] | None = None,
+        classes: RequestClasses | None = None,
     ):
-        """``encodings``: input topics whose requests are not Avro (``json``, ``protobuf``)."""
+        """``encodings``: input topics whose requests are not Avro (``json``, ``protobuf``).
+
+        ``classes``: with the device scheduler on, reads each request's priority and tenant
+        into its batch key (`Classed`), so the batcher never mixes them.
+        """
+        self.classes = classes if classes else None
         self.codec = codec
         self.encoder = encoder
         self.router = Router(
@@ -81,7 +88,7 @@ class Intake:
         ]
         values = [rows[i].value for i in todo]
         requests = self.codec.decode_requests(values)
-        if len(todo) == len(rows):
+        if len(todo) == len(rows) and not (self.classes and _asks(rows, requests)):
             fast = self._exact(rows, requests)
             if fast is not None:
                 return fast, []
@@ -105,6 +112,10 @@ class Intake:
                 if route is None or request.model_version not in (None, "", route.version):
                     route = self.router.route(request)  # raises the RoutingError
                 admitted = (route.name, route.batch_key(request))
+                if self.classes is not None:
+                    cls = self.classes.of(env, request, route.name)
+                    if cls is not None:
+                        admitted = (route.name, Classed(admitted[1], cls))
             except RequestError as e:
                 letters.append(self.encoder.dead_letter(env, e.reason, str(e), e.whose))
                 continue
@@ -206,3 +217,8 @@ class Intake:
         """
         groups, letters = self.admit_batch([env], (0,) if tombstone else ())
         return letters[0] if letters else next(iter(groups))
+
+
+def _asks(rows: Sequence[Envelope], requests: Sequence[Request | RequestError]) -> bool:
+    """Whether some row may ask the scheduler for something (parameters or headers)."""
+    return any(env.headers for env in rows) or any(getattr(r, "parameters", None) for r in requests)

@@ -16,6 +16,10 @@ the host overlaps it. CPU instances have no streams and none of this. Preprocess
 runs only a little ahead of the models. Outcomes (encoded results and dead letters) go back through
 the batch's ``emit``.
 
+Long because its three kinds of thread share the instance slots, the device scheduler's
+grants and one rule (every row ends as exactly one outcome); apart, each thread's
+failure handling would sit far from the slots it must give back.
+
 This is the one serving core: the Kafka loop (`pipeline.engine.loop`) and the Faust
 adapter (`pipeline.integrations.faust`) both submit batches here, so deadlines, retries
 and poison isolation behave the same behind every front door.
@@ -59,7 +63,7 @@ from pipeline.observability.metrics import Metrics
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.recovery import Recovery
-from pipeline.serving.scheduler import DeviceScheduler
+from pipeline.serving.scheduler import DeviceScheduler, RequestClass
 from pipeline.serving.steps import Prepared, Started, complete, expire, finish, prepare, start
 from schemas.errors import describe
 from schemas.messages import Envelope
@@ -73,6 +77,13 @@ Emit = Callable[[list[Outcome]], None]
 
 DEPTH = 2
 """Batches one instance may hold: the one it runs and the next one, ready."""
+
+_REOFFER_S = 0.005
+"""While the device scheduler admits none of a model's batches, how often it is offered
+what has arrived since (a request of higher priority must not wait behind the offer)."""
+
+_Work = tuple[list[Envelope], Emit, RequestClass | None]
+"""A submitted batch: its rows, where its outcomes go, its requests' class."""
 
 
 @dataclass(slots=True)
@@ -122,7 +133,7 @@ class ModelRuntime:
         self.scheduler = scheduler  # shared by the models of a replica, when enabled
         self.recovery = Recovery(graph.name, graph.settings.retry, self._letters, self.metrics)
         # Unbounded here, bounded by the caller's in-flight limit.
-        self._incoming: queue.SimpleQueue[tuple[list[Envelope], Emit] | None] = queue.SimpleQueue()
+        self._incoming: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._instances = [
             _Instance(backend, InstanceStats(i, device), queue.SimpleQueue(), queue.SimpleQueue())
             for i, (backend, device) in enumerate(zip(graph.instances, graph.devices, strict=True))
@@ -161,16 +172,19 @@ class ModelRuntime:
         for t in self._threads:
             t.start()
 
-    def submit(self, rows: list[Envelope], emit: Emit | None = None) -> None:
+    def submit(
+        self, rows: list[Envelope], emit: Emit | None = None, cls: RequestClass | None = None
+    ) -> None:
         """Queue a batch of routed requests (never blocks).
 
-        Its outcomes go to ``emit``, or to the runtime's own when None.
+        Its outcomes go to ``emit``, or to the runtime's own when None; ``cls``: what its
+        requests ask of the device scheduler (their priority and tenant), if anything.
         """
         with self._lock:
             self._busy += 1
             self._queued += 1
             self.metrics.scheduler_queued.labels(self.name).set(self._queued)
-        self._incoming.put((rows, emit or self.emit))
+        self._incoming.put((rows, emit or self.emit, cls))
 
     @property
     def busy(self) -> int:
@@ -208,15 +222,41 @@ class ModelRuntime:
             chosen.outstanding += 1
             return chosen
 
-    def _admit(self, inst: _Instance, rows: int) -> None:
-        """Wait for the device scheduler to admit this batch to ``inst``'s device, if any."""
+    def _admit(self, inst: _Instance, pending: list[_Work]) -> _Work:
+        """The batch of ``pending`` the device scheduler admits to ``inst``'s device.
+
+        Without a scheduler, the oldest. With one, every pending batch is offered (the
+        device picks by priority and fair share) and, while none is admitted, what has
+        arrived meanwhile is added to the offer every `_REOFFER_S`.
+        """
+        chosen = 0
         if self.scheduler is not None:
-            self.scheduler.acquire(self.name, inst.stats.device, rows)
+            device = inst.stats.device
+            while True:
+                offer = [self.scheduler.batch(self.name, len(w[0]), w[2]) for w in pending]
+                picked = self.scheduler.acquire(device, offer, _REOFFER_S)
+                if picked is not None:
+                    chosen = picked
+                    break
+                self._gather(pending)
             with self._room:
                 inst.granted += 1
         with self._lock:
             self._queued -= 1
             self.metrics.scheduler_queued.labels(self.name).set(self._queued)
+        return pending.pop(chosen)
+
+    def _gather(self, pending: list[_Work]) -> None:
+        """Move what has been submitted meanwhile into ``pending`` (the end mark stays)."""
+        while True:
+            try:
+                work = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            if work is None:
+                self._incoming.put(None)  # the end: taken once ``pending`` is empty
+                return
+            pending.append(work)
 
     def _release(self, inst: _Instance, rows: int, busy_s: float) -> None:
         if self.scheduler is not None:
@@ -254,20 +294,31 @@ class ModelRuntime:
         return run
 
     def _dispatch_loop(self) -> None:
+        pending: list[_Work] = []
         while True:
-            work = self._incoming.get()
-            if work is None:
-                for inst in self._instances:
-                    inst.raw.put(None)
-                return
-            owed = _Owed(work[0], None)
+            if not pending:
+                work = self._incoming.get()
+                if work is None:
+                    for inst in self._instances:
+                        inst.raw.put(None)
+                    return
+                pending.append(work)
+            if self.scheduler is not None:
+                self._gather(pending)  # the scheduler chooses among all that waits
+            owed = _Owed(pending[0][0], None)
+            emit = pending[0][1]
             try:
                 # Chosen before preprocessing, so GPU stages can run on the instance's device.
                 owed.slot = self._acquire()
-                self._admit(owed.slot, len(work[0]))
-                owed.slot.raw.put(work)
+                rows, emit, _ = self._admit(owed.slot, pending)
+                owed.rows = rows
+                owed.slot.raw.put((rows, emit))
             except Exception as e:
-                self._abandon(work[1], owed, "preprocess_failed", e)
+                if pending and pending[0][0] is owed.rows:  # not admitted: it ends here
+                    pending.pop(0)
+                    with self._lock:
+                        self._queued -= 1
+                self._abandon(emit, owed, "preprocess_failed", e)
 
     def _preprocess_loop(self, inst: _Instance) -> None:
         while True:

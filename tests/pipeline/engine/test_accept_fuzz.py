@@ -155,8 +155,11 @@ def pipeline(
         producer=FakeProducer() if producer is None else producer,  # type: ignore[arg-type]
     )
     submitted: list[Envelope] = []
+    def submit(rows: list[Envelope], *_: Any) -> None:  # emit, the requests' class
+        submitted.extend(rows)
+
     for runtime in p.runtimes.values():
-        runtime.submit = submitted.extend  # type: ignore[method-assign]
+        runtime.submit = submit  # type: ignore[method-assign]
     for partition in (0, 1, 2):
         p.tracker.assign((TOPIC, partition))
     return p, submitted

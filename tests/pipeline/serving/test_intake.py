@@ -8,8 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config.topology import SchedulingSettings
 from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
+from pipeline.serving.scheduler import Classed, RequestClass, RequestClasses
 from schemas.codec import AvroCodec
 from schemas.messages import Envelope, Request
 from schemas.tensors import TensorSpec
@@ -243,3 +245,33 @@ def test_values_framed_by_confluents_json_schema_and_protobuf_serializers_are_re
     _, letters = _intake().admit_batch([framed_json, framed_pb])
     assert letters == []
     assert [e.request.id for e in (framed_json, framed_pb)] == ["j", "p"]  # type: ignore[union-attr]
+
+
+def test_with_the_scheduler_a_requests_class_joins_its_batch_key() -> None:
+    """Requests of different priorities or tenants never share a batch; bad ones are letters."""
+    settings = SchedulingSettings(enabled=True, fair_share="tenant")
+    intake = Intake(
+        GRAPH,  # type: ignore[arg-type]
+        CODEC,
+        OutcomeEncoder(CODEC, "out", "dlq"),
+        None,
+        RequestClasses(settings),
+    )
+
+    def encoded(rid: str, **parameters: str) -> Envelope:
+        request = Request(rid, "m", {"x": np.zeros(4, np.float32)}, parameters=parameters)
+        return _env(CODEC.encode_request(request))
+
+    plain, urgent, gold = encoded("a"), encoded("b", priority="9"), encoded("c", tenant="gold")
+    bad = encoded("d", priority="urgent")
+    groups, letters = intake.admit_batch([plain, urgent, gold, bad])
+    assert groups == {
+        ("m", "m"): [plain],
+        ("m", Classed("m", RequestClass(9, None))): [urgent],
+        ("m", Classed("m", RequestClass(None, "gold"))): [gold],
+    }
+    assert [(o.reason, o.envelope) for o in letters] == [("bad_request", bad)]
+    # without the scheduler the same batch is one group: parameters mean nothing
+    groups, letters = _intake().admit_batch([encoded("a"), encoded("b", priority="9")])
+    assert list(groups) == [("m", "m")]
+    assert not letters

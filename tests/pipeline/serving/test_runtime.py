@@ -28,7 +28,7 @@ from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.recovery import ISOLATE, halve, isolation_budget
 from pipeline.serving.runtime import DEPTH, ModelRuntime
-from pipeline.serving.scheduler import DeviceScheduler
+from pipeline.serving.scheduler import DeviceScheduler, RequestClass
 from pipeline.serving.steps import Prepared
 from schemas.codec import AvroCodec
 from schemas.messages import Envelope, Request, Status
@@ -989,3 +989,44 @@ def test_with_the_device_scheduler_every_batch_takes_a_slot_and_gives_it_back() 
     assert metrics.scheduler_grants.labels("m", "cpu")._value.get() == 6
     assert metrics.scheduler_running.labels("cpu")._value.get() == 0
     assert metrics.scheduler_queued.labels("m")._value.get() == 0
+
+
+class Gated(Doubler):
+    """A Doubler whose first run waits for the test to open the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.first: list[float] = []  # x[0] of each batch's first row, in run order
+
+    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.first:
+            self.gate.wait(5)
+        self.first.append(float(batch["x"][0, 0]))
+        return super().infer(batch)
+
+
+def test_a_higher_priority_batch_of_the_model_overtakes_its_queued_ones() -> None:
+    """Batches wait for the device in priority order, not in the order they came."""
+    backend = Gated()
+    graph = _numbers(backend)
+    settings = SchedulingSettings(enabled=True, concurrency=1)
+    scheduler = DeviceScheduler.for_graph(settings, [graph], Metrics())
+    sink = Sink()
+    runtime = ModelRuntime(graph, OutcomeEncoder(CODEC, "r", "dlq"), sink.emit, None, scheduler)
+    runtime.start()
+    try:
+        runtime.submit([_row(0)])  # takes the device's one slot, and waits at the gate
+        deadline = time.monotonic() + 5
+        while scheduler is not None and scheduler._lanes["cpu"].policy.total == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        runtime.submit([_row(1)])
+        runtime.submit([_row(2)])
+        runtime.submit([_row(3)], None, RequestClass(9, None))
+        time.sleep(0.05)  # all three offered to the device
+        backend.gate.set()
+        sink.wait_for(4)
+    finally:
+        assert runtime.stop(5)
+    assert backend.first == [0, 3, 1, 2]

@@ -1,4 +1,5 @@
-"""The device scheduler: its policy under hypothesis, and its gate across threads.
+"""The device scheduler: its policy under hypothesis, its gate across threads, and how
+requests' priorities and tenants are read.
 
 Policy properties, on random models (priorities, weights, limits), devices (slots) and
 event sequences where every model always has a batch waiting:
@@ -13,6 +14,7 @@ event sequences where every model always has a batch waiting:
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 
@@ -22,7 +24,15 @@ from hypothesis import strategies as st
 
 from pipeline.config.topology import ModelScheduling, SchedulingSettings
 from pipeline.observability.metrics import Metrics
-from pipeline.serving.scheduler import DeviceScheduler, FairPolicy
+from pipeline.serving.scheduler import (
+    Batch,
+    DeviceScheduler,
+    FairPolicy,
+    RequestClass,
+    RequestClasses,
+)
+from schemas.errors import RequestError
+from schemas.messages import Envelope, Request
 
 MAX_ROWS = 16
 
@@ -52,19 +62,25 @@ def test_picks_keep_priority_order_and_every_limit(
         if running and (rng.random() < 0.5 or policy.total >= slots):
             policy.done(running.pop(rng.randrange(len(running))))
             continue
-        waiting = {m: rng.randint(1, MAX_ROWS) for m in specs if rng.random() < 0.8}
-        picked = policy.pick(waiting)
-        under = [
-            m
-            for m in waiting
-            if specs[m].max_concurrent is None or running.count(m) < specs[m].max_concurrent
+        waiting = [
+            Batch(m, m, specs[m].priority, rng.randint(1, MAX_ROWS))
+            for m in specs
+            if rng.random() < 0.8
         ]
-        if picked is None:
+        index = policy.pick(waiting)
+        under = [
+            b
+            for b in waiting
+            if specs[b.model].max_concurrent is None
+            or running.count(b.model) < specs[b.model].max_concurrent
+        ]
+        if index is None:
             assert len(running) >= slots or not under
             continue
+        picked = waiting[index].model
         running.append(picked)
-        assert picked in under
-        assert specs[picked].priority == max(specs[m].priority for m in under)
+        assert waiting[index] in under
+        assert waiting[index].priority == max(b.priority for b in under)
         assert len(running) <= slots
         limit = specs[picked].max_concurrent
         assert limit is None or running.count(picked) <= limit
@@ -84,8 +100,9 @@ def test_equal_priorities_share_rows_by_weight_and_none_starves(
         if policy.total >= slots:
             policy.done(running.pop(rng.randrange(len(running))))
         rows = {m: rng.randint(1, MAX_ROWS) for m in specs}
-        picked = policy.pick(rows)
-        assert picked is not None
+        index = policy.pick([Batch(m, m, 0, rows[m]) for m in specs])
+        assert index is not None
+        picked = list(specs)[index]
         running.append(picked)
         served[picked] += rows[picked]
         for a, sa in specs.items():
@@ -97,15 +114,16 @@ def test_equal_priorities_share_rows_by_weight_and_none_starves(
 def test_an_idle_model_earns_no_credit() -> None:
     """A model that waited for nothing does not then take the device for a long stretch."""
     policy = FairPolicy(1, {"a": ModelScheduling(), "b": ModelScheduling()})
+    a, b = Batch("a", "a", 0, 10), Batch("b", "b", 0, 10)
     for _ in range(50):  # a alone for a while
-        assert policy.pick({"a": 10}) == "a"
+        assert policy.pick([a]) == 0
         policy.done("a")
     picks = []
     for _ in range(10):  # then both: they alternate at once
-        picked = policy.pick({"a": 10, "b": 10})
-        assert picked is not None
-        picks.append(picked)
-        policy.done(picked)
+        index = policy.pick([a, b])
+        assert index is not None
+        picks.append("ab"[index])
+        policy.done("ab"[index])
     assert picks.count("b") == 5
 
 
@@ -116,9 +134,13 @@ def _scheduler(concurrency: int, **models: ModelScheduling) -> tuple[DeviceSched
     return sched, metrics
 
 
+def _take(sched: DeviceScheduler, model: str, rows: int = 4) -> None:
+    assert sched.acquire("cpu", [sched.batch(model, rows)]) == 0
+
+
 def _waiter(sched: DeviceScheduler, model: str, order: list[str]) -> threading.Thread:
     def run() -> None:
-        sched.acquire(model, "cpu", 4)
+        _take(sched, model)
         order.append(model)
 
     t = threading.Thread(target=run, daemon=True)
@@ -129,7 +151,7 @@ def _waiter(sched: DeviceScheduler, model: str, order: list[str]) -> threading.T
 def _wait_until_waiting(sched: DeviceScheduler, n: int) -> None:
     lane = sched._lanes["cpu"]
     deadline = time.monotonic() + 5
-    while sum(len(q) for q in lane.waiting.values()) < n:
+    while len(lane.waiting) < n:
         assert time.monotonic() < deadline
         time.sleep(0.001)
 
@@ -138,7 +160,7 @@ def test_a_freed_slot_goes_to_the_higher_priority_batch_whatever_came_first() ->
     sched, metrics = _scheduler(
         1, low=ModelScheduling(priority=0), high=ModelScheduling(priority=5)
     )
-    sched.acquire("low", "cpu", 4)  # the device's one slot
+    _take(sched, "low")  # the device's one slot
     order: list[str] = []
     first = _waiter(sched, "low", order)
     _wait_until_waiting(sched, 1)
@@ -167,7 +189,7 @@ def test_a_model_at_its_limit_waits_while_another_takes_the_free_slot() -> None:
     sched, _ = _scheduler(
         2, a=ModelScheduling(priority=9, max_concurrent=1), b=ModelScheduling(priority=0)
     )
-    sched.acquire("a", "cpu", 1)
+    _take(sched, "a", 1)
     order: list[str] = []
     waiting_a = _waiter(sched, "a", order)
     _wait_until_waiting(sched, 1)
@@ -191,7 +213,7 @@ def test_many_threads_never_exceed_the_devices_slots(concurrency: int) -> None:
     def work(model: str) -> None:
         nonlocal inside, most
         for _ in range(30):
-            sched.acquire(model, "cpu", 2)
+            _take(sched, model, 2)
             with lock:
                 inside += 1
                 most = max(most, inside)
@@ -207,3 +229,84 @@ def test_many_threads_never_exceed_the_devices_slots(concurrency: int) -> None:
         t.join(20)
     assert most == concurrency
     assert sched._lanes["cpu"].policy.total == 0
+
+
+def test_tenants_share_a_device_by_their_weights_whatever_the_model() -> None:
+    settings = SchedulingSettings(
+        enabled=True, concurrency=1, fair_share="tenant", tenants={"gold": 3, "tin": 1}
+    )
+    sched = DeviceScheduler(settings, {"m": (ModelScheduling(), ["cpu"])})
+    offer = [
+        sched.batch("m", 8, RequestClass(None, "gold")),
+        sched.batch("m", 8, RequestClass(None, "tin")),
+        sched.batch("m", 8, RequestClass(None, "unlisted")),  # default weight, 1
+    ]
+    assert [b.flow for b in offer] == ["gold", "tin", "unlisted"]
+    served = {"gold": 0, "tin": 0, "unlisted": 0}
+    for _ in range(50):
+        index = sched.acquire("cpu", offer)
+        assert index is not None
+        served[offer[index].flow] += 1
+        sched.release("m", "cpu")
+    assert served["gold"] == 30
+    assert served["tin"] == served["unlisted"] == 10
+
+
+def test_a_requests_priority_overrides_its_models() -> None:
+    sched, _ = _scheduler(1, m=ModelScheduling(priority=5))
+    assert sched.batch("m", 3).priority == 5
+    assert sched.batch("m", 3, RequestClass(9, None)).priority == 9
+    assert sched.batch("m", 3, RequestClass(0, None)).priority == 0
+
+
+def test_an_offer_that_is_not_admitted_in_time_is_withdrawn_whole() -> None:
+    sched, _ = _scheduler(1, a=ModelScheduling(), b=ModelScheduling())
+    _take(sched, "a")
+    assert sched.acquire("cpu", [sched.batch("b", 1), sched.batch("b", 2)], 0.01) is None
+    assert sched._lanes["cpu"].waiting == []
+    sched.release("a", "cpu")
+    assert sched.acquire("cpu", [sched.batch("b", 1), sched.batch("b", 2)], 0.01) == 0
+    assert sched._lanes["cpu"].policy.total == 1  # one of the offer, never two
+
+
+def _request(**parameters: str) -> tuple[Envelope, Request]:
+    env = Envelope("in", 0, 1, None, b"", 0, 0.0)
+    return env, Request("r", "m", {}, parameters=dict(parameters))
+
+
+def test_request_classes_come_from_parameters_then_headers() -> None:
+    metrics = Metrics()
+    tenants = SchedulingSettings(enabled=True, fair_share="tenant", tenants={"gold": 2})
+    classes = RequestClasses(tenants, metrics)
+    env, request = _request()
+    assert classes.of(env, request, "m") is None
+    env, request = _request(priority=" 7 ", tenant="gold")
+    assert classes.of(env, request, "m") == RequestClass(7, "gold")
+    env, request = _request()
+    env.headers = [("KP.Priority", b"3"), ("kp.tenant", b"lead")]
+    assert classes.of(env, request, "m") == RequestClass(3, "lead")
+    assert metrics.scheduler_unlisted_tenants.labels("m")._value.get() == 1
+    env, request = _request(priority="1")
+    env.headers = [("kp.priority", b"9")]
+    assert classes.of(env, request, "m") == RequestClass(1, None)  # the parameter wins
+    by_model = RequestClasses(SchedulingSettings(enabled=True), metrics)
+    env, request = _request(tenant="gold")
+    assert by_model.of(env, request, "m") is None  # tenants mean nothing by model
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"priority": "high"}, "parameters.priority: 'high' is not a whole number from 0 to 1000"),
+        ({"priority": "1001"}, "parameters.priority: '1001' is not a whole number"),
+        ({"priority": "-1"}, "parameters.priority: '-1' is not a whole number"),
+        ({"tenant": "x" * 129}, "parameters.tenant: longer than 128 characters"),
+    ],
+)
+def test_a_bad_priority_or_tenant_is_a_request_error_naming_it(
+    parameters: dict[str, str], message: str
+) -> None:
+    classes = RequestClasses(SchedulingSettings(enabled=True, fair_share="tenant"))
+    env, request = _request(**parameters)
+    with pytest.raises(RequestError, match=re.escape(message)):
+        classes.of(env, request, "m")
