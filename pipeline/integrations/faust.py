@@ -9,8 +9,8 @@ Kafka side: connections, the consumer group, offsets. The model side is kp-pipel
 own serving core, the one `pipeline.engine.loop` runs: `pipeline.serving.intake.Intake`
 decodes, routes and keys each request, and each model's
 `pipeline.serving.runtime.ModelRuntime` runs its batches, so requests past their
-``deadline_ms`` get EXPIRED results, transient failures are retried and a poison request
-is isolated by halving, exactly as in ``kp-pipeline run``.
+``deadline_ms`` get EXPIRED results, transient failures are retried, a poison request is
+isolated by halving and the device scheduler picks batches, as in ``kp-pipeline run``.
 
 Use::
 
@@ -100,6 +100,7 @@ from pipeline.serving.graph import ServedModel, build_graph, close_graph
 from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.runtime import ModelRuntime
+from pipeline.serving.scheduler import Classed, DeviceScheduler, RequestClasses
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerError, KpError
 from schemas.messages import Envelope
@@ -186,12 +187,14 @@ class KpFaustModel:
             result_encoding=topics.result_encoding,
             tracing=self.tracing is not None,
         )
-        self.intake = Intake(graph, self.codec, self.encoder, topics.encoding)
         self.stats = FaustStats()
         # The Faust app exports its own metrics; the runtimes' stay in this registry.
         self.metrics = Metrics()
+        classes = RequestClasses(opened.topology.scheduling, self.metrics)  # when enabled
+        self.intake = Intake(graph, self.codec, self.encoder, topics.encoding, classes)
+        scheduler = DeviceScheduler.for_graph(opened.topology.scheduling, graph, self.metrics)
         self.runtimes = {
-            m.name: ModelRuntime(m, self.encoder, _nowhere, self.metrics) for m in graph
+            m.name: ModelRuntime(m, self.encoder, _nowhere, self.metrics, scheduler) for m in graph
         }
         for runtime in self.runtimes.values():
             runtime.start()
@@ -325,10 +328,11 @@ class KpFaustModel:
         """
         groups, letters = self.intake.admit_batch(rows, tombstones)
         gathered = _Gathered(len(rows) - len(letters))
-        for (name, _), members in groups.items():
+        for (name, key), members in groups.items():
+            cls = key.cls if type(key) is Classed else None
             size = self.graph[name].settings.batching.max_batch_size
             for start in range(0, len(members), size):
-                self.runtimes[name].submit(members[start : start + size], gathered.emit)
+                self.runtimes[name].submit(members[start : start + size], gathered.emit, cls)
         outcomes = letters + gathered.wait(self._fatal)
         order = {id(r): i for i, r in enumerate(rows)}
         outcomes.sort(key=lambda o: order[id(o.envelope)])

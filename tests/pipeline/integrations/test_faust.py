@@ -295,7 +295,7 @@ def test_a_runtime_that_stopped_for_good_fails_the_batch_instead_of_hanging(
     model: KpFaustModel, app: faust.App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runtime = model.runtimes["tiny-mlp"]
-    monkeypatch.setattr(runtime, "submit", lambda rows, emit=None: None)  # rows never answered
+    monkeypatch.setattr(runtime, "submit", lambda *_: None)  # rows never answered
     monkeypatch.setattr(type(runtime), "fatal", property(lambda self: "model tiny-mlp: broken"))
     started = time.monotonic()
     with pytest.raises(KpError, match="model tiny-mlp: broken; the batch stays unacknowledged"):
