@@ -155,6 +155,7 @@ def pipeline(
         producer=FakeProducer() if producer is None else producer,  # type: ignore[arg-type]
     )
     submitted: list[Envelope] = []
+
     def submit(rows: list[Envelope], *_: Any) -> None:  # emit, the requests' class
         submitted.extend(rows)
 
