@@ -122,8 +122,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 f"{m.name} v{m.settings.version} ({m.settings.backend} on "
                 f"{', '.join(m.devices)}): {ins} → {outs}"
             )
+            if opened.topology.scheduling.enabled or m.settings.ordering != "none":
+                s = m.settings.scheduling
+                _echo(
+                    f"  priority {s.priority}, weight {s.weight:g}, max_concurrent "
+                    f"{s.max_concurrent or 'none'}, ordering {m.settings.ordering}"
+                )
     finally:
         close_graph(graph)
+    sched = opened.topology.scheduling
+    if sched.enabled:
+        limits = ", ".join(f"{d} {n}" for d, n in sched.devices.items())
+        _echo(
+            f"device scheduler: {sched.concurrency} batches per device"
+            f"{f' ({limits})' if limits else ''}, fair share by {sched.fair_share}"
+        )
     _echo(f"{args.topology}: OK")
     return ExitCode.OK
 

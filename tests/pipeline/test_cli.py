@@ -29,6 +29,22 @@ def test_validate_prints_the_signature(tmp_path: Path, capsys: pytest.CaptureFix
     assert "tiny-mlp v1 (onnxruntime on cpu): x FP32[64] → classes INT64[3], scores FP32[3]" in out
 
 
+def test_validate_shows_the_scheduler_and_each_models_place_in_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = TINY.replace(
+        "flow:", "scheduling: {enabled: true, concurrency: 1, devices: {cpu: 2}}\nflow:"
+    ).replace(
+        "    options: {intra_op_threads: 1}\n",
+        "    options: {intra_op_threads: 1}\n    scheduling: {priority: 4, weight: 2}\n"
+        "    ordering: key\n",
+    )
+    assert main(["validate", str(_write(tmp_path, text))]) == 0
+    out = capsys.readouterr().out
+    assert "  priority 4, weight 2, max_concurrent none, ordering key" in out
+    assert "device scheduler: 1 batches per device (cpu 2), fair share by model" in out
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
