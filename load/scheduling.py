@@ -38,15 +38,15 @@ from pipeline.tools.traffic import read_topic, tensor_request
 from schemas.codec import AvroCodec
 from schemas.messages import Result
 
-__all__ = ["main", "measure"]
+__all__ = ["main", "measure", "two_models"]
 
 BATCH_MS = 25
 HIGH_RATE = 20.0
 FLOOD = 10  # low's rate, as a multiple of high's
 
 TOPOLOGY = """
-kafka: {{bootstrap_servers: embedded, group_id: {tag}}}
-topics: {{input: [{tag}.in], output: {tag}.out, dead_letter: {tag}.dlq, create: false}}
+kafka: {{bootstrap_servers: embedded, group_id: {group}}}
+topics: {{input: [{input}], output: {output}, dead_letter: {dlq}, create: false}}
 flow: {{max_in_flight: 4096, commit_interval_ms: 100}}
 scheduling: {{enabled: {enabled}, concurrency: 1}}
 models:
@@ -56,14 +56,44 @@ models:
     instances: 3
     options: {{delay_ms: {batch_ms}}}
     inputs: [{{name: x, datatype: FP32, shape: [4]}}]
-    batching: {{max_batch_size: 8, max_delay_ms: 2}}
+    batching: {{max_batch_size: 8, max_delay_ms: {delay_ms}}}
   - name: high
     backend: load.timed_backends:OneDeviceBackend
     artifact: {artifact}
     options: {{delay_ms: {batch_ms}}}{high}
     inputs: [{{name: x, datatype: FP32, shape: [4]}}]
-    batching: {{max_batch_size: 8, max_delay_ms: 2}}
+    batching: {{max_batch_size: 8, max_delay_ms: {delay_ms}}}
 """
+
+
+def two_models(
+    folder: Path,
+    names: dict[str, str],
+    scheduler: bool,
+    batch_ms: float = BATCH_MS,
+    delay_ms: float = 2,
+) -> Path:
+    """The topology of ``low`` (3 instances) and ``high`` on one simulated device.
+
+    ``names``: its ``input``, ``output``, ``dlq`` and ``group``. With ``scheduler`` the
+    device scheduler is on (``concurrency: 1``) and ``high`` has priority 10. Written,
+    with the device's artifact, into ``folder``.
+    """
+    artifact = folder / "device.txt"
+    artifact.write_text("one device\n")
+    path = folder / f"two-models-{'scheduled' if scheduler else 'plain'}.yaml"
+    high = "\n    scheduling: {priority: 10}" if scheduler else ""
+    path.write_text(
+        TOPOLOGY.format(
+            artifact=artifact,
+            enabled=str(scheduler).lower(),
+            batch_ms=batch_ms,
+            delay_ms=delay_ms,
+            high=high,
+            **names,
+        )
+    )
+    return path
 
 
 def _paced(address: str, topic: str, model: str, rate: float, seconds: float) -> None:
@@ -87,19 +117,9 @@ def measure(
     tag = f"sched.{os.getpid()}.{time.monotonic_ns()}"
     address = broker.bootstrap_servers
     ensure_topics(AdminClient({"bootstrap.servers": address}), [f"{tag}.in", f"{tag}.out"], 4, 1)
+    names = {"input": f"{tag}.in", "output": f"{tag}.out", "dlq": f"{tag}.dlq", "group": tag}
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = Path(tmp) / "device.txt"
-        artifact.write_text("one device\n")
-        path = Path(tmp) / "topology.yaml"
-        path.write_text(
-            TOPOLOGY.format(
-                tag=tag,
-                artifact=artifact,
-                enabled=str(scheduler).lower(),
-                batch_ms=BATCH_MS,
-                high="\n    scheduling: {priority: 10}" if scheduler else "",
-            )
-        )
+        path = two_models(Path(tmp), names, scheduler)
         served = BackgroundPipeline(open_topology(path), address).start(120)
     assert served.pipeline is not None
     senders = [(f"{tag}.in", "high", HIGH_RATE)]

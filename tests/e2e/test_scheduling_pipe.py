@@ -24,6 +24,7 @@ import numpy as np
 from confluent_kafka import Producer
 from e2e.kit import Topics, read_all, start_background
 
+from load.scheduling import two_models
 from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.tools.traffic import produce_requests, tensor_request
@@ -35,46 +36,16 @@ BATCH_MS = 40
 MAX_DELAY_MS = 2
 BOUND_MS = MAX_DELAY_MS + 2 * BATCH_MS + 60
 
-TOPOLOGY = """
-kafka: {{bootstrap_servers: embedded, group_id: {group}}}
-topics: {{input: [{input}], output: {output}, dead_letter: {dlq}, create: false}}
-flow: {{max_in_flight: 4096, commit_interval_ms: 100}}
-scheduling: {{enabled: {enabled}, concurrency: 1}}
-models:
-  - name: low
-    backend: load.timed_backends:OneDeviceBackend
-    artifact: {artifact}
-    instances: 3
-    options: {{delay_ms: {batch_ms}}}
-    inputs: [{{name: x, datatype: FP32, shape: [4]}}]
-    batching: {{max_batch_size: 8, max_delay_ms: {delay}}}
-  - name: high
-    backend: load.timed_backends:OneDeviceBackend
-    artifact: {artifact}
-    options: {{delay_ms: {batch_ms}}}{high_scheduling}
-    inputs: [{{name: x, datatype: FP32, shape: [4]}}]
-    batching: {{max_batch_size: 8, max_delay_ms: {delay}}}
-"""
-
 
 def _p99_of_high(broker: EmbeddedBroker, topics: Topics, tmp_path: Path, enabled: bool) -> float:
     """The high model's p99 time inside the pipeline (ms) under the low model's flood."""
-    artifact = tmp_path / "device.txt"
-    artifact.write_text("one device\n")
-    path = tmp_path / f"scheduled-{enabled}.yaml"
-    path.write_text(
-        TOPOLOGY.format(
-            group=topics.group,
-            input=topics.input,
-            output=topics.output,
-            dlq=topics.dead_letter,
-            artifact=artifact,
-            enabled=str(enabled).lower(),
-            batch_ms=BATCH_MS,
-            delay=MAX_DELAY_MS,
-            high_scheduling="\n    scheduling: {priority: 10}" if enabled else "",
-        )
-    )
+    names = {
+        "input": topics.input,
+        "output": topics.output,
+        "dlq": topics.dead_letter,
+        "group": topics.group,
+    }
+    path = two_models(tmp_path, names, enabled, BATCH_MS, MAX_DELAY_MS)
     codec = AvroCodec()
     x = np.ones(4, np.float32)
     produce_requests(
