@@ -6,12 +6,14 @@ not have; the device is a lock, so the figures are the scheduler's and the pipel
 not a model's). ``high`` (1 instance) gets 20 requests/s; ``low`` (3 instances) gets
 10x that, 200 requests/s, in batches of up to 8: even in full batches, with high's own
 that is more than the device runs (45 batches/s against 40), so low's backlog grows, as
-floods do. Three runs of 10 s each in one process, one broker: high alone; with the
-flood and no scheduler; with the flood and ``scheduling: {enabled: true, concurrency:
-1}``, high at priority 10. Printed per
-run: high's p50 and p99 end to end (record timestamp to result encoded, from each
-result's own timings) and inside the pipeline (consumed to encoded), and how many low
-requests were served (each run waits until every request has its answer).
+floods do. Four runs of 10 s each in one process, one broker: high alone; with the flood
+and no scheduler; with the flood and ``scheduling: {enabled: true, concurrency: 1}``,
+high at priority 10; and, scheduled, 20 requests/s with ``parameters.priority: 9`` sent
+to ``low`` itself inside its flood (a request's own priority within one model). Printed
+per run: the watched requests' (high's, then the priority-9 ones') p50 and p99 end to
+end (record timestamp to result encoded, from each result's own timings) and inside the
+pipeline (consumed to encoded), and how many others were served (each run waits until
+every request has its answer).
 
     python -m load.scheduling [--seconds 10]
 """
@@ -23,6 +25,7 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,24 +99,36 @@ def two_models(
     return path
 
 
-def _paced(address: str, topic: str, model: str, rate: float, seconds: float) -> None:
-    """``rate`` requests/s of ``model`` for ``seconds``, evenly spaced."""
+def _paced(address: str, topic: str, sender: Sender, seconds: float) -> None:
+    """The sender's requests, ``rate`` a second for ``seconds``, evenly spaced."""
     codec = AvroCodec()
     producer = Producer({"bootstrap.servers": address, "linger.ms": 1, "log_level": 3})
     x = np.ones(4, np.float32)
-    start, n = time.monotonic(), int(rate * seconds)
+    start, n = time.monotonic(), int(sender.rate * seconds)
+    params = {} if sender.priority is None else {"priority": str(sender.priority)}
     for i in range(n):
-        time.sleep(max(0.0, start + i / rate - time.monotonic()))
-        value = codec.encode_request(tensor_request(f"{model}-{i}", model, {"x": x}))
-        producer.produce(topic, value, model.encode())
+        time.sleep(max(0.0, start + i / sender.rate - time.monotonic()))
+        request = tensor_request(f"{sender.name}-{i}", sender.model, {"x": x})
+        request.parameters = params
+        producer.produce(topic, codec.encode_request(request), sender.name.encode())
         producer.poll(0)
     producer.flush(30)
 
 
+@dataclass(frozen=True)
+class Sender:
+    """A stream of requests: its name (the ids' prefix), model, rate, their priority."""
+
+    name: str
+    model: str
+    rate: float
+    priority: int | None = None
+
+
 def measure(
-    broker: EmbeddedBroker, flood: bool, scheduler: bool, seconds: float
+    broker: EmbeddedBroker, senders: list[Sender], scheduler: bool, seconds: float
 ) -> dict[str, float]:
-    """High's latency percentiles (ms) and low's count served, for one setting."""
+    """The first sender's latency percentiles (ms) and the others' count served."""
     tag = f"sched.{os.getpid()}.{time.monotonic_ns()}"
     address = broker.bootstrap_servers
     ensure_topics(AdminClient({"bootstrap.servers": address}), [f"{tag}.in", f"{tag}.out"], 4, 1)
@@ -122,66 +137,67 @@ def measure(
         path = two_models(Path(tmp), names, scheduler)
         served = BackgroundPipeline(open_topology(path), address).start(120)
     assert served.pipeline is not None
-    senders = [(f"{tag}.in", "high", HIGH_RATE)]
-    if flood:
-        senders.append((f"{tag}.in", "low", HIGH_RATE * FLOOD))
     threads = [
-        threading.Thread(target=_paced, args=(address, t, m, r, seconds)) for t, m, r in senders
+        threading.Thread(target=_paced, args=(address, f"{tag}.in", s, seconds)) for s in senders
     ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    expected = sum(int(r * seconds) for _, _, r in senders)
+    expected = sum(int(s.rate * seconds) for s in senders)
     deadline = time.monotonic() + 120
     stats = served.pipeline.stats
     while stats.results + stats.dead_letters < expected and time.monotonic() < deadline:
-        time.sleep(0.05)  # every request answered (low's backlog drains after the senders)
+        time.sleep(0.05)  # every request answered (the flood's backlog drains after it)
     served.stop()
-    high, low = _read(address, f"{tag}.out")
-    end_to_end = [r.timings.end_to_end_ms for r in high]
+    watched, others = _read(address, f"{tag}.out", f"{senders[0].name}-")
+    end_to_end = [r.timings.end_to_end_ms for r in watched]
     inside = [
         r.timings.queue_ms + r.timings.preprocess_ms + r.timings.compute_ms
         + r.timings.postprocess_ms
-        for r in high
+        for r in watched
     ]  # fmt: skip
     return {
-        "high": len(high),
+        "watched": len(watched),
         "e2e_p50": float(np.percentile(end_to_end, 50)),
         "e2e_p99": float(np.percentile(end_to_end, 99)),
         "inside_p50": float(np.percentile(inside, 50)),
         "inside_p99": float(np.percentile(inside, 99)),
-        "low": len(low),
+        "others": len(others),
     }
 
 
-def _read(address: str, topic: str) -> tuple[list[Result], list[Result]]:
-    """The results on ``topic``: high's, low's."""
+def _read(address: str, topic: str, prefix: str) -> tuple[list[Result], list[Result]]:
+    """The results on ``topic``: those whose ids start with ``prefix``, the others."""
     codec = AvroCodec()
     records = read_topic(KafkaSettings(), address, topic, timeout=30, idle=3)
     results = [codec.decode_result(m.value()) for m in records]
-    high = [r for r in results if r.model == "high"]
-    return high, [r for r in results if r.model == "low"]
+    watched = [r for r in results if r.id.startswith(prefix)]
+    return watched, [r for r in results if not r.id.startswith(prefix)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The three runs, one after the other; a table of the figures."""
+    """The runs, one after the other; a table of the figures."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=10.0)
     args = p.parse_args(argv)
+    high = Sender("high", "high", HIGH_RATE)
+    flood = Sender("low", "low", HIGH_RATE * FLOOD)
+    urgent = Sender("urgent", "low", HIGH_RATE, priority=9)  # low's model, its own priority
     runs = [
-        ("high alone", False, False),
-        ("10x low flood, no scheduler", True, False),
-        ("10x low flood, scheduler", True, True),
+        ("high alone", [high], False),
+        ("10x low flood, no scheduler", [high, flood], False),
+        ("10x low flood, scheduler", [high, flood], True),
+        ("priority-9 requests to low itself, in its 10x flood, scheduler", [urgent, flood], True),
     ]
-    print("| run | high served | high p50 / p99 end to end (ms) | inside (ms) | low served |")
+    print("| run | watched served | p50 / p99 end to end (ms) | inside (ms) | others served |")
     print("|---|---:|---:|---:|---:|")
     with EmbeddedBroker() as broker:
-        for name, flood, scheduler in runs:
-            f = measure(broker, flood, scheduler, args.seconds)
+        for name, senders, scheduler in runs:
+            f = measure(broker, senders, scheduler, args.seconds)
             print(
-                f"| {name} | {f['high']:.0f} | {f['e2e_p50']:.1f} / {f['e2e_p99']:.1f} | "
-                f"{f['inside_p50']:.1f} / {f['inside_p99']:.1f} | {f['low']:.0f} |",
+                f"| {name} | {f['watched']:.0f} | {f['e2e_p50']:.1f} / {f['e2e_p99']:.1f} | "
+                f"{f['inside_p50']:.1f} / {f['inside_p99']:.1f} | {f['others']:.0f} |",
                 flush=True,
             )
     return 0
