@@ -75,17 +75,19 @@ def two_models(
     scheduler: bool,
     batch_ms: float = BATCH_MS,
     delay_ms: float = 2,
+    high_weight: float = 1.0,
 ) -> Path:
     """The topology of ``low`` (3 instances) and ``high`` on one simulated device.
 
     ``names``: its ``input``, ``output``, ``dlq`` and ``group``. With ``scheduler`` the
-    device scheduler is on (``concurrency: 1``) and ``high`` has priority 10. Written,
+    device scheduler is on (``concurrency: 1``) and ``high`` has priority 10 (and
+    ``high_weight``: a small one leaves priority alone to keep it ahead). Written,
     with the device's artifact, into ``folder``.
     """
     artifact = folder / "device.txt"
     artifact.write_text("one device\n")
     path = folder / f"two-models-{'scheduled' if scheduler else 'plain'}.yaml"
-    high = "\n    scheduling: {priority: 10}" if scheduler else ""
+    high = f"\n    scheduling: {{priority: 10, weight: {high_weight:g}}}" if scheduler else ""
     path.write_text(
         TOPOLOGY.format(
             artifact=artifact,

@@ -8,10 +8,13 @@ read from its result (queue + preprocess + compute + postprocess: consumed to en
 the broker's own latency left out).
 
 With the scheduler (``concurrency: 1``) a high batch waits at most for the one low batch
-on the device, then runs: its p99 must stay within max_delay + 2 batch times + 60 ms of
-slack for this shared machine. Without it (the control, run alike) the high instance
-contends for the device with the three low ones, each re-taking it as soon as it gives
-it back, and its p99 goes past that bound: the setup does contend.
+on the device, then runs. High's weight is 0.01, so fair sharing alone would give low
+~100 rows for each of high's: only its priority keeps high ahead (tried: with the
+priority rule removed from the policy this test fails), and its p99 must stay within
+max_delay + 2 batch times + 60 ms of slack for this shared machine. Without the
+scheduler (the control, run alike) the high instance contends for the device with the
+three low ones, each re-taking it as soon as it gives it back, and its p99 goes past
+that bound: the setup does contend.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def _p99_of_high(broker: EmbeddedBroker, topics: Topics, tmp_path: Path, enabled
         "dlq": topics.dead_letter,
         "group": topics.group,
     }
-    path = two_models(tmp_path, names, enabled, BATCH_MS, MAX_DELAY_MS)
+    path = two_models(tmp_path, names, enabled, BATCH_MS, MAX_DELAY_MS, high_weight=0.01)
     codec = AvroCodec()
     x = np.ones(4, np.float32)
     produce_requests(
