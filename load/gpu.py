@@ -1,6 +1,6 @@
 """The GPU figures in one command: ``python -m load.gpu`` (``make gpu-check`` runs it).
 
-    python -m load.gpu [--parts parity model decode kafka normalize copies host]
+    python -m load.gpu [--parts parity model decode kafka normalize copies host scheduling]
                        [--seconds 2] [--requests 4000] [--budget 300] [--model resnet50]
 
 On one GPU machine, each part time-boxed so that the whole fits ``--budget`` seconds
@@ -17,7 +17,10 @@ On one GPU machine, each part time-boxed so that the whole fits ``--budget`` sec
 - ``normalize``: the CuPy ``normalize_nchw`` kernel against its NumPy twin, 64 images;
 - ``copies``: host→device copies pageable vs pinned, and copy/compute overlap;
 - ``host``: the tiny model through ``kp-pipeline run`` on the machine's cores, with
-  ``--workers`` 1, 2, 4, 8 where this tree's CLI has it (else one process).
+  ``--workers`` 1, 2, 4, 8 where this tree's CLI has it (else one process);
+- ``scheduling``: `load.scheduling`'s two-model runs on the GPU (a model calibrated to
+  ~25 ms a batch there): the high-priority model's p50/p99 alone and under a 10x
+  low-priority flood, without and with the device scheduler.
 
 NVML samples GPU utilisation and memory during each timed run. A part that fails prints
 its error in the table and the script goes on. Without a GPU it exits 2 saying "no GPU
@@ -43,7 +46,7 @@ from load import report
 from load.report import Check
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("parity", "model", "decode", "kafka", "normalize", "copies", "host")
+PARTS = ("parity", "model", "decode", "kafka", "normalize", "copies", "host", "scheduling")
 # Seconds each part needs at least to start; a part with less left is skipped, saying so.
 NEEDS = {
     "parity": 20,
@@ -53,6 +56,7 @@ NEEDS = {
     "normalize": 8,
     "copies": 10,
     "host": 40,
+    "scheduling": 60,
 }
 
 
@@ -252,6 +256,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kp-batch", type=int, default=64, help="kp-pipeline's max_batch_size")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--budget", type=float, default=300.0, help="seconds for the whole script")
+    p.add_argument(
+        "--scheduling-seconds", type=float, default=8.0, help="traffic per scheduling run"
+    )
     p.add_argument("--model", default="resnet50", help="timm (or torchvision) model name")
     p.add_argument("--out", type=Path, default=ROOT / "load" / "results")
     p.add_argument(
@@ -314,7 +321,7 @@ def _run_all(
     part("parity", lambda: gm.parity(setup))
     part("model", lambda: gm.model_alone(setup, args.batches, s))
     part("decode", lambda: gm.decode_alone_and_with_model(setup, args.batches[1:] or [1], s))
-    broker_parts = {"kafka", "host"} & set(args.parts)
+    broker_parts = {"kafka", "host", "scheduling"} & set(args.parts)
     broker = EmbeddedBroker().start() if broker_parts else None
     try:
         if broker is not None:
@@ -329,10 +336,27 @@ def _run_all(
                 min(90.0, budget.left() / (len(args.workers) + 1)),
             ),
         )  # fmt: skip
+        part("scheduling", lambda: _scheduling(broker, device, tmp, args.scheduling_seconds))
     finally:
         if broker is not None:
             broker.stop()
     return parts, gpu
+
+
+def _scheduling(broker: Any, device: str, tmp: Path, seconds: float) -> list[Any]:
+    """`load.scheduling`'s four runs on ``device``; rows carry the watched p50/p99."""
+    from load import gpu_measure as gm
+    from load import scheduling
+
+    rows = []
+    for name, senders, scheduler in scheduling.runs():
+        f = scheduling.measure(broker, senders, scheduler, seconds, device, tmp)
+        note = (
+            f"watched p50/p99 {f['e2e_p50']:.1f}/{f['e2e_p99']:.1f} ms end to end, "
+            f"{f['inside_p50']:.1f}/{f['inside_p99']:.1f} inside; {f['others']:.0f} others"
+        )
+        rows.append(gm.Measured(name, int(f["watched"]), 0.0, note, extra=f))
+    return rows
 
 
 def _kafka(setup: Any, args: argparse.Namespace, budget: Budget) -> list[Any]:

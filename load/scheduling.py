@@ -15,7 +15,14 @@ end (record timestamp to result encoded, from each result's own timings) and ins
 pipeline (consumed to encoded), and how many others were served (each run waits until
 every request has its answer).
 
-    python -m load.scheduling [--seconds 10]
+    python -m load.scheduling [--seconds 10] [--device cuda:0]
+
+``--device`` runs the same four runs with a real model on a real device instead of the
+stand-in: both models are one TorchScript model (`busy_model`, a chain of matrix products
+calibrated on that device to about 25 ms a batch of 8) served by the torch backend there,
+each instance on its own CUDA stream, so the contention is the device's own. ``make
+gpu-check`` runs it on the GPU machine (`load.gpu`'s ``scheduling`` part); on a GPU it has
+NOT run yet (none was lent to this work); ``--device cpu`` runs it here.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from confluent_kafka import Producer
@@ -54,19 +62,26 @@ flow: {{max_in_flight: 4096, commit_interval_ms: 100}}
 scheduling: {{enabled: {enabled}, concurrency: 1}}
 models:
   - name: low
-    backend: load.timed_backends:OneDeviceBackend
+    backend: {backend}
     artifact: {artifact}
+    device: {device}
     instances: 3
-    options: {{delay_ms: {batch_ms}}}
+    options: {options}
     inputs: [{{name: x, datatype: FP32, shape: [4]}}]
     batching: {{max_batch_size: 8, max_delay_ms: {delay_ms}}}
   - name: high
-    backend: load.timed_backends:OneDeviceBackend
+    backend: {backend}
     artifact: {artifact}
-    options: {{delay_ms: {batch_ms}}}{high}
+    device: {device}
+    options: {options}{high}
     inputs: [{{name: x, datatype: FP32, shape: [4]}}]
     batching: {{max_batch_size: 8, max_delay_ms: {delay_ms}}}
 """
+# The torch backend needs the signature of a TorchScript file, which carries none.
+TORCH_OPTIONS = (
+    "{format: torchscript, inputs: [{name: x, datatype: FP32, shape: [4]}], "
+    "outputs: [{name: y, datatype: FP32, shape: [4]}]}"
+)
 
 
 def two_models(
@@ -76,29 +91,88 @@ def two_models(
     batch_ms: float = BATCH_MS,
     delay_ms: float = 2,
     high_weight: float = 1.0,
+    device: str | None = None,
 ) -> Path:
-    """The topology of ``low`` (3 instances) and ``high`` on one simulated device.
+    """The topology of ``low`` (3 instances) and ``high`` on one device.
 
     ``names``: its ``input``, ``output``, ``dlq`` and ``group``. With ``scheduler`` the
     device scheduler is on (``concurrency: 1``) and ``high`` has priority 10 (and
-    ``high_weight``: a small one leaves priority alone to keep it ahead). Written,
-    with the device's artifact, into ``folder``.
+    ``high_weight``: a small one leaves priority alone to keep it ahead). ``device``:
+    None for the simulated one (a lock held ``batch_ms``), else a real device running
+    `busy_model`. Written, with the artifact, into ``folder``.
     """
-    artifact = folder / "device.txt"
-    artifact.write_text("one device\n")
+    if device is None:
+        artifact = folder / "device.txt"
+        artifact.write_text("one device\n")
+        backend, options = "load.timed_backends:OneDeviceBackend", f"{{delay_ms: {batch_ms}}}"
+    else:
+        artifact = folder / "busy.pt"
+        if not artifact.exists():
+            busy_model(artifact, device, batch_ms)
+        backend, options = "torch", TORCH_OPTIONS
     path = folder / f"two-models-{'scheduled' if scheduler else 'plain'}.yaml"
     high = f"\n    scheduling: {{priority: 10, weight: {high_weight:g}}}" if scheduler else ""
     path.write_text(
         TOPOLOGY.format(
             artifact=artifact,
+            backend=backend,
+            device=device or "cpu",
+            options=options,
             enabled=str(scheduler).lower(),
-            batch_ms=batch_ms,
             delay_ms=delay_ms,
             high=high,
             **names,
         )
     )
     return path
+
+
+def busy_model(path: Path, device: str, batch_ms: float, batch: int = 8) -> float:
+    """Save a TorchScript model that keeps ``device`` busy ~``batch_ms`` per batch.
+
+    ``y = x`` through a chain of ``tanh(h @ W)`` products (W square, fixed), the chain's
+    length measured here so that a batch of ``batch`` takes about ``batch_ms`` on
+    ``device`` alone. Returns the measured milliseconds of one such batch.
+    """
+    import torch
+
+    size = 2048 if device.startswith("cuda") else 512
+
+    class Busy(torch.nn.Module):
+        def __init__(self, steps: int) -> None:
+            super().__init__()
+            w = torch.randn(size, size, generator=torch.Generator().manual_seed(7))
+            self.w = torch.nn.Parameter(w / size**0.5, requires_grad=False)
+            self.steps = steps
+            self.spread = size // 4
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.repeat(1, self.spread)
+            for _ in range(self.steps):
+                h = torch.tanh(h @ self.w)
+            return x + 0.0 * h[:, :4]
+
+    def timed(steps: int) -> float:
+        module = torch.jit.script(Busy(steps).to(device).eval())
+        x = torch.ones(batch, 4, device=device)
+        with torch.inference_mode():
+            module(x)
+            best = float("inf")
+            for _ in range(5):
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                module(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize(device)
+                best = min(best, (time.perf_counter() - start) * 1000)
+        return best
+
+    probe = 64
+    steps = max(1, round(probe * batch_ms / max(timed(probe), 1e-3)))
+    scripted: Any = torch.jit.script(Busy(steps).eval())
+    scripted.save(str(path))
+    return timed(steps)
 
 
 def _paced(address: str, topic: str, sender: Sender, seconds: float) -> None:
@@ -128,15 +202,24 @@ class Sender:
 
 
 def measure(
-    broker: EmbeddedBroker, senders: list[Sender], scheduler: bool, seconds: float
+    broker: EmbeddedBroker,
+    senders: list[Sender],
+    scheduler: bool,
+    seconds: float,
+    device: str | None = None,
+    folder: Path | None = None,
 ) -> dict[str, float]:
-    """The first sender's latency percentiles (ms) and the others' count served."""
+    """The first sender's latency percentiles (ms) and the others' count served.
+
+    ``device``: a real one (`two_models`); ``folder`` keeps its calibrated model between
+    runs (a temporary folder per run otherwise).
+    """
     tag = f"sched.{os.getpid()}.{time.monotonic_ns()}"
     address = broker.bootstrap_servers
     ensure_topics(AdminClient({"bootstrap.servers": address}), [f"{tag}.in", f"{tag}.out"], 4, 1)
     names = {"input": f"{tag}.in", "output": f"{tag}.out", "dlq": f"{tag}.dlq", "group": tag}
     with tempfile.TemporaryDirectory() as tmp:
-        path = two_models(Path(tmp), names, scheduler)
+        path = two_models(folder or Path(tmp), names, scheduler, device=device)
         served = BackgroundPipeline(open_topology(path), address).start(120)
     assert served.pipeline is not None
     threads = [
@@ -178,25 +261,30 @@ def _read(address: str, topic: str, prefix: str) -> tuple[list[Result], list[Res
     return watched, [r for r in results if not r.id.startswith(prefix)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The runs, one after the other; a table of the figures."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=10.0)
-    args = p.parse_args(argv)
+def runs() -> list[tuple[str, list[Sender], bool]]:
+    """The four runs: (name, senders, whether the scheduler is on)."""
     high = Sender("high", "high", HIGH_RATE)
     flood = Sender("low", "low", HIGH_RATE * FLOOD)
     urgent = Sender("urgent", "low", HIGH_RATE, priority=9)  # low's model, its own priority
-    runs = [
+    return [
         ("high alone", [high], False),
         ("10x low flood, no scheduler", [high, flood], False),
         ("10x low flood, scheduler", [high, flood], True),
         ("priority-9 requests to low itself, in its 10x flood, scheduler", [urgent, flood], True),
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The runs, one after the other; a table of the figures."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--device", default=None, help="a real device (cpu, cuda:0) and model")
+    args = p.parse_args(argv)
     print("| run | watched served | p50 / p99 end to end (ms) | inside (ms) | others served |")
     print("|---|---:|---:|---:|---:|")
-    with EmbeddedBroker() as broker:
-        for name, senders, scheduler in runs:
-            f = measure(broker, senders, scheduler, args.seconds)
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        for name, senders, scheduler in runs():
+            f = measure(broker, senders, scheduler, args.seconds, args.device, Path(tmp))
             print(
                 f"| {name} | {f['watched']:.0f} | {f['e2e_p50']:.1f} / {f['e2e_p99']:.1f} | "
                 f"{f['inside_p50']:.1f} / {f['inside_p99']:.1f} | {f['others']:.0f} |",

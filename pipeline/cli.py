@@ -122,6 +122,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 f"{m.name} v{m.settings.version} ({m.settings.backend} on "
                 f"{', '.join(m.devices)}): {ins} → {outs}"
             )
+            for note in m.placement:
+                _echo(f"  placed: {note}")
             if opened.topology.scheduling.enabled or m.settings.ordering != "none":
                 s = m.settings.scheduling
                 _echo(
@@ -203,8 +205,12 @@ def cmd_backends(args: argparse.Namespace) -> int:
     _echo(f"{'backend':<{width}}  usable  details")
     for name, target, yes_no, detail in rows:
         _echo(f"{name:<{width}}  {yes_no:<6}  {detail}  [{target}]")
+    from backends.inventory import read_inventory
     from schemas.codec import COMPILED
 
+    _echo("GPUs (NVML, PCI bus order; what device: auto and UUIDs place on):")
+    for line in read_inventory().lines():
+        _echo(f"  {line}")
     _echo(
         "codec: compiled (schemas/_codec_fast)"
         if COMPILED

@@ -1,9 +1,11 @@
 """Device strings, arrays on a device, and which GPU extra fits this machine's CUDA.
 
-Device strings as topology.yaml writes them: ``cpu``, ``cuda`` (= ``cuda:0``), ``cuda:N``
-and ``auto`` (the first GPU when the runtime sees one, else the CPU). The topology's check,
-the backends' placement and the GPU stages all read them through `parse_device`, so one
-pattern decides what a device is.
+Device strings as topology.yaml writes them: ``cpu``, ``cuda`` (= ``cuda:0``), ``cuda:N``,
+``auto`` (placed by free memory, `pipeline.serving.placement`; the first GPU the runtime
+sees where NVML cannot list them, else the CPU), and NVML's UUIDs: a GPU's ``GPU-…`` and a
+MIG slice's ``MIG-…`` (`is_uuid_device`). Placement turns UUIDs into ``cuda:N`` before a
+backend or stage sees them; those read ``cpu``/``auto``/``cuda[:N]`` through
+`parse_device`, so one pattern decides what a device is.
 
 The GPU wheels come per CUDA major version (``cupy-cuda12x``/``cupy-cuda13x``, DALI's
 ``-cuda120``/``-cuda130``, onnxruntime-gpu before/from 1.27), gathered in the extras
@@ -30,17 +32,31 @@ __all__ = [
     "gpu_extra_for",
     "gpu_install_hint",
     "is_device_array",
+    "is_uuid_device",
     "parse_device",
 ]
 
-DEVICE_FORMS = "cpu, auto, cuda or cuda:N"
+DEVICE_FORMS = "cpu, auto, cuda, cuda:N, a GPU's UUID (GPU-...) or a MIG slice's (MIG-...)"
 _DEVICE = re.compile(r"^(cpu|auto|cuda)(?::(\d+))?$")
+# nvidia-smi -L's forms, including the older MIG-GPU-<uuid>/<gi>/<ci>; CUDA also takes a
+# unique prefix of a UUID, and so does placement.
+_UUID = re.compile(r"^(GPU|MIG)-[0-9A-Za-z][0-9A-Za-z/-]*$")
+
+
+def is_uuid_device(device: str) -> bool:
+    """Whether ``device`` names a GPU or MIG slice by NVML UUID (``GPU-…``/``MIG-…``)."""
+    return _UUID.match(device) is not None
 
 
 def parse_device(device: str) -> tuple[str, int | None]:
     """``'cuda:1'`` → ``('cuda', 1)``; ``'cpu'`` → ``('cpu', None)``; `BackendError` if neither."""
     m = _DEVICE.match(device)
     if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+        if is_uuid_device(device):
+            raise BackendError(
+                f"device {device!r}: a UUID is placed as cuda:N before a runtime sees it "
+                "(pipeline.serving.placement); this caller got it unplaced"
+            )
         raise BackendError(f"device {device!r}: expected {DEVICE_FORMS}")
     kind, index = m.group(1), m.group(2)
     return kind, None if index is None else int(index)

@@ -22,7 +22,7 @@ from pydantic import (
 
 from pipeline.config.kafka import KafkaSettings, SchemaRegistrySettings, SecuritySettings
 from pipeline.config.scheduling import ModelScheduling, SchedulingSettings
-from schemas.devices import DEVICE_FORMS, parse_device
+from schemas.devices import DEVICE_FORMS, is_uuid_device, parse_device
 from schemas.errors import BackendError
 from schemas.tensors import DeclaredTensor
 
@@ -336,8 +336,10 @@ class ModelSettings(_Strict):
     artifact: Path = Field(description="Model file, relative to the topology file.")
     device: str | list[str] = Field(
         "cpu",
-        description="cpu | auto | cuda | cuda:N, or a list that instances take in turn "
-        "(instances: 4 with [cuda:0, cuda:1] puts two on each GPU).",
+        description="cpu | auto | cuda | cuda:N | GPU-<uuid> | MIG-<uuid>, or a list that "
+        "instances take in turn (instances: 4 with [cuda:0, cuda:1] puts two on each GPU). "
+        "auto spreads instances over the GPUs by free memory. A process uses one MIG slice "
+        "(CUDA's rule): a list of slices is taken by --workers replicas in turn.",
     )
     instances: int = Field(1, ge=1, le=64, description="Model copies, each its own thread.")
     inputs: list[DeclaredTensor] = Field(min_length=1)
@@ -386,7 +388,7 @@ class ModelSettings(_Strict):
             raise ValueError("name at least one device")
         for d in v if isinstance(v, list) else [v]:
             try:
-                parse_device(d)
+                is_uuid_device(d) or parse_device(d)
             except BackendError:
                 raise ValueError(f"{d!r} is not a device: {DEVICE_FORMS} (or a list)") from None
         return v

@@ -26,6 +26,7 @@ from backends.artifacts import artifact_sha256
 from backends.base import Backend, ModelInfo, ModelSpec
 from backends.registry import backend_class
 from pipeline.config.topology import ModelSettings, StageSettings, Topology
+from pipeline.serving.placement import apply_placement, place
 from schemas.errors import GraphError, KpError, describe, error_message, format_path
 from schemas.tensors import TensorSpec, numpy_dtype
 from stages.base import Stage, StageContext
@@ -56,6 +57,8 @@ class ServedModel:
     # Per instance, its own preprocess stages, set up on its device and CUDA stream;
     # empty means every instance uses ``preprocess``.
     instance_preprocess: list[list[Stage]] = field(default_factory=list)
+    # Why placement put the instances where they are (empty: as the topology wrote).
+    placement: list[str] = field(default_factory=list)
 
     def stages_for(self, instance: int) -> list[Stage]:
         """The preprocess stages for a batch going to ``instance``."""
@@ -78,11 +81,17 @@ class ServedModel:
 
 
 def build_graph(topology: Topology, source: str, base_dir: Path) -> list[ServedModel]:
-    """Build every model of the topology; on any error, release what was built."""
+    """Place, then build every model of the topology; on any error, release what was built."""
+    placement = place(topology, source)
+    apply_placement(placement)  # before any model starts CUDA
     built: list[ServedModel] = []
     try:
         for i, settings in enumerate(topology.models):
-            built.append(build_model(settings, f"{source}: models[{i}]", base_dir))
+            model = build_model(
+                settings, f"{source}: models[{i}]", base_dir, devices=placement.devices[i]
+            )
+            model.placement = placement.notes[i]
+            built.append(model)
     except BaseException:
         close_graph(built)
         raise
@@ -111,10 +120,16 @@ def _check_artifact(settings: ModelSettings, where: str) -> None:
             )
 
 
-def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ServedModel:
-    """Build and check one model; ``where`` prefixes error messages."""
+def build_model(
+    settings: ModelSettings, where: str, base_dir: Path, devices: list[str] | None = None
+) -> ServedModel:
+    """Build and check one model; ``where`` prefixes error messages.
+
+    ``devices`` are the instances' places (`pipeline.serving.placement`); by default the
+    topology's own, which must then need no placing (no ``auto`` spreading, no UUIDs).
+    """
     _check_artifact(settings, where)
-    wanted = settings.instance_devices()
+    wanted = devices if devices is not None else settings.instance_devices()
     ctx = StageContext(model=settings.name, device=wanted[0], base_dir=base_dir)
     pre = _stages(settings.preprocess, f"{where}.preprocess", ctx)
     post = _stages(settings.postprocess, f"{where}.postprocess", ctx)
@@ -169,7 +184,9 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ServedMo
             b.unload()
         raise
     try:
-        per_instance = _instance_stages(settings, pre, instances, placed, where, base_dir, info)
+        per_instance = _instance_stages(
+            settings, (pre, wanted[0]), instances, placed, where, base_dir, info
+        )
     except BaseException:
         for b in instances:
             b.unload()
@@ -185,7 +202,7 @@ def build_model(settings: ModelSettings, where: str, base_dir: Path) -> ServedMo
 
 def _instance_stages(
     settings: ModelSettings,
-    checked: list[Stage],
+    checked_on: tuple[list[Stage], str],
     instances: Sequence[Backend],
     placed: Sequence[str],
     where: str,
@@ -199,11 +216,13 @@ def _instance_stages(
     preprocesses on its own
     thread (`pipeline.serving.runtime`), and a stage need not be thread-safe (a DALI
     pipeline fed from two threads handed one batch's images to another's requests).
-    ``checked`` (set up before loading, to refuse bad parameters before a long load) is
-    the first instance's when it runs on the CPU without a stream.
+    ``checked_on``: the stages set up before loading (to refuse bad parameters before a
+    long load) and the device they were set up for; they are the first instance's when
+    that was the CPU and the instance runs there without a stream.
     """
+    checked, checked_device = checked_on
     out: list[list[Stage]] = []
-    reusable = settings.instance_devices()[0] == "cpu"
+    reusable = checked_device == "cpu"
     for i, (backend, device) in enumerate(zip(instances, placed, strict=True)):
         stream = _preprocess_stream(backend)
         if i == 0 and reusable and device == "cpu" and stream is None:

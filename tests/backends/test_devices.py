@@ -30,8 +30,13 @@ def test_parse(device: str, parsed: tuple[str, int | None]) -> None:
 
 @pytest.mark.parametrize("device", ["gpu", "cpu:0", "auto:1", "cuda:x", ""])
 def test_parse_refuses(device: str) -> None:
-    with pytest.raises(BackendError, match="expected cpu, auto, cuda or cuda:N"):
+    with pytest.raises(BackendError, match="expected cpu, auto, cuda, cuda:N"):
         parse_device(device)
+
+
+def test_an_unplaced_uuid_reaching_a_runtime_says_what_went_wrong() -> None:
+    with pytest.raises(BackendError, match="a UUID is placed as cuda:N before a runtime"):
+        parse_device("MIG-1111")
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ def test_good_topology_and_defaults() -> None:
         (
             "artifact: model.onnx",
             "artifact: model.onnx\n    device: tpu",
-            "topo.yaml: models[0].device: 'tpu' is not a device: cpu, auto, cuda or cuda:N",
+            "topo.yaml: models[0].device: 'tpu' is not a device: cpu, auto, cuda, cuda:N, a GPU",
         ),
         (
             "artifact: model.onnx",

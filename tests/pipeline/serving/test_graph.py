@@ -10,7 +10,7 @@ import pytest
 from backends.artifacts import artifact_sha256
 from backends.onnx_runtime import OnnxRuntimeBackend
 from pipeline.config.loader import load_topology
-from pipeline.serving.graph import ServedModel, build_graph
+from pipeline.serving.graph import ServedModel, build_graph, close_graph
 from schemas.errors import BackendError, ConfigError, GraphError
 from schemas.tensors import TensorSpec
 from stages.base import StageParams
@@ -91,6 +91,16 @@ def test_tiny_topology_builds_with_checked_specs(tmp_path: Path) -> None:
     not EFFNET_ONNX.exists(),
     reason="models/efficientnet_lite0.onnx missing: run `kp-pipeline models export`",
 )
+def test_auto_devices_are_placed_and_say_how(tmp_path: Path) -> None:
+    """No NVML here: placement leaves ``auto`` to the runtime, which picks the CPU."""
+    graph = _build(tmp_path, TINY.replace("instances: 2", "instances: 2\n    device: auto"))
+    try:
+        assert graph[0].devices == ["cpu", "cpu"]
+        assert graph[0].placement[0].startswith("auto: left to the runtime (")
+    finally:
+        close_graph(graph)
+
+
 def test_demo_topology_builds(tmp_path: Path) -> None:
     path = ROOT / "topology.yaml"
     [model] = build_graph(load_topology(path, env={}), str(path), ROOT)
