@@ -119,7 +119,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             ins = ", ".join(f"{k} {v}" for k, v in m.inputs.items())
             outs = ", ".join(f"{k} {v}" for k, v in m.outputs.items())
             _echo(
-                f"{m.name} v{m.settings.version} ({m.settings.backend} on "
+                f"{m.settings.name} v{m.settings.version} ({m.settings.backend} on "
                 f"{', '.join(m.devices)}): {ins} → {outs}"
             )
             for note in m.placement:
@@ -132,6 +132,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 )
     finally:
         close_graph(graph)
+    from pipeline.serving.versions import describe_versions
+
+    for line in describe_versions(opened.topology.models, opened.topology.versions):
+        _echo(line)
     sched = opened.topology.scheduling
     if sched.enabled:
         limits = ", ".join(f"{d} {n}" for d, n in sched.devices.items())

@@ -22,6 +22,7 @@ from pydantic import (
 
 from pipeline.config.kafka import KafkaSettings, SchemaRegistrySettings, SecuritySettings
 from pipeline.config.scheduling import ModelScheduling, SchedulingSettings
+from pipeline.config.versions import VersionTraffic, check_versions
 from schemas.devices import DEVICE_FORMS, is_uuid_device, parse_device
 from schemas.errors import BackendError
 from schemas.tensors import DeclaredTensor
@@ -41,6 +42,7 @@ __all__ = [
     "StageSettings",
     "TopicSettings",
     "Topology",
+    "VersionTraffic",
 ]
 
 
@@ -422,14 +424,14 @@ class Topology(_Strict):
     tracing: TracingSettings = TracingSettings()
     scheduling: SchedulingSettings = SchedulingSettings()
     models: list[ModelSettings] = Field(min_length=1)
+    versions: dict[str, VersionTraffic] = Field(
+        default_factory=dict,
+        description="Per model name served in several versions: its default and canaries.",
+    )
 
     @model_validator(mode="after")
-    def _unique_models(self) -> Topology:
-        seen: set[str] = set()
-        for m in self.models:
-            if m.name in seen:
-                raise ValueError(f"model name {m.name!r} appears twice")
-            seen.add(m.name)
+    def _versions_fit_the_models(self) -> Topology:
+        check_versions(self.models, self.versions)
         return self
 
     @model_validator(mode="after")

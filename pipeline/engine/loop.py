@@ -44,7 +44,7 @@ from pipeline.serving.graph import ServedModel
 from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.runtime import ModelRuntime
-from pipeline.serving.scheduler import Classed, DeviceScheduler, RequestClasses
+from pipeline.serving.scheduler import Classed, DeviceScheduler
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerError
 from schemas.messages import Envelope, Partition, partition_of
@@ -138,8 +138,7 @@ class Replica:
             confirm_every=max(1, self.flow.max_in_flight // 4),
             default_reports=own_producer and not self.exactly_once,
         )
-        classes = RequestClasses(topology.scheduling, self.metrics)  # read when enabled
-        self.intake = Intake(graph, self.codec, self.encoder, topology.topics.encoding, classes)
+        self.intake = Intake.for_topology(graph, self.codec, self.encoder, topology, self.metrics)
         self.sequencer = Sequencer(  # exactly-once publishes in offset order already
             {} if self.exactly_once else {g.name: g.settings.ordering for g in graph}, self.metrics
         )

@@ -1,16 +1,15 @@
 """Serving a kp-pipeline model from inside a Faust (faust-streaming) application.
 
-For teams that already run Faust workers and want kp-pipeline's model handling without
-its consumer loop: the same topology file, the same preprocess stages, backend and
-postprocess stages, the same Avro requests, results and dead letters, with the same
-dead-letter reasons (``undecodable``, ``unknown_model``, ``bad_tensor``, a stage's own
-reasons, ``preprocess_failed``, ``inference_failed``, ``undeliverable``). Faust owns the
-Kafka side: connections, the consumer group, offsets. The model side is kp-pipeline's
-own serving core, the one `pipeline.engine.loop` runs: `pipeline.serving.intake.Intake`
-decodes, routes and keys each request, and each model's
-`pipeline.serving.runtime.ModelRuntime` runs its batches, so requests past their
-``deadline_ms`` get EXPIRED results, transient failures are retried, a poison request is
-isolated by halving and the device scheduler picks batches, as in ``kp-pipeline run``.
+For teams that already run Faust workers and want kp-pipeline's model handling without its
+consumer loop: the same topology file, the same preprocess stages, backend and postprocess
+stages, the same Avro requests, results and dead letters, with the same dead-letter reasons
+(``undecodable``, ``unknown_model``, ``bad_tensor``, a stage's own reasons,
+``preprocess_failed``, ``inference_failed``, ``undeliverable``). Faust owns the Kafka side:
+connections, the consumer group, offsets. The model side is kp-pipeline's own serving core, the
+one `pipeline.engine.loop` runs: `pipeline.serving.intake.Intake` decodes, routes and keys each
+request, and each model's `pipeline.serving.runtime.ModelRuntime` runs its batches, so requests
+past their ``deadline_ms`` get EXPIRED results, transient failures are retried, a poison request
+is isolated by halving and the device scheduler picks batches, as in ``kp-pipeline run``.
 
 Use::
 
@@ -100,7 +99,7 @@ from pipeline.serving.graph import ServedModel, build_graph, close_graph
 from pipeline.serving.intake import Intake
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.runtime import ModelRuntime
-from pipeline.serving.scheduler import Classed, DeviceScheduler, RequestClasses
+from pipeline.serving.scheduler import Classed, DeviceScheduler
 from schemas.codec import AvroCodec
 from schemas.errors import BrokerError, KpError
 from schemas.messages import Envelope
@@ -190,8 +189,9 @@ class KpFaustModel:
         self.stats = FaustStats()
         # The Faust app exports its own metrics; the runtimes' stay in this registry.
         self.metrics = Metrics()
-        classes = RequestClasses(opened.topology.scheduling, self.metrics)  # when enabled
-        self.intake = Intake(graph, self.codec, self.encoder, topics.encoding, classes)
+        self.intake = Intake.for_topology(
+            graph, self.codec, self.encoder, opened.topology, self.metrics
+        )
         scheduler = DeviceScheduler.for_graph(opened.topology.scheduling, graph, self.metrics)
         self.runtimes = {
             m.name: ModelRuntime(m, self.encoder, _nowhere, self.metrics, scheduler) for m in graph

@@ -57,6 +57,7 @@ kp_batch_splits_total                counter    model (failing batches halved, p
 kp_inference_retries_total           counter    model (re-runs after a transient error)
 kp_transactions_total                counter    result (committed, aborted; exactly-once)
 kp_model_instances                   gauge      model, device
+kp_model_version_traffic_ratio       gauge      model, version (its share of requests naming none)
 kp_ready                             gauge      1 while /readyz answers 200
 kp_gpu_memory_used_bytes             gauge      device (cuda:N as this process's CUDA numbers it)
 kp_gpu_utilization_ratio             gauge      device (only where NVML sees the GPU)
@@ -344,6 +345,13 @@ class Metrics:
             "kp_model_instances",
             "Model instances loaded, by device.",
             ["model", "device"],
+            registry=r,
+        )
+        self.version_traffic = Gauge(
+            "kp_model_version_traffic_ratio",
+            "A served version's share of its model's requests that name no version (the "
+            "default takes what the canaries leave).",
+            ["model", "version"],
             registry=r,
         )
         self.ready = Gauge("kp_ready", "1 while the replica is ready (/readyz).", registry=r)

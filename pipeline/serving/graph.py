@@ -14,6 +14,7 @@ for each instance's own set.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from backends.base import Backend, ModelInfo, ModelSpec
 from backends.registry import backend_class
 from pipeline.config.topology import ModelSettings, StageSettings, Topology
 from pipeline.serving.placement import apply_placement, place
+from pipeline.serving.versions import version_key
 from schemas.errors import GraphError, KpError, describe, error_message, format_path
 from schemas.tensors import TensorSpec, numpy_dtype
 from stages.base import Stage, StageContext
@@ -59,6 +61,9 @@ class ServedModel:
     instance_preprocess: list[list[Stage]] = field(default_factory=list)
     # Why placement put the instances where they are (empty: as the topology wrote).
     placement: list[str] = field(default_factory=list)
+    # What the pipeline serves it under: its name, or name@version where the topology
+    # serves the name in several versions (`pipeline.serving.versions`).
+    key: str = ""
 
     def stages_for(self, instance: int) -> list[Stage]:
         """The preprocess stages for a batch going to ``instance``."""
@@ -68,8 +73,12 @@ class ServedModel:
 
     @property
     def name(self) -> str:
-        """The model's name in the topology."""
-        return self.settings.name
+        """The key it is served under: batchers, runtimes and metrics' ``model`` label.
+
+        The topology's name, or ``name@version`` for a model served in several versions;
+        results and dead letters carry the name and version themselves (``settings``).
+        """
+        return self.key or self.settings.name
 
     def close(self) -> None:
         """Close stages and unload instances."""
@@ -84,6 +93,7 @@ def build_graph(topology: Topology, source: str, base_dir: Path) -> list[ServedM
     """Place, then build every model of the topology; on any error, release what was built."""
     placement = place(topology, source)
     apply_placement(placement)  # before any model starts CUDA
+    versions = Counter(m.name for m in topology.models)
     built: list[ServedModel] = []
     try:
         for i, settings in enumerate(topology.models):
@@ -91,6 +101,7 @@ def build_graph(topology: Topology, source: str, base_dir: Path) -> list[ServedM
                 settings, f"{source}: models[{i}]", base_dir, devices=placement.devices[i]
             )
             model.placement = placement.notes[i]
+            model.key = version_key(settings.name, settings.version, versions[settings.name])
             built.append(model)
     except BaseException:
         close_graph(built)

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Hashable, Mapping, Sequence
 
+from pipeline.config.topology import Topology
+from pipeline.config.versions import VersionTraffic
+from pipeline.observability.metrics import Metrics
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.routing import ModelRoute, Router
 from pipeline.serving.scheduler import Classed, RequestClasses
+from pipeline.serving.versions import traffic_of
 from schemas import oip_json, oip_protobuf
 from schemas.codec import AvroCodec, request_from_record
 from schemas.errors import DecodeError, RequestError
@@ -52,20 +56,48 @@ class Intake:
         encoder: OutcomeEncoder,
         encodings: Mapping[str, str] | None = None,
         classes: RequestClasses | None = None,
+        versions: Mapping[str, VersionTraffic] | None = None,
     ):
         """``encodings``: input topics whose requests are not Avro (``json``, ``protobuf``).
 
         ``classes``: with the device scheduler on, reads each request's priority and tenant
-        into its batch key (`Classed`), so the batcher never mixes them.
+        into its batch key (`Classed`), so the batcher never mixes them. ``versions``: the
+        topology's, for models served in several versions (`pipeline.serving.versions`).
         """
+        traffic = traffic_of([(m.settings.name, m.settings.version) for m in graph], versions or {})
         self.classes = classes if classes else None
         self.codec = codec
         self.encoder = encoder
         self.router = Router(
-            {m.name: ModelRoute(m.name, m.settings.version, m.inputs, m.bucketer) for m in graph}
+            {
+                m.name: ModelRoute(
+                    m.settings.name, m.settings.version, m.inputs, m.bucketer, key=m.name
+                )
+                for m in graph
+            },
+            traffic,
         )
         self.encodings = {t: e for t, e in (encodings or {}).items() if e != "avro"}
-        self._only_model = graph[0].name if len(graph) == 1 else None
+        names = {m.settings.name for m in graph}
+        self._only_model = next(iter(names)) if len(names) == 1 else None
+
+    @classmethod
+    def for_topology(
+        cls,
+        graph: Sequence[ServedModel],
+        codec: AvroCodec,
+        encoder: OutcomeEncoder,
+        topology: Topology,
+        metrics: Metrics | None = None,
+    ) -> Intake:
+        """The intake a topology asks for: its encodings, scheduling classes and versions."""
+        classes = RequestClasses(topology.scheduling, metrics)  # read when enabled
+        made = cls(graph, codec, encoder, topology.topics.encoding, classes, topology.versions)
+        if metrics is not None:
+            for name, traffic in made.router.traffic.items():
+                for version, share in traffic.shares().items():
+                    metrics.version_traffic.labels(name, version).set(share)
+        return made
 
     def admit_batch(
         self, rows: Sequence[Envelope], tombstones: Collection[int] = ()
@@ -95,7 +127,7 @@ class Intake:
         decoded = dict(zip(todo, requests, strict=True))
         groups: dict[Admitted, list[Envelope]] = {}
         letters: list[Outcome] = []
-        routes = self.router.routes
+        direct = self.router.direct
         for i, env in enumerate(rows):
             try:
                 if skip and i in skip:
@@ -108,14 +140,15 @@ class Intake:
                     if isinstance(got, RequestError):
                         raise got
                     env.request = request = got
-                route = routes.get(request.model)
+                route = direct.get(request.model)
                 if route is None or request.model_version not in (None, "", route.version):
-                    route = self.router.route(request)  # raises the RoutingError
-                admitted = (route.name, route.batch_key(request))
+                    # several versions (the key picks a canary), or a RoutingError
+                    route = self.router.route(request, env.key)
+                admitted = (route.key, route.batch_key(request))
                 if self.classes is not None:
-                    cls = self.classes.of(env, request, route.name)
+                    cls = self.classes.of(env, request, route.key)
                     if cls is not None:
-                        admitted = (route.name, Classed(admitted[1], cls))
+                        admitted = (route.key, Classed(admitted[1], cls))
             except RequestError as e:
                 letters.append(self.encoder.dead_letter(env, e.reason, str(e), e.whose))
                 continue

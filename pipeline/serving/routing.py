@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.serving.versions import Traffic
 from schemas.errors import RoutingError, TensorError
 from schemas.messages import Request
 from schemas.signatures import Signature
@@ -16,7 +17,11 @@ __all__ = ["ModelRoute", "Router"]
 
 
 class ModelRoute:
-    """One served model's name, version and declared inputs."""
+    """One served model's name, version and declared inputs.
+
+    ``key`` is what the pipeline serves it under (`pipeline.serving.versions.version_key`):
+    its name, or ``name@version`` where the model is served in several versions.
+    """
 
     def __init__(
         self,
@@ -24,9 +29,11 @@ class ModelRoute:
         version: str,
         inputs: Mapping[str, TensorSpec],
         bucketer: Callable[[Mapping[str, Any]], Hashable] | None = None,
+        key: str | None = None,
     ) -> None:
         self.name = name
         self.version = version
+        self.key = key or name
         self.inputs = dict(inputs)
         self.bucketer = bucketer  # e.g. a text's length bucket: one open batch per bucket
         # With no free dimension every request of the model shares one signature, and the
@@ -99,13 +106,30 @@ class ModelRoute:
 
 
 class Router:
-    """Finds the route of a request by model name (and version, when given)."""
+    """Finds the route of a request by model name and version (`pipeline.serving.versions`).
 
-    def __init__(self, routes: Mapping[str, ModelRoute]) -> None:
-        self.routes = dict(routes)
+    ``routes`` by their key; ``traffic`` per model name (by default each route is its
+    name's only version). ``direct`` holds, by name, the routes a request reaches by its
+    model name alone (a name served in one version): intake's per-record fast path.
+    """
+
+    def __init__(
+        self, routes: Mapping[str, ModelRoute], traffic: Mapping[str, Traffic] | None = None
+    ) -> None:
+        self.routes = {r.key: r for r in routes.values()}
+        if traffic is None:
+            traffic = {
+                r.name: Traffic(r.name, {r.version: r.key}, r.version) for r in routes.values()
+            }
+        self.traffic = dict(traffic)
+        self.direct = {
+            name: self.routes[next(iter(t.keys.values()))]
+            for name, t in self.traffic.items()
+            if len(t.keys) == 1
+        }
         # The models with one exact signature and no bucketing, for a batch's one-call
         # check (`schemas.signatures`); entry i's requests join batch `exact_keys[i]`.
-        exact = [r for r in self.routes.values() if r.exact is not None]
+        exact = [r for r in self.direct.values() if r.exact is not None]
         self.exact_signatures: dict[str, Signature] = {}
         self.exact_keys: list[tuple[str, str]] = []
         for i, route in enumerate(exact):
@@ -117,17 +141,26 @@ class Router:
                 tuple(dtype for dtype, _ in spec.values()),
                 tuple(shape for _, shape in spec.values()),
             )
-            self.exact_keys.append((route.name, route.name))
+            self.exact_keys.append((route.key, route.name))
 
-    def route(self, request: Request) -> ModelRoute:
-        """The route for ``request``, or a `RoutingError` naming what is served."""
-        route = self.routes.get(request.model)
-        if route is None:
-            served = ", ".join(sorted(self.routes))
+    def route(self, request: Request, key: bytes | None = None) -> ModelRoute:
+        """The route for ``request``, or a `RoutingError` naming what is served.
+
+        ``key``: the record's key, which picks a canary version for requests naming none
+        (the request id where the record has none).
+        """
+        traffic = self.traffic.get(request.model)
+        if traffic is None:
+            served = ", ".join(sorted(self.traffic))
             raise RoutingError(f"unknown model {request.model!r} (served: {served})")
-        if request.model_version not in (None, "", route.version):
-            raise RoutingError(
-                f"model {request.model!r} version {request.model_version!r} is not served "
-                f"(serving {route.version!r})"
-            )
-        return route
+        asked = request.model_version
+        if asked:
+            served_as = traffic.keys.get(asked)
+            if served_as is None:
+                serving = ", ".join(repr(v) for v in traffic.keys)
+                raise RoutingError(
+                    f"model {request.model!r} version {asked!r} is not served (serving {serving})"
+                )
+            return self.routes[served_as]
+        version = traffic.pick(key if key is not None else request.id.encode())
+        return self.routes[traffic.keys[version]]

@@ -112,6 +112,22 @@ def test_backends_lists_each_installed_backend_and_whether_it_runs_here(
         assert "No module named 'tensorrt'" in tensorrt[2]
 
 
+def test_validate_shows_each_versions_share(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = TINY[TINY.index("  - name: tiny-mlp") :]
+    text = TINY.replace(
+        "models:", 'versions: {tiny-mlp: {default: "1", canary: {"2": 0.1}}}\nmodels:'
+    ) + model.replace("name: tiny-mlp", "name: tiny-mlp\n    version: '2'")
+    assert main(["validate", str(_write(tmp_path, text))]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-mlp v2 (onnxruntime on cpu)" in out
+    assert (
+        "versions of tiny-mlp, for requests naming none (by record key): v1 90% (default), v2 10%"
+        in out
+    )
+
+
 def test_validate_names_every_instance_device(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

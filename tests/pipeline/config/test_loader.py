@@ -148,11 +148,14 @@ def test_every_error_is_reported_on_its_own_line() -> None:
     ]
 
 
-def test_duplicate_model_names_are_refused() -> None:
+def test_a_model_listed_twice_in_the_same_version_is_refused() -> None:
     text = GOOD + GOOD[GOOD.index("  - name: m") :]
     message = _error(text)
     assert message.startswith("topo.yaml: ")
-    assert message.endswith("model name 'm' appears twice")
+    assert message.endswith(
+        "models[1]: model 'm' version '1' appears twice (a name may repeat only with another "
+        "version)"
+    )
 
 
 def test_invalid_yaml_and_a_document_that_is_not_a_mapping() -> None:

@@ -101,6 +101,21 @@ def test_auto_devices_are_placed_and_say_how(tmp_path: Path) -> None:
         close_graph(graph)
 
 
+def test_versions_of_one_model_are_built_under_name_at_version(tmp_path: Path) -> None:
+    second = TINY[TINY.index("  - name: tiny") :].replace(
+        "name: tiny", "name: tiny\n    version: '2'"
+    )
+    text = TINY + second + "versions: {tiny: {default: '1'}}\n"
+    graph = _build(tmp_path, text)
+    try:
+        assert [(m.name, m.settings.name, m.settings.version) for m in graph] == [
+            ("tiny@1", "tiny", "1"),
+            ("tiny@2", "tiny", "2"),
+        ]
+    finally:
+        close_graph(graph)
+
+
 def test_demo_topology_builds(tmp_path: Path) -> None:
     path = ROOT / "topology.yaml"
     [model] = build_graph(load_topology(path, env={}), str(path), ROOT)

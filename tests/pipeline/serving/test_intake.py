@@ -22,7 +22,7 @@ CODEC = AvroCodec()
 GRAPH = [
     SimpleNamespace(
         name="m",
-        settings=SimpleNamespace(version="3"),
+        settings=SimpleNamespace(name="m", version="3"),
         inputs={"x": TensorSpec("FP32", (4,))},
         bucketer=None,
     )
@@ -99,7 +99,7 @@ def _two_models() -> Intake:
     graph = [
         SimpleNamespace(
             name=name,
-            settings=SimpleNamespace(version="3"),
+            settings=SimpleNamespace(name=name, version="3"),
             inputs={"x": TensorSpec("FP32", (n,))},
             bucketer=None,
         )
@@ -275,3 +275,37 @@ def test_with_the_scheduler_a_requests_class_joins_its_batch_key() -> None:
     groups, letters = _intake().admit_batch([encoded("a"), encoded("b", priority="9")])
     assert list(groups) == [("m", "m")]
     assert not letters
+
+
+def test_versions_of_one_model_are_grouped_apart_by_the_version_each_request_meets() -> None:
+    from pipeline.config.versions import VersionTraffic
+    from pipeline.serving.versions import split_point
+
+    graph = [
+        SimpleNamespace(
+            name=f"m@{v}",
+            settings=SimpleNamespace(name="m", version=v),
+            inputs={"x": TensorSpec("FP32", (4,))},
+            bucketer=None,
+        )
+        for v in ("1", "2")
+    ]
+    versions = {"m": VersionTraffic(default="1", canary={"2": 0.5})}
+    intake = Intake(graph, CODEC, OutcomeEncoder(CODEC, "out", "dlq"), versions=versions)  # type: ignore[arg-type]
+
+    def row(rid: str, key: bytes, version: str | None = None) -> Envelope:
+        request = Request(rid, "m", {"x": np.ones(4, np.float32)}, model_version=version)
+        return Envelope("in", 0, 0, key, CODEC.encode_request(request), 0, 0.0)
+
+    keys = [b"a", b"b", b"c", b"d", b"e", b"f"]
+    canary = {k for k in keys if split_point("m", k) < 0.5}
+    assert canary
+    assert canary != set(keys)
+    rows = [row(f"r{i}", k) for i, k in enumerate(keys)] + [row("asked", b"a", "2")]
+    groups, letters = intake.admit_batch(rows)
+    assert letters == []
+    met = {env.request.id: key[0] for key, group in groups.items() for env in group}  # type: ignore[union-attr]
+    expected = {f"r{i}": "m@2" if k in canary else "m@1" for i, k in enumerate(keys)}
+    assert met == {**expected, "asked": "m@2"}
+    unknown = intake.admit_batch([row("x", b"a", "9")])[1]
+    assert [o.reason for o in unknown] == ["unknown_model"]
