@@ -22,6 +22,7 @@ from pipeline.engine.loop import Replica, RunStats
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import admin_config, ensure_topics
 from pipeline.kafka.preflight import check_access
+from pipeline.lifecycle.follower import ControlFollower, create_control_topic
 from pipeline.observability.health import Health, MetricsServer
 from pipeline.observability.metrics import Metrics
 from pipeline.observability.tracing import make_tracing
@@ -136,6 +137,20 @@ def result_subjects(output: str, result_encoding: str) -> dict[str, str]:
     }
 
 
+def follow_control(topology: Topology, address: str, pipeline: Replica) -> ControlFollower:
+    """The live replica's control follower, caught up before it consumes a request.
+
+    A replay does not follow: it serves recorded traffic with the topology's split.
+    """
+    if topology.topics.create:
+        create_control_topic(topology, address)
+    follower = ControlFollower(
+        topology, address, pipeline.intake.router, pipeline.metrics, pipeline.health
+    )
+    follower.catch_up()
+    return follower.start()
+
+
 def serve(
     opened: OpenTopology,
     stop: threading.Event,
@@ -181,10 +196,17 @@ def serve(
                     tracing=tracing,
                 )
                 pipeline.metrics_url = None if server is None else server.url
-                with serving_collector():  # from ready on: callers see the policy applied
-                    if on_ready is not None:
-                        on_ready(address, pipeline)
-                    return pipeline.run(stop)
+                follower = (
+                    None if ranges is not None else follow_control(topology, address, pipeline)
+                )
+                try:
+                    with serving_collector():  # from ready on: callers see the policy applied
+                        if on_ready is not None:
+                            on_ready(address, pipeline)
+                        return pipeline.run(stop)
+                finally:
+                    if follower is not None:
+                        follower.stop()
         finally:
             close_graph(graph)
             if tracing is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.lifecycle import admin
 from pipeline.tools import dlq, replay, top
 from pipeline.workers.supervisor import worker_count
 from schemas.errors import ConfigError, ExitCode, KpError, describe, exit_code
@@ -463,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--show", type=int, default=6, help="result lines to print")
     demo.set_defaults(func=cmd_demo)
 
-    for command in (replay, top, dlq):  # commands that live in their own module
+    for command in (replay, top, dlq, admin):  # commands that live in their own module
         command.add_parser(sub)
     return p
 

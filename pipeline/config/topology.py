@@ -74,6 +74,12 @@ class TopicSettings(_Strict):
     result_encoding: Literal["request", "avro", "json", "protobuf"] = Field(
         "request", description="Results in their request's encoding, or all in one."
     )
+    control: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,249}$",
+        description="The group's compacted control topic (model versions' traffic, "
+        "kp-pipeline versions); default '<group_id>.control'.",
+    )
     create: bool = Field(True, description="Create missing topics at start.")
     partitions: int = Field(4, ge=1, description="Partitions of topics created at start.")
     replication_factor: int = Field(1, ge=1)

@@ -42,6 +42,9 @@ class Health:
         self.assignment: int | None = None  # partitions, once the group has assigned any
         self.broker_up = False
         self.stopping = False
+        # Models whose latest control record this replica cannot apply, and why
+        # (`pipeline.lifecycle.follower`): the group would be half switched.
+        self.versions_behind: dict[str, str] = {}
 
     def beat(self) -> None:
         """The main loop turned."""
@@ -59,8 +62,12 @@ class Health:
             "assigned": self.assignment is not None,
             "broker_reachable": self.broker_up,
             "not_stopping": not self.stopping,
+            "versions_in_step": not self.versions_behind,
         }
-        return all(checks.values()), {**checks, "partitions": self.assignment or 0}
+        detail: dict[str, Any] = {**checks, "partitions": self.assignment or 0}
+        if self.versions_behind:
+            detail["versions_behind"] = dict(self.versions_behind)
+        return all(checks.values()), detail
 
 
 class MetricsServer:

@@ -58,6 +58,8 @@ kp_inference_retries_total           counter    model (re-runs after a transient
 kp_transactions_total                counter    result (committed, aborted; exactly-once)
 kp_model_instances                   gauge      model, device
 kp_model_version_traffic_ratio       gauge      model, version (its share of requests naming none)
+kp_control_records_total             counter    result (applied, unapplied, invalid: control topic)
+kp_control_unapplied                 gauge      model (1 while its latest split is not applied here)
 kp_ready                             gauge      1 while /readyz answers 200
 kp_gpu_memory_used_bytes             gauge      device (cuda:N as this process's CUDA numbers it)
 kp_gpu_utilization_ratio             gauge      device (only where NVML sees the GPU)
@@ -347,13 +349,7 @@ class Metrics:
             ["model", "device"],
             registry=r,
         )
-        self.version_traffic = Gauge(
-            "kp_model_version_traffic_ratio",
-            "A served version's share of its model's requests that name no version (the "
-            "default takes what the canaries leave).",
-            ["model", "version"],
-            registry=r,
-        )
+        self._lifecycle(r)
         self.ready = Gauge("kp_ready", "1 while the replica is ready (/readyz).", registry=r)
         self.gpu_memory_used = Gauge(
             "kp_gpu_memory_used_bytes", "GPU memory in use.", ["device"], registry=r
@@ -362,6 +358,30 @@ class Metrics:
             "kp_gpu_utilization_ratio", "GPU busy fraction (0–1).", ["device"], registry=r
         )
         Info("kp_build", "kp-pipeline version.", registry=r).info({"version": _version()})
+
+    def _lifecycle(self, r: CollectorRegistry) -> None:
+        """Model versions and the control topic (`pipeline.lifecycle`)."""
+        self.version_traffic = Gauge(
+            "kp_model_version_traffic_ratio",
+            "A served version's share of its model's requests that name no version (the "
+            "default takes what the canaries leave).",
+            ["model", "version"],
+            registry=r,
+        )
+        self.control_records = Counter(
+            "kp_control_records",
+            "Control topic records read: applied, unapplied (a version this replica does not "
+            "serve) or invalid.",
+            ["result"],
+            registry=r,
+        )
+        self.control_unapplied = Gauge(
+            "kp_control_unapplied",
+            "1 while the model's latest control record names a version this replica does not "
+            "serve (it keeps its split; /readyz says why).",
+            ["model"],
+            registry=r,
+        )
 
     def declare_model(self, model: str, devices: list[str]) -> None:
         """Create a model's series at zero so dashboards show 0, not 'no data'."""

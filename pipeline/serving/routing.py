@@ -143,6 +143,16 @@ class Router:
             )
             self.exact_keys.append((route.key, route.name))
 
+    def set_traffic(self, name: str, traffic: Traffic) -> None:
+        """Replace one model's split (the control topic's); its versions must not change.
+
+        The dict is replaced whole, so a request routed on another thread meets either
+        the old split or the new one.
+        """
+        if traffic.keys != self.traffic[name].keys:
+            raise ValueError(f"model {name!r}: a split cannot change the versions served")
+        self.traffic = {**self.traffic, name: traffic}
+
     def route(self, request: Request, key: bytes | None = None) -> ModelRoute:
         """The route for ``request``, or a `RoutingError` naming what is served.
 

@@ -64,6 +64,18 @@ models:
 """
 
 
+def tiny_version(version: str) -> str:
+    """One version of the tiny model, as an entry of a topology's ``models`` list."""
+    return f"""
+  - name: tiny-mlp
+    version: "{version}"
+    backend: onnxruntime
+    artifact: {MODELS}/tiny_mlp.onnx
+    options: {{intra_op_threads: 1}}
+    inputs: [{{name: x, datatype: FP32, shape: [64]}}]
+    batching: {{max_batch_size: 64, max_delay_ms: 5}}"""
+
+
 def write_tiny_topology(
     path: Path,
     topics: Topics,

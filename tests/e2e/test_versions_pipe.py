@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from e2e.kit import MODELS, Topics, read_all, start_background, tiny_vectors
+from e2e.kit import Topics, read_all, start_background, tiny_vectors, tiny_version
 
 from pipeline.config.topology import KafkaSettings
 from pipeline.kafka.broker import EmbeddedBroker
@@ -24,15 +24,6 @@ from schemas.codec import AvroCodec
 
 KEYS = 300
 SHARE = 0.3
-
-MODEL = """
-  - name: tiny-mlp
-    version: "{version}"
-    backend: onnxruntime
-    artifact: {models}/tiny_mlp.onnx
-    options: {{intra_op_threads: 1}}
-    inputs: [{{name: x, datatype: FP32, shape: [64]}}]
-    batching: {{max_batch_size: 64, max_delay_ms: 5}}"""
 
 TOPOLOGY = """
 kafka: {{bootstrap_servers: embedded, group_id: {group}}}
@@ -54,8 +45,8 @@ def test_requests_meet_the_version_they_name_or_their_keys_split_picks(
             output=topics.output,
             dlq=topics.dead_letter,
             share=SHARE,
-            one=MODEL.format(version="1", models=MODELS),
-            two=MODEL.format(version="2", models=MODELS),
+            one=tiny_version("1"),
+            two=tiny_version("2"),
         )
     )
     codec = AvroCodec()
