@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,7 +476,12 @@ def _send(
 
 
 def _measure(
-    cfg: LoadConfig, opened: OpenTopology, bootstrap: str, metrics_url: str | None, where: str
+    cfg: LoadConfig,
+    opened: OpenTopology,
+    bootstrap: str,
+    metrics_url: str | None,
+    where: str,
+    events: Sequence[tuple[float, Callable[[], Any]]] = (),
 ) -> LoadReport:
     """Encode, warm up, send on schedule, drain: everything but starting a pipeline."""
     topology, topics = opened.topology, opened.topology.topics
@@ -523,6 +528,8 @@ def _measure(
         if monitor is not None:
             monitor.start()
         t0, t0_wall = time.monotonic() + 0.05, time.time() + 0.05
+        if events:
+            threading.Thread(target=_on_schedule, args=(t0, events), daemon=True).start()
         keys = [f"{prefix}{i}".encode() for i in range(len(due))]
         _send(producer, topics.input[0], payloads, keys, (t0 + due).tolist(), s)
         producer.flush(cfg.drain_timeout)
@@ -537,6 +544,12 @@ def _measure(
     s.recv_s -= t0
     s.lag = [(t - t0, m, sec) for t, m, sec in (monitor.rows if monitor else [])]
     return _report(cfg, opened, s, reader, monitor, bootstrap, metrics_url, where, t0_wall)
+
+
+def _on_schedule(t0: float, events: Sequence[tuple[float, Callable[[], Any]]]) -> None:
+    for at, action in sorted(events, key=lambda e: e[0]):
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        action()
 
 
 def _report(
@@ -605,10 +618,18 @@ def fresh_topics(opened: OpenTopology, tag: str) -> OpenTopology:
 
 
 def measure(
-    config: LoadConfig, opened: OpenTopology, bootstrap: str, metrics_url: str | None
+    config: LoadConfig,
+    opened: OpenTopology,
+    bootstrap: str,
+    metrics_url: str | None,
+    events: Sequence[tuple[float, Callable[[], Any]]] = (),
 ) -> LoadReport:
-    """Run the load against a pipeline already serving ``opened`` (its topics) at ``bootstrap``."""
-    report = _measure(config, opened, bootstrap, metrics_url, bootstrap)
+    """Run the load against a pipeline already serving ``opened`` (its topics) at ``bootstrap``.
+
+    ``events``: (seconds into the schedule, action) run on a thread of their own at those
+    moments, e.g. a command whose effect on latency the run measures (`load.lifecycle`).
+    """
+    report = _measure(config, opened, bootstrap, metrics_url, bootstrap, events)
     if config.out is not None:
         plots.write_all(report, config.out)
     return report
