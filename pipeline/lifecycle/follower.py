@@ -28,7 +28,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from pipeline.config.topology import Topology
 from pipeline.kafka.clients import admin_config, reader_config
-from pipeline.lifecycle.commands import ControlRecord, control_topic
+from pipeline.lifecycle.commands import ControlRecord, Split, control_topic
 from pipeline.observability.health import Health
 from pipeline.observability.metrics import Metrics
 from pipeline.serving.routing import Router
@@ -169,7 +169,7 @@ class ControlFollower:
             why = (
                 f"control record {record.seq} ({record.command}) asks for version "
                 f"{', '.join(missing)}, which this replica does not serve; still serving "
-                f"{_describe(traffic)}"
+                f"{Split(traffic.default, dict(traffic.canary)).describe()}"
             )
             log.error("model %s: %s", record.model, why)
             self.health.versions_behind[record.model] = why
@@ -191,8 +191,3 @@ class ControlFollower:
             record.command,
             record.by or "?",
         )
-
-
-def _describe(traffic: Any) -> str:
-    canaries = "".join(f", v{v} {s:.0%}" for v, s in traffic.canary)
-    return f"v{traffic.default} (default){canaries}"
