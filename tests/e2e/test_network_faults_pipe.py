@@ -3,8 +3,8 @@
 `load.faults.run_faults` puts a fault proxy between every client and a broker of its own
 and runs the pipeline (``kp-pipeline run``, at least once) through it under 100
 requests/s: 250 ms of latency, every connection closed, every connection reset (RST), a
-20 s black hole, then 24 closes and resets in a row (50 in `python -m load.faults`). The guarantees checked here; the
-figures are printed by ``python -m load.faults`` (README).
+20 s black hole, then 24 closes and resets in a row (50 in ``python -m load.faults``).
+The guarantees checked here; the figures are printed by ``python -m load.faults`` (README).
 
 Exactly once under these faults is not shown: Tansu does not hide aborted transactions
 from read_committed readers (see e2e/brokers.py), and noida-db, which does, cannot
