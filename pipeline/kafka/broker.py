@@ -31,8 +31,13 @@ from schemas.errors import BrokerError
 
 __all__ = ["EMBEDDED_CLIENT_DEFAULTS", "EmbeddedBroker", "free_port", "tansu_binary"]
 
-# librdkafka settings that suit the embedded broker (a user's settings still win).
-EMBEDDED_CLIENT_DEFAULTS: dict[str, str | int] = {"session.timeout.ms": 6000}
+# librdkafka settings that suit the embedded broker (a user's settings still win): a join
+# takes half the session timeout on Tansu, so 3 s joins in 1.5 s; heartbeats every second
+# (librdkafka's thread, not Python's) keep a member well inside it.
+EMBEDDED_CLIENT_DEFAULTS: dict[str, str | int] = {
+    "session.timeout.ms": 3000,
+    "heartbeat.interval.ms": 1000,
+}
 
 
 def tansu_binary() -> Path:

@@ -54,7 +54,13 @@ TANSU_S3_INSTALL_HINT = "moto is not installed: pip install 'moto[server]' (or -
 # receive.message.max.bytes (default 100 MB) and retries the same fetch for ever: the
 # consumer hangs with "Invalid response size ... increase receive.message.max.bytes".
 # Its maximum, 2 GiB - 1, is the only value that bounds nothing a test can produce.
-NOIDA_CLIENT_SETTINGS: dict[str, str | int] = {"receive.message.max.bytes": 2_147_483_647}
+NOIDA_CLIENT_SETTINGS: dict[str, str | int] = {
+    "receive.message.max.bytes": 2_147_483_647,
+    # Not the embedded broker's short session (Tansu's): with 3 s and 1 s heartbeats a
+    # replica joining an exactly-once group on noida-db never got its partitions.
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 3000,
+}
 
 
 def noida_binary() -> list[str]:
