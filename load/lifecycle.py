@@ -14,6 +14,9 @@ by send time: before the command, during (its two seconds), after. Printed as a 
 with every request's outcome counted; then the same run with no command at that moment
 (the control: what the latency does anyway over a run).
 
+``--shadow-cost``: instead, the saturation of the same pipeline without a shadow and with
+version 2 shadowing every request (each on its own backlog), side by side.
+
 What this measures is a promotion between two loaded versions (the control topic, every
 replica's router swap); loading a new artifact into running replicas is not built yet.
 """
@@ -44,11 +47,15 @@ TINY = ROOT / "load" / "topologies" / "tiny-mlp.yaml"
 PARTITIONS = 4
 
 
-def two_versions(folder: Path, bootstrap: str, tag: str, port: int) -> Path:
-    """The tiny topology with a second version of the model, version 1 the default."""
+def two_versions(folder: Path, bootstrap: str, tag: str, port: int, shadow: bool = False) -> Path:
+    """The tiny topology with a second version of the model, version 1 the default.
+
+    ``shadow``: version 2 shadows version 1 for every key.
+    """
     text = TINY.read_text().replace("../../models/", f"{ROOT}/models/")
     model = text[text.index("  - name: tiny-mlp") :]
-    text = text.replace("models:", 'versions: {tiny-mlp: {default: "1"}}\nmodels:', 1)
+    split = '{default: "1", shadow: {version: "2"}}' if shadow else '{default: "1"}'
+    text = text.replace("models:", f"versions: {{tiny-mlp: {split}}}\nmodels:", 1)
     text += model.replace("name: tiny-mlp", "name: tiny-mlp\n    version: '2'", 1)
     text = (
         text.replace("${KP_BOOTSTRAP:-embedded}", bootstrap)
@@ -58,9 +65,19 @@ def two_versions(folder: Path, bootstrap: str, tag: str, port: int) -> Path:
         .replace("${KP_DLQ:-tiny.dead-letters}", f"{tag}.dead-letters")
     )
     text += f"\nmetrics: {{port: {port}, host: 127.0.0.1}}\n"
-    path = folder / "tiny-two-versions.yaml"
+    path = folder / f"tiny-two-versions{'-shadowed' if shadow else ''}.yaml"
     path.write_text(text)
     return path
+
+
+def _run(path: Path) -> subprocess.Popen[bytes]:
+    """``kp-pipeline run`` of ``path`` in its own process (not this one's GIL)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
 
 
 def _ready(url: str) -> bool:
@@ -95,6 +112,31 @@ def saturation(url: str, proc: subprocess.Popen[bytes], n: int) -> float:
     return (n - before) / (time.monotonic() - started)
 
 
+def shadow_cost(address: str, folder: Path, n: int) -> dict[str, float]:
+    """Saturation without a shadow and with a 100% one, each on its own backlog of ``n``."""
+    out = {}
+    for shadow in (False, True):
+        tag, port = f"bench.shadow.{int(shadow)}.{time.time_ns()}", free_port()
+        path = two_versions(folder, address, tag, port, shadow)
+        t = open_topology(path).topology.topics
+        ensure_topics(
+            AdminClient({"bootstrap.servers": address}),
+            [*t.input, t.output, t.dead_letter],
+            PARTITIONS,
+            1,
+        )
+        produce_tiny(address, t.input[0], n, "backlog")
+        proc = _run(path)
+        try:
+            out["100% shadow" if shadow else "no shadow"] = saturation(
+                f"http://127.0.0.1:{port}", proc, n
+            )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    return out
+
+
 def windows(sent_wall: np.ndarray[Any, Any], latency: np.ndarray[Any, Any], at: float) -> list[Any]:
     """(name, count, p50, p99, missing) for the requests sent before, during, after ``at``."""
     rows = []
@@ -118,7 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--promote-at", type=float, default=10.0)
     p.add_argument("--load", type=float, default=0.5, help="the rate, as a share of saturation")
+    p.add_argument(
+        "--shadow-cost", action="store_true", help="only: saturation without and with a shadow"
+    )
     args = p.parse_args(argv)
+    if args.shadow_cost:
+        with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+            cost = shadow_cost(broker.bootstrap_servers, Path(tmp), args.backlog)
+        base = cost["no shadow"]
+        for name, rate in cost.items():
+            print(f"| {name} | {rate:,.0f} requests/s | {rate / base:.2f}x |")
+        return 0
     tag = f"bench.lifecycle.{time.time_ns()}"
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         address, port = broker.bootstrap_servers, free_port()
@@ -129,12 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_topics(admin, [*t.input, t.output, t.dead_letter], PARTITIONS, 1)
         produce_tiny(address, t.input[0], args.backlog, "backlog")
         url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", str(path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
+        proc = _run(path)
         try:
             sat = saturation(url, proc, args.backlog)
             rate = sat * args.load

@@ -23,6 +23,7 @@ from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import admin_config, ensure_topics
 from pipeline.kafka.preflight import check_access
 from pipeline.lifecycle.follower import ControlFollower, create_control_topic
+from pipeline.lifecycle.shadow import attach_shadows
 from pipeline.observability.health import Health, MetricsServer
 from pipeline.observability.metrics import Metrics
 from pipeline.observability.tracing import make_tracing
@@ -196,9 +197,9 @@ def serve(
                     tracing=tracing,
                 )
                 pipeline.metrics_url = None if server is None else server.url
-                follower = (
-                    None if ranges is not None else follow_control(topology, address, pipeline)
-                )
+                live = ranges is None  # a replay serves recorded traffic as the topology says
+                follower = follow_control(topology, address, pipeline) if live else None
+                shadows = attach_shadows(topology, address, pipeline) if live else None
                 try:
                     with serving_collector():  # from ready on: callers see the policy applied
                         if on_ready is not None:
@@ -207,6 +208,8 @@ def serve(
                 finally:
                     if follower is not None:
                         follower.stop()
+                    if shadows is not None:
+                        shadows()
         finally:
             close_graph(graph)
             if tracing is not None:

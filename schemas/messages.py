@@ -14,6 +14,8 @@ from typing import Any, Protocol, TypeAlias
 import numpy as np
 
 __all__ = [
+    "SHADOW",
+    "SHADOWED",
     "DeadLetter",
     "Envelope",
     "Partition",
@@ -73,6 +75,13 @@ class Envelope:
     request: Request | None = None
     headers: list[tuple[str, bytes | None]] | None = None  # the record's, when it had any
     encoding: str | None = None  # of the request, when not Avro ("json")
+    # 0; SHADOWED: served by its version and also copied to a shadow; SHADOW: that copy,
+    # whose outcome is compared, never published (`pipeline.lifecycle.shadow`)
+    shadow: int = 0
+
+
+SHADOWED = 1
+SHADOW = 2
 
 
 class Status(StrEnum):

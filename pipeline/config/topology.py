@@ -80,6 +80,12 @@ class TopicSettings(_Strict):
         description="The group's compacted control topic (model versions' traffic, "
         "kp-pipeline versions); default '<group_id>.control'.",
     )
+    comparisons: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,249}$",
+        description="Where a shadow version's comparisons go (versions.<model>.shadow); "
+        "default '<output>.comparisons'.",
+    )
     create: bool = Field(True, description="Create missing topics at start.")
     partitions: int = Field(4, ge=1, description="Partitions of topics created at start.")
     replication_factor: int = Field(1, ge=1)

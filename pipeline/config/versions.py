@@ -13,7 +13,18 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["VersionTraffic", "check_versions"]
+__all__ = ["ShadowSettings", "VersionTraffic", "check_versions"]
+
+
+class ShadowSettings(BaseModel):
+    """A candidate version that sees the default's requests without answering them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(description="The candidate; its answers are compared, not published.")
+    share: float = Field(
+        1.0, gt=0, le=1, description="Share of record keys whose requests are shadowed."
+    )
 
 
 class VersionTraffic(BaseModel):
@@ -30,6 +41,14 @@ class VersionTraffic(BaseModel):
         default_factory=dict,
         description="version: share of record keys (0 < share <= 1, all together at most 1) "
         "sent to it instead of the default; one key always meets the same version.",
+    )
+    shadow: ShadowSettings | None = Field(
+        None,
+        description="A version that also serves (a key-hash share of) the requests the "
+        "default serves; its answers go to the comparison topic, never to the output.",
+    )
+    tolerance: float = Field(
+        1e-4, ge=0, description="Largest absolute difference of two float outputs still 'same'."
     )
 
     @field_validator("canary")
@@ -78,6 +97,18 @@ def check_versions(models: Sequence[_Served], versions: Mapping[str, VersionTraf
                 )
             if version == default_version(name, served[name], traffic):
                 raise ValueError(f"versions.{name}.canary: {version!r} is the default already")
+        if traffic.shadow is not None:
+            shadow = traffic.shadow.version
+            if shadow not in served[name]:
+                raise ValueError(
+                    f"versions.{name}.shadow.version: version {shadow!r} is not served "
+                    f"(serving {known})"
+                )
+            if shadow == default_version(name, served[name], traffic):
+                raise ValueError(
+                    f"versions.{name}.shadow.version: {shadow!r} is the default: a shadow is "
+                    "compared with the default"
+                )
     for name, listed in served.items():
         if len(listed) > 1 and (name not in versions or versions[name].default is None):
             raise ValueError(

@@ -3,6 +3,7 @@
     kp-pipeline versions status   topology.yaml
     kp-pipeline versions promote  topology.yaml --model tiny --version 2
     kp-pipeline versions canary   topology.yaml --model tiny --version 3 --share 0.1
+    kp-pipeline versions shadow   topology.yaml --model tiny --version 3 --share 1
     kp-pipeline versions rollback topology.yaml --model tiny
 
 Each change is one record on the group's control topic (`pipeline.lifecycle.commands`),
@@ -42,7 +43,7 @@ from pipeline.lifecycle.commands import (
 from pipeline.lifecycle.follower import create_control_topic
 from schemas.errors import ConfigError, KpError
 
-__all__ = ["ControlLog", "add_parser", "canary", "promote", "rollback", "send"]
+__all__ = ["ControlLog", "add_parser", "canary", "promote", "rollback", "send", "shadow"]
 
 
 class ConflictError(KpError):
@@ -177,17 +178,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     status = sub.add_parser("status", help="each model's split and the command that set it")
     promote = sub.add_parser("promote", help="make a version the default")
     canary = sub.add_parser("canary", help="send a share of keys to a version (0 ends it)")
+    shade = sub.add_parser(
+        "shadow", help="copy a share of the default's requests to a version, compared (0 ends)"
+    )
     rollback = sub.add_parser("rollback", help="go back to the split before the last change")
-    for p in (status, promote, canary, rollback):
+    for p in (status, promote, canary, shade, rollback):
         p.add_argument("topology", nargs="?", default="topology.yaml")
         p.add_argument("--bootstrap", help="the cluster (default: the topology's)")
-    for p in (promote, canary, rollback):
+    for p in (promote, canary, shade, rollback):
         p.add_argument("--model", required=True)
-    for p in (promote, canary):
+    for p in (promote, canary, shade):
         p.add_argument("--version", required=True)
-    canary.add_argument("--share", type=float, required=True, help="0 < share <= 1; 0 removes")
+    for p in (canary, shade):
+        p.add_argument("--share", type=float, required=True, help="0 < share <= 1; 0 removes")
     status.set_defaults(func=run_status)
-    for p in (promote, canary, rollback):
+    for p in (promote, canary, shade, rollback):
         p.set_defaults(func=run_change)
 
 
@@ -224,10 +229,11 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def promote(version: str) -> Callable[[ControlRecord], Split]:
-    """The change that makes ``version`` the default (and ends its canary, if any)."""
+    """The change that makes ``version`` the default (and ends its canary or shadow)."""
 
     def change(now: ControlRecord) -> Split:
-        return Split(version, {v: s for v, s in now.split.canary.items() if v != version})
+        kept = now.split.shadow if now.split.shadow and now.split.shadow[0] != version else None
+        return Split(version, {v: s for v, s in now.split.canary.items() if v != version}, kept)
 
     return change
 
@@ -241,7 +247,16 @@ def canary(version: str, share: float) -> Callable[[ControlRecord], Split]:
         shares = {v: s for v, s in now.split.canary.items() if v != version}
         if share > 0:
             shares[version] = share
-        return Split(now.split.default, shares)
+        return Split(now.split.default, shares, now.split.shadow)
+
+    return change
+
+
+def shadow(version: str, share: float) -> Callable[[ControlRecord], Split]:
+    """The change that shadows the default with ``version`` for ``share`` of keys (0 ends)."""
+
+    def change(now: ControlRecord) -> Split:
+        return Split(now.split.default, now.split.canary, (version, share) if share else None)
 
     return change
 
@@ -263,6 +278,8 @@ def run_change(args: argparse.Namespace) -> int:
         change, command = promote(args.version), f"promote {args.version}"
     elif which == "canary":
         change, command = canary(args.version, args.share), f"canary {args.version} {args.share:g}"
+    elif which == "shadow":
+        change, command = shadow(args.version, args.share), f"shadow {args.version} {args.share:g}"
     else:
         change, command = rollback, "rollback"
     record = send(topology, bootstrap, args.model, change, command)

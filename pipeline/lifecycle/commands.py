@@ -39,19 +39,21 @@ class Split:
 
     default: str
     canary: dict[str, float] = field(default_factory=dict)
+    shadow: tuple[str, float] | None = None  # (version, share of the default's keys)
 
     def describe(self) -> str:
-        """``v2 (default), v3 10%``."""
+        """``v2 (default), v3 10%, shadow v4 50%``."""
         canaries = "".join(f", v{v} {s:.0%}" for v, s in self.canary.items())
-        return f"v{self.default} (default){canaries}"
+        shadow = f", shadow v{self.shadow[0]} {self.shadow[1]:.0%}" if self.shadow else ""
+        return f"v{self.default} (default){canaries}{shadow}"
 
     def versions(self) -> set[str]:
         """Every version the split sends requests to."""
-        return {self.default, *self.canary}
+        return {self.default, *self.canary, *([self.shadow[0]] if self.shadow else [])}
 
     def traffic(self, keys: Mapping[str, str], name: str) -> Traffic:
         """The serving side's `Traffic` for this split over the served ``keys``."""
-        return Traffic(name, keys, self.default, tuple(self.canary.items()))
+        return Traffic(name, keys, self.default, tuple(self.canary.items()), self.shadow)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,10 @@ class ControlRecord:
 
 def _split(doc: Any) -> Split:
     canary = {str(v): float(s) for v, s in dict(doc.get("canary") or {}).items()}
-    return Split(str(doc["default"]), canary)
+    shadow = doc.get("shadow")
+    return Split(
+        str(doc["default"]), canary, (str(shadow[0]), float(shadow[1])) if shadow else None
+    )
 
 
 def control_topic(topology: Topology) -> str:
@@ -117,7 +122,7 @@ def initial_splits(topology: Topology) -> dict[str, ControlRecord]:
     served = [(m.name, m.version) for m in topology.models]
     out = {}
     for name, traffic in traffic_of(served, topology.versions).items():
-        split = Split(traffic.default, dict(traffic.canary))
+        split = Split(traffic.default, dict(traffic.canary), traffic.shadow)
         out[name] = ControlRecord(name, split, 0, "topology")
     return out
 
@@ -143,4 +148,10 @@ def checked_split(
         raise ConfigError(f"{where}: {e}") from None
     if split.default in split.canary:
         raise ConfigError(f"{where}: version {split.default!r} is the default and a canary")
+    if split.shadow is not None:
+        version, share = split.shadow
+        if version == split.default:
+            raise ConfigError(f"{where}: version {version!r} is the default and its shadow")
+        if not 0 < share <= 1:
+            raise ConfigError(f"{where}: shadow share {share:g} is not above 0 and at most 1")
     return split

@@ -60,6 +60,8 @@ kp_model_instances                   gauge      model, device
 kp_model_version_traffic_ratio       gauge      model, version (its share of requests naming none)
 kp_control_records_total             counter    result (applied, unapplied, invalid: control topic)
 kp_control_unapplied                 gauge      model (1 while its latest split is not applied here)
+kp_shadow_comparisons_total          counter    model (the shadow), verdict (same, differs, status)
+kp_shadow_skipped_total              counter    model (requests not copied: the shadow was behind)
 kp_ready                             gauge      1 while /readyz answers 200
 kp_gpu_memory_used_bytes             gauge      device (cuda:N as this process's CUDA numbers it)
 kp_gpu_utilization_ratio             gauge      device (only where NVML sees the GPU)
@@ -375,6 +377,19 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.shadow_comparisons = Counter(
+            "kp_shadow_comparisons",
+            "Requests answered by both the live version and its shadow, compared: same, "
+            "differs (outputs) or status (one failed, or they failed differently).",
+            ["model", "verdict"],
+            registry=r,
+        )
+        self.shadow_skipped = Counter(
+            "kp_shadow_skipped",
+            "Requests not copied to the shadow because too many copies were outstanding.",
+            ["model"],
+            registry=r,
+        )
         self.control_unapplied = Gauge(
             "kp_control_unapplied",
             "1 while the model's latest control record names a version this replica does not "
@@ -391,6 +406,9 @@ class Metrics:
         self.scheduler_wait.labels(model)
         self.scheduler_queued.labels(model)
         self.scheduler_unlisted_tenants.labels(model)
+        for verdict in ("same", "differs", "status"):
+            self.shadow_comparisons.labels(model, verdict)
+        self.shadow_skipped.labels(model)
         for status in STATUSES:
             self.results.labels(model, status)
         for trigger in ("full", "deadline", "drain"):

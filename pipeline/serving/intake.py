@@ -15,7 +15,8 @@ is the one-record form.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 
 from pipeline.config.topology import Topology
 from pipeline.config.versions import VersionTraffic
@@ -28,7 +29,7 @@ from pipeline.serving.versions import traffic_of
 from schemas import oip_json, oip_protobuf
 from schemas.codec import AvroCodec, request_from_record
 from schemas.errors import DecodeError, RequestError
-from schemas.messages import Envelope, Request
+from schemas.messages import SHADOW, SHADOWED, Envelope, Request
 from schemas.signatures import match_signatures
 from schemas.wire import unframe, unframe_protobuf
 
@@ -78,6 +79,9 @@ class Intake:
             traffic,
         )
         self.encodings = {t: e for t, e in (encodings or {}).items() if e != "avro"}
+        # Set by the shadow desk (`pipeline.lifecycle.shadow`): whether one more copy to
+        # the shadow served under this key may go now. None: no shadows here.
+        self.shadow_gate: Callable[[str], bool] | None = None
         names = {m.settings.name for m in graph}
         self._only_model = next(iter(names)) if len(names) == 1 else None
 
@@ -144,11 +148,9 @@ class Intake:
                 if route is None or request.model_version not in (None, "", route.version):
                     # several versions (the key picks a canary), or a RoutingError
                     route = self.router.route(request, env.key)
-                admitted = (route.key, route.batch_key(request))
-                if self.classes is not None:
-                    cls = self.classes.of(env, request, route.key)
-                    if cls is not None:
-                        admitted = (route.key, Classed(admitted[1], cls))
+                    if not request.model_version:
+                        self._shadow(env, request, route, groups)
+                admitted = self._admitted(env, request, route)
             except RequestError as e:
                 letters.append(self.encoder.dead_letter(env, e.reason, str(e), e.whose))
                 continue
@@ -158,6 +160,40 @@ class Intake:
             else:
                 group.append(env)
         return groups, letters
+
+    def _admitted(self, env: Envelope, request: Request, route: ModelRoute) -> Admitted:
+        """``(model key, batch key)``, the batch key classed when the scheduler asks."""
+        admitted = (route.key, route.batch_key(request))
+        if self.classes is not None:
+            cls = self.classes.of(env, request, route.key)
+            if cls is not None:
+                admitted = (route.key, Classed(admitted[1], cls))
+        return admitted
+
+    def _shadow(
+        self,
+        env: Envelope,
+        request: Request,
+        route: ModelRoute,
+        groups: dict[Admitted, list[Envelope]],
+    ) -> None:
+        """Copy a request that met its model's default to the model's shadow, if it has one.
+
+        The copy joins the shadow's batches; its outcome goes to the comparison
+        (`pipeline.lifecycle.shadow`), the original's to the output as ever. Copies stop
+        while ``shadow_gate`` says too many are outstanding: a slow shadow must not grow
+        memory without bound, and the live traffic never waits for it.
+        """
+        traffic = self.router.traffic[route.name]
+        if route.version != traffic.default:
+            return
+        key = traffic.shadows(env.key if env.key is not None else request.id.encode())
+        if key is None or self.shadow_gate is None or not self.shadow_gate(key):
+            return
+        env.shadow = SHADOWED
+        copy = dataclasses.replace(env, shadow=SHADOW)
+        admitted = self._admitted(copy, request, self.router.routes[key])
+        groups.setdefault(admitted, []).append(copy)
 
     def _decode_other_encodings(
         self, rows: Sequence[Envelope], skip: Collection[int]

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from schemas import oip_json, oip_protobuf
 from schemas.codec import AvroCodec
 from schemas.errors import RequestIdentity
@@ -44,6 +46,8 @@ class Outcome:
     status: str = "OK"  # of a result (OK, ERROR, EXPIRED)
     # (batch started, preprocess ms, compute ms, postprocess ms, batch size): for tracing
     phases: tuple[float, float, float, float, int] | None = None
+    # The result's outputs, kept only for rows a shadow compares (`OutcomeEncoder.shadows`)
+    outputs: dict[str, Any] | None = None
 
 
 class OutcomeEncoder:
@@ -68,6 +72,7 @@ class OutcomeEncoder:
         # "request": each result in its request's encoding; "avro"/"json": all in that one.
         self.result_encoding = result_encoding
         self.tracing = tracing  # a replica that makes spans: results keep their phase times
+        self.shadows = False  # set by the shadow desk: shadowed rows keep their outputs
         self._prefixes = codec.result_prefixes  # registry framing of JSON/protobuf results
 
     def _encoding(self, env: Envelope) -> str | None:
@@ -135,6 +140,10 @@ class OutcomeEncoder:
             phases = (started, pre_ms, compute_ms, post_ms, batch_size)
             for out in outcomes:
                 out.phases = phases
+        if self.shadows:
+            for i, env in enumerate(rows):
+                if env.shadow:
+                    outcomes[i].outputs = {k: np.asarray(v[i]) for k, v in columns.items()}
         if self.result_encoding not in ("request", "avro") or any(env.encoding for env in rows):
             self._re_encode(outcomes, version, columns, started, phase_ms, batch_size, now_ms)
         return outcomes

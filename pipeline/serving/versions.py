@@ -46,6 +46,19 @@ class Traffic:
     keys: Mapping[str, str]  # version -> the served key
     default: str
     canary: tuple[tuple[str, float], ...] = ()  # (version, share), in the topology's order
+    shadow: tuple[str, float] | None = None  # (version, share of keys) seeing the default's
+
+    def shadows(self, key: bytes) -> str | None:
+        """The shadow's served key when a request of ``key`` meeting the default is copied.
+
+        Salted apart from the canary split, so the shadowed keys are not the canary's.
+        """
+        if self.shadow is None:
+            return None
+        version, share = self.shadow
+        if share < 1.0 and split_point(f"{self.name}#shadow", key) >= share:
+            return None
+        return self.keys[version]
 
     def pick(self, key: bytes) -> str:
         """The version a request naming none meets, by its record key (or request id)."""
@@ -79,7 +92,10 @@ def traffic_of(
         wanted = versions.get(name)
         keys = {v: version_key(name, v, len(listed)) for v in listed}
         canary = tuple(wanted.canary.items()) if wanted is not None else ()
-        out[name] = Traffic(name, keys, default_version(name, listed, wanted), canary)
+        shadow = None
+        if wanted is not None and wanted.shadow is not None:
+            shadow = (wanted.shadow.version, wanted.shadow.share)
+        out[name] = Traffic(name, keys, default_version(name, listed, wanted), canary, shadow)
     return out
 
 
@@ -93,4 +109,7 @@ def describe_versions(models: Sequence[Any], versions: Mapping[str, VersionTraff
                 for v, share in traffic.shares().items()
             )
             out.append(f"versions of {name}, for requests naming none (by record key): {shares}")
+            if traffic.shadow is not None:
+                v, share = traffic.shadow
+                out.append(f"  shadow: v{v} sees {share:.0%} of the default's keys, compared")
     return out

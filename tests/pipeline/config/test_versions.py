@@ -78,6 +78,21 @@ def test_a_model_in_two_versions_with_a_default_and_a_canary() -> None:
             "the shares add up to 1.2, more than 1",
         ),
         ([("m", "1"), ("m", "2")], {"m": {"default": "1", "weights": {}}}, "weights"),
+        (
+            [("m", "1"), ("m", "2")],
+            {"m": {"default": "1", "shadow": {"version": "3"}}},
+            "versions.m.shadow.version: version '3' is not served",
+        ),
+        (
+            [("m", "1"), ("m", "2")],
+            {"m": {"default": "1", "shadow": {"version": "1"}}},
+            "versions.m.shadow.version: '1' is the default",
+        ),
+        (
+            [("m", "1"), ("m", "2")],
+            {"m": {"default": "1", "shadow": {"version": "2", "share": 0}}},
+            "share",
+        ),
     ],
 )
 def test_traffic_that_does_not_fit_the_models_is_refused_naming_the_field(

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from pipeline.config.topology import Topology
-from pipeline.lifecycle.admin import canary, promote, rollback
+from pipeline.lifecycle.admin import canary, promote, rollback, shadow
 from pipeline.lifecycle.commands import (
     ControlRecord,
     Split,
@@ -43,6 +43,9 @@ NOW = ControlRecord("m", Split("1", {"3": 0.1}), 4, "canary 3 0.1", Split("1"), 
 
 def test_a_record_reads_back_as_written() -> None:
     assert ControlRecord.decode(NOW.encode()) == NOW
+    shadowed = ControlRecord("m", Split("1", {}, ("2", 0.5)), 2, "shadow 2 0.5", Split("1"))
+    assert ControlRecord.decode(shadowed.encode()) == shadowed
+    assert shadowed.split.describe() == "v1 (default), shadow v2 50%"
     first = ControlRecord("m", Split("2"), 1, "promote 2")
     assert ControlRecord.decode(first.encode()) == first
 
@@ -74,6 +77,10 @@ def test_commands_change_the_split_as_their_names_say() -> None:
     assert canary("2", 0.25)(NOW) == Split("1", {"3": 0.1, "2": 0.25})
     assert canary("3", 0)(NOW) == Split("1")
     assert rollback(NOW) == Split("1")
+    assert shadow("2", 1.0)(NOW) == Split("1", {"3": 0.1}, ("2", 1.0))
+    assert shadow("2", 0)(NOW) == Split("1", {"3": 0.1})
+    assert promote("2")(ControlRecord("m", Split("1", {}, ("2", 1.0)), 1, "")) == Split("2")
+    assert canary("3", 0.2)(ControlRecord("m", Split("1", {}, ("2", 1.0)), 1, "")).shadow
     with pytest.raises(ConfigError, match="1 is the default already"):
         canary("1", 0.5)(NOW)
     with pytest.raises(ConfigError, match="nothing to roll back to"):
@@ -87,6 +94,9 @@ def test_commands_change_the_split_as_their_names_say() -> None:
         (Split("1", {"2": 0.7, "3": 0.6}), "the shares add up to 1.3"),
         (Split("1", {"1": 0.5}), "'1' is the default and a canary"),
         (Split("1", {"2": -0.1}), "share -0.1 is not above 0"),
+        (Split("1", {}, ("1", 1.0)), "'1' is the default and its shadow"),
+        (Split("1", {}, ("2", 1.5)), "shadow share 1.5 is not above 0"),
+        (Split("1", {}, ("4", 1.0)), "version 4 is not loaded"),
     ],
 )
 def test_a_split_the_topology_cannot_serve_is_refused_before_it_is_written(

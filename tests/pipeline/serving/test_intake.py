@@ -281,17 +281,7 @@ def test_versions_of_one_model_are_grouped_apart_by_the_version_each_request_mee
     from pipeline.config.versions import VersionTraffic
     from pipeline.serving.versions import split_point
 
-    graph = [
-        SimpleNamespace(
-            name=f"m@{v}",
-            settings=SimpleNamespace(name="m", version=v),
-            inputs={"x": TensorSpec("FP32", (4,))},
-            bucketer=None,
-        )
-        for v in ("1", "2")
-    ]
-    versions = {"m": VersionTraffic(default="1", canary={"2": 0.5})}
-    intake = Intake(graph, CODEC, OutcomeEncoder(CODEC, "out", "dlq"), versions=versions)  # type: ignore[arg-type]
+    intake = _versioned({"m": VersionTraffic(default="1", canary={"2": 0.5})})
 
     def row(rid: str, key: bytes, version: str | None = None) -> Envelope:
         request = Request(rid, "m", {"x": np.ones(4, np.float32)}, model_version=version)
@@ -309,3 +299,39 @@ def test_versions_of_one_model_are_grouped_apart_by_the_version_each_request_mee
     assert met == {**expected, "asked": "m@2"}
     unknown = intake.admit_batch([row("x", b"a", "9")])[1]
     assert [o.reason for o in unknown] == ["unknown_model"]
+
+
+def test_a_request_meeting_the_default_is_copied_to_the_shadow_while_the_gate_allows() -> None:
+    from pipeline.config.versions import ShadowSettings, VersionTraffic
+    from schemas.messages import SHADOW, SHADOWED
+
+    intake = _versioned({"m": VersionTraffic(default="1", shadow=ShadowSettings(version="2"))})
+    allowed = [True, False]
+    intake.shadow_gate = lambda key: allowed.pop(0)
+
+    def row(rid: str, version: str | None = None) -> Envelope:
+        request = Request(rid, "m", {"x": np.ones(4, np.float32)}, model_version=version)
+        return Envelope("in", 0, 7, b"k", CODEC.encode_request(request), 0, 0.0)
+
+    rows = [row("a"), row("b"), row("asked", "1")]
+    groups, _ = intake.admit_batch(rows)
+    live = groups[("m@1", "m")]
+    copies = groups[("m@2", "m")]
+    assert [e.request.id for e in live] == ["a", "b", "asked"]  # type: ignore[union-attr]
+    assert [(e.request.id, e.shadow) for e in copies] == [("a", SHADOW)]  # type: ignore[union-attr]
+    assert [e.shadow for e in live] == [SHADOWED, 0, 0]  # b: gate closed; asked: named v1
+    assert copies[0].request is live[0].request
+
+
+def _versioned(versions: dict[str, Any]) -> Intake:
+    """An intake of model ``m`` in versions 1 and 2, split as ``versions`` says."""
+    graph = [
+        SimpleNamespace(
+            name=f"m@{v}",
+            settings=SimpleNamespace(name="m", version=v),
+            inputs={"x": TensorSpec("FP32", (4,))},
+            bucketer=None,
+        )
+        for v in ("1", "2")
+    ]
+    return Intake(graph, CODEC, OutcomeEncoder(CODEC, "out", "dlq"), versions=versions)  # type: ignore[arg-type]
