@@ -141,10 +141,16 @@ def result_subjects(output: str, result_encoding: str) -> dict[str, str]:
 def follow_control(topology: Topology, address: str, pipeline: Replica) -> ControlFollower:
     """The live replica's control follower, caught up before it consumes a request.
 
-    A replay does not follow: it serves recorded traffic with the topology's split.
+    A replay does not follow: it serves recorded traffic with the topology's split. With
+    the broker unreachable at start, the replica starts on the topology's split and the
+    follower applies the topic once it can read it.
     """
+    pipeline.health.models_loaded = True  # they are: /readyz says so while this waits
     if topology.topics.create:
-        create_control_topic(topology, address)
+        try:
+            create_control_topic(topology, address, timeout=5)
+        except Exception as e:  # an unreachable broker: the follower keeps looking for it
+            log.warning("control topic not created (%s): the follower will look for it", e)
     follower = ControlFollower(
         topology, address, pipeline.intake.router, pipeline.metrics, pipeline.health
     )

@@ -22,7 +22,13 @@ import threading
 import time
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -86,7 +92,11 @@ class ControlFollower:
 
     def _assign(self) -> list[int]:
         """Assign the topic's partitions from the beginning; none while it does not exist."""
-        meta = self._consumer.list_topics(self.topic, timeout=10)
+        try:
+            meta = self._consumer.list_topics(self.topic, timeout=5)
+        except KafkaException as e:  # no broker yet: the thread looks again
+            log.warning("control topic %s: cannot read it yet (%s)", self.topic, e)
+            return []
         found = meta.topics.get(self.topic)
         if found is None or found.error is not None or not found.partitions:
             return []
@@ -131,7 +141,7 @@ class ControlFollower:
         """Stop following and close the reader."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(10)  # a list_topics call in flight takes up to 5 s
         self._consumer.close()
 
     def _run(self) -> None:

@@ -128,8 +128,8 @@ class Kafka:
                 "group.id": group or f"g-{uuid.uuid4().hex[:8]}",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
-                **GROUP_SETTINGS,
                 **self.settings,
+                **GROUP_SETTINGS,  # these tests time group rounds: their heartbeats win
                 **conf,
             }
         )
