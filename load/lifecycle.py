@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 from confluent_kafka.admin import AdminClient
 
-from load.backlog import produce_tiny, scrape, total
+from load.backlog import produce_tiny
 from load.generator import LoadConfig, measure
+from load.workers import saturation
 from pipeline.app import open_topology
 from pipeline.kafka.broker import EmbeddedBroker, free_port
 from pipeline.kafka.clients import ensure_topics
@@ -80,38 +81,6 @@ def _run(path: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _ready(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-            return int(r.status) == 200
-    except OSError:
-        return False
-
-
-def _done(url: str) -> float:
-    samples = scrape(f"{url}/metrics")
-    return total(samples, "kp_results_total") + total(samples, "kp_dead_letters_total")
-
-
-def saturation(url: str, proc: subprocess.Popen[bytes], n: int) -> float:
-    """Requests/s of the running pipeline on the backlog already produced."""
-    deadline = time.monotonic() + 180
-    while not _ready(url):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError("the pipeline did not become ready within 180 s")
-        time.sleep(0.02)
-    started, before = time.monotonic(), _done(url)
-    done = before
-    while done < n:
-        if time.monotonic() > deadline + 600:
-            raise RuntimeError(f"{done:.0f} of {n} served after 10 minutes")
-        time.sleep(0.05)
-        done = _done(url)
-    return (n - before) / (time.monotonic() - started)
-
-
 def shadow_cost(address: str, folder: Path, n: int) -> dict[str, float]:
     """Saturation without a shadow and with a 100% one, each on its own backlog of ``n``."""
     out = {}
@@ -128,9 +97,8 @@ def shadow_cost(address: str, folder: Path, n: int) -> dict[str, float]:
         produce_tiny(address, t.input[0], n, "backlog")
         proc = _run(path)
         try:
-            out["100% shadow" if shadow else "no shadow"] = saturation(
-                f"http://127.0.0.1:{port}", proc, n
-            )
+            name = "100% shadow" if shadow else "no shadow"
+            out[name] = saturation(f"http://127.0.0.1:{port}", proc, n, name)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
@@ -183,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         proc = _run(path)
         try:
-            sat = saturation(url, proc, args.backlog)
+            sat = saturation(url, proc, args.backlog, "the pipeline")
             rate = sat * args.load
             print(f"saturation {sat:,.0f} requests/s; load at {args.load:g}: {rate:,.0f}/s")
             runs = {}

@@ -82,23 +82,30 @@ def serve(bootstrap: str, source: str, n: int, workers: int) -> float:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while _get(f"{url}/readyz") != 200:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"--workers {workers}: not ready within 180 s")
-            time.sleep(0.02)
-        started, before = time.monotonic(), _done(url)
-        done = before
-        while done < n:
-            if time.monotonic() > deadline + 600:
-                raise RuntimeError(f"--workers {workers}: {done} of {n} after 10 minutes")
-            time.sleep(0.05)
-            done = _done(url)
-        seconds = time.monotonic() - started
-        return (n - before) / seconds
+        return saturation(url, proc, n, f"--workers {workers}")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
+
+
+def saturation(url: str, proc: subprocess.Popen[bytes], n: int, what: str) -> float:
+    """Requests/s of a pipeline at ``url`` on a backlog of ``n``, from its ``/readyz`` on.
+
+    What it served before it was ready (start-up, the group join) is left out.
+    """
+    deadline = time.monotonic() + 180
+    while _get(f"{url}/readyz") != 200:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{what}: not ready within 180 s")
+        time.sleep(0.02)
+    started, before = time.monotonic(), _done(url)
+    done = before
+    while done < n:
+        if time.monotonic() > deadline + 600:
+            raise RuntimeError(f"{what}: {done:.0f} of {n} after 10 minutes")
+        time.sleep(0.05)
+        done = _done(url)
+    return (n - before) / (time.monotonic() - started)
 
 
 def _done(url: str) -> float:
