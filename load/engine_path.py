@@ -170,7 +170,7 @@ def _serve(replica: Replica, msgs: list[Message]) -> float:
         replica.accounting.flush(replica.delivery.transactions)  # _observe less lag
     for name, batcher in replica.batchers.items():
         for flushed in batcher.drain():
-            replica._submit(name, flushed)
+            replica.submit(name, flushed)
     replica._publish()
     replica.delivery.confirm(force=True)
     replica.accounting.flush(replica.delivery.transactions)

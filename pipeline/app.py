@@ -23,7 +23,8 @@ from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import admin_config, ensure_topics
 from pipeline.kafka.preflight import check_access
 from pipeline.lifecycle.follower import ControlFollower, create_control_topic
-from pipeline.lifecycle.shadow import attach_shadows
+from pipeline.lifecycle.hotload import VersionLoader
+from pipeline.lifecycle.shadow import Shadows, attach_shadows
 from pipeline.observability.health import Health, MetricsServer
 from pipeline.observability.metrics import Metrics
 from pipeline.observability.tracing import make_tracing
@@ -138,24 +139,45 @@ def result_subjects(output: str, result_encoding: str) -> dict[str, str]:
     }
 
 
-def follow_control(topology: Topology, address: str, pipeline: Replica) -> ControlFollower:
+def follow_control(
+    opened: OpenTopology,
+    address: str,
+    pipeline: Replica,
+    graph: list[ServedModel],
+    load_timeout: float = 600.0,
+) -> tuple[ControlFollower, VersionLoader, Shadows]:
     """The live replica's control follower, caught up before it consumes a request.
 
-    A replay does not follow: it serves recorded traffic with the topology's split. With
-    the broker unreachable at start, the replica starts on the topology's split and the
+    Caught up means the group's current state applied: versions the control topic asks
+    for loaded (up to ``load_timeout`` seconds) and its splits applied, so a replica
+    restarted in the middle of a swap comes back on the group's current version. A
+    replay does not follow: it serves recorded traffic with the topology's split. With the
+    broker unreachable at start, the replica starts on the topology's split and the
     follower applies the topic once it can read it.
     """
+    topology = opened.topology
     pipeline.health.models_loaded = True  # they are: /readyz says so while this waits
     if topology.topics.create:
         try:
             create_control_topic(topology, address, timeout=5)
         except Exception as e:  # an unreachable broker: the follower keeps looking for it
             log.warning("control topic not created (%s): the follower will look for it", e)
+    shadows = attach_shadows(topology, address, pipeline)
+    loader = VersionLoader(topology, opened.base_dir, pipeline, graph, shadows)
     follower = ControlFollower(
-        topology, address, pipeline.intake.router, pipeline.metrics, pipeline.health
+        topology,
+        address,
+        pipeline.intake.router,
+        pipeline.metrics,
+        pipeline.health,
+        apply=pipeline.change,
+        loader=loader,
     )
     follower.catch_up()
-    return follower.start()
+    pipeline.apply_changes()  # settles each model: starts the loads it asks for
+    loader.wait(load_timeout)
+    pipeline.apply_changes()  # attaches them, and applies the splits that needed them
+    return follower.start(), loader, shadows
 
 
 def serve(
@@ -204,18 +226,18 @@ def serve(
                 )
                 pipeline.metrics_url = None if server is None else server.url
                 live = ranges is None  # a replay serves recorded traffic as the topology says
-                follower = follow_control(topology, address, pipeline) if live else None
-                shadows = attach_shadows(topology, address, pipeline) if live else None
+                control = follow_control(opened, address, pipeline, graph) if live else None
                 try:
                     with serving_collector():  # from ready on: callers see the policy applied
                         if on_ready is not None:
                             on_ready(address, pipeline)
                         return pipeline.run(stop)
                 finally:
-                    if follower is not None:
+                    if control is not None:
+                        follower, loader, shadows = control
                         follower.stop()
-                    if shadows is not None:
-                        shadows()
+                        loader.close()
+                        shadows.close()
         finally:
             close_graph(graph)
             if tracing is not None:

@@ -82,9 +82,7 @@ class Accounting:
         """Start every known series at zero, and read the tracker's gauges at scrape time."""
         m = self.metrics
         for g in graph:
-            m.declare_model(g.name, g.devices)
-            m.batch_limit.labels(g.name).set(g.settings.batching.max_batch_size)
-            m.batch_delay.labels(g.name).set(g.settings.batching.max_delay_ms / 1000.0)
+            self.declare_model(g)
         for reason in REASONS:
             m.declare_reason(reason)
         for topic in topics.input:
@@ -95,6 +93,13 @@ class Accounting:
         m.in_flight_bytes.set_function(lambda: tracker.in_flight_bytes)
         m.assigned.set_function(lambda: len(tracker.partitions()))
         m.paused.set_function(lambda: len(tracker.partitions()) if paused() else 0)
+
+    def declare_model(self, g: ServedModel) -> None:
+        """Count one more served model (at start, or a version loaded while serving)."""
+        self._served = self._served | {g.name}
+        self.metrics.declare_model(g.name, g.devices)
+        self.metrics.batch_limit.labels(g.name).set(g.settings.batching.max_batch_size)
+        self.metrics.batch_delay.labels(g.name).set(g.settings.batching.max_delay_ms / 1000.0)
 
     def consumed_many(self, tp: Partition, n: int, size: int) -> None:
         """``n`` records of ``tp`` taken into the pipeline, ``size`` bytes in all."""

@@ -17,7 +17,6 @@ import logging
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -37,6 +36,7 @@ from pipeline.engine.ranges import BoundedRanges, names
 from pipeline.kafka.clients import consumer_config, producer_config, reader_config, transactional_id
 from pipeline.kafka.clients import replica_id as kafka_replica_id
 from pipeline.kafka.watch import ClientWatch
+from pipeline.kafka.watch import weak_callback as _weak
 from pipeline.observability.health import Health
 from pipeline.observability.metrics import GpuSampler, Metrics
 from pipeline.observability.tracing import Tracing
@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 
 class Replica:
     """One replica: a consumer, the models' runtimes and a producer, wired to a topology."""
+
+    batchers: dict[str, MicroBatcher[Any, Envelope]]  # per served model key
+    runtimes: dict[str, ModelRuntime]
+    controls: dict[str, LagBatchControl]  # of the models whose batching follows lag
 
     def __init__(
         self,
@@ -143,28 +147,40 @@ class Replica:
             {} if self.exactly_once else {g.name: g.settings.ordering for g in graph}, self.metrics
         )
         self.consumed = Consumed(self.consumer, self.tracker, self.accounting, self.bounded)
-        self.batchers = {
-            m.name: MicroBatcher[Any, Envelope](
-                m.settings.batching.max_batch_size, m.settings.batching.max_delay_ms / 1000.0
-            )
-            for m in graph
-        }
-        scheduler = DeviceScheduler.for_graph(topology.scheduling, graph, self.metrics)
-        self.runtimes = {
-            m.name: ModelRuntime(m, self.encoder, self._completed.put, self.metrics, scheduler)
-            for m in graph
-        }
-        self.controls = {
-            m.name: LagBatchControl.from_settings(m.settings.batching, m.info.max_batch_size)
-            for m in graph
-            if m.settings.batching.lag_control.enabled
-        }
+        self.scheduler = DeviceScheduler.for_graph(topology.scheduling, graph, self.metrics)
+        self.batchers, self.runtimes, self.controls = {}, {}, {}
+        for m in graph:
+            self.serve_model(m)
+        self.running, self._changes = False, queue.SimpleQueue[Callable[[], None]]()
         warn_if_narrow(self.flow.max_in_flight, (m.settings.batching for m in graph))
         self.assigned = threading.Event()
         self.metrics_url: str | None = None  # where /metrics is served, when it is
         self._next_lag = 0.0
         bp = self.backpressure
         self.accounting.declare(graph, topology.topics, self.tracker, lambda: bp.paused)
+
+    def serve_model(self, m: ServedModel) -> ModelRuntime:
+        """A model's batcher, runtime and batch control.
+
+        At start, and for a version loaded while serving (`pipeline.lifecycle.hotload`,
+        on the loop thread, between batches).
+        """
+        b = m.settings.batching
+        self.batchers[m.name] = MicroBatcher(b.max_batch_size, b.max_delay_ms / 1000.0)
+        runtime = ModelRuntime(m, self.encoder, self._completed.put, self.metrics, self.scheduler)
+        self.runtimes[m.name] = runtime
+        if b.lag_control.enabled:
+            self.controls[m.name] = LagBatchControl.from_settings(b, m.info.max_batch_size)
+        return runtime
+
+    def change(self, apply: Callable[[], None]) -> None:
+        """Have the loop thread run ``apply`` between two batches (a version swapped)."""
+        self._changes.put(apply)
+
+    def apply_changes(self) -> None:
+        """Run the changes queued so far: every turn of the loop, and by `serve` before it."""
+        for _ in range(self._changes.qsize()):
+            self._changes.get_nowait()()
 
     def _consumer(self, bootstrap: str, embedded: bool, replica_id: str | None) -> Consumer:
         kafka = self.topology.kafka
@@ -190,6 +206,7 @@ class Replica:
         self.delivery.start()
         for runtime in self.runtimes.values():
             runtime.start()
+        self.running = True
         self.health.models_loaded = True
         self.lag.start()
         if self.bounded is None or self.bounded.shared:
@@ -213,6 +230,7 @@ class Replica:
                 self.delivery.commit(force=False)
                 self._apply_backpressure()
                 self._observe(now)
+                self.apply_changes()
                 self.health.beat()
         finally:
             self._shutdown()
@@ -255,14 +273,15 @@ class Replica:
             self.sequencer.admit_groups(groups)
         for (model, key), members in groups.items():
             for flushed in self.batchers[model].add_many(key, members, now):
-                self._submit(model, flushed)
+                self.submit(model, flushed)
 
     def _dispatch(self, now: float) -> None:
         for name, batcher in self.batchers.items():
             for flushed in batcher.due(now):
-                self._submit(name, flushed)
+                self.submit(name, flushed)
 
-    def _submit(self, model: str, flushed: Flushed[Any, Envelope]) -> None:
+    def submit(self, model: str, flushed: Flushed[Any, Envelope]) -> None:
+        """Hand a flushed batch of ``model`` to its runtime, counted."""
         self.metrics.batches.labels(model, flushed.reason).inc()
         self.metrics.batch_size.labels(model).observe(len(flushed.items))
         key = flushed.key
@@ -415,7 +434,7 @@ class Replica:
 
         for name, batcher in self.batchers.items():
             for flushed in batcher.drain():
-                self._submit(name, flushed)
+                self.submit(name, flushed)
         while self._failure() is None and time.monotonic() < deadline and owed():
             self._publish()
             self.producer.poll(0.005)
@@ -479,20 +498,3 @@ class Replica:
             self.stats.results,
             self.stats.dead_letters,
         )
-
-
-def _weak(method: Callable[..., None]) -> Callable[..., None]:
-    """A callback that does not keep its object alive.
-
-    The consumer keeps its rebalance callbacks; bound methods would make the pipeline and
-    its consumer a reference cycle, so its Kafka clients would close only at some later
-    garbage collection instead of when the pipeline is dropped.
-    """
-    ref = weakref.WeakMethod(method)
-
-    def call(*args: Any) -> None:
-        bound = ref()
-        if bound is not None:
-            bound(*args)
-
-    return call

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 from confluent_kafka import KafkaError
 
 from pipeline.observability.health import Health
 
-__all__ = ["ClientWatch"]
+__all__ = ["ClientWatch", "weak_callback"]
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +50,20 @@ class ClientWatch:
             log.debug("kafka: %s", err)
         else:
             log.warning("kafka: %s", err)
+
+
+def weak_callback(method: Callable[..., None]) -> Callable[..., None]:
+    """A callback that does not keep its object alive.
+
+    The consumer keeps its rebalance callbacks; bound methods would make the pipeline and
+    its consumer a reference cycle, so its Kafka clients would close only at some later
+    garbage collection instead of when the pipeline is dropped.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return call

@@ -5,13 +5,22 @@
     kp-pipeline versions canary   topology.yaml --model tiny --version 3 --share 0.1
     kp-pipeline versions shadow   topology.yaml --model tiny --version 3 --share 1
     kp-pipeline versions rollback topology.yaml --model tiny
+    kp-pipeline versions load     topology.yaml --model tiny --version 3 --artifact v3.onnx
+    kp-pipeline versions unload   topology.yaml --model tiny --version 1
 
 Each change is one record on the group's control topic (`pipeline.lifecycle.commands`),
 written with the topology's own Kafka settings, so it is authenticated and authorised as
 every other client of the cluster is (an ACL on the control topic decides who may send
 commands). Every replica applies it within about a fifth of a second
-(`pipeline.lifecycle.follower`). A command naming a version the topology does not load,
+(`pipeline.lifecycle.follower`). A command naming a version the group does not serve,
 or a rollback with nothing to go back to, is refused before anything is written.
+
+``load`` serves one more version from an artifact, with the settings of one of the
+topology's versions (``--settings-of``, by default the current default): every replica
+loads and warms it beside the live versions (`pipeline.lifecycle.hotload`), then a
+``promote`` moves traffic to it at a batch boundary and ``unload`` retires the old one
+(drained, then unloaded). ``unload`` of a version a split still sends requests to is
+refused. A replica that cannot load the artifact keeps serving and says why on /readyz.
 
 Two commands at once: each reads the model's latest record, writes its own over it, and
 reads the topic back. If another command's record landed between the two, the later
@@ -23,9 +32,11 @@ nobody was told about.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
@@ -35,15 +46,29 @@ from pipeline.config.topology import Topology
 from pipeline.kafka.clients import admin_config, producer_config, reader_config
 from pipeline.lifecycle.commands import (
     ControlRecord,
+    Load,
+    Served,
     Split,
+    checked_served,
     checked_split,
     control_topic,
     initial_splits,
+    served_versions,
 )
 from pipeline.lifecycle.follower import create_control_topic
 from schemas.errors import ConfigError, KpError
 
-__all__ = ["ControlLog", "add_parser", "canary", "promote", "rollback", "send", "shadow"]
+__all__ = [
+    "ControlLog",
+    "add_parser",
+    "canary",
+    "load",
+    "promote",
+    "rollback",
+    "send",
+    "shadow",
+    "unload",
+]
 
 
 class ConflictError(KpError):
@@ -135,10 +160,13 @@ def send(
     topology: Topology,
     bootstrap: str,
     model: str,
-    change: Callable[[ControlRecord], Split],
+    change: Callable[[ControlRecord], Split | Served],
     command: str,
 ) -> ControlRecord:
-    """Write ``change``'s split over the model's current one; `ConflictError` if beaten."""
+    """Write ``change``'s split (or served versions) over the model's current one.
+
+    `ConflictError` if another command landed in between.
+    """
     topic = control_topic(topology)
     if topology.topics.create:
         create_control_topic(topology, bootstrap)
@@ -150,8 +178,13 @@ def send(
     log = ControlLog.read(topology, bootstrap)
     current = log.current(topology, model)
     seen = log.records.get(model, (-1, current))[0]
-    split = checked_split(topology, model, change(current), f"versions {command}")
-    record = ControlRecord.made(model, split, current, command)
+    changed, where = change(current), f"versions {command}"
+    if isinstance(changed, Split):
+        split = checked_split(topology, model, changed, where, current.served)
+        record = ControlRecord.made(model, split, current, command)
+    else:
+        served = checked_served(topology, model, changed, current.split, where)
+        record = ControlRecord.made(model, current.split, current, command, served)
     offset = _write(topology, bootstrap, record)
     before = _read(topology, bootstrap, 30.0, until=offset - 1).get(model)
     if before is not None and before[0] != seen:  # another command landed in between
@@ -182,17 +215,31 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "shadow", help="copy a share of the default's requests to a version, compared (0 ends)"
     )
     rollback = sub.add_parser("rollback", help="go back to the split before the last change")
-    for p in (status, promote, canary, shade, rollback):
+    loads = sub.add_parser("load", help="serve one more version, loaded into every replica")
+    unloads = sub.add_parser("unload", help="retire a version no split sends requests to")
+    changes = (promote, canary, shade, rollback, loads, unloads)
+    for p in (status, *changes):
         p.add_argument("topology", nargs="?", default="topology.yaml")
         p.add_argument("--bootstrap", help="the cluster (default: the topology's)")
-    for p in (promote, canary, shade, rollback):
+    for p in changes:
         p.add_argument("--model", required=True)
-    for p in (promote, canary, shade):
+    for p in (promote, canary, shade, loads, unloads):
         p.add_argument("--version", required=True)
+    loads.add_argument(
+        "--artifact",
+        help="the new version's file, as the replicas see it (relative: to their topology "
+        "file's folder); leave it out to bring back a topology version that was unloaded",
+    )
+    loads.add_argument("--sha256", help="refuse the artifact unless it has this SHA-256")
+    loads.add_argument(
+        "--settings-of",
+        help="the topology version whose stages, batching and devices it is served with "
+        "(default: the model's current default, if the topology lists it)",
+    )
     for p in (canary, shade):
         p.add_argument("--share", type=float, required=True, help="0 < share <= 1; 0 removes")
     status.set_defaults(func=run_status)
-    for p in (promote, canary, shade, rollback):
+    for p in changes:
         p.set_defaults(func=run_change)
 
 
@@ -225,6 +272,9 @@ def run_status(args: argparse.Namespace) -> int:
             else f"#{record.seq} {record.command} by {record.by} at {when} UTC"
         )
         print(f"{model}: {record.split.describe()}  ({source})")
+        if record.served.loads or record.served.unloaded:
+            versions = ", ".join(served_versions(topology, model, record.served))
+            print(f"  serving versions {versions}: {record.served.describe()}")
     return 0
 
 
@@ -270,18 +320,76 @@ def rollback(now: ControlRecord) -> Split:
     return now.previous
 
 
+def load(
+    topology: Topology,
+    version: str,
+    artifact: str | None,
+    sha256: str | None = None,
+    settings_of: str | None = None,
+) -> Callable[[ControlRecord], Served]:
+    """The change that serves ``version`` too: from ``artifact``, or the topology's own."""
+
+    def change(now: ControlRecord) -> Served:
+        served = now.served
+        listed = [m.version for m in topology.models if m.name == now.model]
+        if version in served_versions(topology, now.model, served):
+            raise ConfigError(f"--version: {version} of {now.model!r} is served already")
+        if version in listed:
+            if artifact is not None:
+                raise ConfigError(
+                    f"--artifact: version {version} is the topology's own; leave --artifact "
+                    "out to bring it back, or give the new artifact a version of its own"
+                )
+            kept = tuple(v for v in served.unloaded if v != version)
+            return dataclasses.replace(served, unloaded=kept)
+        if artifact is None:
+            raise ConfigError(f"--artifact: version {version} is new: name its file")
+        base = settings_of or (now.split.default if now.split.default in listed else listed[0])
+        if sha256 is not None and Path(artifact).is_file():  # a typo is cheaper caught here
+            from backends.artifacts import artifact_sha256
+
+            if artifact_sha256(Path(artifact)) != sha256:
+                raise ConfigError(f"--sha256: {artifact} here has another SHA-256")
+        return Served({**served.loads, version: Load(artifact, base, sha256)}, served.unloaded)
+
+    return change
+
+
+def unload(topology: Topology, version: str) -> Callable[[ControlRecord], Served]:
+    """The change that stops serving ``version`` (no split may send it requests)."""
+
+    def change(now: ControlRecord) -> Served:
+        served = now.served
+        if version not in served_versions(topology, now.model, served):
+            raise ConfigError(f"--version: {version} of {now.model!r} is not served")
+        if version in served.loads:
+            return Served({v: x for v, x in served.loads.items() if v != version}, served.unloaded)
+        return Served(served.loads, (*served.unloaded, version))
+
+    return change
+
+
 def run_change(args: argparse.Namespace) -> int:
     """Promote, canary or roll back one model, and say what the group now serves."""
     topology, bootstrap = _open(args)
     which = args.versions_command
+    change: Callable[[ControlRecord], Split | Served]
     if which == "promote":
         change, command = promote(args.version), f"promote {args.version}"
     elif which == "canary":
         change, command = canary(args.version, args.share), f"canary {args.version} {args.share:g}"
     elif which == "shadow":
         change, command = shadow(args.version, args.share), f"shadow {args.version} {args.share:g}"
+    elif which == "load":
+        change = load(topology, args.version, args.artifact, args.sha256, args.settings_of)
+        command = f"load {args.version}" + (f" from {args.artifact}" if args.artifact else "")
+    elif which == "unload":
+        change, command = unload(topology, args.version), f"unload {args.version}"
     else:
         change, command = rollback, "rollback"
     record = send(topology, bootstrap, args.model, change, command)
     print(f"{args.model}: {record.split.describe()} (control record #{record.seq}: {command})")
+    if which in ("load", "unload"):
+        versions = ", ".join(served_versions(topology, args.model, record.served))
+        print(f"  serving versions {versions}; see /readyz or kp_version_loads_total per replica")
     return 0

@@ -8,11 +8,14 @@ group's current split, not the topology's; then a thread applies each new record
 about one poll (0.2 s). Applying a split swaps the router's traffic for that model whole,
 so each request meets either the old split or the new one, never a mix.
 
-A split naming a version this replica does not serve (its topology lacks it: a rollout
-of the new version has not reached it) is not applied: the replica keeps the split it
+Each model's latest record is its desired state, settled on the replica's loop thread
+between batches (``apply``: `Replica.change`): first the versions it serves are loaded or
+retired to match the record (`pipeline.lifecycle.hotload`), then its split is applied.
+A split naming a version this replica does not serve (still loading, refused, or its
+topology lacks it and no load was asked) is not applied: the replica keeps the split it
 has, says so in the log, in ``kp_control_unapplied{model}`` and on ``/readyz`` (not ready,
-with the reason), until a record it can apply arrives. The group is then visibly half
-switched rather than silently so.
+with the reason), and settles again when the load ends or a record it can apply arrives.
+The group is then visibly half switched rather than silently so.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import (
@@ -35,6 +39,7 @@ from confluent_kafka.cimpl import NewTopic
 from pipeline.config.topology import Topology
 from pipeline.kafka.clients import admin_config, reader_config
 from pipeline.lifecycle.commands import ControlRecord, Split, control_topic
+from pipeline.lifecycle.hotload import VersionLoader
 from pipeline.observability.health import Health
 from pipeline.observability.metrics import Metrics
 from pipeline.serving.routing import Router
@@ -74,10 +79,18 @@ class ControlFollower:
         router: Router,
         metrics: Metrics,
         health: Health,
+        apply: Callable[[Callable[[], None]], None] | None = None,
+        loader: VersionLoader | None = None,
     ) -> None:
+        """``apply``: runs a change where the router is used (default: here and now)."""
         self.topic = control_topic(topology)
         self.router, self.metrics, self.health = router, metrics, health
+        self.apply: Callable[[Callable[[], None]], None] = apply or (lambda change: change())
+        self.loader = loader
+        if loader is not None:
+            loader.settled = self.settle
         self.applied: dict[str, ControlRecord] = {}
+        self.latest: dict[str, ControlRecord] = {}
         conf = reader_config(
             topology.kafka, bootstrap, group_id=f"{self.topic}.reader", partition_eof=True
         )
@@ -171,33 +184,63 @@ class ControlFollower:
             log.warning("control topic %s offset %d: %s", self.topic, msg.offset(), e)
             self.metrics.control_records.labels("invalid").inc()
             return
-        traffic = self.router.traffic.get(record.model)
-        if traffic is None:
+        if record.model not in self.router.traffic:
             return  # a model of another topology sharing the group's name: not ours
+        self.latest[record.model] = record
+        self.apply(lambda: self._arrived(record))
+
+    def _arrived(self, record: ControlRecord) -> None:
+        applied = self.settle(record.model)
+        self.metrics.control_records.labels("applied" if applied else "unapplied").inc()
+        if applied:
+            log.info(
+                "model %s: %s (control record %d: %s by %s)",
+                record.model,
+                record.split.describe(),
+                record.seq,
+                record.command,
+                record.by or "?",
+            )
+
+    def settle(self, model: str) -> bool:
+        """Make the replica serve ``model`` as its latest record says, as far as it can.
+
+        On the loop thread. True when the record's split is applied.
+        """
+        record = self.latest.get(model)
+        if record is None:
+            return True
+        if self.loader is not None:
+            self.loader.reconcile(record)
+        traffic = self.router.traffic[model]
         missing = sorted(record.split.versions() - set(traffic.keys))
+        applied = not missing
+        behind = []
         if missing:
             why = (
-                f"control record {record.seq} ({record.command}) asks for version "
-                f"{', '.join(missing)}, which this replica does not serve; still serving "
-                f"{Split(traffic.default, dict(traffic.canary)).describe()}"
+                self.loader.why_missing(model, missing)
+                if self.loader is not None
+                else f"version {', '.join(missing)} is not served here"
             )
-            log.error("model %s: %s", record.model, why)
-            self.health.versions_behind[record.model] = why
-            self.metrics.control_records.labels("unapplied").inc()
-            self.metrics.control_unapplied.labels(record.model).set(1)
-            return
-        self.router.set_traffic(record.model, record.split.traffic(traffic.keys, record.model))
-        self.applied[record.model] = record
-        self.health.versions_behind.pop(record.model, None)
-        self.metrics.control_records.labels("applied").inc()
-        self.metrics.control_unapplied.labels(record.model).set(0)
-        for version, share in self.router.traffic[record.model].shares().items():
-            self.metrics.version_traffic.labels(record.model, version).set(share)
-        log.info(
-            "model %s: %s (control record %d: %s by %s)",
-            record.model,
-            record.split.describe(),
-            record.seq,
-            record.command,
-            record.by or "?",
-        )
+            behind.append(
+                f"control record {record.seq} ({record.command}) asks for version "
+                f"{', '.join(missing)}, which this replica does not serve ({why}); still "
+                f"serving {Split(traffic.default, dict(traffic.canary)).describe()}"
+            )
+            log.error("model %s: %s", model, behind[-1])
+        else:
+            self.router.set_traffic(model, record.split.traffic(traffic.keys, model))
+            self.applied[model] = record
+            for version, share in self.router.traffic[model].shares().items():
+                self.metrics.version_traffic.labels(model, version).set(share)
+        if self.loader is not None:
+            self.loader.retire_unused(record)
+            refused = self.loader.refused(model)
+            if refused and applied:
+                behind.append(f"refused to load {refused}")
+        if behind:
+            self.health.versions_behind[model] = "; ".join(behind)
+        else:
+            self.health.versions_behind.pop(model, None)
+        self.metrics.control_unapplied.labels(model).set(0 if applied else 1)
+        return applied

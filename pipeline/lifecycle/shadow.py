@@ -45,10 +45,16 @@ from pipeline.config.topology import Topology
 from pipeline.kafka.clients import admin_config, ensure_topics, producer_config
 from pipeline.observability.metrics import Metrics
 from pipeline.serving.outcomes import Outcome
-from pipeline.serving.versions import traffic_of
 from schemas.messages import SHADOW, SHADOWED
 
-__all__ = ["Comparison", "ShadowDesk", "attach_shadows", "compare", "comparison_topic"]
+__all__ = [
+    "Comparison",
+    "ShadowDesk",
+    "Shadows",
+    "attach_shadows",
+    "compare",
+    "comparison_topic",
+]
 
 Emit = Callable[[list[Outcome]], None]
 
@@ -193,25 +199,61 @@ def comparison_topic(topology: Topology) -> str:
     return topology.topics.comparisons or f"{topology.topics.output}.comparisons"
 
 
-def attach_shadows(topology: Topology, bootstrap: str, replica: Any) -> Callable[[], None] | None:
-    """Give a replica serving several versions of a model a desk; returns its closer.
+class Shadows:
+    """A replica's shadow desk, made when it first serves a model in two versions.
 
-    Every replica of such a topology gets one, shadow or not: ``kp-pipeline versions
-    shadow`` may start one while it serves. None where no model has a second version.
+    At start where the topology lists two versions of a model, else when a second one is
+    loaded while serving (`pipeline.lifecycle.hotload`): a desk costs a producer and a
+    comparison topic, which a replica serving one version of each model never needs.
     """
-    served = [(m.name, m.version) for m in topology.models]
-    traffic = traffic_of(served, topology.versions)
-    if all(len(t.keys) == 1 for t in traffic.values()):
-        return None
-    topic = comparison_topic(topology)
-    if topology.topics.create:
-        admin = AdminClient(admin_config(topology.kafka, bootstrap))
-        ensure_topics(
-            admin, [topic], topology.topics.partitions, topology.topics.replication_factor
-        )
-    producer = Producer(producer_config(topology.kafka, bootstrap))
 
-    def publish(key: bytes | None, value: bytes) -> None:
+    def __init__(self, topology: Topology, bootstrap: str, replica: Any) -> None:
+        self.topology, self.bootstrap, self.replica = topology, bootstrap, replica
+        self.desk: ShadowDesk | None = None
+        self._producer: Producer | None = None
+        self._teed: set[str] = set()
+        self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Create the comparison topic and the producer (blocking: not on the loop thread)."""
+        with self._lock:
+            if self._producer is not None:
+                return
+            topology = self.topology
+            if topology.topics.create:
+                admin = AdminClient(admin_config(topology.kafka, self.bootstrap))
+                ensure_topics(
+                    admin,
+                    [comparison_topic(topology)],
+                    topology.topics.partitions,
+                    topology.topics.replication_factor,
+                )
+            self._producer = Producer(producer_config(topology.kafka, self.bootstrap))
+
+    def attach(self) -> None:
+        """Pair the answers of every runtime of the replica (again after one is added)."""
+        replica = self.replica
+        routes = replica.intake.router.routes
+        if self.desk is None:
+            if all(len(t.keys) == 1 for t in replica.intake.router.traffic.values()):
+                return  # nothing to shadow yet
+            self.prepare()
+            topology = self.topology
+            tolerances = {name: v.tolerance for name, v in topology.versions.items()}
+            self.desk = ShadowDesk(
+                {}, tolerances, self._publish, replica.metrics, topology.flow.max_in_flight
+            )
+            replica.encoder.shadows = True
+            replica.intake.shadow_gate = self.desk.admit
+        for key, runtime in replica.runtimes.items():
+            if key not in self._teed and key in routes:
+                self.desk.versions_of[key] = (routes[key].name, routes[key].version)
+                runtime.emit = self.desk.tee(runtime.emit, key)
+                self._teed.add(key)
+
+    def _publish(self, key: bytes | None, value: bytes) -> None:
+        producer, topic = self._producer, comparison_topic(self.topology)
+        assert producer is not None
         while True:
             try:
                 producer.produce(topic, value, key)
@@ -220,19 +262,18 @@ def attach_shadows(topology: Topology, bootstrap: str, replica: Any) -> Callable
                 producer.poll(0.05)
         producer.poll(0)
 
-    versions_of = {
-        key: (name, version) for name, t in traffic.items() for version, key in t.keys.items()
-    }
-    tolerances = {name: v.tolerance for name, v in topology.versions.items()}
-    desk = ShadowDesk(
-        versions_of, tolerances, publish, replica.metrics, topology.flow.max_in_flight
-    )
-    replica.encoder.shadows = True
-    replica.intake.shadow_gate = desk.admit
-    for key, runtime in replica.runtimes.items():
-        runtime.emit = desk.tee(runtime.emit, key)
+    def close(self) -> None:
+        """Deliver the comparisons still queued."""
+        if self._producer is not None:
+            self._producer.flush(10)
 
-    def close() -> None:
-        producer.flush(10)
 
-    return close
+def attach_shadows(topology: Topology, bootstrap: str, replica: Any) -> Shadows:
+    """The replica's `Shadows`, attached now where the topology serves a model twice.
+
+    Every such replica gets a desk, shadow or not: ``kp-pipeline versions shadow`` may
+    start one while it serves.
+    """
+    shadows = Shadows(topology, bootstrap, replica)
+    shadows.attach()
+    return shadows

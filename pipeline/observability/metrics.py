@@ -60,6 +60,7 @@ kp_model_instances                   gauge      model, device
 kp_model_version_traffic_ratio       gauge      model, version (its share of requests naming none)
 kp_control_records_total             counter    result (applied, unapplied, invalid: control topic)
 kp_control_unapplied                 gauge      model (1 while its latest split is not applied here)
+kp_version_loads_total               counter    model, result (loaded, failed, unloaded: swaps)
 kp_shadow_comparisons_total          counter    model (the shadow), verdict (same, differs, status)
 kp_shadow_skipped_total              counter    model (requests not copied: the shadow was behind)
 kp_ready                             gauge      1 while /readyz answers 200
@@ -388,6 +389,13 @@ class Metrics:
             "kp_shadow_skipped",
             "Requests not copied to the shadow because too many copies were outstanding.",
             ["model"],
+            registry=r,
+        )
+        self.version_loads = Counter(
+            "kp_version_loads",
+            "Versions loaded, refused (failed) and unloaded while serving (versions load, "
+            "versions unload): each swap's steps on this replica.",
+            ["model", "result"],
             registry=r,
         )
         self.control_unapplied = Gauge(

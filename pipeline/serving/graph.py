@@ -132,12 +132,18 @@ def _check_artifact(settings: ModelSettings, where: str) -> None:
 
 
 def build_model(
-    settings: ModelSettings, where: str, base_dir: Path, devices: list[str] | None = None
+    settings: ModelSettings,
+    where: str,
+    base_dir: Path,
+    devices: list[str] | None = None,
+    strict_warm_up: bool = False,
 ) -> ServedModel:
     """Build and check one model; ``where`` prefixes error messages.
 
     ``devices`` are the instances' places (`pipeline.serving.placement`); by default the
     topology's own, which must then need no placing (no ``auto`` spreading, no UUIDs).
+    ``strict_warm_up``: a warm-up batch that fails refuses the model (a version loaded
+    while serving must prove it runs before it may take traffic).
     """
     _check_artifact(settings, where)
     wanted = devices if devices is not None else settings.instance_devices()
@@ -163,7 +169,7 @@ def build_model(
                 raise GraphError(f"instance {i} on {device} loaded a different signature")
             info = info or loaded
             placed.append(loaded.device)
-            _warm_up(backend, loaded, settings.name)
+            _warm_up(backend, loaded, settings.name, strict_warm_up)
         assert info is not None
     except Exception as e:  # a third-party backend may raise anything: refuse, naming it
         for b in instances:
@@ -294,11 +300,12 @@ def _check_device_arrays(stages: Sequence[Stage], where: str) -> None:
             source = (i, stage)
 
 
-def _warm_up(backend: Backend, info: ModelInfo, name: str) -> None:
+def _warm_up(backend: Backend, info: ModelInfo, name: str, strict: bool = False) -> None:
     """Run one zero batch, so the first real batch does not pay for lazy initialisation.
 
     Measured on the demo model: the first ONNX Runtime call took ~450 ms, later ones ~20.
-    A model that refuses zeros is not an error here; it only stays cold.
+    A model that refuses zeros is not an error at start (it only stays cold); ``strict``
+    makes it one.
     """
     feeds = {}
     for input_name, spec in info.inputs.items():
@@ -309,6 +316,8 @@ def _warm_up(backend: Backend, info: ModelInfo, name: str) -> None:
     try:
         backend.infer(feeds)
     except Exception as e:
+        if strict:
+            raise GraphError(f"warm-up batch failed: {describe(e)}") from None
         log.info("model %s: warm-up batch failed (%s); first batch will be slower", name, e)
 
 

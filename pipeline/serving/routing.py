@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
@@ -122,6 +123,10 @@ class Router:
                 r.name: Traffic(r.name, {r.version: r.key}, r.version) for r in routes.values()
             }
         self.traffic = dict(traffic)
+        self._index()
+
+    def _index(self) -> None:
+        """The fast paths' tables, from ``routes`` and ``traffic`` (again after a change)."""
         self.direct = {
             name: self.routes[next(iter(t.keys.values()))]
             for name, t in self.traffic.items()
@@ -130,18 +135,46 @@ class Router:
         # The models with one exact signature and no bucketing, for a batch's one-call
         # check (`schemas.signatures`); entry i's requests join batch `exact_keys[i]`.
         exact = [r for r in self.direct.values() if r.exact is not None]
-        self.exact_signatures: dict[str, Signature] = {}
-        self.exact_keys: list[tuple[str, str]] = []
+        signatures: dict[str, Signature] = {}
+        keys: list[tuple[str, str]] = []
         for i, route in enumerate(exact):
             spec = route.exact or {}
-            self.exact_signatures[route.name] = (
+            signatures[route.name] = (
                 i,
                 route.version,
                 tuple(spec),
                 tuple(dtype for dtype, _ in spec.values()),
                 tuple(shape for _, shape in spec.values()),
             )
-            self.exact_keys.append((route.key, route.name))
+            keys.append((route.key, route.name))
+        self.exact_signatures, self.exact_keys = signatures, keys
+
+    def add_route(self, route: ModelRoute) -> None:
+        """Serve one more version of a served model (loaded while serving).
+
+        Its traffic keeps its split: the new version takes only requests that name it
+        until a split (the control topic's) sends it more. Call it on the thread that
+        routes (the replica's loop), as `remove_route`.
+        """
+        now = self.traffic[route.name]
+        keys = {**now.keys, route.version: route.key}
+        self.routes = {**self.routes, route.key: route}
+        self.traffic = {**self.traffic, route.name: dataclasses.replace(now, keys=keys)}
+        self._index()
+
+    def remove_route(self, key: str) -> None:
+        """Stop serving one version: requests naming it are then `RoutingError`s.
+
+        The split must not send it traffic any more (the caller checks).
+        """
+        route = self.routes[key]
+        now = self.traffic[route.name]
+        if route.version in {now.default, *dict(now.canary), *(now.shadow or ())[:1]}:
+            raise ValueError(f"{key}: the split still sends it requests")
+        keys = {v: k for v, k in now.keys.items() if k != key}
+        self.routes = {k: r for k, r in self.routes.items() if k != key}
+        self.traffic = {**self.traffic, route.name: dataclasses.replace(now, keys=keys)}
+        self._index()
 
     def set_traffic(self, name: str, traffic: Traffic) -> None:
         """Replace one model's split (the control topic's); its versions must not change.

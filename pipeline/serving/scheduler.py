@@ -249,14 +249,9 @@ class DeviceScheduler:
         self._priority = {m: sched.priority for m, (sched, _) in models.items()}
         tenants, default = settings.tenants, settings.default_tenant_weight
         by_tenant = settings.fair_share == "tenant"
+        self._weight = (lambda flow: tenants.get(flow, default)) if by_tenant else None
         self._lanes = {
-            device: _Lane(
-                FairPolicy(
-                    settings.concurrency_of(device),
-                    members,
-                    (lambda flow: tenants.get(flow, default)) if by_tenant else None,
-                )
-            )
+            device: _Lane(FairPolicy(settings.concurrency_of(device), members, self._weight))
             for device, members in users.items()
         }
         self._cond = threading.Condition()
@@ -276,6 +271,21 @@ class DeviceScheduler:
                 metrics.scheduler_running.labels(device).set(0)
                 metrics.scheduler_grants.labels(model, device)
         return cls(settings, models, metrics) if settings.enabled else None
+
+    def add(self, model: str, sched: ModelScheduling, devices: Iterable[str]) -> None:
+        """Schedule one more model (a version loaded while serving) on ``devices``."""
+        with self._cond:
+            self._priority[model] = sched.priority
+            for device in devices:
+                lane = self._lanes.get(device)
+                if lane is None:
+                    policy = FairPolicy(self.settings.concurrency_of(device), {}, self._weight)
+                    lane = self._lanes[device] = _Lane(policy)
+                lane.policy.models[model] = sched
+                lane.policy.running.setdefault(model, 0)
+                if self.metrics is not None:
+                    self.metrics.scheduler_running.labels(device).set(0)
+                    self.metrics.scheduler_grants.labels(model, device)
 
     def devices(self) -> list[str]:
         """The devices it schedules."""

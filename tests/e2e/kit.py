@@ -44,6 +44,11 @@ class Topics:
     dead_letter: str
     group: str
 
+    def fill(self, template: str, **more: Any) -> str:
+        """``template`` with ``{group}``, ``{input}``, ``{output}`` and ``{dlq}`` filled in."""
+        names = {"group": self.group, "input": self.input, "output": self.output}
+        return template.format(**names, dlq=self.dead_letter, **more)
+
 
 TINY_TOPOLOGY = """
 kafka: {{bootstrap_servers: embedded, group_id: {group}, consumer: {consumer},

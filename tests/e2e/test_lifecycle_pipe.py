@@ -44,11 +44,8 @@ def _topology(tmp_path: Path, topics: Topics, versions: tuple[str, ...], name: s
     path = tmp_path / name
     models = "".join(tiny_version(v) for v in versions)
     path.write_text(
-        TOPOLOGY.format(
-            group=topics.group,
-            input=topics.input,
-            output=topics.output,
-            dlq=topics.dead_letter,
+        topics.fill(
+            TOPOLOGY,
             models=models,
         )
     )

@@ -50,11 +50,8 @@ def _serve(
     artifact.write_text("echo\n")
     path = tmp_path / f"{ordering}.yaml"
     path.write_text(
-        TOPOLOGY.format(
-            group=topics.group,
-            input=topics.input,
-            output=topics.output,
-            dlq=topics.dead_letter,
+        topics.fill(
+            TOPOLOGY,
             artifact=artifact,
             ordering=ordering,
         )

@@ -78,11 +78,8 @@ def _serve(
         two = two.replace(f"{MODELS}/tiny_mlp.onnx", str(v2))
     path = tmp_path / "shadow.yaml"
     path.write_text(
-        TOPOLOGY.format(
-            group=topics.group,
-            input=topics.input,
-            output=topics.output,
-            dlq=topics.dead_letter,
+        topics.fill(
+            TOPOLOGY,
             one=tiny_version("1"),
             two=two,
         )

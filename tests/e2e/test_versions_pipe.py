@@ -39,11 +39,8 @@ def test_requests_meet_the_version_they_name_or_their_keys_split_picks(
 ) -> None:
     path = tmp_path / "versions.yaml"
     path.write_text(
-        TOPOLOGY.format(
-            group=topics.group,
-            input=topics.input,
-            output=topics.output,
-            dlq=topics.dead_letter,
+        topics.fill(
+            TOPOLOGY,
             share=SHARE,
             one=tiny_version("1"),
             two=tiny_version("2"),

@@ -350,7 +350,7 @@ def test_a_fuzzed_corpus_is_served_to_the_end() -> None:
             p._accept(msgs[start : start + 50], now)
         for name, batcher in p.batchers.items():
             for flushed in batcher.drain():
-                p._submit(name, flushed)
+                p.submit(name, flushed)
         deadline = time.monotonic() + 30
         while p.tracker.in_flight and time.monotonic() < deadline:
             p._publish()

@@ -7,13 +7,17 @@ from typing import Any
 import pytest
 
 from pipeline.config.topology import Topology
-from pipeline.lifecycle.admin import canary, promote, rollback, shadow
+from pipeline.lifecycle.admin import canary, load, promote, rollback, shadow, unload
 from pipeline.lifecycle.commands import (
     ControlRecord,
+    Load,
+    Served,
     Split,
+    checked_served,
     checked_split,
     control_topic,
     initial_splits,
+    served_versions,
 )
 from schemas.errors import ConfigError
 
@@ -90,7 +94,7 @@ def test_commands_change_the_split_as_their_names_say() -> None:
 @pytest.mark.parametrize(
     ("split", "words"),
     [
-        (Split("4"), "model 'm' version 4 is not loaded by this topology (it serves 1, 2, 3)"),
+        (Split("4"), "model 'm' version 4 is not loaded (the group serves 1, 2, 3)"),
         (Split("1", {"2": 0.7, "3": 0.6}), "the shares add up to 1.3"),
         (Split("1", {"1": 0.5}), "'1' is the default and a canary"),
         (Split("1", {"2": -0.1}), "share -0.1 is not above 0"),
@@ -108,3 +112,53 @@ def test_a_split_the_topology_cannot_serve_is_refused_before_it_is_written(
     assert words in str(e.value)
     with pytest.raises(ConfigError, match=r"no model 'k' in this topology \(serving m\)"):
         checked_split(_topology(), "k", Split("1"))
+
+
+def test_served_versions_travel_with_every_record_until_changed() -> None:
+    loaded = Served({"4": Load("m4.onnx", "1", "ab" * 32)}, ("2",))
+    record = ControlRecord("m", Split("1"), 3, "load 4", Split("1"), "ops", 9, loaded)
+    assert ControlRecord.decode(record.encode()) == record
+    # A record written before versions could be loaded reads as serving none extra.
+    old = b'{"model":"m","split":{"default":"1"},"seq":1}'
+    assert ControlRecord.decode(old).served == Served()
+    promoted = ControlRecord.made("m", Split("4"), record, "promote 4")
+    assert promoted.served == loaded  # a split command keeps what is served
+    assert served_versions(_topology(), "m", loaded) == ["1", "3", "4"]
+    assert loaded.describe() == "loaded v4 (m4.onnx), unloaded v2"
+
+
+def test_load_and_unload_change_what_is_served_and_refuse_what_cannot_be() -> None:
+    topology = _topology()
+    start = ControlRecord("m", Split("1"), 0, "topology")
+    served = load(topology, "4", "m4.onnx")(start)
+    assert served == Served({"4": Load("m4.onnx", "1")})  # settings of the default
+    assert load(topology, "4", "m4.onnx", settings_of="3")(start).loads["4"].settings_of == "3"
+    with_four = ControlRecord("m", Split("1"), 1, "load 4", None, "", 0, served)
+    assert unload(topology, "4")(with_four) == Served()
+    assert unload(topology, "2")(with_four) == Served(served.loads, ("2",))
+    gone = ControlRecord("m", Split("1"), 2, "unload 2", None, "", 0, Served({}, ("2",)))
+    assert load(topology, "2", None)(gone) == Served()  # a topology version, back
+    refusals = [
+        (lambda: load(topology, "3", None)(start), "3 of 'm' is served already"),
+        (lambda: load(topology, "4", None)(start), "version 4 is new: name its file"),
+        (lambda: load(topology, "2", "x.onnx")(gone), "the topology's own; leave --artifact"),
+        (lambda: unload(topology, "9")(start), "9 of 'm' is not served"),
+    ]
+    for call, words in refusals:
+        with pytest.raises(ConfigError, match=words):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("served", "words"),
+    [
+        (Served({}, ("1",)), "version 1 of 'm' takes traffic (v1 (default), v3 10%)"),
+        (Served({}, ("1", "2", "3")), "takes traffic"),
+        (Served({"5": Load("m5.onnx", "7")}), "--settings-of '7' is not a version of 'm'"),
+        (Served({}, ("8",)), "version 8 is not in the topology"),
+    ],
+)
+def test_served_versions_that_would_break_the_split_are_refused(served: Served, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        checked_served(_topology(), "m", served, NOW.split, "versions unload 1")
+    assert words in str(e.value)

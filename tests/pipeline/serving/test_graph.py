@@ -558,3 +558,24 @@ def test_only_the_plugins_the_topology_names_are_imported(tmp_path: Path) -> Non
                   "backends.tensorrt_runtime", "stages.preprocess.image_dali",
                   "stages.preprocess.image"):  # fmt: skip
         assert other not in loaded, loaded
+
+
+class _ColdBackend(OnnxRuntimeBackend):
+    """Loads like ONNX Runtime; its first batch (the warm-up) raises."""
+
+    def infer(self, inputs: Any) -> Any:
+        raise RuntimeError("CUDA error: out of memory")
+
+
+def test_a_failing_warm_up_refuses_a_model_only_where_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.serving.graph import build_model
+
+    _with_recording(monkeypatch, _ColdBackend)
+    (graph,) = _build(tmp_path, TINY)  # at start: only cold, served anyway
+    graph.close()
+    path = tmp_path / "t.yaml"
+    settings = load_topology(path, env={}).models[0]
+    with pytest.raises(GraphError, match="warm-up batch failed: RuntimeError: CUDA error"):
+        build_model(settings, "load 2", tmp_path, strict_warm_up=True)  # while serving

@@ -310,3 +310,20 @@ def test_a_bad_priority_or_tenant_is_a_request_error_naming_it(
     env, request = _request(**parameters)
     with pytest.raises(RequestError, match=re.escape(message)):
         classes.of(env, request, "m")
+
+
+def test_a_model_added_while_serving_shares_the_devices_and_may_bring_its_own() -> None:
+    sched, _ = _scheduler(1, a=ModelScheduling(priority=0))
+    sched.add("b", ModelScheduling(priority=5, max_concurrent=1), ["cpu", "cuda:1"])
+    assert sched.devices() == ["cpu", "cuda:1"]
+    assert sched.acquire("cuda:1", [sched.batch("b", 4)], timeout=1) == 0  # its own lane
+    _take(sched, "a", 1)  # the one CPU slot
+    order: list[str] = []
+    waiting_a, waiting_b = _waiter(sched, "a", order), _waiter(sched, "b", order)
+    _wait_until_waiting(sched, 2)
+    sched.release("a", "cpu")
+    waiting_b.join(5)
+    assert order == ["b"]  # the added model's priority counts on the shared device
+    sched.release("b", "cpu")
+    waiting_a.join(5)
+    assert order == ["b", "a"]

@@ -76,3 +76,22 @@ def test_the_split_point_is_fixed_across_processes_and_salted_by_model() -> None
     # one did: the hash is pinned here, not only compared with itself.
     assert split_point("m", b"user-1") == pytest.approx(SPLIT_M_USER_1, abs=1e-12)
     assert split_point("m", b"user-1") != split_point("k", b"user-1")
+
+
+def test_a_version_added_while_serving_takes_only_what_names_it_until_a_split_moves() -> None:
+    router = Router({"k": ModelRoute("k", "7", X)})
+    assert router.direct.keys() == {"k"}
+    router.add_route(ModelRoute("k", "8", X, key="k@8"))
+    assert router.traffic["k"].keys == {"7": "k", "8": "k@8"}
+    assert router.direct == {}  # two versions: routed by version, not the fast path
+    assert router.route(_request("k")).key == "k"
+    assert router.route(_request("k", "8")).key == "k@8"
+    router.set_traffic("k", Traffic("k", router.traffic["k"].keys, "8"))
+    with pytest.raises(ValueError, match="the split still sends it requests"):
+        router.remove_route("k@8")
+    router.remove_route("k")
+    assert router.traffic["k"].keys == {"8": "k@8"}
+    assert router.direct.keys() == {"k"}  # one version again: the fast path again
+    assert [entry[0] for entry in router.exact_keys] == ["k@8"]
+    with pytest.raises(RoutingError, match="version '7' is not served"):
+        router.route(_request("k", "7"))
