@@ -64,6 +64,8 @@ class ModelInfo:
     max_batch_size: int | None = None
     device: str = "cpu"
     profiles: tuple[dict[str, tuple[tuple[int, ...], ...]], ...] = ()
+    # A tabular model's feature names, in its own order (`backends.tabular`); empty else.
+    feature_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,7 +71,7 @@ class Plan:
 
 def tiny_requests(model: ModelSettings, n: int) -> list[Request]:
     """Random FP32[64] vectors from a fixed seed, so every run sends the same data."""
-    name = model.inputs[0].name
+    name = generator.declared(model)[0].name
     x = np.random.default_rng(SEED).standard_normal((n, 64), dtype=np.float32)
     return [tensor_request(f"tiny-{i:06d}", model.name, {name: x[i]}) for i in range(n)]
 
@@ -79,7 +79,7 @@ def tiny_requests(model: ModelSettings, n: int) -> list[Request]:
 def image_requests(model: ModelSettings, n: int) -> list[Request]:
     """The sample photos (~57 KB JPEGs), cycled."""
     photos = list(sample_jpegs().items())
-    name = model.inputs[0].name
+    name = generator.declared(model)[0].name
     return [
         image_request(
             f"img-{i:05d}-{photos[i % len(photos)][0]}",

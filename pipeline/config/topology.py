@@ -346,7 +346,12 @@ class ModelSettings(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     version: str = "1"
-    backend: str = Field(description="Entry-point name (onnxruntime, ...) or 'module:Class'.")
+    backend: str | None = Field(
+        None,
+        description="Entry-point name (onnxruntime, torch, tensorflow, tensorrt, xgboost, "
+        "lightgbm, sklearn) or 'module:Class'; left out, it is chosen from the artifact's "
+        "content (validate says which and why).",
+    )
     artifact: Path = Field(description="Model file, relative to the topology file.")
     device: str | list[str] = Field(
         "cpu",
@@ -356,7 +361,12 @@ class ModelSettings(_Strict):
         "(CUDA's rule): a list of slices is taken by --workers replicas in turn.",
     )
     instances: int = Field(1, ge=1, le=64, description="Model copies, each its own thread.")
-    inputs: list[DeclaredTensor] = Field(min_length=1)
+    inputs: list[DeclaredTensor] | None = Field(
+        None,
+        min_length=1,
+        description="What requests carry, per row. Left out: the model's own inputs, for a "
+        "model without preprocess stages (a tabular model's features, say).",
+    )
     batching: BatchingSettings = BatchingSettings()
     retry: RetrySettings = RetrySettings()
     preprocess: list[StageSettings] = Field(default_factory=list)

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from backends.artifacts import artifact_sha256
 from backends.base import Backend, ModelInfo, ModelSpec
+from backends.detect import detect
 from backends.registry import backend_class
 from pipeline.config.topology import ModelSettings, StageSettings, Topology
 from pipeline.serving.placement import apply_placement, place
@@ -64,6 +65,9 @@ class ServedModel:
     # What the pipeline serves it under: its name, or name@version where the topology
     # serves the name in several versions (`pipeline.serving.versions`).
     key: str = ""
+    # The backend that serves it, and why when it was chosen from the artifact.
+    backend: str = ""
+    backend_chosen: str | None = None
 
     def stages_for(self, instance: int) -> list[Stage]:
         """The preprocess stages for a batch going to ``instance``."""
@@ -150,10 +154,7 @@ def build_model(
     ctx = StageContext(model=settings.name, device=wanted[0], base_dir=base_dir)
     pre = _stages(settings.preprocess, f"{where}.preprocess", ctx)
     post = _stages(settings.postprocess, f"{where}.postprocess", ctx)
-    try:
-        cls = backend_class(settings.backend)
-    except GraphError as e:
-        raise GraphError(f"{where}.backend: {e}") from None
+    backend_name, chosen, cls = _backend(settings, where)
     instances: list[Backend] = []
     placed: list[str] = []
     try:
@@ -179,8 +180,8 @@ def build_model(
         detail = str(e) if isinstance(e, KpError) else describe(e)
         raise GraphError(f"{where} ({settings.name}): {detail}") from None
 
-    declared = {i.name: i.spec() for i in settings.inputs}
     try:
+        declared = _declared(settings, info, pre, where)
         _bind(pre, info, f"{where}.preprocess")
         specs = _walk(pre, declared, f"{where}.preprocess")
         _check_model_inputs(specs, info, f"{where} ({settings.name})")
@@ -212,9 +213,36 @@ def build_model(
         raise
     pre = per_instance[0]
     bucketer = pre[0].bucket_key if pre and hasattr(pre[0], "bucket_key") else None
-    return ServedModel(
+    served = ServedModel(
         settings, pre, post, instances, info, declared, outputs, placed, bucketer, per_instance
     )
+    served.backend, served.backend_chosen = backend_name, chosen
+    return served
+
+
+def _backend(settings: ModelSettings, where: str) -> tuple[str, str | None, Any]:
+    """The backend's name, why it was chosen (None: the topology named it) and its class."""
+    name, chosen = settings.backend, None
+    try:
+        if name is None:
+            name, chosen = detect(settings.artifact)
+        return name, chosen, backend_class(name)
+    except GraphError as e:
+        raise GraphError(f"{where}.backend: {e}") from None
+
+
+def _declared(
+    settings: ModelSettings, info: ModelInfo, pre: Sequence[Stage], where: str
+) -> dict[str, TensorSpec]:
+    """What requests must carry: the topology's ``inputs``, else the model's own."""
+    if settings.inputs is not None:
+        return {i.name: i.spec() for i in settings.inputs}
+    if pre:
+        raise GraphError(
+            f"{where}.inputs: needed, because preprocess stages change what reaches the model "
+            "(declare what requests carry)"
+        )
+    return dict(info.inputs)
 
 
 def _instance_stages(

@@ -89,9 +89,12 @@ class ModelRoute:
                 f"missing {missing}" if missing else "",
                 f"unexpected {extra}" if extra else "",
             ]
+            listed = sorted(self.inputs)
+            takes = ", ".join(map(repr, listed[:8])) + (", …" if len(listed) > 8 else "")
             raise TensorError(
-                f"model {self.name!r} takes inputs {sorted(self.inputs)}: "
+                f"model {self.name!r}: "
                 + "; ".join(p for p in parts if p)
+                + f" (it takes {len(listed)} input{'s' if len(listed) > 1 else ''}: {takes})"
             )
         for name, spec in self.inputs.items():
             arr = tensors[name]

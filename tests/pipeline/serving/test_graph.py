@@ -579,3 +579,33 @@ def test_a_failing_warm_up_refuses_a_model_only_where_asked(
     settings = load_topology(path, env={}).models[0]
     with pytest.raises(GraphError, match="warm-up batch failed: RuntimeError: CUDA error"):
         build_model(settings, "load 2", tmp_path, strict_warm_up=True)  # while serving
+
+
+def test_left_out_backend_and_inputs_come_from_the_artifact_and_the_model(tmp_path: Path) -> None:
+    text = TINY.replace("    backend: onnxruntime\n", "").replace(
+        "    inputs:\n      - {name: x, datatype: FP32, shape: [64]}\n", ""
+    )
+    (graph,) = _build(tmp_path, text)
+    try:
+        assert graph.backend == "onnxruntime"
+        assert graph.backend_chosen is not None
+        assert "an ONNX model" in graph.backend_chosen
+        assert graph.inputs == graph.info.inputs  # what requests carry: the model's own
+    finally:
+        graph.close()
+    (named,) = _build(tmp_path, TINY)
+    named.close()
+    assert named.backend_chosen is None  # the topology named it
+
+
+def test_left_out_inputs_are_refused_where_preprocessing_changes_the_request(
+    tmp_path: Path,
+) -> None:
+    text = TINY.replace("    inputs:\n      - {name: x, datatype: FP32, shape: [64]}\n", "")
+    text = text.replace("preprocess: []", "preprocess: [{stage: cast, input: x, datatype: FP32}]")
+    with pytest.raises(GraphError, match=r"models\[0\]\.inputs: needed, because preprocess"):
+        _build(tmp_path, text)
+    unknown = tmp_path / "weights.bin"
+    unknown.write_bytes(b"not a model at all")
+    with pytest.raises(GraphError, match=r"models\[0\]\.backend: cannot tell which backend"):
+        _build(tmp_path, TINY.replace("    backend: onnxruntime\n", ""), unknown)

@@ -60,11 +60,11 @@ def test_free_dimensions_batch_by_actual_shape() -> None:
         ({"x": np.zeros(4, np.float64)}, "input 'x' is FP64[4]; model 'm' takes FP32[4]"),
         ({"x": np.zeros((1, 4), np.float32)}, "input 'x' is FP32[1, 4]; model 'm' takes FP32[4]"),
         ({"x": np.zeros((), np.float32)}, "input 'x' is FP32[]; model 'm' takes FP32[4]"),
-        ({}, "model 'm' takes inputs ['x']: missing ['x']"),
+        ({}, "model 'm': missing ['x'] (it takes 1 input: 'x')"),
         ({"y": np.zeros(4, np.float32)}, "missing ['x']; unexpected ['y']"),
         (
             {"x": np.zeros(4, np.float32), "y": np.zeros(1, np.float32)},
-            "model 'm' takes inputs ['x']: unexpected ['y']",
+            "model 'm': unexpected ['y'] (it takes 1 input: 'x')",
         ),
     ],
 )
