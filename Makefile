@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup toolchain models demo demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-codec bench-preprocess bench-latency bench-delivery prometheus-tools client-tools gpu-kit gpu-check ci clean
+.PHONY: help setup toolchain models demo demo-tabular demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-codec bench-preprocess bench-latency bench-delivery prometheus-tools client-tools gpu-kit gpu-check ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -72,6 +72,9 @@ models: models/.exported  ## export the demo and benchmark models in every forma
 
 demo: setup  ## THE demo: embedded broker, real image classifier, sample photos, results
 	$(BIN)/kp-pipeline demo topology.yaml
+
+demo-tabular: setup  ## the tabular demo: XGBoost and scikit-learn side by side, checked against their libraries
+	$(BIN)/kp-pipeline demo topology-tabular.yaml --requests 569  # every row of the data set
 
 demo-text: setup  ## the text demo: MiniLM sentence embeddings for texts of mixed lengths
 	$(BIN)/kp-pipeline demo topology-text.yaml

@@ -103,6 +103,8 @@ def report_rows(
         accuracy = float(np.mean(labels == y[rows]))
         agree = "the library's own predict" if same else "DIFFER from the library's predict"
         echo(f"{model.version:<10} {len(mine):>7} {accuracy:>8.1%} {diff:>20.2e} {agree}")
+    echo("(accuracy on the rows the models were trained on: the answers are the models', not a")
+    echo(" measure of how well they generalise)")
     for d in letters:
         echo(f"dead letter: {d.id} → {dlq}: {d.reason}: {d.error[:100]}")
     echo("")
