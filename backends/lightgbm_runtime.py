@@ -40,6 +40,8 @@ _HINT = "pip install 'kp-pipeline[tabular]'"
 class LightGBMBackend:
     """One LightGBM booster instance."""
 
+    Options = TreeOptions  # the model's ``options`` section (docs, ``kp-pipeline schema``)
+
     def __init__(self) -> None:
         self._booster: Any = None
         self._signature: TabularSignature | None = None

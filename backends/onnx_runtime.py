@@ -92,6 +92,8 @@ class OnnxRuntimeOptions(StrictOptions):
 class OnnxRuntimeBackend(StreamOwner):
     """One ``InferenceSession``: one model instance."""
 
+    Options = OnnxRuntimeOptions  # the model's ``options`` section (docs, ``kp-pipeline schema``)
+
     def __init__(self) -> None:
         self._session: Any = None
         self._outputs: list[str] = []

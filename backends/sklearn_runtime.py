@@ -51,6 +51,8 @@ PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
 class SklearnBackend:
     """One fitted scikit-learn estimator instance."""
 
+    Options = TabularOptions  # the model's ``options`` section (docs, ``kp-pipeline schema``)
+
     def __init__(self) -> None:
         self._model: Any = None
         self._signature: TabularSignature | None = None

@@ -93,6 +93,8 @@ class TensorFlowOptions(StrictOptions):
 class TensorFlowBackend(StreamOwner):
     """One loaded SavedModel signature: one model instance (with a CUDA stream on a GPU)."""
 
+    Options = TensorFlowOptions  # the model's ``options`` section (docs, ``kp-pipeline schema``)
+
     def __init__(self) -> None:
         self._model: Any = None
         self._fn: Any = None

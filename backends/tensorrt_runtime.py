@@ -219,6 +219,8 @@ def _import_tensorrt() -> Any:
 class TensorRTBackend(StreamOwner):
     """One engine, one execution context, one CUDA stream: one model instance."""
 
+    Options = TensorRTOptions  # the model's ``options`` section (docs, ``kp-pipeline schema``)
+
     def __init__(self) -> None:
         self._runtime: Any = None
         self._engine: Any = None

@@ -80,6 +80,8 @@ class TorchOptions(StrictOptions):
 class TorchBackend(StreamOwner):
     """One PyTorch module on one device (with its own CUDA stream there)."""
 
+    Options = TorchOptions  # the model's ``options`` section (docs, ``kp-pipeline schema``)
+
     def __init__(self) -> None:
         self._module: Any = None
         self._device: Any = None

@@ -44,6 +44,8 @@ _HINT = "pip install 'kp-pipeline[tabular]' (xgboost-cpu), or xgboost for GPUs"
 class XGBoostBackend:
     """One XGBoost booster instance."""
 
+    Options = TreeOptions  # the model's ``options`` section (docs, ``kp-pipeline schema``)
+
     def __init__(self) -> None:
         self._booster: Any = None
         self._signature: TabularSignature | None = None

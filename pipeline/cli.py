@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import schema
 from pipeline.lifecycle import admin
 from pipeline.tools import dlq, replay, top
 from pipeline.workers.supervisor import worker_count
@@ -117,19 +118,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     graph = check_graph(opened)
     try:
         for m in graph:
-            more = f", … ({len(m.inputs)} inputs)" if len(m.inputs) > 6 else ""
-            ins = ", ".join(f"{k} {v}" for k, v in list(m.inputs.items())[:6]) + more
-            outs = ", ".join(f"{k} {v}" for k, v in m.outputs.items())
-            _echo(
-                f"{m.settings.name} v{m.settings.version} ({m.backend} on "
-                f"{', '.join(m.devices)}): {ins} → {outs}"
-            )
-            if m.backend_chosen:
-                _echo(f"  backend {m.backend}, chosen from the artifact: {m.backend_chosen}")
-            if m.info.feature_names and m.settings.inputs is None:
-                _echo(f"  features, in order: {', '.join(m.info.feature_names)}")
-            for note in m.placement:
-                _echo(f"  placed: {note}")
+            for line in m.describe():
+                _echo(line)
             if opened.topology.scheduling.enabled or m.settings.ordering != "none":
                 s = m.settings.scheduling
                 _echo(
@@ -472,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--show", type=int, default=6, help="result lines to print")
     demo.set_defaults(func=cmd_demo)
 
-    for command in (replay, top, dlq, admin):  # commands that live in their own module
+    for command in (replay, top, dlq, admin, schema):  # commands in their own module
         command.add_parser(sub)
     return p
 

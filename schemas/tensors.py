@@ -226,11 +226,14 @@ class DeclaredTensor(BaseModel):
     A model's ``inputs`` and a backend's ``options.inputs``/``outputs`` use this same form.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     name: str
+    """The tensor's name, as requests and the model name it."""
     datatype: str
+    """An Open Inference Protocol datatype: FP32, INT64, BYTES, ..."""
     shape: list[int]
+    """Per row, without the batch dimension; -1 for a dimension of any size."""
 
     @field_validator("datatype")
     @classmethod

@@ -17,7 +17,7 @@ KafkaValue = str | int | float | bool
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class SecuritySettings(_Strict):
@@ -30,9 +30,13 @@ class SecuritySettings(_Strict):
     """
 
     protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """security.protocol: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS)."""
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    """The SASL mechanism; required with a SASL protocol."""
     sasl_username: str | None = None
+    """The SASL user (PLAIN, SCRAM)."""
     sasl_password: SecretStr | None = None
+    """The SASL password (PLAIN, SCRAM); never printed. ${VAR} reads it from the environment."""
     ssl_ca_location: str | None = Field(
         None, description="CA certificate(s) (PEM) that sign the brokers' certificates."
     )
@@ -43,6 +47,7 @@ class SecuritySettings(_Strict):
         None, description="The private key (PEM) of ssl_certificate_location."
     )
     ssl_key_password: SecretStr | None = None
+    """The password of ssl_key_location, if the key is encrypted; never printed."""
     ssl_endpoint_identification: Literal["https", "none"] = Field(
         "https",
         description="'https': the broker's certificate must name the host connected to "
@@ -105,8 +110,11 @@ class SchemaRegistrySettings(_Strict):
     """With a registry, values use the Confluent wire format (magic byte + schema id)."""
 
     url: str
+    """The Schema Registry's base URL (http or https)."""
     username: str | None = None
+    """Basic-auth user for the registry."""
     password: SecretStr | None = None
+    """Basic-auth password for the registry; never printed."""
 
 
 class KafkaSettings(_Strict):
@@ -118,7 +126,9 @@ class KafkaSettings(_Strict):
         "anything else is a librdkafka bootstrap list used as given.",
     )
     group_id: str = "kp-pipeline"
+    """The consumer group every replica joins; its committed offsets are the progress."""
     client_id: str = "kp-pipeline"
+    """librdkafka's client.id: how this pipeline's clients appear in broker logs and quotas."""
     security: SecuritySettings = SecuritySettings()
     schema_registry: SchemaRegistrySettings | None = None
     consumer: dict[str, KafkaValue] = Field(

@@ -18,7 +18,7 @@ __all__ = ["ModelScheduling", "SchedulingSettings"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelScheduling(_Strict):

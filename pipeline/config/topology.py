@@ -47,15 +47,18 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class TopicSettings(_Strict):
     """The topics a topology reads and writes."""
 
     input: list[str] = Field(min_length=1)
+    """The topics requests are consumed from (one consumer group reads them all)."""
     output: str
+    """The topic results go to, unless a request names its own reply topic."""
     dead_letter: str
+    """The topic refused requests go to, each with its reason (never dropped)."""
     replay_output: str | None = Field(
         None, description="Where `kp-pipeline replay` writes results (--output overrides)."
     )
@@ -89,6 +92,7 @@ class TopicSettings(_Strict):
     create: bool = Field(True, description="Create missing topics at start.")
     partitions: int = Field(4, ge=1, description="Partitions of topics created at start.")
     replication_factor: int = Field(1, ge=1)
+    """Replicas of each topic created by the pipeline (topics.create)."""
 
     @model_validator(mode="after")
     def _encoded_topics_are_inputs(self) -> TopicSettings:
@@ -115,6 +119,7 @@ class FlowSettings(_Strict):
     """
 
     max_in_flight: int = Field(2048, ge=1)
+    """Requests consumed, not yet committed, above which partitions pause (bounds memory)."""
     resume_below: int | None = Field(None, ge=0, description="Default: half of max_in_flight.")
     max_in_flight_bytes: int = Field(
         256 * 2**20, ge=1024, description="Record bytes in flight above which partitions pause."
@@ -123,9 +128,12 @@ class FlowSettings(_Strict):
         None, ge=0, description="Default: half of max_in_flight_bytes."
     )
     consume_batch: int = Field(500, ge=1, le=100_000)
+    """Most records taken from librdkafka in one consume call."""
     poll_timeout_ms: int = Field(10, ge=1, description="Longest wait in one consume call.")
     commit_interval_ms: int = Field(500, ge=10)
+    """How often delivered offsets are committed (and, exactly-once, transactions end)."""
     drain_timeout_s: float = Field(30.0, gt=0)
+    """On SIGTERM or a revoke, how long in-flight work may take to finish and commit."""
     lag_interval_ms: int = Field(
         1000, ge=50, description="How often lag is measured and the batch control loop runs."
     )
@@ -176,6 +184,7 @@ class TracingSettings(_Strict):
     """
 
     enabled: bool = False
+    """Trace requests (off: one check per published batch)."""
     exporter: Literal["otlp", "console", "global"] = Field(
         "otlp",
         description="otlp: OTLP/HTTP to `endpoint`; console: print spans; global: the "
@@ -187,6 +196,7 @@ class TracingSettings(_Strict):
         "$OTEL_EXPORTER_OTLP_ENDPOINT or http://localhost:4318/v1/traces (OTel's own order).",
     )
     service_name: str = "kp-pipeline"
+    """service.name on every span this pipeline exports."""
     sample_ratio: float = Field(
         1.0,
         ge=0.0,
@@ -200,6 +210,7 @@ class MetricsSettings(_Strict):
     """Where ``/metrics``, ``/healthz`` and ``/readyz`` are served (one HTTP port)."""
 
     enabled: bool = True
+    """Serve the metrics and health endpoints."""
     host: str = Field("0.0.0.0", description="Interface to listen on; 127.0.0.1 keeps it local.")
     port: int = Field(9464, ge=0, le=65535, description="0 picks a free port (tests).")
     stale_after_s: float = Field(
@@ -218,7 +229,9 @@ class LagControlSettings(_Strict):
     """
 
     enabled: bool = True
+    """Let lag raise the batch limits (up to the ceilings below)."""
     lag_seconds: float = Field(2.0, gt=0)
+    """Age of the oldest unserved request above which the limits grow."""
     max_batch_size: int | None = Field(
         None, ge=1, description="Ceiling; default 8x max_batch_size, within the model's limit."
     )
@@ -231,7 +244,9 @@ class BatchingSettings(_Strict):
     """A batch is flushed when it is full or its oldest request has waited max_delay_ms."""
 
     max_batch_size: int = Field(32, ge=1)
+    """Most requests in one batch (within the model's own limit)."""
     max_delay_ms: float = Field(5.0, ge=0)
+    """Longest a request waits for its batch to fill; 0: batch only what is there."""
     lag_control: LagControlSettings = LagControlSettings()
 
     @model_validator(mode="after")
@@ -331,9 +346,10 @@ class RetrySettings(_Strict):
 class StageSettings(BaseModel):
     """``{stage: <name or module:Class>, <its parameters>...}``; parameters are the stage's."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
 
     stage: str
+    """The stage: an entry-point name (kp-pipeline stages lists them) or module:Class."""
 
     @property
     def params(self) -> dict[str, Any]:
@@ -345,7 +361,9 @@ class ModelSettings(_Strict):
     """One served model: its runtime, artifact, inputs, batching and stages."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """What requests name in ``model``; results and metrics carry it."""
     version: str = "1"
+    """This entry's version; a name listed several times serves them side by side."""
     backend: str | None = Field(
         None,
         description="Entry-point name (onnxruntime, torch, tensorflow, tensorrt, xgboost, "

@@ -19,7 +19,7 @@ __all__ = ["ShadowSettings", "VersionTraffic", "check_versions"]
 class ShadowSettings(BaseModel):
     """A candidate version that sees the default's requests without answering them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     version: str = Field(description="The candidate; its answers are compared, not published.")
     share: float = Field(
@@ -30,7 +30,7 @@ class ShadowSettings(BaseModel):
 class VersionTraffic(BaseModel):
     """One model's traffic between its versions (``versions.<model>``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     default: str | None = Field(
         None,

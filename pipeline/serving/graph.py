@@ -84,6 +84,22 @@ class ServedModel:
         """
         return self.key or self.settings.name
 
+    def describe(self) -> list[str]:
+        """For people (``validate``): signature, backend and placement, one line each."""
+        more = f", … ({len(self.inputs)} inputs)" if len(self.inputs) > 6 else ""
+        ins = ", ".join(f"{k} {v}" for k, v in list(self.inputs.items())[:6]) + more
+        outs = ", ".join(f"{k} {v}" for k, v in self.outputs.items())
+        s = self.settings
+        lines = [f"{s.name} v{s.version} ({self.backend} on {', '.join(self.devices)}): "
+                 f"{ins} → {outs}"]  # fmt: skip
+        if self.backend_chosen:
+            lines.append(
+                f"  backend {self.backend}, chosen from the artifact: {self.backend_chosen}"
+            )
+        if self.info.feature_names and s.inputs is None:
+            lines.append(f"  features, in order: {', '.join(self.info.feature_names)}")
+        return lines + [f"  placed: {note}" for note in self.placement]
+
     def close(self) -> None:
         """Close stages and unload instances."""
         lists = {id(x): x for x in [self.preprocess, *self.instance_preprocess]}

@@ -609,3 +609,27 @@ def test_left_out_inputs_are_refused_where_preprocessing_changes_the_request(
     unknown.write_bytes(b"not a model at all")
     with pytest.raises(GraphError, match=r"models\[0\]\.backend: cannot tell which backend"):
         _build(tmp_path, TINY.replace("    backend: onnxruntime\n", ""), unknown)
+
+
+def test_a_tabular_model_refuses_declared_inputs_that_are_not_its_features(
+    tmp_path: Path,
+) -> None:
+    artifact = MODELS / "breast_cancer_xgb.ubj"
+    if not artifact.exists():
+        pytest.skip("models/breast_cancer_xgb.ubj missing: run `kp-pipeline models export`")
+    text = """
+topics: {input: [in], output: out, dead_letter: dlq}
+models:
+  - name: cancer
+    artifact: ARTIFACT
+    inputs: [{name: features, datatype: FP32, shape: [29]}]
+"""
+    with pytest.raises(GraphError, match=r"input 'features' is FP32\[29\].*wants FP32\[30\]"):
+        _build(tmp_path, text, artifact)
+    named = text.replace(
+        "    inputs: [{name: features, datatype: FP32, shape: [29]}]\n",
+        "    options: {features: named}\n"
+        "    inputs: [{name: radius, datatype: FP32, shape: [1]}]\n",
+    )
+    with pytest.raises(GraphError, match=r"the model needs input 'mean radius' FP32\[1\]"):
+        _build(tmp_path, named, artifact)
