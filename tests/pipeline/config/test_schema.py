@@ -12,9 +12,7 @@ import yaml
 from pipeline.config.schema import topology_schema
 
 ROOT = Path(__file__).resolve().parents[3]
-SHIPPED = sorted(
-    [*ROOT.glob("topology*.yaml"), *(ROOT / "load" / "topologies").glob("*.yaml")]
-)
+SHIPPED = sorted([*ROOT.glob("topology*.yaml"), *(ROOT / "load" / "topologies").glob("*.yaml")])
 SCHEMA = topology_schema()
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
