@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup toolchain models demo demo-tabular demo-text run lint test test-unit test-e2e bench bench-backends bench-backlog bench-codec bench-preprocess bench-latency bench-delivery prometheus-tools client-tools gpu-kit gpu-check ci clean
+.PHONY: help setup toolchain models demo demo-tabular demo-text run lint docs test test-unit test-e2e bench bench-backends bench-backlog bench-codec bench-preprocess bench-latency bench-delivery prometheus-tools client-tools gpu-kit gpu-check ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -87,7 +87,10 @@ lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: setup client-tools lint  ## everything: lint, unit tests, end-to-end tests on a real broker
+docs: $(STAMP)  ## build the documentation site into site/ (warnings and broken links are errors)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: setup client-tools lint docs  ## everything: lint, the docs site, unit tests, end-to-end tests on a real broker
 	@$(BIN)/python -m pytest -p no:cacheprovider --durations=40 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the setup is broken" >&2; exit 1; fi; \
 	exit $$rc

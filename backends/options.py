@@ -38,7 +38,7 @@ OptionsT = TypeVar("OptionsT", bound=BaseModel)
 class StrictOptions(BaseModel):
     """Base of every backend's options: unknown keys are errors, values are frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def signature_of(tensors: Sequence[DeclaredTensor]) -> dict[str, TensorSpec]:

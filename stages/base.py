@@ -52,7 +52,7 @@ Column = np.ndarray[Any, Any] | list[Any]
 class StageParams(BaseModel):
     """Base for a stage's parameter model (extra keys forbidden, values frozen)."""
 
-    model_config = {"extra": "forbid", "frozen": True}
+    model_config = {"extra": "forbid", "frozen": True, "use_attribute_docstrings": True}
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,8 +72,11 @@ class TopKParams(StageParams):
     k: int = Field(5, ge=1)
     labels: Path | None = None
     classes_output: str = "classes"
+    """The column of the k best class indices (INT64)."""
     scores_output: str = "scores"
+    """The column of their scores (FP32), best first."""
     labels_output: str = "labels"
+    """The column of their names (BYTES), with ``labels``."""
     keep_input: bool = False
 
 
@@ -180,8 +183,11 @@ class ArgmaxParams(StageParams):
     input: str
     labels: Path | None = None
     class_output: str = "class"
+    """The column of the best class index (INT64)."""
     score_output: str = "score"
+    """The column of its score (FP32)."""
     label_output: str = "label"
+    """The column of its name (BYTES), with ``labels``."""
     keep_input: bool = False
 
 

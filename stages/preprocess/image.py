@@ -55,12 +55,18 @@ class ImageChainParams(StageParams):
     max_pixels: int = Field(40_000_000, ge=1, description="Refuse larger images (bombs).")
     resize: int | tuple[int, int] = Field(description="Shorter side, or [height, width].")
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    """The resampling filter of the resize."""
     crop: int | tuple[int, int] = Field(description="Square side, or [height, width].")
     mean: list[float]
+    """Per-channel mean, subtracted after ``scale`` (one value per channel)."""
     std: list[float]
+    """Per-channel standard deviation the result is divided by."""
     scale: float = 1.0 / 255.0
+    """Factor applied to the pixel values first (1/255 maps uint8 to [0, 1])."""
     dtype: Literal["FP32", "FP16"] = "FP32"
+    """The output's datatype."""
     layout: Literal["NCHW", "NHWC"] = "NCHW"
+    """The output's layout: channels first (NCHW) or last (NHWC)."""
 
 
 class DecodeImageParams(StageParams):
@@ -69,6 +75,7 @@ class DecodeImageParams(StageParams):
     input: str = "image"
     output: str | None = None
     mode: Literal["RGB", "L"] = "RGB"
+    """Decode to three channels (RGB) or one (L, greyscale)."""
     max_pixels: int = Field(40_000_000, ge=1, description="Refuse larger images (bombs).")
 
 
@@ -147,6 +154,7 @@ class ResizeParams(StageParams):
     input: str = "image"
     size: int | tuple[int, int]
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    """The resampling filter of the resize."""
 
 
 class Resize(StageBase):
@@ -251,8 +259,11 @@ class NormalizeParams(StageParams):
     input: str = "image"
     output: str | None = None
     mean: list[float]
+    """Per-channel mean, subtracted after ``scale`` (one value per channel)."""
     std: list[float]
+    """Per-channel standard deviation the result is divided by."""
     scale: float = 1.0 / 255.0
+    """Factor applied to the pixel values first (1/255 maps uint8 to [0, 1])."""
 
 
 class Normalize(StageBase):

@@ -55,9 +55,13 @@ class NormalizeNCHWParams(StageParams):
     input: str = "image"
     output: str | None = None
     mean: list[float]
+    """Per-channel mean, subtracted after ``scale`` (one value per channel)."""
     std: list[float]
+    """Per-channel standard deviation the result is divided by."""
     scale: float = 1.0 / 255.0
+    """Factor applied to the pixel values first (1/255 maps uint8 to [0, 1])."""
     dtype: Literal["FP32", "FP16"] = "FP32"
+    """The output's datatype."""
 
 
 class NormalizeNCHW(StageBase):

@@ -188,7 +188,9 @@ class ScaleParams(StageParams):
     input: str
     output: str | None = None
     factor: float = 1.0
+    """Multiplies every value."""
     offset: float = 0.0
+    """Added after the factor."""
     datatype: str = "FP32"
 
 
@@ -302,6 +304,7 @@ class PadCropParams(StageParams):
     output: str | None = None
     shape: tuple[Annotated[int, Field(ge=1)] | None, ...] = Field(min_length=1)
     value: float = 0.0
+    """What padding fills in."""
     align: Literal["start", "center"] = "start"
 
 

@@ -68,9 +68,13 @@ class TokenizeParams(StageParams):
         None, description="Sequence lengths, ascending; default: the model's TensorRT profiles."
     )
     input_ids: str = "input_ids"
+    """The column of token ids (INT64), padded to the batch's length."""
     attention_mask: str | None = "attention_mask"
+    """The column of 1s over real tokens and 0s over padding; null: none."""
     token_type_ids: str | None = "token_type_ids"
+    """The column of segment ids (all 0 for one text); null: none."""
     add_special_tokens: bool = True
+    """Add the tokenizer's special tokens ([CLS], [SEP], ...)."""
     padding: Literal["bucket", "longest"] = Field(
         "bucket",
         description="bucket: batch by bucket, pad to it; longest: one batch for all lengths, "
