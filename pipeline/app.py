@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pipeline.engine.collector import serving_collector
 from pipeline.engine.loop import Replica, RunStats
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import admin_config, ensure_topics
+from pipeline.kafka.clients import replica_id as replica_name
 from pipeline.kafka.preflight import check_access
 from pipeline.lifecycle.follower import ControlFollower, create_control_topic
 from pipeline.lifecycle.hotload import VersionLoader
@@ -144,6 +146,7 @@ def follow_control(
     address: str,
     pipeline: Replica,
     graph: list[ServedModel],
+    replica: str | None = None,
     load_timeout: float = 600.0,
 ) -> tuple[ControlFollower, VersionLoader, Shadows]:
     """The live replica's control follower, caught up before it consumes a request.
@@ -164,6 +167,8 @@ def follow_control(
             log.warning("control topic not created (%s): the follower will look for it", e)
     shadows = attach_shadows(topology, address, pipeline)
     loader = VersionLoader(topology, opened.base_dir, pipeline, graph, shadows)
+    worker = os.environ.get("KP_WORKER")  # `run --workers N`: one name per worker
+    name = replica_name(replica) + (f"/w{worker}" if worker is not None else "")
     follower = ControlFollower(
         topology,
         address,
@@ -172,6 +177,7 @@ def follow_control(
         pipeline.health,
         apply=pipeline.change,
         loader=loader,
+        replica_name=name,
     )
     follower.catch_up()
     pipeline.apply_changes()  # settles each model: starts the loads it asks for
@@ -226,7 +232,9 @@ def serve(
                 )
                 pipeline.metrics_url = None if server is None else server.url
                 live = ranges is None  # a replay serves recorded traffic as the topology says
-                control = follow_control(opened, address, pipeline, graph) if live else None
+                control = (
+                    follow_control(opened, address, pipeline, graph, replica_id) if live else None
+                )
                 try:
                     with serving_collector():  # from ready on: callers see the policy applied
                         if on_ready is not None:

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from confluent_kafka.admin import AdminClient
 from pipeline.config.topology import Topology
 from pipeline.kafka.clients import admin_config, producer_config, reader_config
 from pipeline.lifecycle.commands import (
+    STATUS_PREFIX,
     ControlRecord,
     Load,
     Served,
@@ -77,14 +79,19 @@ class ConflictError(KpError):
 
 @dataclass
 class ControlLog:
-    """The control topic as read now: each model's latest record and its offset."""
+    """The control topic as read now: each model's latest record and its offset.
+
+    ``replicas``: each live replica's own state record (`pipeline.lifecycle.follower`).
+    """
 
     records: dict[str, tuple[int, ControlRecord]]
+    replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, topology: Topology, bootstrap: str, timeout: float = 30.0) -> ControlLog:
         """Read the whole topic (to the end the broker reports) from its beginning."""
-        return cls(_read(topology, bootstrap, timeout))
+        replicas: dict[str, dict[str, Any]] = {}
+        return cls(_read(topology, bootstrap, timeout, replicas=replicas), replicas)
 
     @staticmethod
     def exists(topology: Topology, bootstrap: str) -> bool:
@@ -105,7 +112,11 @@ class ControlLog:
 
 
 def _read(
-    topology: Topology, bootstrap: str, timeout: float, until: int | None = None
+    topology: Topology,
+    bootstrap: str,
+    timeout: float,
+    until: int | None = None,
+    replicas: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, tuple[int, ControlRecord]]:
     topic = control_topic(topology)
     conf = reader_config(topology.kafka, bootstrap, group_id=f"{topic}.admin", partition_eof=True)
@@ -129,6 +140,11 @@ def _read(
                     continue
                 if until is not None and (msg.offset() or 0) > until:
                     continue
+                key = msg.key() or b""
+                if key.startswith(STATUS_PREFIX):
+                    if replicas is not None:
+                        _replica_state(replicas, key, msg.value())
+                    continue
                 try:
                     record = ControlRecord.decode(msg.value() or b"")
                 except ValueError:
@@ -137,6 +153,17 @@ def _read(
     finally:
         consumer.close()
     return latest
+
+
+def _replica_state(replicas: dict[str, dict[str, Any]], key: bytes, value: bytes | None) -> None:
+    name = key[len(STATUS_PREFIX) :].decode(errors="replace")
+    if value is None:  # the replica stopped cleanly
+        replicas.pop(name, None)
+        return
+    try:
+        replicas[name] = json.loads(value)
+    except ValueError:
+        replicas.pop(name, None)
 
 
 def _write(topology: Topology, bootstrap: str, record: ControlRecord) -> int:
@@ -259,10 +286,16 @@ def _open(args: argparse.Namespace) -> tuple[Topology, str]:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """Print each model's split, and which command set it when."""
+    """Print each model's split and served versions, and what each replica does."""
     topology, bootstrap = _open(args)
-    log = ControlLog.read(topology, bootstrap)
-    print(f"control topic {control_topic(topology)}")
+    for line in status_lines(topology, ControlLog.read(topology, bootstrap)):
+        print(line)
+    return 0
+
+
+def status_lines(topology: Topology, log: ControlLog) -> list[str]:
+    """What ``versions status`` prints: the group's state, then each replica's."""
+    out = [f"control topic {control_topic(topology)}"]
     for model in sorted(initial_splits(topology)):
         record = log.current(topology, model)
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.at_ms / 1000))
@@ -271,11 +304,27 @@ def run_status(args: argparse.Namespace) -> int:
             if record.seq == 0
             else f"#{record.seq} {record.command} by {record.by} at {when} UTC"
         )
-        print(f"{model}: {record.split.describe()}  ({source})")
+        out.append(f"{model}: {record.split.describe()}  ({source})")
         if record.served.loads or record.served.unloaded:
             versions = ", ".join(served_versions(topology, model, record.served))
-            print(f"  serving versions {versions}: {record.served.describe()}")
-    return 0
+            out.append(f"  serving versions {versions}: {record.served.describe()}")
+        for name, state in sorted(log.replicas.items()):
+            mine = state.get("models", {}).get(model)
+            if mine is None:
+                continue
+            when = time.strftime("%H:%M:%S", time.gmtime(state.get("at_ms", 0) / 1000))
+            line = (
+                f"  replica {name} ({when} UTC): serving {', '.join(mine['serving'])}; "
+                f"{mine['split']} (record #{mine['record']})"
+            )
+            out.append(line)
+            for version in mine.get("loading", []):
+                out.append(f"    loading v{version}")
+            for version, why in mine.get("refused", {}).items():
+                out.append(f"    refused v{version}: {why}")
+            if mine.get("behind"):
+                out.append(f"    not ready: {mine['behind']}")
+    return out
 
 
 def promote(version: str) -> Callable[[ControlRecord], Split]:

@@ -37,6 +37,7 @@ from pipeline.serving.versions import Traffic, traffic_of
 from schemas.errors import ConfigError
 
 __all__ = [
+    "STATUS_PREFIX",
     "ControlRecord",
     "Load",
     "Served",
@@ -47,6 +48,10 @@ __all__ = [
     "initial_splits",
     "served_versions",
 ]
+
+
+STATUS_PREFIX = b"replica/"
+"""Keys of the replicas' own state records (`pipeline.lifecycle.follower`), not commands."""
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,19 @@ topology lacks it and no load was asked) is not applied: the replica keeps the s
 has, says so in the log, in ``kp_control_unapplied{model}`` and on ``/readyz`` (not ready,
 with the reason), and settles again when the load ends or a record it can apply arrives.
 The group is then visibly half switched rather than silently so.
+
+Each replica also writes its own state to the topic, keyed ``replica/<name>``: per model,
+the versions it serves, the split it applies and why it is behind (loading, refused), so
+``kp-pipeline versions status`` shows the whole group, not only what was asked. A record
+is written after every change (within a poll) and a tombstone when the replica stops
+cleanly, so compaction forgets replicas that are gone; one that crashed stays listed
+with its last time until its name comes back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import threading
 import time
@@ -31,14 +40,15 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Producer,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from pipeline.config.topology import Topology
-from pipeline.kafka.clients import admin_config, reader_config
-from pipeline.lifecycle.commands import ControlRecord, Split, control_topic
+from pipeline.kafka.clients import admin_config, producer_config, reader_config
+from pipeline.lifecycle.commands import STATUS_PREFIX, ControlRecord, Split, control_topic
 from pipeline.lifecycle.hotload import VersionLoader
 from pipeline.observability.health import Health
 from pipeline.observability.metrics import Metrics
@@ -81,8 +91,12 @@ class ControlFollower:
         health: Health,
         apply: Callable[[Callable[[], None]], None] | None = None,
         loader: VersionLoader | None = None,
+        replica_name: str | None = None,
     ) -> None:
-        """``apply``: runs a change where the router is used (default: here and now)."""
+        """``apply``: runs a change where the router is used (default: here and now).
+
+        ``replica_name``: write this replica's state to the topic under it (none: do not).
+        """
         self.topic = control_topic(topology)
         self.router, self.metrics, self.health = router, metrics, health
         self.apply: Callable[[Callable[[], None]], None] = apply or (lambda change: change())
@@ -95,6 +109,11 @@ class ControlFollower:
             topology.kafka, bootstrap, group_id=f"{self.topic}.reader", partition_eof=True
         )
         self._consumer = Consumer(conf)
+        self.replica_name = replica_name
+        self._producer = (
+            Producer(producer_config(topology.kafka, bootstrap)) if replica_name else None
+        )
+        self._changed = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._assigned = False
@@ -145,17 +164,53 @@ class ControlFollower:
         return read
 
     def start(self) -> ControlFollower:
-        """Follow the topic on a thread from where `catch_up` stopped."""
+        """Follow the topic on a thread from where `catch_up` stopped; say where we are."""
+        self._changed.set()
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop following and close the reader."""
+        """Stop following, withdraw this replica's state, close the clients."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)  # a list_topics call in flight takes up to 5 s
         self._consumer.close()
+        if self._producer is not None and self.replica_name is not None:
+            with contextlib.suppress(Exception):  # the broker may be gone: nothing to do
+                self._producer.produce(self.topic, None, _status_key(self.replica_name))
+                self._producer.flush(5)
+
+    def status(self) -> dict[str, Any]:
+        """The replica's state, as its status record holds it."""
+        models = {}
+        for name, traffic in self.router.traffic.items():
+            record = self.applied.get(name)
+            loading = refused = None
+            if self.loader is not None:
+                loading = sorted(v for (n, v) in dict(self.loader.loading) if n == name)
+                refused = {v: why for (n, v), (_, why) in dict(self.loader.failed).items()
+                           if n == name}  # fmt: skip
+            models[name] = {
+                "serving": sorted(traffic.keys),
+                "split": Split(traffic.default, dict(traffic.canary), traffic.shadow).describe(),
+                "record": record.seq if record is not None else 0,
+                "behind": self.health.versions_behind.get(name),
+                "loading": loading or [],
+                "refused": refused or {},
+            }
+        return {"replica": self.replica_name, "at_ms": int(time.time() * 1000), "models": models}
+
+    def _publish_status(self) -> None:
+        if self._producer is None or self.replica_name is None or not self._assigned:
+            return
+        self._changed.clear()
+        try:
+            value = json.dumps(self.status(), sort_keys=True).encode()
+            self._producer.produce(self.topic, value, _status_key(self.replica_name))
+            self._producer.poll(0)
+        except Exception as e:  # a full queue or a gone broker: the next change tries again
+            log.debug("control topic %s: status not written (%s)", self.topic, e)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -176,8 +231,12 @@ class ControlFollower:
             for msg in msgs:
                 if msg.error() is None:
                     self._apply(msg)
+            if self._changed.is_set():
+                self._publish_status()
 
     def _apply(self, msg: Any) -> None:
+        if (msg.key() or b"").startswith(STATUS_PREFIX):
+            return  # a replica's state, for people and `versions status`
         try:
             record = ControlRecord.decode(msg.value() or b"")
         except ValueError as e:
@@ -243,4 +302,9 @@ class ControlFollower:
         else:
             self.health.versions_behind.pop(model, None)
         self.metrics.control_unapplied.labels(model).set(0 if applied else 1)
+        self._changed.set()
         return applied
+
+
+def _status_key(replica: str) -> bytes:
+    return STATUS_PREFIX + replica.encode()

@@ -36,7 +36,16 @@ from backends.artifacts import artifact_sha256
 from pipeline.app import open_topology
 from pipeline.config.topology import Topology
 from pipeline.kafka.broker import EmbeddedBroker
-from pipeline.lifecycle.admin import load, promote, rollback, send, shadow, unload
+from pipeline.lifecycle.admin import (
+    ControlLog,
+    load,
+    promote,
+    rollback,
+    send,
+    shadow,
+    status_lines,
+    unload,
+)
 from pipeline.tools.demo import BackgroundPipeline
 from schemas.codec import AvroCodec
 
@@ -170,6 +179,13 @@ def test_broken_artifacts_are_refused_while_the_live_version_serves(
             assert not ready
             assert words in detail["versions_behind"]["tiny-mlp"], detail
         assert set(_traffic(served).keys) == {"1"}
+        # The operator sees the refusals in `versions status`, from the replica's own record.
+        wait_for(lambda: "refused v4" in _status(topology, address), 10, "the status record")
+        status = _status(topology, address)
+        assert "serving versions 1, 2, 3, 4: loaded v2" in status
+        assert "  replica " in status
+        assert "serving 1; v1 (default)" in status
+        assert "refused v2: control record #1 (load 2): tiny-mlp v2.artifact: no such" in status
         # A promotion the replica cannot follow is not applied, and says why.
         send(topology, address, "tiny-mlp", promote("4"), "promote 4")
         wait_for(lambda: "v1 (default)" in _behind(served), 10, "promotion unapplied")
@@ -183,10 +199,19 @@ def test_broken_artifacts_are_refused_while_the_live_version_serves(
         for version in ("2", "3", "4"):
             send(topology, address, "tiny-mlp", unload(topology, version), f"unload {version}")
         wait_for(lambda: served.pipeline.health.ready()[0], 10, "ready again")  # type: ignore[union-attr]
+        wait_for(lambda: "refused" not in _status(topology, address), 10, "refusals gone")
+        after = _status(topology, address)
     finally:
         served.stop()
+    gone = _status(topology, address)  # a replica that stopped cleanly withdrew its record
+    assert "  replica " in after
+    assert "  replica " not in gone
     assert {r.model_version for r in results} == {"1"}
     assert all(r.status == "OK" for r in results)
+
+
+def _status(topology: Topology, address: str) -> str:
+    return "\n".join(status_lines(topology, ControlLog.read(topology, address)))
 
 
 def _behind(served: BackgroundPipeline) -> str:
