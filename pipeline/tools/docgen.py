@@ -11,6 +11,7 @@ drift from the code; `undocumented` lists what has no words yet, and a test fail
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,8 +40,9 @@ def _doc(obj: Any) -> str:
 
 def _type(annotation: Any) -> str:
     text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
-    for noise in ("typing.", "pathlib.", "pydantic.types.", "<class '", "'>"):
+    for noise in ("<class '", "'>"):
         text = text.replace(noise, "")
+    text = re.sub(r"\b(?:[a-z_][a-z0-9_]*\.)+(?=[A-Za-z])", "", text)  # module paths
     return text.replace("|", "\\|")
 
 
