@@ -43,7 +43,7 @@ def _type(annotation: Any) -> str:
     for noise in ("<class '", "'>"):
         text = text.replace(noise, "")
     text = re.sub(r"\b(?:[a-z_][a-z0-9_]*\.)+(?=[A-Za-z])", "", text)  # module paths
-    return text.replace("|", "\\|")
+    return text.replace(" | ", " or ")  # a pipe would end the table cell
 
 
 def _bounds(field: FieldInfo) -> str:
