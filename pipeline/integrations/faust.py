@@ -67,6 +67,15 @@ large or a topic that cannot be written becomes a dead letter instead, as in
 kp-pipeline). `attach`'s agent crashes the app on any exception, so the worker stops
 with the batch un-acked and a restart serves it again, as kp-pipeline stops.
 
+Long because the adapter's at-least-once argument (acks after acknowledged outcomes, what
+a crash leaves uncommitted) runs through its event handling, publishing and agent; split
+up, the reasoning would span modules that must change together.
+
+Versions: ``model.follow_control(bootstrap)`` makes the adapter follow the group's control
+topic as ``kp-pipeline run`` replicas do, for splits (``versions promote``, ``canary``,
+``rollback`` between the versions the topology loads); it loads no new artifact and does
+not shadow (`pipeline.lifecycle.follower.follow_splits`).
+
 The blocking work (decoding, stages, inference, encoding) runs on threads, so Faust's
 event loop keeps fetching meanwhile: each model's runtime has a preprocess thread and a
 thread per instance (``instances:``), and the model batches of one ``take`` batch go to
@@ -93,6 +102,7 @@ from faust.types import AgentT, EventT, TopicT
 from pipeline.app import OpenTopology, make_codec, open_topology
 from pipeline.config.loader import load_topology
 from pipeline.kafka.refusals import is_permanent
+from pipeline.lifecycle.follower import ControlFollower, follow_splits
 from pipeline.observability.metrics import Metrics
 from pipeline.observability.tracing import make_tracing
 from pipeline.serving.graph import ServedModel, build_graph, close_graph
@@ -203,6 +213,13 @@ class KpFaustModel:
         self._topics: dict[str, TopicT] = {}  # of `_topics_app`
         self._topics_app: faust.App | None = None
         self._lock = threading.Lock()
+        self._follower: ControlFollower | None = None
+
+    def follow_control(self, bootstrap: str) -> None:
+        """Apply the group's version splits from its control topic, as replicas do."""
+        self._follower = follow_splits(
+            self.opened.topology, bootstrap, self.intake.router, self.metrics
+        )
 
     @classmethod
     def from_topology(
@@ -424,6 +441,8 @@ class KpFaustModel:
 
     def close(self) -> None:
         """Stop the threads and unload the models."""
+        if self._follower is not None:
+            self._follower.stop()
         self._intake.shutdown(wait=True)
         for runtime in self.runtimes.values():
             runtime.stop(timeout=60.0)

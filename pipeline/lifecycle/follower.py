@@ -54,7 +54,7 @@ from pipeline.observability.health import Health
 from pipeline.observability.metrics import Metrics
 from pipeline.serving.routing import Router
 
-__all__ = ["ControlFollower", "create_control_topic"]
+__all__ = ["ControlFollower", "create_control_topic", "follow_splits"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,20 @@ def create_control_topic(topology: Topology, bootstrap: str, timeout: float = 15
         except Exception as e:  # another replica made it first: fine
             if "already exists" not in str(e).lower() and "TOPIC_ALREADY_EXISTS" not in str(e):
                 raise
+
+
+def follow_splits(
+    topology: Topology, bootstrap: str, router: Router, metrics: Metrics
+) -> ControlFollower:
+    """A follower for a front door that consumes by itself (the Faust adapter).
+
+    Splits only (promote, canary, shadow share, rollback between the versions the
+    topology loads): it applies each on its own thread (a router swaps its split whole),
+    loads nothing and writes no state record. Caught up before it returns.
+    """
+    follower = ControlFollower(topology, bootstrap, router, metrics, Health())
+    follower.catch_up(timeout=10)
+    return follower.start()
 
 
 class ControlFollower:

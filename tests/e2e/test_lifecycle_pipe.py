@@ -169,3 +169,33 @@ def test_a_replica_without_the_version_keeps_its_split_and_says_so(
         wait_for(lambda: _default(served) == "1", 10, "the rollback applied")
     finally:
         served.stop()
+
+
+def test_the_faust_adapter_follows_the_groups_splits(
+    broker: EmbeddedBroker, topics: Topics, tmp_path: Path
+) -> None:
+    from e2e.kit import produce_tiny, tiny_vectors
+
+    from load.faust_app import FaustWorkerThread, make_app
+    from pipeline.integrations.faust import KpFaustModel, attach
+
+    path = _topology(tmp_path, topics, ("1", "2"), "two.yaml")
+    topology = open_topology(path).topology
+    address = broker.bootstrap_servers
+    with KpFaustModel.from_topology(path) as model:
+        model.follow_control(address)  # no control topic yet: it looks for one
+        router = model.intake.router
+        assert router.traffic["tiny-mlp"].default == "1"
+        send(topology, address, "tiny-mlp", promote("2"), "promote 2")
+        wait_for(lambda: router.traffic["tiny-mlp"].default == "2", 15, "the adapter promoted")
+        app = make_app(topics.group, address, tmp_path, commit_interval_s=0.2)
+        attach(app, model)
+        worker = FaustWorkerThread(app).start()
+        try:
+            produce_tiny(broker, topics.input, tiny_vectors(60), prefix="f")
+            results = [
+                AvroCodec().decode_result(m.value()) for m in read_all(broker, topics.output, 60)
+            ]
+        finally:
+            worker.stop()
+    assert {r.model_version for r in results} == {"2"}
