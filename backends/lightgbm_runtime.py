@@ -23,9 +23,10 @@ from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
 from backends.devices import resolve_device
 from backends.options import parse_options
 from backends.tabular import (
-    TabularSignature,
+    TabularBackend,
     TreeOptions,
     as_columns,
+    class_answers,
     classifier_outputs,
     regressor_outputs,
     signature,
@@ -37,14 +38,13 @@ __all__ = ["LightGBMBackend"]
 _HINT = "pip install 'kp-pipeline[tabular]'"
 
 
-class LightGBMBackend:
+class LightGBMBackend(TabularBackend):
     """One LightGBM booster instance."""
 
     Options = TreeOptions  # the model's ``options`` section (docs, ``kp-pipeline schema``)
 
     def __init__(self) -> None:
-        self._booster: Any = None
-        self._signature: TabularSignature | None = None
+        super().__init__()
         self._kind = ""
         self._threads = 0
 
@@ -85,31 +85,20 @@ class LightGBMBackend:
         self._signature = signature(
             booster.feature_name(), booster.num_feature(), options.features, outputs
         )
-        self._booster, self._threads = booster, options.threads
+        self._model, self._threads = booster, options.threads
         return self._signature.info(place)
 
     def infer(self, batch: TensorBatch) -> dict[str, np.ndarray[Any, Any]]:
         """Predict one batch of rows."""
-        sig, booster = self._signature, self._booster
-        assert sig is not None, "infer before load"
-        assert booster is not None, "infer before load"
-        x = sig.rows(batch)
+        booster, sig, x = self._loaded(batch)
         n = len(x)
         kw: dict[str, Any] = {"num_threads": self._threads} if self._threads else {}
         out = {}
         if "margin" in sig.outputs:
             out["margin"] = as_columns(booster.predict(x, raw_score=True, **kw), n)
-        answer = as_columns(booster.predict(x, **kw), n)
-        if self._kind == "binary":
-            out["probabilities"] = np.concatenate([1.0 - answer, answer], axis=1)
-            out["label"] = (answer > 0.5).astype(np.int64)
-        elif self._kind == "multiclass":
-            out["probabilities"] = answer
-            out["label"] = np.argmax(answer, axis=1).astype(np.int64).reshape(n, 1)
+        answer = booster.predict(x, **kw)
+        if self._kind == "regression":
+            out["prediction"] = as_columns(answer, n)
         else:
-            out["prediction"] = answer
+            out.update(class_answers(answer, n, self._kind == "binary"))
         return out
-
-    def unload(self) -> None:
-        """Drop the booster."""
-        self._booster = None

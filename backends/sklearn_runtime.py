@@ -32,8 +32,8 @@ from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
 from backends.devices import resolve_device
 from backends.options import parse_options
 from backends.tabular import (
+    TabularBackend,
     TabularOptions,
-    TabularSignature,
     as_columns,
     class_labels,
     classifier_outputs,
@@ -48,14 +48,13 @@ _HINT = "pip install 'kp-pipeline[tabular]'"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
 
 
-class SklearnBackend:
+class SklearnBackend(TabularBackend):
     """One fitted scikit-learn estimator instance."""
 
     Options = TabularOptions  # the model's ``options`` section (docs, ``kp-pipeline schema``)
 
     def __init__(self) -> None:
-        self._model: Any = None
-        self._signature: TabularSignature | None = None
+        super().__init__()
         self._labels: np.ndarray[Any, Any] | None = None
         self._threads = 0
 
@@ -102,10 +101,7 @@ class SklearnBackend:
 
     def infer(self, batch: TensorBatch) -> dict[str, np.ndarray[Any, Any]]:
         """Predict one batch of rows, as the estimator's own methods do."""
-        sig, model = self._signature, self._model
-        assert sig is not None, "infer before load"
-        assert model is not None, "infer before load"
-        x = sig.rows(batch)
+        model, sig, x = self._loaded(batch)
         if sig.names and hasattr(model, "feature_names_in_"):
             x = _frame(x, sig.names)  # fitted on named columns: predict on named columns
         n = len(x)
@@ -125,10 +121,6 @@ class SklearnBackend:
 
         limits: contextlib.AbstractContextManager[Any] = threadpool_limits(self._threads)
         return limits
-
-    def unload(self) -> None:
-        """Drop the estimator."""
-        self._model = None
 
 
 def _read(spec: ModelSpec) -> Any:

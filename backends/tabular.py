@@ -37,9 +37,11 @@ from schemas.errors import BackendError
 from schemas.tensors import TensorSpec
 
 __all__ = [
+    "TabularBackend",
     "TabularOptions",
     "TabularSignature",
     "TreeOptions",
+    "class_answers",
     "class_labels",
     "feature_names",
     "rows_of",
@@ -165,3 +167,38 @@ def as_columns(values: Any, n: int) -> np.ndarray[Any, Any]:
     """A prediction of ``n`` rows as (n, k) float32: a 1-D answer becomes one column."""
     arr = np.asarray(values, dtype=np.float32)
     return arr.reshape(n, -1)
+
+
+class TabularBackend:
+    """What the tabular backends share: the loaded model, its signature, and unloading."""
+
+    def __init__(self) -> None:
+        self._model: Any = None
+        self._signature: TabularSignature | None = None
+
+    def _loaded(self, batch: TensorBatch) -> tuple[Any, TabularSignature, np.ndarray[Any, Any]]:
+        """The model, its signature and the batch as rows; asserts `load` came first."""
+        model, sig = self._model, self._signature
+        assert model is not None, "infer before load"
+        assert sig is not None, "infer before load"
+        return model, sig, sig.rows(batch)
+
+    def unload(self) -> None:
+        """Drop the model."""
+        self._model = None
+
+
+def class_answers(answer: Any, n: int, binary: bool) -> dict[str, np.ndarray[Any, Any]]:
+    """``probabilities`` and ``label`` from a booster's prediction of ``n`` rows.
+
+    ``binary``: the prediction is class 1's probability (one column), as XGBoost's
+    ``binary:logistic`` and LightGBM's ``binary`` give it; else one column per class.
+    The label is what the libraries' classifiers' ``predict`` gives: p > 0.5, or argmax.
+    """
+    p = as_columns(answer, n)
+    if binary:
+        return {
+            "probabilities": np.concatenate([1.0 - p, p], axis=1),
+            "label": (p > 0.5).astype(np.int64),
+        }
+    return {"probabilities": p, "label": np.argmax(p, axis=1).astype(np.int64).reshape(n, 1)}

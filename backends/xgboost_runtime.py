@@ -27,9 +27,10 @@ from backends.base import ModelInfo, ModelSpec, Probe, TensorBatch
 from backends.devices import resolve_device
 from backends.options import parse_options
 from backends.tabular import (
-    TabularSignature,
+    TabularBackend,
     TreeOptions,
     as_columns,
+    class_answers,
     classifier_outputs,
     regressor_outputs,
     signature,
@@ -41,14 +42,13 @@ __all__ = ["XGBoostBackend"]
 _HINT = "pip install 'kp-pipeline[tabular]' (xgboost-cpu), or xgboost for GPUs"
 
 
-class XGBoostBackend:
+class XGBoostBackend(TabularBackend):
     """One XGBoost booster instance."""
 
     Options = TreeOptions  # the model's ``options`` section (docs, ``kp-pipeline schema``)
 
     def __init__(self) -> None:
-        self._booster: Any = None
-        self._signature: TabularSignature | None = None
+        super().__init__()
         self._objective = ""
 
     @classmethod
@@ -96,36 +96,24 @@ class XGBoostBackend:
         self._signature = signature(
             booster.feature_names, booster.num_features(), options.features, outputs
         )
-        self._booster = booster
+        self._model = booster
         return self._signature.info(place)
 
     def infer(self, batch: TensorBatch) -> dict[str, np.ndarray[Any, Any]]:
         """Predict one batch of rows."""
-        sig, booster = self._signature, self._booster
-        assert sig is not None, "infer before load"
-        assert booster is not None, "infer before load"
-        x = sig.rows(batch)
+        booster, sig, x = self._loaded(batch)
         n = len(x)
         out: dict[str, np.ndarray[Any, Any]] = {}
         if "margin" in sig.outputs:
             out["margin"] = as_columns(booster.inplace_predict(x, predict_type="margin"), n)
-        if self._objective == "binary:logistic":
-            p = as_columns(booster.inplace_predict(x), n)
-            out["probabilities"] = np.concatenate([1.0 - p, p], axis=1)
-            out["label"] = (p > 0.5).astype(np.int64)
-        elif self._objective == "multi:softprob":
-            probs = as_columns(booster.inplace_predict(x), n)
-            out["probabilities"] = probs
-            out["label"] = np.argmax(probs, axis=1).astype(np.int64).reshape(n, 1)
+        answer = booster.inplace_predict(x)
+        if self._objective in ("binary:logistic", "multi:softprob"):
+            out.update(class_answers(answer, n, self._objective == "binary:logistic"))
         elif self._objective == "multi:softmax":  # predicts the class index itself
-            out["label"] = as_columns(booster.inplace_predict(x), n).astype(np.int64)
+            out["label"] = as_columns(answer, n).astype(np.int64)
         else:
-            out["prediction"] = as_columns(booster.inplace_predict(x), n)
+            out["prediction"] = as_columns(answer, n)
         return out
-
-    def unload(self) -> None:
-        """Drop the booster."""
-        self._booster = None
 
 
 def _has_cuda(xgboost: Any) -> bool:
