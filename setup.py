@@ -1,11 +1,13 @@
 """Build of the compiled hot paths; everything else is in pyproject.toml.
 
 schemas/_codec_fast.pyx is the codec's, pipeline/engine/_rows_fast.pyx the Kafka loop's
-per-record passes. Each extension is optional: where no C compiler or Python headers
-exist, the build warns and installs without it, and the pure-Python reference serves
-instead (`schemas.codec.COMPILED`, `pipeline.engine.rows.COMPILED` say which). Cython
-and NumPy come from the build-system requirements, so a normal ``pip install`` (or
-``pip install -e .``, which builds the modules in place, beside the .pyx) compiles them.
+per-record passes, pipeline/serving/_outcomes_fast.pyx a finished batch's per-row
+passes. Each extension is optional: where no C compiler or Python headers exist, the
+build warns and installs without it, and the pure-Python reference serves instead
+(`schemas.codec.COMPILED`, `pipeline.engine.rows.COMPILED`,
+`pipeline.serving.result_rows.COMPILED` say which). Cython and NumPy come from the
+build-system requirements, so a normal ``pip install`` (or ``pip install -e .``, which
+builds the modules in place, beside the .pyx) compiles them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ CODEC = Extension(
 
 ROWS = Extension("pipeline.engine._rows_fast", ["pipeline/engine/_rows_fast.pyx"])
 
-extensions = cythonize([CODEC, ROWS], language_level=3, quiet=True)
+OUTCOMES = Extension("pipeline.serving._outcomes_fast", ["pipeline/serving/_outcomes_fast.pyx"])
+
+extensions = cythonize([CODEC, ROWS, OUTCOMES], language_level=3, quiet=True)
 for ext in extensions:
     # cythonize() returns new Extension objects without `optional` (Cython 3.3): set it
     # here, or a machine without gcc fails the whole install instead of skipping this one.

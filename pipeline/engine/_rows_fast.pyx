@@ -5,10 +5,13 @@ rows.py is the reference; every function here returns exactly what its ``_``-nam
 Python twin there returns (tests/pipeline/engine/test_rows.py, hypothesis). What is
 saved is the interpreter's work per record: the loop, the attribute lookups and the
 bound-method objects. The `Message` getters are taken once from the class and called
-with vectorcall; an outcome's envelope fields are read with one ``getattr`` each.
+with vectorcall; an outcome's envelope fields are read with one ``getattr`` each; an
+`Envelope` is filled from C (pipeline/_slots.pxi) rather than through its __init__.
 
 Runs on the CPU only; nothing here touches a GPU.
 """
+
+include "../_slots.pxi"
 
 from cpython.bytes cimport PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
@@ -69,24 +72,29 @@ def read_run(list run):
     return offsets, values, keys, stamps, sizes, ordered, tombstones, headers
 
 
+cdef dict _layouts = {}  # per class: its _Layout, the eight fields envelopes() gives
+
+
 def envelopes(cls, topic, partition, generation, now, list keys, list values, list offsets, list stamps):
     """`rows._envelopes`: ``cls(topic, partition, offset, key, value, stamp, now, generation)``."""
     cdef Py_ssize_t i, n = PyList_GET_SIZE(keys)
     if PyList_GET_SIZE(values) != n or PyList_GET_SIZE(offsets) != n or PyList_GET_SIZE(stamps) != n:
         raise ValueError("envelopes: columns of different lengths")
+    cdef _Layout layout = _layouts.get(cls)
+    if layout is None:
+        layout = _layouts[cls] = _Layout(cls, 8)
     cdef list out = PyList_New(n)
     cdef object env
     for i in range(n):
-        env = cls(
-            topic,
-            partition,
-            <object>PyList_GET_ITEM(offsets, i),
-            <object>PyList_GET_ITEM(keys, i),
-            <object>PyList_GET_ITEM(values, i),
-            <object>PyList_GET_ITEM(stamps, i),
-            now,
-            generation,
-        )
+        env = layout.new()
+        layout.put(env, 0, topic)
+        layout.put(env, 1, partition)
+        layout.put(env, 2, <object>PyList_GET_ITEM(offsets, i))
+        layout.put(env, 3, <object>PyList_GET_ITEM(keys, i))
+        layout.put(env, 4, <object>PyList_GET_ITEM(values, i))
+        layout.put(env, 5, <object>PyList_GET_ITEM(stamps, i))
+        layout.put(env, 6, now)
+        layout.put(env, 7, generation)
         Py_INCREF(env)
         PyList_SET_ITEM(out, i, env)
     return out
@@ -111,3 +119,28 @@ def offset_runs(outcomes):
             last_key = key
         PyList_Append(last, env.offset)
     return runs
+
+
+def kinds(list outcomes):
+    """`rows._kinds`: counts by (topic, model, reason, status), in first-seen order.
+
+    A batch's outcomes share their four fields (the same objects, mostly): a row whose
+    fields are the very objects of the row before counts with it, no key made.
+    """
+    cdef dict counts = {}
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(outcomes), run = 0
+    cdef object out, topic, model, reason, status, key = None
+    cdef object t0 = None, m0 = None, r0 = None, s0 = None
+    for i in range(n):
+        out = <object>PyList_GET_ITEM(outcomes, i)
+        topic, model, reason, status = out.topic, out.model, out.reason, out.status
+        if run and topic is t0 and model is m0 and reason is r0 and status is s0:
+            run += 1
+            continue
+        if run:
+            counts[key] = counts.get(key, 0) + run
+        key = (topic, model, reason, status)
+        t0, m0, r0, s0, run = topic, model, reason, status, 1
+    if run:
+        counts[key] = counts.get(key, 0) + run
+    return counts

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.config.topology import TopicSettings
 from pipeline.engine.offsets import OffsetTracker
+from pipeline.engine.rows import kinds as count_kinds
 from pipeline.observability.metrics import Metrics
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome
@@ -30,7 +31,6 @@ from schemas.messages import Partition
 __all__ = ["REASONS", "Accounting", "RunStats"]
 
 # What an acknowledged outcome counts as, and its record's timestamp, read in C.
-_KIND = operator.attrgetter("topic", "model", "reason", "status")
 _STAMP = operator.attrgetter("envelope.timestamp_ms")
 
 REASONS = (
@@ -110,14 +110,14 @@ class Accounting:
     def acknowledged(self, outs: Sequence[Outcome]) -> None:
         """A batch of outcomes readers can now see.
 
-        Counted by kind with one ``Counter`` over C-read keys; latencies as one array per
+        Counted by kind in one pass (`pipeline.engine.rows.kinds`); latencies as one array per
         model (the usual batch is one model's results), observed at the next `flush`.
         """
         if not outs:
             return
         now = time.time()
         served, acked = self._served, self._acked
-        kinds = Counter(map(_KIND, outs))
+        kinds = count_kinds(outs)
         results = 0
         for (topic, model, reason, status), n in kinds.items():
             if reason is None:

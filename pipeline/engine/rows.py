@@ -13,7 +13,7 @@ no compiler existed the Python one does, with the same results
 from __future__ import annotations
 
 import operator
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
@@ -21,7 +21,7 @@ from confluent_kafka import Message
 
 from schemas.messages import Envelope
 
-__all__ = ["COMPILED", "RunColumns", "envelopes", "offset_runs", "read_run"]
+__all__ = ["COMPILED", "RunColumns", "envelopes", "kinds", "offset_runs", "read_run"]
 
 
 class RunColumns(NamedTuple):
@@ -87,6 +87,14 @@ def _offset_runs(outcomes: Sequence[Any]) -> dict[tuple[str, int, int], list[int
     return dict(runs)
 
 
+# What an acknowledged outcome is counted by: (topic, model, reason, status).
+_KIND = operator.attrgetter("topic", "model", "reason", "status")
+
+
+def _kinds(outcomes: Sequence[Any]) -> dict[tuple[str, str, str | None, str], int]:
+    return dict(Counter(map(_KIND, outcomes)))
+
+
 try:
     from pipeline.engine import _rows_fast
 except ImportError:  # built without a C compiler: the reference serves
@@ -129,3 +137,10 @@ def offset_runs(outcomes: Sequence[Any]) -> dict[tuple[str, int, int], list[int]
     if _rows_fast is not None:
         return _rows_fast.offset_runs(outcomes)
     return _offset_runs(outcomes)
+
+
+def kinds(outcomes: Sequence[Any]) -> dict[tuple[str, str, str | None, str], int]:
+    """Outcomes counted by (topic, model, reason, status), keys in first-seen order."""
+    if _rows_fast is not None and type(outcomes) is list:
+        return _rows_fast.kinds(outcomes)
+    return _kinds(outcomes)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.serving.result_rows import outcomes as make_outcomes
+from pipeline.serving.result_rows import result_fields
 from schemas import oip_json, oip_protobuf
 from schemas.codec import AvroCodec
 from schemas.errors import RequestIdentity
@@ -101,41 +103,28 @@ class OutcomeEncoder:
     ) -> list[Outcome]:
         """OK results for every row of a batch, encoded in one codec call (the hot path).
 
-        ``started`` is the monotonic time the batch left the batcher; ``phase_ms`` are
-        its preprocess, compute and postprocess times.
+        The rows' fields are read, and their outcomes made, in one pass each
+        (`pipeline.serving.result_rows`, compiled where pip built it). ``started`` is the
+        monotonic time the batch left the batcher; ``phase_ms`` are its preprocess,
+        compute and postprocess times.
         """
         encoder = self.codec.result_batch(model, version, columns)
         now_ms = time.time() * 1000.0
         pre_ms, compute_ms, post_ms = phase_ms
-        requests = [env.request for env in rows]
+        fields = result_fields(rows, started, now_ms, pre_ms, compute_ms, post_ms)
         values = encoder.encode_all(
-            [r.id for r in requests],  # type: ignore[union-attr]  # routed rows: decoded
-            [
-                (
-                    (started - env.consumed_at) * 1000.0,
-                    pre_ms,
-                    compute_ms,
-                    post_ms,
-                    now_ms - env.timestamp_ms,
-                )
-                for env in rows
-            ],
+            fields.ids,
+            fields.timings,
             batch_size,
-            [env.topic for env in rows],
-            [env.partition for env in rows],
-            [env.offset for env in rows],
+            fields.topics,
+            fields.partitions,
+            fields.offsets,
         )
-        output, replies, carried = self.output_topic, self.reply_topics, self.carried
-        outcomes = [
-            Outcome(
-                env,
-                (replies and r.reply_topic) or output,  # type: ignore[union-attr]
-                value,
-                carried(env.headers) if env.headers else None,
-                model=model,
-            )
-            for env, r, value in zip(rows, requests, values, strict=True)
-        ]
+        outcomes, headed = make_outcomes(
+            Outcome, rows, values, self.output_topic, self.reply_topics, model
+        )
+        for i in headed:
+            outcomes[i].headers = self.carried(rows[i].headers)
         if self.tracing:
             phases = (started, pre_ms, compute_ms, post_ms, batch_size)
             for out in outcomes:
@@ -144,7 +133,7 @@ class OutcomeEncoder:
             for i, env in enumerate(rows):
                 if env.shadow:
                     outcomes[i].outputs = {k: np.asarray(v[i]) for k, v in columns.items()}
-        if self.result_encoding not in ("request", "avro") or any(env.encoding for env in rows):
+        if self.result_encoding not in ("request", "avro") or fields.other_encoding:
             self._re_encode(outcomes, version, columns, started, phase_ms, batch_size, now_ms)
         return outcomes
 

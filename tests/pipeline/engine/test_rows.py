@@ -137,3 +137,33 @@ def test_the_reference_reads_what_the_records_hold() -> None:
     assert cols.tombstones
     assert cols.headers
     assert not rows.read_run(run[::-1]).ordered
+
+
+def _acked(topic: str, model: str, reason: str | None, status: str) -> Any:
+    return SimpleNamespace(topic=topic, model=model, reason=reason, status=status)
+
+
+@compiled_only
+@fuzz(300)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["out", "dlq"]),
+            st.sampled_from(["m", "", "n"]),
+            st.sampled_from([None, "bad_tensor"]),
+            st.sampled_from(["OK", "EXPIRED"]),
+        ),
+        max_size=60,
+    ),
+    st.booleans(),
+)
+def test_acknowledged_outcomes_count_into_the_same_kinds(
+    fields: list[tuple[str, str, str | None, str]], shared: bool
+) -> None:
+    # Outcomes of one batch share their field objects; others hold equal, distinct ones.
+    outcomes = [
+        _acked(*(f if shared else tuple(x if x is None else "".join(x) for x in f))) for f in fields
+    ]
+    got = fast.kinds(outcomes)
+    assert got == rows._kinds(outcomes)
+    assert list(got) == list(rows._kinds(outcomes))  # first-seen order, too
