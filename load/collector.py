@@ -5,9 +5,8 @@
 Decodes the tiny scenario's requests a consumed batch (2,000) at a time and wraps each in
 its `Envelope`, as the Kafka loop does, while the previous ``--in-flight`` requests stay
 alive (the in-flight window), with the collector as CPython sets it and inside
-`pipeline.engine.interpreter.serving_interpreter`, alternating, and prints CPU per
-request and how many collections ran. What the collector half of
-`pipeline/engine/interpreter.py` is measured by.
+`pipeline.engine.collector.serving_collector`, alternating, and prints CPU per request
+and how many collections ran. What `pipeline/engine/collector.py` is measured by.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import time
 
 from load.bench import ROOT, tiny_requests
 from pipeline.config.loader import load_topology
-from pipeline.engine.interpreter import serving_interpreter
+from pipeline.engine.collector import serving_collector
 from schemas.codec import AvroCodec
 from schemas.messages import Envelope
 
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(2):
         us, n = run(values, args.batches, args.in_flight)
         print(f"| CPython's default {gc.get_threshold()} | {us * 1e6:.2f} | {n} |")
-        with serving_interpreter():
+        with serving_collector():
             us, n = run(values, args.batches, args.in_flight)
             print(f"| serving policy {gc.get_threshold()}, frozen | {us * 1e6:.2f} | {n} |")
     return 0

@@ -25,7 +25,7 @@ from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 
 from load.bench import ROOT, SEED
 from pipeline.config.loader import load_topology
-from pipeline.engine.interpreter import serving_interpreter
+from pipeline.engine.collector import serving_collector
 from pipeline.engine.loop import Replica
 from pipeline.serving.graph import build_graph
 from pipeline.tools.traffic import tensor_request
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for i in range(per * PARTITIONS)
     ]
-    with serving_interpreter():  # as `kp-pipeline run` serves
+    with serving_collector():  # as `kp-pipeline run` serves
         cpu = _serve(replica, msgs)
     served = replica.stats.results
     assert served == len(msgs), (served, len(msgs))

@@ -76,12 +76,9 @@ def produce(plan: Plan, bootstrap: str, n: int) -> OpenTopology:
 
 
 def serve(
-    opened: OpenTopology, bootstrap: str, n: int, profile: bool = False
-) -> tuple[float, float, list[cProfile.Profile], int]:
-    """Serve ``n`` requests: wall time, process CPU time, the threads' profiles, pauses.
-
-    Pauses: how often the consumer paused because the in-flight window was full.
-    """
+    opened: OpenTopology, bootstrap: str, n: int, profile: bool
+) -> tuple[float, float, list[cProfile.Profile]]:
+    """Serve ``n`` requests; their wall time, process CPU time and the threads' profiles."""
     profiles: list[cProfile.Profile] = []
     lock = threading.Lock()
 
@@ -105,7 +102,7 @@ def serve(
     served.stop()
     assert stats.first_consumed is not None
     assert stats.last_delivered is not None
-    return stats.last_delivered - stats.first_consumed, cpu, profiles, stats.pauses
+    return stats.last_delivered - stats.first_consumed, cpu, profiles
 
 
 def report(profiles: list[cProfile.Profile], n: int, top: int) -> None:
@@ -144,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan("tiny", "Tiny model", ROOT / "load/topologies/tiny-mlp.yaml", tiny_requests, n, 0)
     with EmbeddedBroker() as broker:
         opened = produce(plan, broker.bootstrap_servers, n)
-        seconds, cpu, _, _ = serve(opened, broker.bootstrap_servers, n)
+        seconds, cpu, _ = serve(opened, broker.bootstrap_servers, n, profile=False)
         print(f"plain: {n / seconds:,.0f} requests/s, process CPU {cpu / n * 1e6:.1f} µs/request")
         plan2 = Plan("tiny2", "Tiny model", plan.topology, tiny_requests, n, 0)
         opened = produce(plan2, broker.bootstrap_servers, n)
-        seconds, cpu, profiles, _ = serve(opened, broker.bootstrap_servers, n, profile=True)
+        seconds, cpu, profiles = serve(opened, broker.bootstrap_servers, n, profile=True)
         print(
             f"profiled: {n / seconds:,.0f} requests/s, process CPU {cpu / n * 1e6:.1f} µs/request"
         )

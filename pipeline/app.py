@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.config.loader import load_topology
 from pipeline.config.topology import Topology
-from pipeline.engine.interpreter import serving_interpreter
+from pipeline.engine.collector import serving_collector
 from pipeline.engine.loop import Replica, RunStats
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.clients import admin_config, ensure_topics
@@ -236,7 +236,7 @@ def serve(
                     follow_control(opened, address, pipeline, graph, replica_id) if live else None
                 )
                 try:
-                    with serving_interpreter():  # from ready on: callers see the policy applied
+                    with serving_collector():  # from ready on: callers see the policy applied
                         if on_ready is not None:
                             on_ready(address, pipeline)
                         return pipeline.run(stop)

@@ -1,53 +1,39 @@
-"""The serving interpreter policy (collector, switch interval): applied while any replica
-serves, the process's own afterwards."""
+"""The serving GC policy: applied while any replica serves, the process's own afterwards."""
 
 from __future__ import annotations
 
 import gc
-import sys
 import threading
 
-import pytest
-
-from pipeline.engine.interpreter import SWITCH_INTERVAL_S, YOUNG_THRESHOLD, serving_interpreter
+from pipeline.engine.collector import YOUNG_THRESHOLD, serving_collector
 
 
-def test_threshold_freeze_and_switch_interval_inside_and_restored_after() -> None:
-    before, interval = gc.get_threshold(), sys.getswitchinterval()
-    sys.setswitchinterval(0.007)  # a process's own setting, whatever it is, comes back
-    try:
-        with serving_interpreter():
-            assert gc.get_threshold() == (YOUNG_THRESHOLD, before[1], before[2])
-            assert gc.get_freeze_count() > 0
-            assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
-        assert gc.get_threshold() == before
-        assert gc.get_freeze_count() == 0
-        assert sys.getswitchinterval() == pytest.approx(0.007, abs=2e-6)  # kept in whole µs
-    finally:
-        sys.setswitchinterval(interval)
+def test_threshold_and_freeze_inside_and_restored_after() -> None:
+    before = gc.get_threshold()
+    with serving_collector():
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
 
 
 def test_nested_blocks_restore_only_when_the_last_leaves() -> None:
     before = gc.get_threshold()
-    interval = sys.getswitchinterval()
-    with serving_interpreter():
-        with serving_interpreter():
+    with serving_collector():
+        with serving_collector():
             assert gc.get_threshold()[0] == YOUNG_THRESHOLD
         assert gc.get_threshold()[0] == YOUNG_THRESHOLD  # the outer one still serves
-        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
     assert gc.get_threshold() == before
-    assert sys.getswitchinterval() == interval
 
 
 def test_restored_when_the_block_raises() -> None:
     before = gc.get_threshold()
     try:
-        with serving_interpreter():
+        with serving_collector():
             raise RuntimeError("boom")
     except RuntimeError:
         pass
     assert gc.get_threshold() == before
-    assert sys.getswitchinterval() != SWITCH_INTERVAL_S
     assert gc.get_freeze_count() == 0
 
 
@@ -56,7 +42,7 @@ def test_concurrent_replicas_share_the_policy() -> None:
     inside, release = threading.Barrier(3), threading.Event()
 
     def serve() -> None:
-        with serving_interpreter():
+        with serving_collector():
             inside.wait()
             release.wait()
 
@@ -76,7 +62,7 @@ def test_cyclic_garbage_made_while_serving_is_still_collected() -> None:
         def __init__(self) -> None:
             self.me = self
 
-    with serving_interpreter():
+    with serving_collector():
         ref = __import__("weakref").ref(Node())
         assert ref() is not None  # a cycle: reference counting alone cannot free it
         gc.collect()
