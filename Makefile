@@ -33,7 +33,7 @@ toolchain:  ## install gcc and the Python headers if missing (needs root; Debian
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc python3-dev; }
 
 # An editable install does not rebuild the extensions when their sources change: this does.
-$(CODEC): schemas/_codec_fast.pyx pipeline/engine/_rows_fast.pyx pipeline/serving/_outcomes_fast.pyx pipeline/_slots.pxi $(STAMP)
+$(CODEC): schemas/_codec_fast.pyx pipeline/engine/_rows_fast.pyx pipeline/serving/_outcomes_fast.pyx schemas/_slots.pxi $(STAMP)
 	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/python -c "import schemas.codec as c, pipeline.engine.rows as r, pipeline.serving.result_rows as o; \
 	  print('compiled codec:', c.COMPILED, '· compiled row passes:', r.COMPILED, o.COMPILED)"

@@ -56,6 +56,10 @@ import numpy as np
 
 from schemas.binary import MAX_PARAMETERS, MAX_TENSORS
 from schemas.messages import Request
+
+include "_slots.pxi"
+
+cdef _Layout _REQUEST = _Layout(Request, 7)  # every field given: filled from C
 from schemas.tensors import MAX_DIMS, numpy_dtype
 
 cnp.import_array()
@@ -456,7 +460,15 @@ cdef object _parse(bytes record, Verdict* verdict):
     if c.pos != c.n:
         return None
     verdict[0] = BUILT
-    return Request(rid, model, arrays, version, parameters, deadline, reply)
+    request = _REQUEST.new()
+    _REQUEST.put(request, 0, rid)
+    _REQUEST.put(request, 1, model)
+    _REQUEST.put(request, 2, arrays)
+    _REQUEST.put(request, 3, version)
+    _REQUEST.put(request, 4, parameters)
+    _REQUEST.put(request, 5, deadline)
+    _REQUEST.put(request, 6, reply)
+    return request
 
 
 def decode_requests(values, slow):

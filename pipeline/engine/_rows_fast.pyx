@@ -6,12 +6,12 @@ Python twin there returns (tests/pipeline/engine/test_rows.py, hypothesis). What
 saved is the interpreter's work per record: the loop, the attribute lookups and the
 bound-method objects. The `Message` getters are taken once from the class and called
 with vectorcall; an outcome's envelope fields are read with one ``getattr`` each; an
-`Envelope` is filled from C (pipeline/_slots.pxi) rather than through its __init__.
+`Envelope` is filled from C (schemas/_slots.pxi) rather than through its __init__.
 
 Runs on the CPU only; nothing here touches a GPU.
 """
 
-include "../_slots.pxi"
+include "../../schemas/_slots.pxi"
 
 from cpython.bytes cimport PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem

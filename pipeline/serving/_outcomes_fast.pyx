@@ -4,7 +4,7 @@
 result_rows.py is the reference; every function here returns exactly what its
 ``_``-named Python twin there returns (tests/pipeline/serving/test_result_rows.py,
 hypothesis). What is saved is the interpreter's work per row: the loops, the attribute
-lookups, and an `Outcome`'s __init__ (filled from C, pipeline/_slots.pxi).
+lookups, and an `Outcome`'s __init__ (filled from C, schemas/_slots.pxi).
 
 Runs on the CPU only; nothing here touches a GPU.
 """
@@ -12,7 +12,7 @@ Runs on the CPU only; nothing here touches a GPU.
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.ref cimport Py_INCREF
 
-include "../_slots.pxi"
+include "../../schemas/_slots.pxi"
 
 
 cdef inline void _set(list out, Py_ssize_t i, object v):

@@ -7,7 +7,7 @@ which holds the GIL the Kafka loop needs too. As in `pipeline.engine.rows`, each
 written twice: here in Python, the reference, and in Cython
 (`pipeline/serving/_outcomes_fast.pyx`, built by ``pip install`` with the machine's C
 compiler), one C loop that reads the same fields and builds the same objects (an
-`Outcome` filled from C, pipeline/_slots.pxi). `COMPILED` says which serves
+`Outcome` filled from C, schemas/_slots.pxi). `COMPILED` says which serves
 (tests/pipeline/serving/test_result_rows.py checks the two agree under hypothesis).
 """
 

@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import logging
 import math
+import operator
 import queue
 import threading
 import time
@@ -81,6 +82,8 @@ DEPTH = 2
 _REOFFER_S = 0.005
 """While the device scheduler admits none of a model's batches, how often it is offered
 what has arrived since (a request of higher priority must not wait behind the offer)."""
+
+_STAMP = operator.attrgetter("timestamp_ms")  # of a row, read in C
 
 _Work = tuple[list[Envelope], Emit, RequestClass | None]
 """A submitted batch: its rows, where its outcomes go, its requests' class."""
@@ -454,7 +457,8 @@ class ModelRuntime:
         # A batch's queue time is its oldest request's: the wait the batch policy caused.
         m.queue_time.labels(name).observe(max(0.0, item.started - rows[0].consumed_at))
         now_ms = time.time() * 1000.0
-        m.request_age.observe_many(name, [(now_ms - r.timestamp_ms) / 1000.0 for r in rows])
+        stamps = np.fromiter(map(_STAMP, rows), np.float64, len(rows))
+        m.request_age.observe_many(name, (now_ms - stamps) / 1000.0)
         m.preprocess_time.labels(name, str(inst.stats.index)).observe(item.preprocess_ms / 1000.0)
         columns = item.batch.columns
         real = sum(_elements(columns[n]) for n in self.graph.info.inputs if n in columns)

@@ -81,6 +81,12 @@ def stack_rows(arrays: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
 
 _SHAPE = operator.attrgetter("shape")
 
+# A row's fields read in C (``map`` of a getter over a batch): the loops that run once per
+# row on a model's thread, which shares the GIL with the Kafka loop.
+_INPUTS = operator.attrgetter("request.inputs")
+_DEADLINE = operator.attrgetter("request.deadline_ms")
+_STAMP = operator.attrgetter("timestamp_ms")
+
 
 def prepare(
     graph: ServedModel,
@@ -96,7 +102,7 @@ def prepare(
     """
     started = time.monotonic()
     columns: dict[str, Any] = {
-        name: stack_rows([r.request.inputs[name] for r in rows])  # type: ignore[union-attr]
+        name: stack_rows(list(map(operator.itemgetter(name), map(_INPUTS, rows))))
         for name in graph.inputs
     }
     chain = graph.preprocess if stages is None else stages
@@ -121,9 +127,7 @@ def expire(
     """
     now_ms = time.time() * 1000.0
     oldest_ok = -math.inf if max_age_ms is None else now_ms - max_age_ms
-    if all(r.request is None or r.request.deadline_ms is None for r in rows) and (
-        max_age_ms is None or min(r.timestamp_ms for r in rows) >= oldest_ok
-    ):
+    if _no_deadlines(rows) and (max_age_ms is None or min(map(_STAMP, rows)) >= oldest_ok):
         return rows, []  # the usual case: nobody set a deadline, nothing is too old
     started = time.monotonic()
     live: list[Envelope] = []
@@ -137,6 +141,14 @@ def expire(
         else:
             live.append(r)
     return live, expired
+
+
+def _no_deadlines(rows: Sequence[Envelope]) -> bool:
+    """Whether no row's request has a deadline (a row without a request has none)."""
+    try:
+        return set(map(_DEADLINE, rows)) <= {None}
+    except AttributeError:  # some row's request is None
+        return all(r.request is None or r.request.deadline_ms is None for r in rows)
 
 
 def complete(

@@ -120,7 +120,7 @@ def test_a_class_the_pass_cannot_fill_from_c_is_refused() -> None:
     refused = ((NoSlots, "not a plain slot"), (Factory, "no plain default"), (Checked, "post_init"))
     for cls, why in refused:
         with pytest.raises(TypeError, match=why):
-            fast._Layout(cls, 1)  # (pipeline/_slots.pxi, which both compiled modules include)
+            fast._Layout(cls, 1)  # (schemas/_slots.pxi, which both compiled modules include)
     with pytest.raises(TypeError, match="1 fields, 6 given"):
         fast.outcomes(NoSlots, [], [], "out", True, "m")
 

@@ -1,8 +1,9 @@
-# Included by the compiled row passes (pipeline/engine/_rows_fast.pyx,
-# pipeline/serving/_outcomes_fast.pyx): filling a slots dataclass's instance from C.
+# Included by the compiled codec (schemas/_codec_fast.pyx) and the compiled row passes
+# (pipeline/engine/_rows_fast.pyx, pipeline/serving/_outcomes_fast.pyx): filling a slots
+# dataclass's instance from C.
 #
 # Calling a dataclass runs its generated __init__, Python bytecode that stores each field:
-# ~140 ns for an `Envelope`, ~260 for an `Outcome` with keywords, paid once per record on
+# ~140 ns for an `Envelope`, ~220 for a `Request`, ~260 for an `Outcome` with keywords, paid once per record on
 # the hot path. `_Layout` instead allocates the instance with its type's tp_alloc and
 # writes each field's reference straight into its slot, at the offset CPython's member
 # descriptor for that slot holds (~45 ns, measured on the development machine): what
