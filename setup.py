@@ -1,11 +1,11 @@
 """Build of the compiled hot paths; everything else is in pyproject.toml.
 
 schemas/_codec_fast.pyx is the codec's, pipeline/engine/_rows_fast.pyx the Kafka loop's
-per-record passes, pipeline/serving/_outcomes_fast.pyx a finished batch's per-row
+per-record passes, pipeline/serving/_batch_rows_fast.pyx a finished batch's per-row
 passes. Each extension is optional: where no C compiler or Python headers exist, the
 build warns and installs without it, and the pure-Python reference serves instead
 (`schemas.codec.COMPILED`, `pipeline.engine.rows.COMPILED`,
-`pipeline.serving.result_rows.COMPILED` say which). Cython and NumPy come from the
+`pipeline.serving.batch_rows.COMPILED` say which). Cython and NumPy come from the
 build-system requirements, so a normal ``pip install`` (or ``pip install -e .``, which
 builds the modules in place, beside the .pyx) compiles them.
 """
@@ -25,9 +25,14 @@ CODEC = Extension(
 
 ROWS = Extension("pipeline.engine._rows_fast", ["pipeline/engine/_rows_fast.pyx"])
 
-OUTCOMES = Extension("pipeline.serving._outcomes_fast", ["pipeline/serving/_outcomes_fast.pyx"])
+BATCH_ROWS = Extension(
+    "pipeline.serving._batch_rows_fast",
+    ["pipeline/serving/_batch_rows_fast.pyx"],
+    include_dirs=[np.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
 
-extensions = cythonize([CODEC, ROWS, OUTCOMES], language_level=3, quiet=True)
+extensions = cythonize([CODEC, ROWS, BATCH_ROWS], language_level=3, quiet=True)
 for ext in extensions:
     # cythonize() returns new Extension objects without `optional` (Cython 3.3): set it
     # here, or a machine without gcc fails the whole install instead of skipping this one.

@@ -1,6 +1,6 @@
 """Types of the compiled row passes (pipeline/engine/_rows_fast.pyx); see rows.py."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 def read_run(
@@ -19,5 +19,5 @@ def envelopes(
     offsets: Sequence[int],
     stamps: Sequence[int],
 ) -> list[Any]: ...
-def offset_runs(outcomes: Iterable[Any]) -> dict[tuple[str, int, int], list[int]]: ...
+def offset_runs(outcomes: list[Any]) -> dict[tuple[str, int, int], list[int]]: ...
 def kinds(outcomes: list[Any]) -> dict[tuple[str, str, str | None, str], int]: ...

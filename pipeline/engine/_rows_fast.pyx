@@ -5,8 +5,9 @@ rows.py is the reference; every function here returns exactly what its ``_``-nam
 Python twin there returns (tests/pipeline/engine/test_rows.py, hypothesis). What is
 saved is the interpreter's work per record: the loop, the attribute lookups and the
 bound-method objects. The `Message` getters are taken once from the class and called
-with vectorcall; an outcome's envelope fields are read with one ``getattr`` each; an
-`Envelope` is filled from C (schemas/_slots.pxi) rather than through its __init__.
+with vectorcall; an `Envelope` is filled from C (schemas/_slots.pxi) rather than
+through its __init__, and an outcome's fields and its envelope's are read at their
+slots' offsets (any other object's with ``getattr``).
 
 Runs on the CPU only; nothing here touches a GPU.
 """
@@ -100,24 +101,66 @@ def envelopes(cls, topic, partition, generation, now, list keys, list values, li
     return out
 
 
-def offset_runs(outcomes):
-    """`rows._offset_runs`: offsets by (topic, partition, generation), in order."""
+cdef dict _readers = {}  # per class: a _Layout to read its fields with, or None
+
+
+cdef object _reader(object cls):
+    """A `_Layout` that reads instances of ``cls`` (a slots dataclass), else None."""
+    try:
+        return _readers[cls]
+    except KeyError:
+        pass
+    try:
+        made = _Layout(cls, len(dataclasses.fields(cls)))
+    except TypeError:  # not a dataclass, or not plain slots: read with getattr
+        made = None
+    _readers[cls] = made
+    return made
+
+
+def offset_runs(list outcomes):
+    """`rows._offset_runs`: offsets by (topic, partition, generation), in order.
+
+    A batch's outcomes share their source's topic, partition and generation (the same
+    objects, mostly): a row whose three are the very objects of the row before joins
+    its run with no key made.
+    """
     cdef dict runs = {}
-    cdef object out, env, key, last_key = None
+    cdef object out, env, key, topic, partition, generation
+    cdef object t0 = None, p0 = None, g0 = None
     cdef list last = None
     cdef PyObject* found
-    for out in outcomes:
-        env = out.envelope
-        key = (env.topic, env.partition, env.generation)
-        if last is None or key != last_key:  # the usual batch is one partition's run
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(outcomes)
+    cdef Py_ssize_t o_env = 0, e_topic = 0, e_partition = 0, e_generation = 0, e_offset = 0
+    cdef _Layout outs = None, envs = None
+    for i in range(n):
+        out = <object>PyList_GET_ITEM(outcomes, i)
+        if outs is None or type(out) is not outs.cls:
+            outs = _reader(type(out))
+            if outs is not None:
+                o_env = outs.names.index("envelope")
+        env = outs.read(out, o_env) if outs is not None else out.envelope
+        if envs is None or type(env) is not envs.cls:
+            envs = _reader(type(env))
+            if envs is not None:
+                e_topic, e_partition = envs.names.index("topic"), envs.names.index("partition")
+                e_generation = envs.names.index("generation")
+                e_offset = envs.names.index("offset")
+        if envs is not None:
+            topic, partition = envs.read(env, e_topic), envs.read(env, e_partition)
+            generation = envs.read(env, e_generation)
+        else:
+            topic, partition, generation = env.topic, env.partition, env.generation
+        if last is None or not (topic is t0 and partition is p0 and generation is g0):
+            key = (topic, partition, generation)
             found = PyDict_GetItem(runs, key)
             if found is NULL:
                 last = []
                 PyDict_SetItem(runs, key, last)
             else:
                 last = <list>found
-            last_key = key
-        PyList_Append(last, env.offset)
+            t0, p0, g0 = topic, partition, generation
+        PyList_Append(last, envs.read(env, e_offset) if envs is not None else env.offset)
     return runs
 
 
@@ -131,9 +174,20 @@ def kinds(list outcomes):
     cdef Py_ssize_t i, n = PyList_GET_SIZE(outcomes), run = 0
     cdef object out, topic, model, reason, status, key = None
     cdef object t0 = None, m0 = None, r0 = None, s0 = None
+    cdef _Layout outs = None
+    cdef Py_ssize_t o_topic = 0, o_model = 0, o_reason = 0, o_status = 0
     for i in range(n):
         out = <object>PyList_GET_ITEM(outcomes, i)
-        topic, model, reason, status = out.topic, out.model, out.reason, out.status
+        if outs is None or type(out) is not outs.cls:
+            outs = _reader(type(out))
+            if outs is not None:
+                o_topic, o_model = outs.names.index("topic"), outs.names.index("model")
+                o_reason, o_status = outs.names.index("reason"), outs.names.index("status")
+        if outs is not None:
+            topic, model = outs.read(out, o_topic), outs.read(out, o_model)
+            reason, status = outs.read(out, o_reason), outs.read(out, o_status)
+        else:
+            topic, model, reason, status = out.topic, out.model, out.reason, out.status
         if run and topic is t0 and model is m0 and reason is r0 and status is s0:
             run += 1
             continue

@@ -134,7 +134,7 @@ def envelopes(
 
 def offset_runs(outcomes: Sequence[Any]) -> dict[tuple[str, int, int], list[int]]:
     """Delivered outcomes' offsets by (topic, partition, generation), in their order."""
-    if _rows_fast is not None:
+    if _rows_fast is not None and type(outcomes) is list:
         return _rows_fast.offset_runs(outcomes)
     return _offset_runs(outcomes)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.serving.result_rows import outcomes as make_outcomes
-from pipeline.serving.result_rows import result_fields
+from pipeline.serving.batch_rows import outcomes as make_outcomes
+from pipeline.serving.batch_rows import result_fields
 from schemas import oip_json, oip_protobuf
 from schemas.codec import AvroCodec
 from schemas.errors import RequestIdentity
@@ -104,7 +104,7 @@ class OutcomeEncoder:
         """OK results for every row of a batch, encoded in one codec call (the hot path).
 
         The rows' fields are read, and their outcomes made, in one pass each
-        (`pipeline.serving.result_rows`, compiled where pip built it). ``started`` is the
+        (`pipeline.serving.batch_rows`, compiled where pip built it). ``started`` is the
         monotonic time the batch left the batcher; ``phase_ms`` are its preprocess,
         compute and postprocess times.
         """

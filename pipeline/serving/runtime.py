@@ -49,7 +49,6 @@ import dataclasses
 import functools
 import logging
 import math
-import operator
 import queue
 import threading
 import time
@@ -61,6 +60,7 @@ import numpy as np
 
 from backends.base import Backend
 from pipeline.observability.metrics import Metrics
+from pipeline.serving.batch_rows import ages
 from pipeline.serving.graph import ServedModel
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from pipeline.serving.recovery import Recovery
@@ -82,8 +82,6 @@ DEPTH = 2
 _REOFFER_S = 0.005
 """While the device scheduler admits none of a model's batches, how often it is offered
 what has arrived since (a request of higher priority must not wait behind the offer)."""
-
-_STAMP = operator.attrgetter("timestamp_ms")  # of a row, read in C
 
 _Work = tuple[list[Envelope], Emit, RequestClass | None]
 """A submitted batch: its rows, where its outcomes go, its requests' class."""
@@ -457,8 +455,7 @@ class ModelRuntime:
         # A batch's queue time is its oldest request's: the wait the batch policy caused.
         m.queue_time.labels(name).observe(max(0.0, item.started - rows[0].consumed_at))
         now_ms = time.time() * 1000.0
-        stamps = np.fromiter(map(_STAMP, rows), np.float64, len(rows))
-        m.request_age.observe_many(name, (now_ms - stamps) / 1000.0)
+        m.request_age.observe_many(name, ages(rows, now_ms))
         m.preprocess_time.labels(name, str(inst.stats.index)).observe(item.preprocess_ms / 1000.0)
         columns = item.batch.columns
         real = sum(_elements(columns[n]) for n in self.graph.info.inputs if n in columns)

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.engine import rows
+from pipeline.serving.outcomes import Outcome
 from schemas.messages import Envelope
 
 compiled_only = pytest.mark.skipif(
@@ -167,3 +168,46 @@ def test_acknowledged_outcomes_count_into_the_same_kinds(
     got = fast.kinds(outcomes)
     assert got == rows._kinds(outcomes)
     assert list(got) == list(rows._kinds(outcomes))  # first-seen order, too
+
+
+@compiled_only
+@fuzz(200)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.integers(0, 2),
+            st.integers(1, 2),
+            st.integers(0, 50),
+            st.sampled_from([None, "bad_tensor"]),
+        ),
+        max_size=60,
+    ),
+    st.integers(0, 60),
+)
+def test_real_outcomes_read_at_their_slots_give_the_same_runs_and_kinds(
+    fields: list[tuple[str, int, int, int, str | None]], plain_at: int
+) -> None:
+    """Outcomes and Envelopes (read at their slots' offsets), one other object among them."""
+    outcomes: list[Any] = [
+        Outcome(Envelope(t, p, o, None, b"", 0, 0.0, g), "out", b"", reason=r, model="m")
+        for t, p, g, o, r in fields
+    ]
+    if plain_at < len(outcomes):  # a stand-in object: read with getattr, same answers
+        real = outcomes[plain_at]
+        env = real.envelope
+        outcomes[plain_at] = SimpleNamespace(
+            topic=real.topic,
+            model=real.model,
+            reason=real.reason,
+            status=real.status,
+            envelope=SimpleNamespace(
+                topic=env.topic,
+                partition=env.partition,
+                generation=env.generation,
+                offset=env.offset,
+            ),
+        )
+    assert fast.offset_runs(outcomes) == rows._offset_runs(outcomes)
+    assert list(fast.offset_runs(outcomes)) == list(rows._offset_runs(outcomes))
+    assert fast.kinds(outcomes) == rows._kinds(outcomes)

@@ -1,6 +1,8 @@
-"""Types of the compiled result passes (pipeline/serving/_outcomes_fast.pyx); see result_rows.py."""
+"""Types of the compiled batch passes (pipeline/serving/_batch_rows_fast.pyx); see batch_rows.py."""
 
 from typing import Any
+
+import numpy as np
 
 def result_fields(
     rows: list[Any],
@@ -20,3 +22,7 @@ def result_fields(
 def outcomes(
     cls: type[Any], rows: list[Any], values: list[bytes], output: str, replies: bool, model: str
 ) -> tuple[list[Any], list[int]]: ...
+def no_deadlines(rows: list[Any]) -> bool: ...
+def ages(rows: list[Any], now_ms: float) -> list[float]: ...
+def inputs(rows: list[Any], name: str) -> list[Any]: ...
+def gather(arrays: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any] | None: ...
