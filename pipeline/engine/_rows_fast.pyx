@@ -28,6 +28,30 @@ cdef object _VALUE = Message.value
 cdef object _KEY = Message.key
 cdef object _TIMESTAMP = Message.timestamp
 cdef object _HEADERS = Message.headers
+cdef object _ERROR = Message.error
+cdef object _TOPIC = Message.topic
+cdef object _PARTITION = Message.partition
+
+
+def partition_runs(list msgs):
+    """`rows._partition_runs`: (failed, topic, partition, start, stop) per run, in order."""
+    cdef Py_ssize_t i, start = 0, n = PyList_GET_SIZE(msgs)
+    cdef list out = []
+    cdef object m, topic, partition, topic0 = None, partition0 = None
+    cdef bint failed, failed0 = False
+    for i in range(n):
+        m = <object>PyList_GET_ITEM(msgs, i)
+        failed = _ERROR(m) is not None
+        topic = _TOPIC(m)
+        partition = _PARTITION(m)
+        if i and (failed != failed0 or topic != topic0 or partition != partition0):
+            out.append((failed0, topic0, partition0, start, i))
+            start = i
+        if i == start:
+            failed0, topic0, partition0 = failed, topic, partition
+    if n:
+        out.append((failed0, topic0, partition0, start, n))
+    return out
 
 
 def read_run(list run):

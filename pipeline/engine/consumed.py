@@ -10,7 +10,6 @@ back) and one accounting call. Then an `Envelope` per record, for `Intake.admit_
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from confluent_kafka import Consumer, Message
 from pipeline.engine.accounting import Accounting
 from pipeline.engine.offsets import OffsetTracker
 from pipeline.engine.ranges import BoundedRanges
-from pipeline.engine.rows import envelopes, read_run
+from pipeline.engine.rows import envelopes, partition_runs, read_run
 from schemas.messages import Envelope, Partition
 
 __all__ = ["Batch", "Consumed"]
@@ -118,23 +117,16 @@ class Consumed:
 def _runs(msgs: list[Message]) -> Iterator[tuple[Partition | None, list[Message]]]:
     """Consecutive messages of one partition (as librdkafka hands them out), in order.
 
-    Errors come as runs of their own, with no partition.
+    Errors come as runs of their own, with no partition. The runs are found in one pass
+    (`pipeline.engine.rows.partition_runs`, compiled where pip built it).
     """
-    if not msgs:
-        return
-    keys = [(m.error() is not None, m.topic(), m.partition()) for m in msgs]
-    if keys.count(keys[0]) == len(keys):  # the usual case: one partition's records
-        failed, topic, partition = keys[0]
+    runs = partition_runs(msgs)
+    if len(runs) == 1:  # the usual case: one partition's records
+        failed, topic, partition, _, _ = runs[0]
         yield (None if failed else (cast(str, topic), cast(int, partition))), msgs
         return
-    start = 0
-    for (failed, topic, partition), run in itertools.groupby(range(len(msgs)), keys.__getitem__):
-        n = len(list(run))
-        yield (
-            (None if failed else (cast(str, topic), cast(int, partition))),
-            msgs[start : start + n],
-        )
-        start += n
+    for failed, topic, partition, start, stop in runs:
+        yield (None if failed else (cast(str, topic), cast(int, partition))), msgs[start:stop]
 
 
 def _increasing(run: list[Message]) -> list[Message]:

@@ -21,7 +21,15 @@ from confluent_kafka import Message
 
 from schemas.messages import Envelope
 
-__all__ = ["COMPILED", "RunColumns", "envelopes", "kinds", "offset_runs", "read_run"]
+__all__ = [
+    "COMPILED",
+    "RunColumns",
+    "envelopes",
+    "kinds",
+    "offset_runs",
+    "partition_runs",
+    "read_run",
+]
 
 
 class RunColumns(NamedTuple):
@@ -87,6 +95,24 @@ def _offset_runs(outcomes: Sequence[Any]) -> dict[tuple[str, int, int], list[int
     return dict(runs)
 
 
+Run = tuple[bool, str | None, int | None, int, int]
+"""Consecutive consumed messages of one partition: (failed, topic, partition, start, stop).
+
+``failed``: they are errors, not records (their topic and partition as the error has
+them); ``msgs[start:stop]`` are the run."""
+
+
+def _partition_runs(msgs: Sequence[Message]) -> list[Run]:
+    keys = [(m.error() is not None, m.topic(), m.partition()) for m in msgs]
+    out: list[Run] = []
+    start = 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            out.append((*keys[start], start, i))
+            start = i
+    return out
+
+
 # What an acknowledged outcome is counted by: (topic, model, reason, status).
 _KIND = operator.attrgetter("topic", "model", "reason", "status")
 
@@ -144,3 +170,10 @@ def kinds(outcomes: Sequence[Any]) -> dict[tuple[str, str, str | None, str], int
     if _rows_fast is not None and type(outcomes) is list:
         return _rows_fast.kinds(outcomes)
     return _kinds(outcomes)
+
+
+def partition_runs(msgs: list[Message]) -> list[Run]:
+    """A consumed batch's runs of one partition (errors apart), in consumed order."""
+    if _rows_fast is not None:
+        return _rows_fast.partition_runs(msgs)
+    return _partition_runs(msgs)

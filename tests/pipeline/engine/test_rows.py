@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE, Message
+from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE, KafkaError, Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -211,3 +211,28 @@ def test_real_outcomes_read_at_their_slots_give_the_same_runs_and_kinds(
     assert fast.offset_runs(outcomes) == rows._offset_runs(outcomes)
     assert list(fast.offset_runs(outcomes)) == list(rows._offset_runs(outcomes))
     assert fast.kinds(outcomes) == rows._kinds(outcomes)
+
+
+@st.composite
+def mixed_batches(draw: st.DrawFn) -> list[Message]:
+    """A consumed batch: runs of several partitions' records, errors among them."""
+    out = []
+    for _ in range(draw(st.integers(0, 40))):
+        topic, partition = draw(st.sampled_from([("a", 0), ("a", 1), ("b", 0)]))
+        if draw(st.integers(0, 6)) == 0:
+            error = KafkaError(
+                draw(st.sampled_from([KafkaError._PARTITION_EOF, KafkaError._TRANSPORT]))
+            )
+            out.append(Message(topic=topic, partition=partition, error=error))
+        else:
+            out.append(Message(topic=topic, partition=partition, offset=len(out), value=b"v"))
+    return out
+
+
+@compiled_only
+@fuzz(300)
+@given(mixed_batches())
+def test_a_consumed_batch_splits_into_the_same_partition_runs(msgs: list[Message]) -> None:
+    got = fast.partition_runs(msgs)
+    assert got == rows._partition_runs(msgs)
+    assert [i for _, _, _, start, stop in got for i in range(start, stop)] == list(range(len(msgs)))
