@@ -21,7 +21,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM
 
-from confluent_kafka import Message
+from confluent_kafka import KafkaException, Message
 
 cdef object _OFFSET = Message.offset
 cdef object _VALUE = Message.value
@@ -222,3 +222,36 @@ def kinds(list outcomes):
     if run:
         counts[key] = counts.get(key, 0) + run
     return counts
+
+
+def produce_plain(produce, list outcomes, Py_ssize_t start):
+    """`rows._produce_plain`: produce while plain; the first index left to the caller."""
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(outcomes)
+    cdef Py_ssize_t o_topic = 0, o_value = 0, o_headers = 0, o_env = 0, e_key = 0
+    cdef _Layout outs = None, envs = None
+    cdef object out, env, key
+    for i in range(start, n):
+        out = <object>PyList_GET_ITEM(outcomes, i)
+        if outs is None or type(out) is not outs.cls:
+            outs = _reader(type(out))
+            if outs is not None:
+                o_topic, o_value = outs.names.index("topic"), outs.names.index("value")
+                o_headers, o_env = outs.names.index("headers"), outs.names.index("envelope")
+        if outs is None:
+            if out.headers is not None:
+                return i
+            topic, value, env = out.topic, out.value, out.envelope
+        else:
+            if outs.read(out, o_headers) is not None:
+                return i
+            topic, value, env = outs.read(out, o_topic), outs.read(out, o_value), outs.read(out, o_env)
+        if envs is None or type(env) is not envs.cls:
+            envs = _reader(type(env))
+            if envs is not None:
+                e_key = envs.names.index("key")
+        key = envs.read(env, e_key) if envs is not None else env.key
+        try:
+            produce(topic, value, key)
+        except (BufferError, KafkaException, ValueError, TypeError):
+            return i
+    return n

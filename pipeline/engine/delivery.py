@@ -75,7 +75,7 @@ from typing import Any, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from pipeline.engine.offsets import OffsetTracker
-from pipeline.engine.rows import offset_runs
+from pipeline.engine.rows import offset_runs, produce_plain
 from pipeline.kafka.refusals import is_permanent
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from schemas.errors import describe
@@ -264,23 +264,32 @@ class AtLeastOnce(Delivery):
         self._waiting = 0  # outcomes in them
 
     def publish(self, outcomes: Iterable[Outcome]) -> None:
-        """Produce each one now; failures come to `on_report`."""
-        sent = _Sent()
+        """Produce each one now; failures come to `on_report`.
+
+        The usual outcome (no headers, the producer's default callback) goes out in one
+        compiled pass over the batch (`rows.produce_plain`: positionally, as keywords
+        cost); one with headers, a callback of its own, or that the producer refused is
+        produced (or replaced) by `_produce`, and the pass goes on after it. The list is
+        kept, as the outcomes produced since the last commit point.
+        """
+        outs = outcomes if type(outcomes) is list else list(outcomes)
         report = None if self.default_reports else self.on_report
-        produce, produced = self.producer.produce, sent.outcomes
-        for out in outcomes:
-            try:  # the usual case inline (positional: keywords cost); the rest as `_produce`
-                if report is None and out.headers is None:
-                    produce(out.topic, out.value, out.envelope.key)
-                else:
-                    _send(self.producer, out, report)
-                produced.append(out)
-            except (BufferError, KafkaException, ValueError, TypeError):
-                if self._produce(out, report):
-                    produced.append(out)
-        if sent.outcomes:
-            self._sent.append(sent)
-            self._waiting += len(sent.outcomes)
+        refused: list[int] = []
+        i, n = 0, len(outs)
+        while i < n:
+            if report is None:
+                i = produce_plain(self.producer.produce, outs, i)
+                if i == n:
+                    break
+            if not self._produce(outs[i], report):
+                refused.append(i)
+            i += 1
+        if refused:
+            gone = set(refused)
+            outs = [out for j, out in enumerate(outs) if j not in gone]
+        if outs:
+            self._sent.append(_Sent(outs))
+            self._waiting += len(outs)
 
     def on_report(self, err: KafkaError | None, msg: Message) -> None:
         """A delivery report: with ``delivery.report.only.error``, only failures come.

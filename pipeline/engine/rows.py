@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import operator
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
-from confluent_kafka import Message
+from confluent_kafka import KafkaException, Message
 
 from schemas.messages import Envelope
 
@@ -28,6 +28,7 @@ __all__ = [
     "kinds",
     "offset_runs",
     "partition_runs",
+    "produce_plain",
     "read_run",
 ]
 
@@ -113,6 +114,23 @@ def _partition_runs(msgs: Sequence[Message]) -> list[Run]:
     return out
 
 
+REFUSED_AT_PRODUCE = (BufferError, KafkaException, ValueError, TypeError)
+"""What ``Producer.produce`` raises for a record it does not take: a full queue, a record
+too large or a topic it cannot name (refused before sending), arguments it cannot read."""
+
+
+def _produce_plain(produce: Callable[..., None], outcomes: list[Any], start: int) -> int:
+    for i in range(start, len(outcomes)):
+        out = outcomes[i]
+        if out.headers is not None:
+            return i
+        try:
+            produce(out.topic, out.value, out.envelope.key)
+        except REFUSED_AT_PRODUCE:
+            return i
+    return len(outcomes)
+
+
 # What an acknowledged outcome is counted by: (topic, model, reason, status).
 _KIND = operator.attrgetter("topic", "model", "reason", "status")
 
@@ -177,3 +195,17 @@ def partition_runs(msgs: list[Message]) -> list[Run]:
     if _rows_fast is not None:
         return _rows_fast.partition_runs(msgs)
     return _partition_runs(msgs)
+
+
+def produce_plain(produce: Callable[..., None], outcomes: list[Any], start: int) -> int:
+    """Produce ``outcomes[start:]`` while plain; the index of the first left to the caller.
+
+    Each as (topic, value, key), positionally, until one has headers or ``produce``
+    refuses it (the exception dropped: the caller produces that one its own way), else
+    ``len(outcomes)``. ``produce`` is the producer's: with no callback per record (its
+    default callback hears of failures), as `pipeline.engine.delivery` produces the
+    usual outcome.
+    """
+    if _rows_fast is not None:
+        return _rows_fast.produce_plain(produce, outcomes, start)
+    return _produce_plain(produce, outcomes, start)

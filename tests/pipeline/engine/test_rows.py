@@ -14,7 +14,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE, KafkaError, Message
+from confluent_kafka import (
+    TIMESTAMP_CREATE_TIME,
+    TIMESTAMP_NOT_AVAILABLE,
+    KafkaError,
+    KafkaException,
+    Message,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -236,3 +242,50 @@ def test_a_consumed_batch_splits_into_the_same_partition_runs(msgs: list[Message
     got = fast.partition_runs(msgs)
     assert got == rows._partition_runs(msgs)
     assert [i for _, _, _, start, stop in got for i in range(start, stop)] == list(range(len(msgs)))
+
+
+class _Taker:
+    """A producer's ``produce`` that refuses chosen values (as librdkafka raises)."""
+
+    def __init__(self, refuse: dict[bytes, type[Exception]]) -> None:
+        self.refuse = refuse
+        self.sent: list[tuple[Any, ...]] = []
+
+    def produce(self, *args: Any, **kwargs: Any) -> None:
+        assert not kwargs  # positional only: keywords cost
+        if args[1] in self.refuse:
+            raise self.refuse[args[1]]("refused")
+        self.sent.append(args)
+
+
+@compiled_only
+@fuzz(300)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([None, BufferError, ValueError, TypeError, KafkaException]),
+            st.booleans(),
+        ),
+        max_size=30,
+    ),
+    st.integers(0, 30),
+)
+def test_plain_outcomes_are_produced_the_same_up_to_the_first_left_to_the_caller(
+    plan: list[tuple[type[Exception] | None, bool]], start: int
+) -> None:
+    outcomes: list[Any] = [
+        Outcome(
+            Envelope("in", 0, i, b"k%d" % i, b"", 0, 0.0, 1),
+            "out",
+            b"v%d" % i,
+            [("traceparent", b"x")] if headed else None,
+        )
+        for i, (_, headed) in enumerate(plan)
+    ]
+    refuse = {b"v%d" % i: err for i, (err, _) in enumerate(plan) if err is not None}
+    got, want = _Taker(refuse), _Taker(refuse)
+    stop = fast.produce_plain(got.produce, outcomes, start)
+    assert stop == rows._produce_plain(want.produce, outcomes, start)
+    assert got.sent == want.sent
+    assert all(len(args) == 3 for args in got.sent)
+    assert stop >= min(start, len(outcomes))
