@@ -203,6 +203,27 @@ cdef inline object read_str(Cursor* c):
     return utf8(c.buf + start, size)
 
 
+cdef inline object read_repeated(Cursor* c, object last):
+    """`read_str` for a string the record before most likely had too (a batch's requests
+    name one model and its inputs): ``last`` itself when the bytes spell it."""
+    cdef Py_ssize_t start, size, have
+    cdef const char* text
+    if not read_span(c, &start, &size):
+        return None
+    if last is not None:
+        text = PyUnicode_AsUTF8AndSize(last, &have)
+        if text == NULL:
+            PyErr_Clear()
+        elif have == size and memcmp(text, c.buf + start, size) == 0:
+            return last
+    return utf8(c.buf + start, size)
+
+
+# The model and the input name the last request decoded here named (see read_repeated).
+cdef object _last_model = None
+cdef object _last_name = None
+
+
 cdef object _MALFORMED = object()
 
 
@@ -353,6 +374,7 @@ cdef object bytes_tensor(
 
 cdef object _parse(bytes record, Verdict* verdict):
     """The `Request` for ``record``, or None with ``verdict`` saying why not."""
+    global _last_model, _last_name
     cdef Cursor c
     cdef uint64_t count
     cdef Py_ssize_t ntensors = 0, npairs = 0, start, size, dstart, dsize
@@ -368,9 +390,10 @@ cdef object _parse(bytes record, Verdict* verdict):
     rid = read_str(&c)
     if rid is None:
         return None
-    model = read_str(&c)
+    model = read_repeated(&c, _last_model)
     if model is None:
         return None
+    _last_model = model
     version = read_optional_str(&c)
     if version is _MALFORMED:
         return None
@@ -384,9 +407,10 @@ cdef object _parse(bytes record, Verdict* verdict):
         if count > <uint64_t>(_MAX_TENSORS - ntensors):
             return None
         for k in range(count):
-            name = read_str(&c)
+            name = read_repeated(&c, _last_name)
             if name is None:
                 return None
+            _last_name = name
             if not read_span(&c, &start, &size):
                 return None
             kind = datatype_index(c.buf + start, size)
@@ -716,27 +740,40 @@ def bytes_cells(arr):
 # -- exact signatures -------------------------------------------------------------------
 
 
+cdef Py_ssize_t R_MODEL = _REQUEST.at("model"), R_VERSION = _REQUEST.at("model_version")
+cdef Py_ssize_t R_INPUTS = _REQUEST.at("inputs")
+
+
 def match_signatures(items, dict table):
-    """`schemas.signatures.match_signatures`, compiled: one entry per item."""
+    """`schemas.signatures.match_signatures`, compiled: one entry per item.
+
+    A request's fields are read at their slots' offsets; a row naming the very model
+    object of the row before (decoded rows share it) reuses its table entry.
+    """
     cdef list out = []
+    cdef object model, last = None, entry = None
     for r in items:
-        out.append(_signature(r, table))
+        if type(r) is not Request:
+            out.append(-1)
+            continue
+        model = _REQUEST.read(r, R_MODEL)
+        if last is None or model is not last:
+            entry, last = table.get(model), model
+        out.append(_signature(r, entry))
     return out
 
 
-cdef long _signature(object r, dict table) except? -2:
+cdef long _signature(object r, object entry) except? -2:
+    """Request ``r``'s model index when it fits ``entry`` (its model's row of the table)."""
     cdef Py_ssize_t j, n, d, ndim
     cdef cnp.npy_intp* dims
-    if type(r) is not Request:
-        return -1
-    entry = table.get(r.model)
     if entry is None:
         return -1
     index, version, names, dtypes, shapes = entry
-    v = r.model_version
+    v = _REQUEST.read(r, R_VERSION)
     if v is not None and v != "" and v != version:
         return -1
-    inputs = r.inputs
+    inputs = _REQUEST.read(r, R_INPUTS)
     if type(inputs) is not dict:
         return -1
     n = len(<tuple>names)
