@@ -526,3 +526,37 @@ def test_a_periodic_commit_waits_briefly_for_a_broker_that_is_away_and_commits_n
     assert tracker.committable() == {}  # handed to the consumer's commit
     assert isinstance(d.consumer, CommittingConsumer)
     assert d.consumer.commits == [{TP: 2}]
+
+
+def test_plain_outcomes_go_in_one_pass_and_those_refused_at_produce_get_their_stand_ins() -> None:
+    """The usual outcomes are produced by the compiled pass (or its reference); one the
+    producer refuses there (too large, a full queue) or that has headers is produced by
+    `_produce`, the pass going on after it, and the point marks all of them done."""
+    d, tracker, producer, acked = _points(default_reports=True)
+    outs = _consume(tracker, 6)
+    outs[1].headers = [("traceparent", b"00-x")]
+    refuse = {b"result-2": KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "big"))}
+    full_once = {b"result-4"}
+    produce = producer.produce
+
+    def refusing(topic: str, value: bytes, key: Any = None, **kw: Any) -> None:
+        if value in refuse:
+            raise refuse[value]
+        if value in full_once:
+            full_once.discard(value)
+            raise BufferError("queue full")
+        produce(topic, value, key, **kw)
+
+    producer.produce = refusing  # type: ignore[method-assign]
+    d.publish(outs)
+    sent = [value for _, value in producer.sent]
+    assert sent == [b"result-0", b"result-1", b"result-3", b"result-4", b"result-5"]
+    assert [cb for cb in producer.callbacks] == [None] * 5  # the default callback only
+    [stand_in] = d._take_pending()
+    assert (stand_in.reason, stand_in.envelope.offset) == ("undeliverable", 2)
+    d.publish([stand_in])
+    producer.flush()
+    d.confirm(force=False)
+    assert tracker.committable() == {TP: 6}
+    assert sorted(o.envelope.offset for o in acked) == [0, 1, 2, 3, 4, 5]
+    assert d.fatal is None
