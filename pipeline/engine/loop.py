@@ -33,6 +33,7 @@ from pipeline.engine.lag import LagMonitor
 from pipeline.engine.offsets import OffsetTracker
 from pipeline.engine.ordering import Sequencer
 from pipeline.engine.ranges import BoundedRanges, names
+from pipeline.kafka.batch_producer import serving_producer
 from pipeline.kafka.clients import consumer_config, producer_config, reader_config, transactional_id
 from pipeline.kafka.clients import replica_id as kafka_replica_id
 from pipeline.kafka.watch import ClientWatch
@@ -114,15 +115,7 @@ class Replica:
             transactional_id(topology.kafka, replica_id) if self.exactly_once else None
         )
         own_producer = producer is None
-        if producer is None:
-            conf = producer_config(topology.kafka, bootstrap, self.transactional_id)
-            # Failures only: what is delivered is known at commit points (delivery), and
-            # to one default callback rather than one handed over with every record.
-            conf["delivery.report.only.error"] = True
-            if not self.exactly_once:
-                conf["on_delivery"] = _weak(self._on_report)
-            producer = Producer(conf)
-        self.producer = producer
+        self.producer = self._producer(bootstrap) if producer is None else producer
         self.tracker = OffsetTracker()
         self.backpressure = Backpressure.of(self.flow)
         self.lag = LagMonitor(self.consumer)
@@ -181,6 +174,10 @@ class Replica:
         """Run the changes queued so far: every turn of the loop, and by `serve` before it."""
         for _ in range(self._changes.qsize()):
             self._changes.get_nowait()()
+
+    def _producer(self, bootstrap: str) -> Producer:
+        conf = producer_config(self.topology.kafka, bootstrap, self.transactional_id)
+        return serving_producer(conf, self.exactly_once, _weak(self._on_report))
 
     def _consumer(self, bootstrap: str, embedded: bool, replica_id: str | None) -> Consumer:
         kafka = self.topology.kafka

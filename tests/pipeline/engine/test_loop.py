@@ -6,10 +6,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from confluent_kafka import KafkaError, KafkaException, Message
 
 from pipeline.config.loader import parse_topology
 from pipeline.engine.loop import Replica
+from pipeline.kafka import batch_producer
+from pipeline.kafka.batch_producer import BatchProducer
 from pipeline.serving.outcomes import Outcome
 from schemas.codec import AvroCodec
 from schemas.messages import Envelope, Request
@@ -210,14 +213,23 @@ def test_a_model_runtime_that_stopped_fatally_stops_the_replica() -> None:
     assert p._failure() == "model m: emit refused 3 outcomes: RuntimeError: gone"
 
 
-def test_the_replicas_own_producer_reports_a_failed_delivery_to_its_default_callback() -> None:
+@pytest.mark.parametrize("batches", [True, False], ids=["batch-producer", "confluent"])
+def test_the_replicas_own_producer_reports_a_failed_delivery(
+    batches: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A producer the replica builds hands records no callback of their own: a failure
-    must still reach `Delivery.on_report` (its ``on_delivery`` setting). A real
-    librdkafka producer with no broker to reach times its record out."""
+    must still reach delivery, through `BatchProducer.resolved` or (confluent-kafka's
+    producer) `Delivery.on_report`, its ``on_delivery`` setting. A real librdkafka
+    producer with no broker to reach times its record out."""
+    if batches and not batch_producer.COMPILED:
+        pytest.skip("batch producer not compiled")
+    if not batches:
+        monkeypatch.setenv("KP_BATCH_PRODUCER", "0")
     topology = parse_topology(
         TOPOLOGY + "kafka: {producer: {message.timeout.ms: 300}}\n", "t.yaml", {}
     )
     p = Replica(topology, [], "127.0.0.1:1", consumer=object())  # type: ignore[arg-type]
+    assert isinstance(p.producer, BatchProducer) == batches
     assert p.delivery.default_reports
     env = _envelope(p, b"request")
     p._pending.append(Outcome(env, "out", b"result"))
@@ -225,5 +237,6 @@ def test_the_replicas_own_producer_reports_a_failed_delivery_to_its_default_call
     deadline = time.monotonic() + 10
     while p.delivery.fatal is None and time.monotonic() < deadline:
         p.producer.flush(0.2)  # serves the delivery report once the record times out
+        p.delivery.confirm(force=False)
     assert "delivery to out failed for in/0@7" in (p.delivery.fatal or "")
     assert p.tracker.committable() == {}  # never done, never committed
