@@ -341,8 +341,11 @@ class AtLeastOnce(Delivery):
         if flush is not None:
             self._batches.flush(flush)
         done, failures = self._batches.resolved()
+        # A producer failed for good (idempotence broken) purges what it holds: say why.
+        fatal = self._batches.fatal_error() if failures else None
         for batch, i, code, reason in failures:
-            self._failed(self._sent[batch - self._sent[0].batch], i, KafkaError(code, reason))
+            why = reason if fatal is None else f"{reason} (the producer failed: {fatal[1]})"
+            self._failed(self._sent[batch - self._sent[0].batch], i, KafkaError(code, why))
         for _ in range(done):
             sent = self._sent.popleft()
             self._waiting -= len(sent.outcomes)

@@ -131,6 +131,7 @@ ctypedef int (*outq_len_t)(void *rk) noexcept nogil
 ctypedef void (*destroy_t)(void *rk) noexcept nogil
 ctypedef const char *(*err2str_t)(rd_err_t err) noexcept nogil
 ctypedef rd_err_t (*fatal_error_t)(void *rk, char *errstr, size_t n) noexcept nogil
+ctypedef rd_err_t (*test_fatal_t)(void *rk, rd_err_t err, const char *reason) noexcept nogil
 
 
 cdef struct _Lib:
@@ -151,6 +152,7 @@ cdef struct _Lib:
     destroy_t destroy
     err2str_t err2str
     fatal_error_t fatal_error
+    test_fatal_t test_fatal_error  # librdkafka's test hook; NULL where it is not exported
 
 
 cdef struct _Batch:
@@ -290,6 +292,7 @@ cdef class BatchProducer:
         self.lib.destroy = <destroy_t>_sym(h, b"rd_kafka_destroy")
         self.lib.err2str = <err2str_t>_sym(h, b"rd_kafka_err2str")
         self.lib.fatal_error = <fatal_error_t>_sym(h, b"rd_kafka_fatal_error")
+        self.lib.test_fatal_error = <test_fatal_t>dlsym(h, b"rd_kafka_test_fatal_error")
         conf = self.lib.conf_new()
         for name, value in config.items():
             if self.lib.conf_set(conf, name.encode(), str(value).encode(), errstr, ERRSTR) != CONF_OK:
@@ -531,6 +534,13 @@ cdef class BatchProducer:
         cdef char errstr[ERRSTR]
         cdef rd_err_t code = self.lib.fatal_error(self.rk, errstr, ERRSTR)
         return None if code == 0 else (code, errstr.decode(errors="replace"))
+
+    def raise_fatal_error(self, int code, str reason):
+        """Make librdkafka fail this producer as for good (tests the stopping path)."""
+        if self.lib.test_fatal_error == NULL:
+            raise NotImplementedError("librdkafka does not export rd_kafka_test_fatal_error")
+        if self.lib.test_fatal_error(self.rk, code, reason.encode()) != 0:
+            raise ValueError("librdkafka refused to raise a fatal error")
 
 
 def bind_layouts(outcome_cls, envelope_cls):

@@ -181,3 +181,20 @@ def test_at_least_once_replaces_a_refused_result_and_stops_on_a_lost_one() -> No
     assert "in/0@0" in d.fatal
     assert acked == [] or all(o.envelope.offset != 0 for o in acked)
     assert tracker.committable() == {}
+
+
+def test_at_least_once_stops_on_a_fatal_producer_error_and_says_why() -> None:
+    """An idempotent producer that fails for good fails every record it holds; the
+    replica stops with librdkafka's reason, and nothing is marked done."""
+    p = _producer(**{"message.timeout.ms": 30_000})
+    d, tracker, acked = _at_least_once(p)
+    d.publish([_tracked(tracker, 0), _tracked(tracker, 1)])
+    p.raise_fatal_error(47, "a test of the fatal path")  # INVALID_PRODUCER_EPOCH
+    deadline = time.monotonic() + 10
+    while d.fatal is None and time.monotonic() < deadline:
+        p.poll(0.05)
+        d.confirm(force=False)
+    assert d.fatal is not None
+    assert "a test of the fatal path" in d.fatal
+    assert acked == []
+    assert tracker.committable() == {}
