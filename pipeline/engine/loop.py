@@ -8,6 +8,11 @@ offsets reach Kafka, at least once or exactly once, is `pipeline.engine.delivery
 
 Rebalances are cooperative: only moving partitions are revoked, their in-flight work
 finished and committed (within ``flow.revoke_timeout_s``) first; the others keep serving.
+A replica stopping during a rebalance commits again once the group has settled.
+
+Long because the loop, the rebalance callbacks and the shutdown share the replica's state
+and one ordering (finish, deliver, commit, then let go); apart, that order would be
+spread over modules that each hold half of it.
 """
 
 from __future__ import annotations
@@ -442,6 +447,25 @@ class Replica:
             log.warning("%d outcomes undelivered; they will be served again", remaining)
         return owed()
 
+    def _commit_through_rebalance(self, deadline: float) -> None:
+        """Commit again what the last commit could not, if the group moved on meanwhile.
+
+        A member stopping while a rebalance runs (another joined or left) still holds the
+        old generation: its commit is refused (ILLEGAL_GENERATION), and one made while the
+        consumer closes is refused too, so the next owner would serve all of it again.
+        Before closing, serve the group protocol with every partition paused (nothing is
+        consumed) until the rebalance has run, and commit with the new generation.
+        """
+        if self.tracker.committable():
+            log.info("the last commit was refused: serving the group until it takes one")
+        while self.tracker.committable() and self._failure() is None:
+            if time.monotonic() >= deadline:
+                log.warning("stopping with uncommitted offsets: %s", self.tracker.committable())
+                return
+            self.consumer.pause(self.consumer.assignment())
+            self.consumer.consume(1, 0.1)  # rebalance callbacks run here; a record is left
+            self.delivery.commit(force=True)
+
     def _let_go(self, partitions: list[TopicPartition]) -> None:
         for p in partitions:
             tp = partition_of(p)
@@ -482,6 +506,8 @@ class Replica:
         deadline = time.monotonic() + self.flow.drain_timeout_s
         if self._failure() is None:
             self._finish_work(deadline, None)
+            if not self.exactly_once:
+                self._commit_through_rebalance(deadline)
         for runtime in self.runtimes.values():
             runtime.stop(timeout=max(0.1, deadline - time.monotonic()))
         self.accounting.flush(self.delivery.transactions)

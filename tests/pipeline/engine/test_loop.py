@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline.config.loader import parse_topology
 from pipeline.engine.loop import Replica
@@ -240,3 +240,50 @@ def test_the_replicas_own_producer_reports_a_failed_delivery(
         p.delivery.confirm(force=False)
     assert "delivery to out failed for in/0@7" in (p.delivery.fatal or "")
     assert p.tracker.committable() == {}  # never done, never committed
+
+
+class RebalancingConsumer:
+    """Refuses commits (ILLEGAL_GENERATION) until a consume has let it rejoin the group."""
+
+    def __init__(self, rejoins: bool = True) -> None:
+        self.rejoins = rejoins
+        self.rejoined = False
+        self.paused: list[Any] = []
+        self.commits: list[Any] = []
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition("in", 0)]
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused.append(partitions)
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        self.rejoined = self.rejoins
+        return []
+
+    def commit(self, offsets: Any = None, asynchronous: bool = True) -> None:
+        if not self.rejoined:
+            raise KafkaException(KafkaError(KafkaError.ILLEGAL_GENERATION))
+        self.commits.append([(o.topic, o.partition, o.offset) for o in offsets])
+
+
+@pytest.mark.parametrize("rejoins", [True, False])
+def test_a_replica_stopping_during_a_rebalance_commits_once_the_group_settles(
+    rejoins: bool,
+) -> None:
+    """Its last commit is refused (the group's generation moved on); it serves the group
+    with every partition paused and commits again, or stops at the deadline saying so."""
+    consumer = RebalancingConsumer(rejoins)
+    p = Replica(parse_topology(TOPOLOGY, "t.yaml", {}), [], "127.0.0.1:1", consumer=consumer)  # type: ignore[arg-type]
+    tp = ("in", 0)
+    generation = p.tracker.assign(tp)
+    p.tracker.track(tp, 7)
+    p.tracker.done(tp, 7, generation)
+    p._commit_through_rebalance(time.monotonic() + (5 if rejoins else 0.5))
+    assert consumer.paused
+    if rejoins:
+        assert consumer.commits == [[("in", 0, 8)]]
+        assert p.tracker.committable() == {}
+    else:
+        assert consumer.commits == []
+        assert p.tracker.committable() == {tp: 8}
