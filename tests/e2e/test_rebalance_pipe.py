@@ -114,7 +114,7 @@ def test_second_and_third_replicas_join_and_leave_mid_run(
     final = read_outcomes(broker, topics, total, PARTITIONS)
     assert final.ids == producer.ids
     print(f"{delivery}: {total} requests, {final.duplicates} duplicates through 4 rebalances")
-    assert final.duplicates == 0
+    check_duplicates(final, logs)
     first = logs[0].read_text()
     # Incremental: the first replica gave up only some partitions, never all of them.
     revokes = re.findall(r"revoked (.*) after finishing (\d+) in-flight", first)
@@ -138,3 +138,48 @@ def test_second_and_third_replicas_join_and_leave_mid_run(
     assert committed_offsets(broker, topics.group, topics.input, PARTITIONS) == end_offsets(
         broker, topics.input
     )
+
+
+def check_duplicates(final: OutcomeCounter, logs: list[Path]) -> None:
+    """None, unless Tansu took partitions from a member (see `lost_to_a_refused_commit`).
+
+    Then at-least-once serves the lost partitions' uncommitted work again: only those
+    partitions may show an outcome twice.
+    """
+    lost = lost_to_a_refused_commit(logs)
+    if not lost:
+        assert final.duplicates == 0
+        return
+    repeated = {partition for (partition, _), n in final.sources.items() if n > 1}
+    print(f"Tansu took partitions {sorted(lost)} from a member; repeated: {sorted(repeated)}")
+    assert repeated <= lost
+
+
+# A commit refused for its generation, then librdkafka's "lost" (our loop's warnings).
+_REFUSED_THEN_LOST = re.compile(
+    r"commit of \d+ partitions failed \(KafkaError\{code=ILLEGAL_GENERATION[^\n]*\n"
+    r"(?:[^\n]*\n){0,5}?[^\n]*WARNING pipeline\.engine\.loop: lost ([^\n]*)"
+)
+
+
+def lost_to_a_refused_commit(logs: list[Path]) -> set[int]:
+    """Partitions a replica lost because Tansu refused its commit mid-rebalance.
+
+    Tansu 0.6 answers a follower's SyncGroup by looking at the group once a second, so
+    when the leader syncs and at once rejoins (cooperative-sticky's second join, after
+    the leader revoked some partitions) the follower misses its assignment, waits
+    0.8 x session.timeout.ms and is told to rejoin; meanwhile Tansu has formed the next
+    generation. The follower's commits, queued behind that SyncGroup on the coordinator
+    connection, are then refused with ILLEGAL_GENERATION, and librdkafka declares the
+    assignment lost when the refusal is handled before its rejoin is sent (a race inside
+    librdkafka: in most runs the rejoin goes first and nothing is lost). Read in the
+    replicas' librdkafka logs (debug=cgrp) in the runs that failed. Any other loss, or a
+    "lost" without that refusal just before it, fails the test.
+    """
+    lost: set[int] = set()
+    for log in logs:
+        text = log.read_text()
+        explained = _REFUSED_THEN_LOST.findall(text)
+        assert len(explained) == text.count("WARNING pipeline.engine.loop: lost "), text[-3000:]
+        lost |= {int(p) for names in explained for p in re.findall(r"\[(\d+)\]", names)}
+    return lost
