@@ -33,7 +33,7 @@ toolchain:  ## install gcc and the Python headers if missing (needs root; Debian
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc python3-dev; }
 
 # An editable install does not rebuild the extensions when their sources change: this does.
-$(CODEC): schemas/_codec_fast.pyx pipeline/engine/_rows_fast.pyx pipeline/serving/_batch_rows_fast.pyx pipeline/kafka/_batch_producer.pyx schemas/_slots.pxi $(STAMP)
+$(CODEC): schemas/_codec_fast.pyx pipeline/engine/_rows_fast.pyx pipeline/serving/_batch_rows_fast.pyx pipeline/kafka/_batch_producer.pyx schemas/_slots.pxi pipeline/engine/_outcome_fields.pxi $(STAMP)
 	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/python -c "import schemas.codec as c, pipeline.engine.rows as r, pipeline.serving.batch_rows as o, \
 	  pipeline.kafka.batch_producer as p; print('compiled codec:', c.COMPILED, '· compiled row passes:', \

@@ -13,6 +13,7 @@ Runs on the CPU only; nothing here touches a GPU.
 """
 
 include "../../schemas/_slots.pxi"
+include "_outcome_fields.pxi"
 
 from cpython.bytes cimport PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
@@ -125,23 +126,6 @@ def envelopes(cls, topic, partition, generation, now, list keys, list values, li
     return out
 
 
-cdef dict _readers = {}  # per class: a _Layout to read its fields with, or None
-
-
-cdef object _reader(object cls):
-    """A `_Layout` that reads instances of ``cls`` (a slots dataclass), else None."""
-    try:
-        return _readers[cls]
-    except KeyError:
-        pass
-    try:
-        made = _Layout(cls, len(dataclasses.fields(cls)))
-    except TypeError:  # not a dataclass, or not plain slots: read with getattr
-        made = None
-    _readers[cls] = made
-    return made
-
-
 def offset_runs(list outcomes):
     """`rows._offset_runs`: offsets by (topic, partition, generation), in order.
 
@@ -155,26 +139,11 @@ def offset_runs(list outcomes):
     cdef list last = None
     cdef PyObject* found
     cdef Py_ssize_t i, n = PyList_GET_SIZE(outcomes)
-    cdef Py_ssize_t o_env = 0, e_topic = 0, e_partition = 0, e_generation = 0, e_offset = 0
-    cdef _Layout outs = None, envs = None
     for i in range(n):
         out = <object>PyList_GET_ITEM(outcomes, i)
-        if outs is None or type(out) is not outs.cls:
-            outs = _reader(type(out))
-            if outs is not None:
-                o_env = outs.names.index("envelope")
-        env = outs.read(out, o_env) if outs is not None else out.envelope
-        if envs is None or type(env) is not envs.cls:
-            envs = _reader(type(env))
-            if envs is not None:
-                e_topic, e_partition = envs.names.index("topic"), envs.names.index("partition")
-                e_generation = envs.names.index("generation")
-                e_offset = envs.names.index("offset")
-        if envs is not None:
-            topic, partition = envs.read(env, e_topic), envs.read(env, e_partition)
-            generation = envs.read(env, e_generation)
-        else:
-            topic, partition, generation = env.topic, env.partition, env.generation
+        env = _OUT.read(out, O_ENV)
+        topic, partition = _ENV.read(env, E_TOPIC), _ENV.read(env, E_PARTITION)
+        generation = _ENV.read(env, E_GENERATION)
         if last is None or not (topic is t0 and partition is p0 and generation is g0):
             key = (topic, partition, generation)
             found = PyDict_GetItem(runs, key)
@@ -184,7 +153,7 @@ def offset_runs(list outcomes):
             else:
                 last = <list>found
             t0, p0, g0 = topic, partition, generation
-        PyList_Append(last, envs.read(env, e_offset) if envs is not None else env.offset)
+        PyList_Append(last, _ENV.read(env, E_OFFSET))
     return runs
 
 
@@ -198,20 +167,10 @@ def kinds(list outcomes):
     cdef Py_ssize_t i, n = PyList_GET_SIZE(outcomes), run = 0
     cdef object out, topic, model, reason, status, key = None
     cdef object t0 = None, m0 = None, r0 = None, s0 = None
-    cdef _Layout outs = None
-    cdef Py_ssize_t o_topic = 0, o_model = 0, o_reason = 0, o_status = 0
     for i in range(n):
         out = <object>PyList_GET_ITEM(outcomes, i)
-        if outs is None or type(out) is not outs.cls:
-            outs = _reader(type(out))
-            if outs is not None:
-                o_topic, o_model = outs.names.index("topic"), outs.names.index("model")
-                o_reason, o_status = outs.names.index("reason"), outs.names.index("status")
-        if outs is not None:
-            topic, model = outs.read(out, o_topic), outs.read(out, o_model)
-            reason, status = outs.read(out, o_reason), outs.read(out, o_status)
-        else:
-            topic, model, reason, status = out.topic, out.model, out.reason, out.status
+        topic, model = _OUT.read(out, O_TOPIC), _OUT.read(out, O_MODEL)
+        reason, status = _OUT.read(out, O_REASON), _OUT.read(out, O_STATUS)
         if run and topic is t0 and model is m0 and reason is r0 and status is s0:
             run += 1
             continue
@@ -227,29 +186,13 @@ def kinds(list outcomes):
 def produce_plain(produce, list outcomes, Py_ssize_t start):
     """`rows._produce_plain`: produce while plain; the first index left to the caller."""
     cdef Py_ssize_t i, n = PyList_GET_SIZE(outcomes)
-    cdef Py_ssize_t o_topic = 0, o_value = 0, o_headers = 0, o_env = 0, e_key = 0
-    cdef _Layout outs = None, envs = None
-    cdef object out, env, key
+    cdef object out, env
     for i in range(start, n):
         out = <object>PyList_GET_ITEM(outcomes, i)
-        if outs is None or type(out) is not outs.cls:
-            outs = _reader(type(out))
-            if outs is not None:
-                o_topic, o_value = outs.names.index("topic"), outs.names.index("value")
-                o_headers, o_env = outs.names.index("headers"), outs.names.index("envelope")
-        if outs is None:
-            if out.headers is not None:
-                return i
-            topic, value, env = out.topic, out.value, out.envelope
-        else:
-            if outs.read(out, o_headers) is not None:
-                return i
-            topic, value, env = outs.read(out, o_topic), outs.read(out, o_value), outs.read(out, o_env)
-        if envs is None or type(env) is not envs.cls:
-            envs = _reader(type(env))
-            if envs is not None:
-                e_key = envs.names.index("key")
-        key = envs.read(env, e_key) if envs is not None else env.key
+        if _OUT.read(out, O_HEADERS) is not None:
+            return i
+        topic, value, env = _OUT.read(out, O_TOPIC), _OUT.read(out, O_VALUE), _OUT.read(out, O_ENV)
+        key = _ENV.read(env, E_KEY)
         try:
             produce(topic, value, key)
         except (BufferError, KafkaException, ValueError, TypeError):

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, cast
 
 from confluent_kafka import KafkaException, Message
 
+from pipeline.serving.outcomes import Outcome
 from schemas.messages import Envelope
 
 __all__ = [
@@ -145,6 +146,8 @@ except ImportError:  # built without a C compiler: the reference serves
     _rows_fast = None  # type: ignore[assignment]
 
 COMPILED: bool = _rows_fast is not None
+if _rows_fast is not None:  # outcomes and envelopes are read at their slots
+    _rows_fast.bind_layouts(Outcome, Envelope)
 """Whether the compiled passes serve (else the Python reference does)."""
 
 

@@ -19,6 +19,7 @@ Runs on the CPU only; nothing here touches a GPU.
 """
 
 include "../../schemas/_slots.pxi"
+include "../engine/_outcome_fields.pxi"
 
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uintptr_t
@@ -222,9 +223,6 @@ cdef void *_sym(void *handle, const char *name) except NULL:
 
 
 cdef object _Outcome = None
-cdef _Layout _OUT = None
-cdef _Layout _ENV = None
-cdef Py_ssize_t _O_TOPIC, _O_VALUE, _O_HEADERS, _O_ENV, _E_KEY
 
 
 cdef inline bint _is_bytes(object o):
@@ -414,12 +412,9 @@ cdef class BatchProducer:
         for i in range(i0, i1):
             k = i - i0
             out = <object>PyList_GET_ITEM(outcomes, i)
-            if _OUT is not None and type(out) is _OUT.cls:
-                topic, value = _OUT.read(out, _O_TOPIC), _OUT.read(out, _O_VALUE)
-                headers, env = _OUT.read(out, _O_HEADERS), _OUT.read(out, _O_ENV)
-            else:
-                topic, value, headers, env = out.topic, out.value, out.headers, out.envelope
-            key = _ENV.read(env, _E_KEY) if _ENV is not None and type(env) is _ENV.cls else env.key
+            topic, value = _OUT.read(out, O_TOPIC), _OUT.read(out, O_VALUE)
+            headers, env = _OUT.read(out, O_HEADERS), _OUT.read(out, O_ENV)
+            key = _ENV.read(env, E_KEY)
             if topic is not last_topic:
                 rkt = self._topic(topic) if type(topic) is str else NULL
                 last_topic = topic
@@ -542,12 +537,3 @@ cdef class BatchProducer:
         if self.lib.test_fatal_error(self.rk, code, reason.encode()) != 0:
             raise ValueError("librdkafka refused to raise a fatal error")
 
-
-def bind_layouts(outcome_cls, envelope_cls):
-    """Read outcomes and envelopes of these classes at their slots (any other: getattr)."""
-    global _OUT, _ENV, _O_TOPIC, _O_VALUE, _O_HEADERS, _O_ENV, _E_KEY
-    _OUT = _Layout(outcome_cls, len(dataclasses.fields(outcome_cls)))
-    _ENV = _Layout(envelope_cls, len(dataclasses.fields(envelope_cls)))
-    _O_TOPIC, _O_VALUE = _OUT.names.index("topic"), _OUT.names.index("value")
-    _O_HEADERS, _O_ENV = _OUT.names.index("headers"), _OUT.names.index("envelope")
-    _E_KEY = _ENV.names.index("key")
