@@ -369,12 +369,19 @@ def _feeds(graph: ServedModel, batch: Batch) -> Feeds:
 
 
 def kafka_round_trip(
-    bootstrap: str, topic: str, rate: float, seconds: float
+    bootstrap: str,
+    topic: str,
+    rate: float,
+    seconds: float,
+    read_from: str | None = None,
+    size: int = 300,
 ) -> tuple[float, float, float, float]:
-    """p50/p90/p99/p99.9 ms from produce() to a consumer reading the record, nothing between.
+    """p50/p90/p99/p99.9 ms from produce() to a consumer reading the record.
 
     The broker's own floor for the latency check: open-loop sends at ``rate`` of a
-    300-byte record (the tiny request's size), read back by an assign()-based consumer
+    ``size``-byte record (300: the tiny request's size) to ``topic``, read back from
+    ``read_from`` (default ``topic`` itself: one hop, nothing between; an echo service's
+    reply topic: a request's whole round trip, `load.echo`) by an assign()-based consumer
     with ``fetch.wait.max.ms`` 5, the same clock on both ends.
     """
     import threading
@@ -384,12 +391,13 @@ def kafka_round_trip(
 
     from pipeline.kafka.clients import ensure_topics
 
-    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic], 4, 1)
+    read_from = read_from or topic
+    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic, read_from], 4, 1)
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": "kp-floor", "fetch.wait.max.ms": 5,
          "enable.auto.commit": False}
     )  # fmt: skip
-    consumer.assign([TopicPartition(topic, p, -1) for p in range(4)])  # from the end
+    consumer.assign([TopicPartition(read_from, p, -1) for p in range(4)])  # from the end
     sent: dict[bytes, float] = {}
     latencies: list[float] = []
     done = threading.Event()
@@ -408,7 +416,7 @@ def kafka_round_trip(
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})  # the generator's
     rng = np.random.default_rng(7)
     start, due = time.perf_counter(), 0.0
-    payload = b"x" * 300
+    payload = b"x" * size
     for i in range(int(rate * seconds)):
         due += float(rng.exponential(1.0 / rate))
         pause = start + due - time.perf_counter()

@@ -41,6 +41,7 @@ from pipeline.engine.ranges import BoundedRanges, names
 from pipeline.kafka.batch_producer import serving_producer
 from pipeline.kafka.clients import consumer_config, producer_config, reader_config, transactional_id
 from pipeline.kafka.clients import replica_id as kafka_replica_id
+from pipeline.kafka.consume import consume_available
 from pipeline.kafka.watch import ClientWatch
 from pipeline.kafka.watch import weak_callback as _weak
 from pipeline.observability.health import Health
@@ -252,8 +253,14 @@ class Replica:
 
     def _pull(self) -> None:
         # Paused partitions return nothing; consuming anyway keeps the group protocol served.
-        n = min(self.flow.consume_batch, self.backpressure.capacity(self.tracker.in_flight))
-        msgs = self.consumer.consume(max(n, 1), self._wait_s())
+        n = max(1, min(self.flow.consume_batch, self.backpressure.capacity(self.tracker.in_flight)))
+        wait, batch_open = self._wait()
+        # An open batch waits for its deadline anyway: gather records until then, many in
+        # one call. With none open, a record is taken the moment it comes.
+        if batch_open:
+            msgs = self.consumer.consume(n, wait)
+        else:
+            msgs = consume_available(self.consumer, n, wait)
         if not msgs:
             return
         now = time.monotonic()
@@ -342,18 +349,20 @@ class Replica:
         steer(self.controls, self.batchers, worst, m)
         self.gpus.sample()
 
-    def _wait_s(self) -> float:
-        if self._pending or not self._completed.empty():
-            return 0.0
+    def _wait(self) -> tuple[float, bool]:
+        """How long the next consume may wait, and whether a batch is open meanwhile."""
         wait = self.flow.poll_timeout_ms / 1000.0
         now = time.monotonic()
+        batch_open = False
         for batcher in self.batchers.values():
             deadline = batcher.next_deadline()
             if deadline is not None:
-                wait = min(wait, max(0.0, deadline - now))
-        if any(r.busy for r in self.runtimes.values()):
+                wait, batch_open = min(wait, max(0.0, deadline - now)), True
+        if self._pending or not self._completed.empty():
+            wait = 0.0
+        elif any(r.busy for r in self.runtimes.values()):
             wait = min(wait, 0.002)
-        return wait
+        return wait, batch_open
 
     # -- bounded runs (replays) -----------------------------------------------------------
 

@@ -287,3 +287,44 @@ def test_a_replica_stopping_during_a_rebalance_commits_once_the_group_settles(
     else:
         assert consumer.commits == []
         assert p.tracker.committable() == {tp: 8}
+
+
+class CountingConsumer:
+    """Records how it is read; nothing ever arrives."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, float]] = []
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        self.calls.append(("consume", n, timeout))
+        return []
+
+    def poll(self, timeout: float) -> None:
+        self.calls.append(("poll", 1, timeout))
+
+
+class OpenBatch:
+    def __init__(self, due_in_s: float) -> None:
+        self.due = time.monotonic() + due_in_s
+
+    def next_deadline(self) -> float:
+        return self.due
+
+
+def test_with_no_batch_open_a_record_is_taken_the_moment_it_comes() -> None:
+    """librdkafka's consume(n, t) holds the records it has until n or t: with nothing
+    waiting in a batch the loop asks for what is there, then for the first to come."""
+    consumer = CountingConsumer()
+    p = Replica(parse_topology(TOPOLOGY, "t.yaml", {}), [], "unused:9092", consumer=consumer)  # type: ignore[arg-type]
+    p._pull()
+    assert consumer.calls == [("consume", 10, 0), ("poll", 1, 0.01)]  # flow.max_in_flight 10
+
+
+def test_with_a_batch_open_records_are_gathered_until_its_deadline() -> None:
+    consumer = CountingConsumer()
+    p = Replica(parse_topology(TOPOLOGY, "t.yaml", {}), [], "unused:9092", consumer=consumer)  # type: ignore[arg-type]
+    p.batchers = {"m": OpenBatch(0.004)}  # type: ignore[dict-item]
+    p._pull()
+    [(call, n, timeout)] = consumer.calls
+    assert (call, n) == ("consume", 10)
+    assert 0 < timeout <= 0.004
