@@ -24,7 +24,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 
 from pipeline.app import open_topology
-from pipeline.kafka.clients import consumer_config, producer_config
+from pipeline.kafka.clients import consumer_config, is_embedded_broker, producer_config
 from pipeline.kafka.consume import consume_available
 
 
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     topology = open_topology(args.topology).topology
     kafka = topology.kafka.model_copy(update={"group_id": args.group})
-    consumer = Consumer(consumer_config(kafka, args.bootstrap, topology.kafka.embedded))
+    embedded = is_embedded_broker(kafka, args.bootstrap)
+    consumer = Consumer(consumer_config(kafka, args.bootstrap, embedded))
     producer = Producer(producer_config(kafka, args.bootstrap))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -21,7 +21,7 @@ from pipeline.config.topology import Topology
 from pipeline.engine.collector import serving_collector
 from pipeline.engine.loop import Replica, RunStats
 from pipeline.kafka.broker import EmbeddedBroker
-from pipeline.kafka.clients import admin_config, ensure_topics
+from pipeline.kafka.clients import admin_config, ensure_topics, is_embedded_broker
 from pipeline.kafka.clients import replica_id as replica_name
 from pipeline.kafka.preflight import check_access
 from pipeline.lifecycle.follower import ControlFollower, create_control_topic
@@ -222,7 +222,7 @@ def serve(
                     graph,
                     address,
                     codec=make_codec(topology),
-                    embedded=topology.kafka.embedded,
+                    embedded=is_embedded_broker(topology.kafka, address),
                     metrics=metrics,
                     health=health,
                     ranges=ranges,

@@ -29,7 +29,13 @@ from types import TracebackType
 
 from schemas.errors import BrokerError
 
-__all__ = ["EMBEDDED_CLIENT_DEFAULTS", "EmbeddedBroker", "free_port", "tansu_binary"]
+__all__ = [
+    "EMBEDDED_CLIENT_DEFAULTS",
+    "EMBEDDED_CLUSTER_ID",
+    "EmbeddedBroker",
+    "free_port",
+    "tansu_binary",
+]
 
 # librdkafka settings that suit the embedded broker (a user's settings still win): a join
 # takes half the session timeout on Tansu, so 3 s joins in 1.5 s; heartbeats every second
@@ -38,6 +44,12 @@ EMBEDDED_CLIENT_DEFAULTS: dict[str, str | int] = {
     "session.timeout.ms": 3000,
     "heartbeat.interval.ms": 1000,
 }
+
+# The cluster id every broker started here reports in its metadata: how a replica given
+# only an address (`--bootstrap`, `--workers`' children) knows those defaults suit it. A
+# Kafka cluster refuses a 3 s session (group.min.session.timeout.ms is 6 s by default), so
+# they must never reach one.
+EMBEDDED_CLUSTER_ID = "kp-pipeline-embedded"
 
 
 def tansu_binary() -> Path:
@@ -112,6 +124,8 @@ class EmbeddedBroker:
             f"tcp://{self.advertised}" if self.advertised else url,
             "--storage-engine",
             self.storage,
+            "--cluster-id",
+            EMBEDDED_CLUSTER_ID,
         ]
         if self._log_path is None:
             fd, name = tempfile.mkstemp(prefix="kp-tansu-", suffix=".log")

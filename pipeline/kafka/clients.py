@@ -21,13 +21,14 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from pipeline.config.topology import KafkaSettings
-from pipeline.kafka.broker import EMBEDDED_CLIENT_DEFAULTS
+from pipeline.kafka.broker import EMBEDDED_CLIENT_DEFAULTS, EMBEDDED_CLUSTER_ID
 from schemas.errors import BrokerError
 
 __all__ = [
     "admin_config",
     "consumer_config",
     "ensure_topics",
+    "is_embedded_broker",
     "producer_config",
     "reader_config",
     "replica_id",
@@ -217,6 +218,21 @@ def _safe(name: str) -> str:
 def admin_config(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:
     """Settings for the admin client."""
     return _common(settings, bootstrap)
+
+
+def is_embedded_broker(settings: KafkaSettings, bootstrap: str, timeout: float = 5.0) -> bool:
+    """Whether the cluster at ``bootstrap`` is a broker kp-pipeline started (`EmbeddedBroker`).
+
+    Decides whether `consumer_config` adds `EMBEDDED_CLIENT_DEFAULTS`: by what the cluster
+    says it is, not by the topology, since ``--bootstrap`` may point an embedded topology
+    at a Kafka cluster. Unreachable or unsure: no (librdkafka's defaults suit any broker).
+    """
+    try:
+        metadata = AdminClient(admin_config(settings, bootstrap)).list_topics(timeout=timeout)
+    except KafkaException as e:
+        log.debug("cluster id of %s unknown: %s", bootstrap, e)
+        return False
+    return metadata.cluster_id == EMBEDDED_CLUSTER_ID
 
 
 def ensure_topics(
