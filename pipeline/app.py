@@ -212,6 +212,7 @@ def serve(
     try:
         tracing = make_tracing(topology.tracing, opened.source)
         graph = check_graph(opened)
+        health.models_loaded = True  # they are: /readyz says so while the broker is reached
         try:
             with cluster(topology, bootstrap) as address:
                 if topology.kafka.security.protocol != "PLAINTEXT":  # nothing to refuse else
