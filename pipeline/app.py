@@ -159,7 +159,6 @@ def follow_control(
     follower applies the topic once it can read it.
     """
     topology = opened.topology
-    pipeline.health.models_loaded = True  # they are: /readyz says so while this waits
     if topology.topics.create:
         try:
             create_control_topic(topology, address, timeout=5)
