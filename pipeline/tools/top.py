@@ -1,5 +1,8 @@
 """``kp-pipeline top``: a live terminal view of one running replica, read from its /metrics.
 
+A ``run --workers N`` group's port is one replica too: its series carry a ``worker``
+label, and `Snapshot` combines the workers (see there).
+
 A replica exports counters and histograms, which mean something only as rates over an
 interval; Prometheus and Grafana compute those in production, but on a laptop, in a pod
 shell or during a load test there is often neither. This scrapes the endpoint every
@@ -55,19 +58,39 @@ def _key(**labels: str) -> Labels:
     return tuple(sorted(labels.items()))
 
 
+WORKER = "worker"
+"""The label a ``--workers N`` group's endpoint puts on every series (`pipeline.workers.group`)."""
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """One scrape: sample name (``kp_results_total``, ``..._bucket``) → labels → value."""
+    """One scrape: sample name → labels (less ``worker``) → worker → value.
 
-    samples: Mapping[str, Mapping[Labels, float]]
+    A single process has one worker, ``""``. A ``--workers N`` group's endpoint exports
+    each worker's series under its own ``worker`` label; the views below take that label
+    off and combine the workers as a dashboard would: `series` and `value` sum them, and
+    `compute` takes rates per worker before it adds them (a restarted worker's counters
+    start again from zero on their own series, which must not read as a reset of all).
+    """
+
+    samples: Mapping[str, Mapping[Labels, Mapping[str, float]]]
+
+    def each(self, name: str, **labels: str) -> Mapping[str, float]:
+        """One sample's value in each worker that exports it (empty when none does)."""
+        return self.samples.get(name, {}).get(_key(**labels), {})
 
     def series(self, name: str) -> Mapping[Labels, float]:
-        """Every labelled value of one sample name (empty when absent)."""
-        return self.samples.get(name, {})
+        """Every labelled value of one sample name, summed over workers (empty when absent)."""
+        return {k: sum(w.values()) for k, w in self.samples.get(name, {}).items()}
 
     def value(self, name: str, **labels: str) -> float | None:
-        """One sample's value, or None when the replica does not export it."""
-        return self.series(name).get(_key(**labels))
+        """One sample's value summed over workers, or None when no worker exports it."""
+        values = self.each(name, **labels)
+        return sum(values.values()) if values else None
+
+    def worst(self, name: str, **labels: str) -> float | None:
+        """The highest of the workers' values (a partition's lag: its owner's), or None."""
+        return max(self.each(name, **labels).values(), default=None)
 
 
 @dataclass(frozen=True)
@@ -109,14 +132,17 @@ class Frame:
     partitions: tuple[PartitionRow, ...]
     models: tuple[ModelRow, ...]
     source: str = ""
+    workers: tuple[int, int] | None = None  # (answering, configured) for a --workers group
 
 
 def parse(text: str) -> Snapshot:
     """Parse Prometheus text exposition; ValueError if it is not that."""
-    samples: dict[str, dict[Labels, float]] = {}
+    samples: dict[str, dict[Labels, dict[str, float]]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            samples.setdefault(s.name, {})[_key(**s.labels)] = float(s.value)
+            labels = dict(s.labels)
+            worker = labels.pop(WORKER, "")
+            samples.setdefault(s.name, {}).setdefault(_key(**labels), {})[worker] = float(s.value)
     return Snapshot(samples)
 
 
@@ -163,8 +189,7 @@ def compute(prev: Snapshot, cur: Snapshot, dt: float) -> Frame:
     """The view between two scrapes ``dt`` seconds apart."""
 
     def rate(name: str, labels: Labels) -> float | None:
-        p, c = prev.series(name).get(labels), cur.series(name).get(labels)
-        return None if p is None or c is None or dt <= 0 else _delta(p, c) / dt
+        return _rate(prev, cur, dt, name, labels)
 
     paused, assigned = cur.value("kp_paused_partitions"), cur.value("kp_assigned_partitions")
     # Which partitions are paused is not exported, only how many: known when none or all.
@@ -175,8 +200,8 @@ def compute(prev: Snapshot, cur: Snapshot, dt: float) -> Frame:
         parts |= {(d["topic"], d["partition"]) for d in map(dict, cur.series(name))}
     partitions = []
     for t, p in sorted(parts, key=lambda tp: (tp[0], int(tp[1]) if tp[1].isdigit() else -1)):
-        lag = cur.value("kp_consumer_lag_messages", topic=t, partition=p)
-        lag_s = cur.value("kp_consumer_lag_seconds", topic=t, partition=p)
+        lag = cur.worst("kp_consumer_lag_messages", topic=t, partition=p)
+        lag_s = cur.worst("kp_consumer_lag_seconds", topic=t, partition=p)
         consumed = rate(CONSUMED, _key(topic=t, partition=p))
         partitions.append(PartitionRow(t, p, lag, lag_s, consumed, all_paused))
 
@@ -197,8 +222,8 @@ def compute(prev: Snapshot, cur: Snapshot, dt: float) -> Frame:
                 results=by("kp_results_total", "status", m),
                 dead_letters=by("kp_dead_letters_total", "reason", m),
                 batch_mean=total / count if total is not None and count else None,
-                batch_limit=cur.value("kp_batch_max_size_requests", model=m),
-                batch_delay=cur.value("kp_batch_max_delay_seconds", model=m),
+                batch_limit=cur.worst("kp_batch_max_size_requests", model=m),
+                batch_delay=cur.worst("kp_batch_max_delay_seconds", model=m),
                 latency=_latency_quantiles(prev, cur, m),
             )
         )
@@ -208,11 +233,40 @@ def compute(prev: Snapshot, cur: Snapshot, dt: float) -> Frame:
         in_flight_bytes=cur.value("kp_in_flight_bytes"),
         paused=paused,
         assigned=assigned,
-        ready=cur.value("kp_ready"),
+        ready=_ready(cur),
         rss=cur.value("process_resident_memory_bytes"),
         partitions=tuple(partitions),
         models=tuple(models),
+        workers=_workers(cur),
     )
+
+
+def _rate(prev: Snapshot, cur: Snapshot, dt: float, name: str, labels: Labels) -> float | None:
+    """A counter's rate over the interval: each worker's, added (None without two scrapes)."""
+    before = prev.samples.get(name, {}).get(labels, {})
+    deltas = [
+        _delta(before[w], c)
+        for w, c in cur.samples.get(name, {}).get(labels, {}).items()
+        if w in before
+    ]
+    return None if not deltas or dt <= 0 else sum(deltas) / dt
+
+
+def _workers(cur: Snapshot) -> tuple[int, int] | None:
+    """A worker group's (workers answering, workers configured); None for one process."""
+    configured = cur.value("kp_workers")
+    if configured is None:
+        return None
+    return int(cur.value("kp_worker_up") or 0), int(configured)
+
+
+def _ready(cur: Snapshot) -> float | None:
+    """1 when every worker is ready, as the group's /readyz: a worker that did not answer is not."""
+    each = cur.each("kp_ready")
+    workers = _workers(cur)
+    if workers is not None and workers[0] < workers[1]:
+        return 0.0
+    return min(each.values(), default=None)
 
 
 def _latency_quantiles(
@@ -220,12 +274,23 @@ def _latency_quantiles(
 ) -> tuple[float | None, float | None]:
     """p50 and p99 of kp_end_to_end_latency_seconds over the interval (bucket deltas)."""
     name = "kp_end_to_end_latency_seconds_bucket"
-    mine = [(dict(k), k, c) for k, c in cur.series(name).items() if ("model", model) in k]
-    pairs = [(float(d["le"]), prev.series(name).get(k), c) for d, k, c in mine]
-    if any(p is None for _, p, _ in pairs):
+    mine = {k: w for k, w in cur.samples.get(name, {}).items() if ("model", model) in k}
+    before = prev.samples.get(name, {})
+    counts: dict[float, float] = {}
+    for worker in {w for per_worker in mine.values() for w in per_worker}:
+        # One worker's buckets over the interval: all of them since its start if it restarted.
+        now = {float(dict(k)["le"]): w[worker] for k, w in mine.items() if worker in w}
+        then = {
+            float(dict(k)["le"]): before[k][worker] for k in mine if worker in before.get(k, {})
+        }
+        if now.keys() != then.keys():
+            continue  # not in both scrapes: it adds nothing to this interval
+        reset = any(c < then[le] for le, c in now.items())
+        for le, c in now.items():
+            counts[le] = counts.get(le, 0.0) + (c if reset else c - then[le])
+    if not counts:
         return None, None
-    reset = any(c < (p or 0) for _, p, c in pairs)
-    buckets = [(le, c if reset else c - (p or 0)) for le, p, c in pairs]
+    buckets = sorted(counts.items())
     p50, p99 = (histogram_quantile(q, buckets) for q in (0.5, 0.99))
     return (None if math.isnan(p50) else p50), (None if math.isnan(p99) else p99)
 
@@ -263,7 +328,8 @@ def render(frame: Frame, width: int = 100, *, color: bool = False) -> str:
     """The frame as fixed-width text, every line cut to ``width`` columns."""
     out: list[tuple[str, str]] = []  # (text, ANSI style of the whole line)
     ready = {None: "ready ?", 1.0: "READY"}.get(frame.ready, "NOT READY")
-    out.append((f"kp-pipeline top  {frame.source}  Δ{frame.dt:.1f}s  {ready}", BOLD))
+    group = "" if frame.workers is None else "  workers {}/{} up".format(*frame.workers)
+    out.append((f"kp-pipeline top  {frame.source}  Δ{frame.dt:.1f}s  {ready}{group}", BOLD))
     paused = f"{_si(frame.paused, 0)}/{_si(frame.assigned, 0)}"
     in_flight = f"{_si(frame.in_flight, 0)} req, {_bytes(frame.in_flight_bytes)}"
     out.append((f"in flight {in_flight}   paused/assigned {paused}   rss {_bytes(frame.rss)}", ""))

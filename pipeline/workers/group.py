@@ -50,7 +50,14 @@ from pipeline.observability.health import probe_handler
 from pipeline.workers.supervisor import Worker
 from schemas.errors import ConfigError
 
-__all__ = ["DEVICE_WIDE", "GroupServer", "group_health", "group_ready", "merge_metrics"]
+__all__ = [
+    "DEVICE_WIDE",
+    "GroupServer",
+    "group_exposition",
+    "group_health",
+    "group_ready",
+    "merge_metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +86,17 @@ def merge_metrics(scrapes: Mapping[str, str]) -> list[Metric]:
     for (name, _), s in sorted(device_wide.items(), key=lambda kv: kv[0]):
         families[name].samples.append(Sample(s.name, s.labels, s.value, s.timestamp))
     return list(families.values())
+
+
+def group_exposition(scrapes: Mapping[str, str], workers: Iterable[Worker]) -> bytes:
+    """The group's ``/metrics`` page from the pages of the workers that answered.
+
+    The supervisor's own series (`_group_series`) count every worker, answering or not.
+    """
+    up = {w: True for w in scrapes}
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(merge_metrics(scrapes) + _group_series(workers, up)))
+    return generate_latest(registry)
 
 
 def _group_series(workers: Iterable[Worker], up: Mapping[str, bool]) -> list[Metric]:
@@ -198,11 +216,7 @@ class GroupServer:
         """The merged exposition."""
         answers = self.ask("/metrics")
         texts = {w: a[1].decode() for w, a in answers.items() if a is not None and a[0] == 200}
-        up = {w: True for w in texts}
-        families = merge_metrics(texts) + _group_series(self.workers(), up)
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Fixed(families))
-        return generate_latest(registry)
+        return group_exposition(texts, self.workers())
 
     def probe(self, path: str) -> tuple[bool, dict[str, Any]]:
         """The group's answer to ``/readyz`` or ``/healthz``."""

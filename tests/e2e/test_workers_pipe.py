@@ -172,3 +172,36 @@ def test_exactly_once_workers_each_have_their_own_transactional_producer(
         counter.stop()
         if group.poll() is None:
             group.kill()
+
+
+def test_top_shows_the_group_as_one_pipeline(
+    broker: EmbeddedBroker, topics: Topics, tiny_topology: Path, tmp_path: Path
+) -> None:
+    """``kp-pipeline top`` on the supervisor's port: both workers' partitions and rates."""
+    log, port = tmp_path / "run.log", free_port()
+    group = _spawn_workers(tiny_topology, broker, log, port)
+    producer: PacedProducer | None = None
+    try:
+        wait_for(lambda: _assigned(log) == {"0", "1"}, 90, "both workers' partitions")
+        wait_for(lambda: _get(port, "/readyz")[0] == 200, 30, "the group ready")
+        producer = PacedProducer(broker, topics.input, 1000, chunk=100, every_s=0.05)
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "top", f"127.0.0.1:{port}", "--once",
+             "--interval", "1.5", "--no-color"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        if producer is not None:
+            producer.finish()
+        group.send_signal(signal.SIGTERM)
+        group.wait(90)
+    assert done.returncode == 0, done.stderr
+    frame = done.stdout
+    assert "READY  workers 2/2 up" in frame.splitlines()[0], frame
+    rows = [line.split() for line in frame.splitlines()]
+    partitions = [r for r in rows if r and r[0] == topics.input]
+    assert sorted(int(r[1]) for r in partitions) == [0, 1, 2, 3], frame
+    assert all(r[2] != "-" for r in partitions), frame  # each partition's lag, from its owner
+    assert sum(float(r[4]) for r in partitions) > 0, frame
+    model = next(r for r in rows if r and r[0] == "tiny-mlp")
+    assert float(model[1]) > 0, frame  # results per second, both workers'

@@ -16,6 +16,8 @@ from prometheus_client import generate_latest
 from pipeline.observability.metrics import Metrics
 from pipeline.tools import top
 from pipeline.tools.top import Snapshot, compute, histogram_quantile, parse, render
+from pipeline.workers.group import group_exposition
+from pipeline.workers.supervisor import Worker
 from schemas.errors import ExitCode
 
 INF = math.inf
@@ -178,6 +180,83 @@ def test_per_partition_pause_is_known_only_when_none_or_all_are_paused(
     m.paused.set(paused)
     s = _snap(m)
     assert {r.paused for r in compute(s, s, 1.0).partitions} == {expected}
+
+
+# --- a --workers group's endpoint ----------------------------------------------------------
+
+
+def _group(workers: dict[str, Metrics], configured: int | None = None) -> Snapshot:
+    """The supervisor's exposition of these workers, merged as `GroupServer.metrics` does."""
+    texts = {w: generate_latest(m.registry).decode() for w, m in workers.items()}
+    slots = [Worker(i) for i in range(max(configured or 0, len(workers)))]
+    return parse(group_exposition(texts, slots).decode())
+
+
+def _worker(partition: str) -> Metrics:
+    """A worker that owns one partition: its lag gauge is only there."""
+    m = Metrics()
+    m.declare_model("tiny-mlp", ["cpu"])
+    m.assigned.set(1)
+    m.ready.set(1)
+    m.batch_limit.labels("tiny-mlp").set(64)
+    m.consumed.labels("requests", partition).inc(0)
+    m.lag.labels("requests", partition).set(0)
+    return m
+
+
+def test_a_worker_groups_series_are_combined_as_one_pipeline() -> None:
+    w0, w1 = _worker("0"), _worker("1")
+    prev = _group({"0": w0, "1": w1})
+    w0.consumed.labels("requests", "0").inc(100)
+    w1.consumed.labels("requests", "1").inc(40)
+    w1.consumed.labels("requests", "0").inc(0)  # owned it before a rebalance: its series stays
+    w0.results.labels("tiny-mlp", "OK").inc(30)
+    w1.results.labels("tiny-mlp", "OK").inc(10)
+    w0.batch_size.labels("tiny-mlp").observe(10)
+    w1.batch_size.labels("tiny-mlp").observe(30)
+    _observe_latency(w0, "tiny-mlp", *[0.02] * 30)  # (0.01, 0.025]
+    _observe_latency(w1, "tiny-mlp", *[0.3] * 10)  # (0.25, 0.5]
+    w0.lag.labels("requests", "0").set(1234)
+    w0.in_flight.set(300)
+    w1.in_flight.set(21)
+    w1.paused.set(1)
+    w1.batch_limit.labels("tiny-mlp").set(128)  # its lag steered it up
+    f = compute(prev, _group({"0": w0, "1": w1}), dt=2.0)
+
+    assert f.workers == (2, 2)
+    assert (f.in_flight, f.assigned, f.paused, f.ready) == (321, 2, 1, 1)
+    rows = {r.partition: r for r in f.partitions}
+    assert (rows["0"].lag, rows["0"].rate, rows["1"].lag, rows["1"].rate) == (1234, 50.0, 0, 20.0)
+    assert {r.paused for r in f.partitions} == {None}  # one of two: which one is not exported
+    (mlp,) = [r for r in f.models if r.model == "tiny-mlp"]
+    assert mlp.results["OK"] == 20.0  # both workers' results, not the last one's
+    assert mlp.batch_mean == 20.0
+    assert mlp.batch_limit == 128  # the highest in use
+    # The two workers' buckets added: 30 in (0.01, 0.025] and 10 in (0.25, 0.5].
+    p50, p99 = mlp.latency
+    assert p50 == pytest.approx(0.01 + 0.015 * (20 / 30))
+    assert p99 == pytest.approx(0.25 + 0.25 * ((39.6 - 30) / 10))
+    assert "READY  workers 2/2 up" in render(f, 120).splitlines()[0]
+
+
+def test_a_restarted_worker_resets_only_its_own_counters() -> None:
+    w0, w1 = _worker("0"), _worker("1")
+    w0.consumed.labels("requests", "0").inc(1000)
+    w1.consumed.labels("requests", "1").inc(5000)
+    prev = _group({"0": w0, "1": w1})
+    w0.consumed.labels("requests", "0").inc(10)
+    restarted = _worker("1")
+    restarted.consumed.labels("requests", "1").inc(7)
+    f = compute(prev, _group({"0": w0, "1": restarted}), dt=1.0)
+    assert {r.partition: r.rate for r in f.partitions} == {"0": 10.0, "1": 7.0}
+
+
+def test_a_group_with_a_worker_not_answering_is_not_ready() -> None:
+    w0 = _worker("0")
+    s = _group({"0": w0}, configured=2)  # worker 1 is being restarted: no series of its own
+    f = compute(s, s, dt=1.0)
+    assert (f.workers, f.ready) == ((1, 2), 0)
+    assert "NOT READY  workers 1/2 up" in render(f, 120).splitlines()[0]
 
 
 # --- histogram_quantile ------------------------------------------------------------------
