@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
 from schemas.errors import GraphError, describe
@@ -28,6 +28,7 @@ __all__ = [
     "Normalize",
     "Resize",
     "ToNCHW",
+    "unreadable",
 ]
 
 _FILTERS = {
@@ -136,10 +137,20 @@ class DecodeImage(StageBase):
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise _RefusedError("image_too_large", str(e)) from None
         except Exception as e:  # Pillow raises many types for corrupt data
-            message = f"cannot decode image: {describe(e)}"
-            raise _RefusedError("bad_image", message) from None
+            raise _RefusedError("bad_image", unreadable(e)) from None
         arr = np.asarray(img)
         return arr if arr.ndim == 3 else arr[:, :, None]
+
+
+def unreadable(e: Exception) -> str:
+    """A ``bad_image`` message for what Pillow raised on bytes it could not read.
+
+    Pillow names the file it could not identify, here ``<_io.BytesIO object at 0x…>``: an
+    address that differs per request would make every such dead letter's reason unique.
+    """
+    if isinstance(e, UnidentifiedImageError):
+        return "cannot decode image: UnidentifiedImageError: no image format Pillow reads"
+    return f"cannot decode image: {describe(e)}"
 
 
 class _RefusedError(Exception):

@@ -55,9 +55,9 @@ from PIL import Image
 from pydantic import Field
 
 from schemas.devices import GPU_EXTRAS, cuda_major, gpu_extra_for, parse_device
-from schemas.errors import GraphError, KpError, describe
+from schemas.errors import GraphError, KpError
 from stages.base import Batch, StageContext, StageParams
-from stages.preprocess.image import ImageChainParams, ImageChainStage
+from stages.preprocess.image import ImageChainParams, ImageChainStage, unreadable
 from stages.preprocess.image_fused import cupy_stream, stream_handle
 
 __all__ = ["DaliImage", "DaliImageParams"]
@@ -253,8 +253,7 @@ def _header_size(blob: Any, max_pixels: int) -> tuple[int, int]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _RefusedError("image_too_large", str(e)) from None
     except Exception as e:  # Pillow raises many types for unreadable headers
-        message = f"cannot decode image: {describe(e)}"
-        raise _RefusedError("bad_image", message) from None
+        raise _RefusedError("bad_image", unreadable(e)) from None
     if w * h > max_pixels:
         raise _RefusedError("image_too_large", f"{w}x{h} pixels is over max_pixels={max_pixels}")
     if fmt not in _DECODABLE:

@@ -66,6 +66,7 @@ from stages.preprocess.image import (
     DecodeImageParams,
     ImageChainParams,
     ImageChainStage,
+    unreadable,
 )
 from stages.preprocess.image import _RefusedError as _PillowRefusedError
 from stages.preprocess.image_fused import stream_handle
@@ -245,7 +246,7 @@ class GpuDecodeImage(ImageChainStage):
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise _RefusedError("image_too_large", str(e)) from None
         except Exception as e:  # Pillow raises many types for unreadable headers
-            raise _RefusedError("bad_image", f"cannot decode image: {describe(e)}") from None
+            raise _RefusedError("bad_image", unreadable(e)) from None
         if w * h > self.p.max_pixels:
             raise _RefusedError(
                 "image_too_large", f"{w}x{h} pixels is over max_pixels={self.p.max_pixels}"

@@ -125,6 +125,8 @@ def test_corrupt_truncated_and_oversized_images_are_rejected_the_rest_served() -
     assert reasons == {1: "bad_image", 2: "bad_image", 3: "image_too_large", 4: "bad_image"}
     messages = {row: message for row, _, message in out.rejected}
     assert messages[1].startswith("cannot decode image: UnidentifiedImageError")
+    assert messages[1] == messages[4]  # one reason for every unreadable image: no address in it
+    assert " at 0x" not in messages[1]
     assert messages[3] == "30x30 pixels is over max_pixels=800"
     assert out.columns["image"].shape == (2, 8, 8, 3)
 
