@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup toolchain models demo demo-tabular demo-text run lint docs test test-unit test-e2e bench bench-backends bench-backlog bench-codec bench-preprocess bench-latency bench-delivery prometheus-tools client-tools gpu-kit gpu-check ci clean
+.PHONY: help setup toolchain models demo demo-tabular demo-text run lint docs test test-unit test-e2e bench bench-backends bench-backlog bench-codec bench-preprocess bench-latency bench-broker bench-delivery prometheus-tools client-tools gpu-kit gpu-check ci clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -113,6 +113,9 @@ bench-preprocess: setup  ## preprocessing per path (Pillow, DALI CPU), tokens/s,
 
 bench-latency: setup  ## open-loop latency, tiny model at 2,000/s for 20 s, embedded (writes load/results/generator/)
 	$(BIN)/python -m load.generator load/topologies/tiny-mlp.yaml --embedded --rate 2000 --duration 20 --arrival poisson --seed 7 --out load/results/generator
+
+bench-broker: setup  ## one hop's latency over 5-30 s runs: Tansu's growing fetch cost beside noida-db
+	$(BIN)/python -m load.broker_floor
 
 bench-backlog: setup  ## peak RSS against backlog size; the lag control loop on and off
 	$(BIN)/python -m load.backlog --sizes 50000,200000,1000000
