@@ -41,7 +41,13 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config.topology import KafkaSettings, Topology
-from pipeline.kafka.clients import admin_config, ensure_topics, reader_config, sender_config
+from pipeline.kafka.clients import (
+    admin_config,
+    close_producer,
+    ensure_topics,
+    reader_config,
+    sender_config,
+)
 from pipeline.kafka.preflight import check_access
 from schemas.answers import read_result
 from schemas.codec import AvroCodec
@@ -313,6 +319,7 @@ class Client:
         self._stop.set()
         self._reader.join(timeout)
         self._consumer.close()
+        close_producer(self._producer, 0.0)  # flushed above: what is left is given up
         with self._lock:
             waiting, self._pending = list(self._pending.values()), {}
         for future in waiting:

@@ -39,7 +39,13 @@ from pipeline.engine.offsets import OffsetTracker
 from pipeline.engine.ordering import Sequencer
 from pipeline.engine.ranges import BoundedRanges, names
 from pipeline.kafka.batch_producer import serving_producer
-from pipeline.kafka.clients import consumer_config, producer_config, reader_config, transactional_id
+from pipeline.kafka.clients import (
+    close_producer,
+    consumer_config,
+    producer_config,
+    reader_config,
+    transactional_id,
+)
 from pipeline.kafka.clients import replica_id as kafka_replica_id
 from pipeline.kafka.consume import consume_available
 from pipeline.kafka.watch import ClientWatch
@@ -524,6 +530,13 @@ class Replica:
         self.consumer.close()
         if self._group_offsets is not None:
             self._group_offsets.close()
+        # Delivered above, or given up with the run (their offsets were not committed):
+        # the handle goes now, not when a collection finds the replica (cycles hold it).
+        given_up = close_producer(self.producer, 0.0)
+        if given_up:
+            log.warning(
+                "%d outcomes were not delivered; their requests will be served again", given_up
+            )
         log.info(
             "stopped: %d consumed, %d results, %d dead letters",
             self.stats.consumed,

@@ -306,14 +306,34 @@ cdef class BatchProducer:
         self.next_batch = 0
 
     def __dealloc__(self):
+        self._destroy()
+        free(self.state.batches)
+        free(self.state.failures)
+
+    cdef int _open(self) except -1:
+        if self.rk == NULL:
+            raise RuntimeError("Producer has been closed")
+        return 0
+
+    cdef void _destroy(self):
         if self.rk != NULL:
             for rkt in self.topics.values():
                 self.lib.topic_destroy(<void *><uintptr_t>rkt)
+            self.topics.clear()
+            self.last_topic, self.last_rkt = None, NULL
             with nogil:
                 self.lib.destroy(self.rk)
             self.rk = NULL
-        free(self.state.batches)
-        free(self.state.failures)
+
+    def close(self):
+        """Destroy the librdkafka handle now: its threads and connections go at once.
+
+        Records still unreported are given up (flush first to deliver them). Without
+        this the handle lives until the object is collected, which for a replica held in
+        reference cycles can be after its broker has gone (it then logs a failed connect
+        every few ms). Every method but ``__len__`` and ``resolved`` raises after it.
+        """
+        self._destroy()
 
     cdef void *_topic(self, object name):
         cdef object found = self.topics.get(name)
@@ -366,8 +386,7 @@ cdef class BatchProducer:
         cdef uint64_t first = self.next_seq
         cdef list refused = []
         cdef list keep
-        if self.rk == NULL:
-            raise RuntimeError("producer closed")
+        self._open()
         if n >= 0xFFFFFFFF:
             raise ValueError("batch too large")
         self._track(first, <uint32_t>n)
@@ -490,6 +509,7 @@ cdef class BatchProducer:
         """Serve delivery reports (in C), waiting up to ``timeout`` seconds for one."""
         cdef int ms = <int>(timeout * 1000) if timeout >= 0 else -1
         cdef int served
+        self._open()
         with nogil:
             served = self.lib.poll(self.rk, ms)
         return served
@@ -497,6 +517,7 @@ cdef class BatchProducer:
     def flush(self, double timeout=-1.0):
         """Send everything now and wait for its reports; the records still unreported."""
         cdef int ms = <int>(timeout * 1000) if timeout >= 0 else -1
+        self._open()
         with nogil:
             self.lib.flush(self.rk, ms)
         return self.lib.outq_len(self.rk)
@@ -527,13 +548,16 @@ cdef class BatchProducer:
     def fatal_error(self):
         """librdkafka's fatal error (the idempotent producer cannot go on), or None."""
         cdef char errstr[ERRSTR]
-        cdef rd_err_t code = self.lib.fatal_error(self.rk, errstr, ERRSTR)
+        cdef rd_err_t code
+        self._open()
+        code = self.lib.fatal_error(self.rk, errstr, ERRSTR)
         return None if code == 0 else (code, errstr.decode(errors="replace"))
 
     def raise_fatal_error(self, int code, str reason):
         """Make librdkafka fail this producer as for good (tests the stopping path)."""
         if self.lib.test_fatal_error == NULL:
             raise NotImplementedError("librdkafka does not export rd_kafka_test_fatal_error")
+        self._open()
         if self.lib.test_fatal_error(self.rk, code, reason.encode()) != 0:
             raise ValueError("librdkafka refused to raise a fatal error")
 

@@ -47,7 +47,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from pipeline.config.topology import Topology
-from pipeline.kafka.clients import admin_config, producer_config, reader_config
+from pipeline.kafka.clients import admin_config, close_producer, producer_config, reader_config
 from pipeline.lifecycle.commands import STATUS_PREFIX, ControlRecord, Split, control_topic
 from pipeline.lifecycle.hotload import VersionLoader
 from pipeline.observability.health import Health
@@ -190,10 +190,11 @@ class ControlFollower:
         if self._thread is not None:
             self._thread.join(10)  # a list_topics call in flight takes up to 5 s
         self._consumer.close()
-        if self._producer is not None and self.replica_name is not None:
-            with contextlib.suppress(Exception):  # the broker may be gone: nothing to do
-                self._producer.produce(self.topic, None, _status_key(self.replica_name))
-                self._producer.flush(5)
+        if self._producer is not None:
+            if self.replica_name is not None:
+                with contextlib.suppress(Exception):  # the broker may be gone: nothing to do
+                    self._producer.produce(self.topic, None, _status_key(self.replica_name))
+            close_producer(self._producer, 5.0)
 
     def status(self) -> dict[str, Any]:
         """The replica's state, as its status record holds it."""

@@ -42,7 +42,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config.topology import Topology
-from pipeline.kafka.clients import admin_config, ensure_topics, producer_config
+from pipeline.kafka.clients import admin_config, close_producer, ensure_topics, producer_config
 from pipeline.observability.metrics import Metrics
 from pipeline.serving.outcomes import Outcome
 from schemas.messages import SHADOW, SHADOWED
@@ -263,9 +263,10 @@ class Shadows:
         producer.poll(0)
 
     def close(self) -> None:
-        """Deliver the comparisons still queued."""
+        """Deliver the comparisons still queued (for up to 10 s), then close the producer."""
         if self._producer is not None:
-            self._producer.flush(10)
+            close_producer(self._producer, 10.0)
+            self._producer = None
 
 
 def attach_shadows(topology: Topology, bootstrap: str, replica: Any) -> Shadows:

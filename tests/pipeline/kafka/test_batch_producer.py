@@ -15,6 +15,7 @@ from pipeline.engine.delivery import AtLeastOnce
 from pipeline.engine.offsets import OffsetTracker
 from pipeline.kafka import batch_producer
 from pipeline.kafka.batch_producer import native_config, open_batch_producer
+from pipeline.kafka.clients import close_producer
 from pipeline.serving.outcomes import Outcome, OutcomeEncoder
 from schemas.codec import AvroCodec
 from schemas.messages import Envelope, Request
@@ -121,6 +122,18 @@ def test_a_batch_that_cannot_be_read_still_resolves() -> None:
     # it is counted as such: the first batch resolves too, with no failure of its own.
     assert done == 2
     assert sorted((b, i) for b, i, _, _ in failures) == [(1, 0)]
+
+
+def test_close_destroys_the_handle_and_every_later_call_is_refused() -> None:
+    p = _producer(**{"message.timeout.ms": 600000})
+    p.send([_outcome(1), _outcome(2)])
+    assert close_producer(p, 0.1) == 2  # no broker: both given up, not waited for
+    assert len(p) == 0
+    for call in (lambda: p.send([_outcome(3)]), lambda: p.poll(0), lambda: p.flush(0),
+                 p.fatal_error):  # fmt: skip
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    p.close()  # again: nothing left to do
 
 
 def test_headers_of_every_kind_are_taken() -> None:

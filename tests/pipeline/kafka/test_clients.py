@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 
 from pipeline.config.topology import KafkaSettings, SecuritySettings
 from pipeline.kafka.clients import (
     admin_config,
+    close_producer,
     consumer_config,
     producer_config,
     reader_config,
@@ -163,3 +166,18 @@ def test_missing_tls_files_are_named_when_a_client_starts_not_when_a_topology_is
     security = SecuritySettings(protocol="SSL", ssl_ca_location="/no/such/ca.pem")
     assert security.missing_files() == ["ssl_ca_location: no file '/no/such/ca.pem'"]
     assert SecuritySettings(protocol="SSL", ssl_ca_location=__file__).missing_files() == []
+
+
+def test_close_producer_gives_up_what_no_broker_takes_and_destroys_the_producer() -> None:
+    """``Producer.close()`` alone would flush for as long as ``message.timeout.ms``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens there once the socket is closed
+    producer = Producer({"bootstrap.servers": f"127.0.0.1:{port}", "message.timeout.ms": 600000})
+    producer.produce("t", b"x")
+    producer.produce("t", b"y")
+    started = time.monotonic()
+    assert close_producer(producer, 0.2) == 2
+    assert time.monotonic() - started < 60  # not message.timeout.ms (10 minutes)
+    with pytest.raises(RuntimeError, match="closed"):
+        producer.produce("t", b"z")
