@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 .PHONY: help setup toolchain models demo demo-tabular demo-text run lint docs test test-unit test-e2e bench bench-backends bench-backlog bench-codec bench-preprocess bench-latency bench-broker bench-delivery prometheus-tools client-tools gpu-kit gpu-check ci clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml setup.py | toolchain
 	$(PYTHON) -m venv $(VENV)

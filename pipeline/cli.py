@@ -219,6 +219,9 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+_BOOTSTRAP_HELP = "the cluster (default: the topology's kafka.bootstrap_servers)"
+
+
 def _bootstrap(args: argparse.Namespace, topology: Any) -> str:
     """The cluster a command talks to, once it answered with the topology's security."""
     from pipeline.kafka.preflight import check_access
@@ -430,14 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("produce", help="send requests to the topology's input topic")
     pr.add_argument("topology", nargs="?", default="topology.yaml")
-    pr.add_argument("--bootstrap")
+    pr.add_argument("--bootstrap", help=_BOOTSTRAP_HELP)
     pr.add_argument("--model", help="default: the topology's first model")
     pr.add_argument("--image", action="append", help="image file or folder (default: samples)")
     pr.add_argument("--input", default="image", help="input name for images")
     pr.add_argument("--tensor", action="append", help="NAME=file.npy, one item per request")
     pr.add_argument("--count", type=int, default=1, help="times to send each")
-    pr.add_argument("--topic")
-    pr.add_argument("--id-prefix", default="req-")
+    pr.add_argument("--topic", help="default: the topology's first input topic")
+    pr.add_argument(
+        "--id-prefix", default="req-", help="request ids are PREFIX0, PREFIX1, … (default req-)"
+    )
     pr.add_argument(
         "--wait",
         type=float,
@@ -449,11 +454,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     rs = sub.add_parser("results", help="print results or dead letters")
     rs.add_argument("topology", nargs="?", default="topology.yaml")
-    rs.add_argument("--bootstrap")
-    rs.add_argument("--count", type=int)
-    rs.add_argument("--timeout", type=float, default=30.0)
-    rs.add_argument("--idle", type=float, default=3.0, help="stop after this long without records")
-    rs.add_argument("--dead-letters", action="store_true")
+    rs.add_argument("--bootstrap", help=_BOOTSTRAP_HELP)
+    rs.add_argument("--count", type=int, help="stop after this many records")
+    rs.add_argument(
+        "--timeout", type=float, default=30.0, help="stop after this many seconds (default 30)"
+    )
+    rs.add_argument(
+        "--idle", type=float, default=3.0, help="stop after this long without records (default 3)"
+    )
+    rs.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help="read the dead-letter topic instead of the output topic",
+    )
     rs.set_defaults(func=cmd_results)
 
     demo = sub.add_parser("demo", help="embedded broker + pipeline + sample photos")
