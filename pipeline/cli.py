@@ -440,9 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tensor", action="append", help="NAME=file.npy, one item per request")
     pr.add_argument("--count", type=int, default=1, help="times to send each")
     pr.add_argument("--topic", help="default: the topology's first input topic")
-    pr.add_argument(
-        "--id-prefix", default="req-", help="request ids are PREFIX0, PREFIX1, … (default req-)"
-    )
+    pr.add_argument("--id-prefix", default="req-", help="request ids: PREFIX0, PREFIX1, …")
     pr.add_argument(
         "--wait",
         type=float,
@@ -456,17 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("topology", nargs="?", default="topology.yaml")
     rs.add_argument("--bootstrap", help=_BOOTSTRAP_HELP)
     rs.add_argument("--count", type=int, help="stop after this many records")
-    rs.add_argument(
-        "--timeout", type=float, default=30.0, help="stop after this many seconds (default 30)"
-    )
-    rs.add_argument(
-        "--idle", type=float, default=3.0, help="stop after this long without records (default 3)"
-    )
-    rs.add_argument(
-        "--dead-letters",
-        action="store_true",
-        help="read the dead-letter topic instead of the output topic",
-    )
+    rs.add_argument("--timeout", type=float, default=30.0, help="stop after this many seconds")
+    rs.add_argument("--idle", type=float, default=3.0, help="stop after this long without records")
+    rs.add_argument("--dead-letters", action="store_true", help="the dead-letter topic instead")
     rs.set_defaults(func=cmd_results)
 
     demo = sub.add_parser("demo", help="embedded broker + pipeline + sample photos")
